@@ -1,0 +1,48 @@
+"""The ``pipeline`` command: a thin dispatcher to the library's entry functions.
+
+Each subcommand lives in the module that owns it and exposes
+``add_arguments(parser)`` and ``run(args) -> int``; this file only wires them,
+importing a module when its subcommand is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "make-shards": ("pipeline.data.make_shards", "convert a dataset into WebDataset shards"),
+    "validate-shards": ("pipeline.data.validate", "read every shard and report problems"),
+    "train": ("pipeline.train", "train with Smooth-AP (DeepSpeed; 1 process, torchrun or srun)"),
+    "evaluate": ("pipeline.evaluate", "extract embeddings and compute retrieval metrics"),
+    "demo": ("pipeline.demo", "synthetic shards, 2-process CPU training, before/after table"),
+}
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pipeline",
+        description="Smooth-AP training pipeline for large-scale image retrieval.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    wanted = next((a for a in argv if not a.startswith("-")), None)
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == wanted:  # only the chosen subcommand imports its module
+            mod = importlib.import_module(module)
+            mod.add_arguments(p)
+            p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,531 @@
+"""Typed run configuration: defaults -> YAML file -> dotted ``key=value`` overrides.
+
+Each component owns one dataclass and receives only its own section
+(``cfg.loss``, ``cfg.data``, ...), never the whole run config. Unknown keys and
+wrong types are errors that name the key and list the valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULTS_PATH = Path(__file__).resolve().parent.parent / "conf" / "defaults.yaml"
+
+
+class ConfigError(ValueError):
+    """A config file or override broke a rule; the message names the key and the fix."""
+
+
+def _check(ok: bool, name: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}={value!r}: {rule}")
+
+
+@dataclass
+class DatasetSource:
+    """One training dataset in a (possibly mixed) stream."""
+
+    name: str = "synthetic"
+    """Namespace for labels: a class id c of this dataset becomes (name, c)."""
+    urls: str = "data/synthetic/synthetic-train-{000000..000003}.tar"
+    """Shards: a brace pattern, a list file, a directory, or any URL webdataset opens (``pipe:``)."""
+    weight: float = 1.0
+    """Share of the batches drawn from this dataset when several are mixed."""
+
+    def __post_init__(self) -> None:
+        _check(self.weight > 0, "data.train[].weight", self.weight, "must be > 0")
+        _check(bool(self.urls), "data.train[].urls", self.urls, "must name shards")
+
+
+@dataclass
+class DataConfig:
+    """Where shards come from and how images become tensors."""
+
+    train: list[DatasetSource] = field(default_factory=lambda: [DatasetSource()])
+    """Training datasets, mixed batch by batch by their weights."""
+    eval_urls: str = "data/synthetic/synthetic-test-{000000..000001}.tar"
+    """Held-out shards for retrieval evaluation (classes disjoint from training)."""
+    image_size: int = 224
+    """Side of the square crop fed to the network, in pixels."""
+    resize_size: int = 256
+    """Eval: shorter side is resized to this before the center crop of image_size."""
+    crop_scale_min: float = 0.16
+    """Train: smallest area fraction of RandomResizedCrop."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank."""
+
+    def __post_init__(self) -> None:
+        _check(self.image_size > 0, "data.image_size", self.image_size, "must be > 0")
+        _check(
+            self.resize_size >= self.image_size,
+            "data.resize_size",
+            self.resize_size,
+            f"must be >= data.image_size ({self.image_size})",
+        )
+        _check(
+            0 < self.crop_scale_min <= 1,
+            "data.crop_scale_min",
+            self.crop_scale_min,
+            "must be in (0, 1]",
+        )
+        _check(self.num_workers >= 0, "data.num_workers", self.num_workers, "must be >= 0")
+        _check(len(self.train) > 0, "data.train", self.train, "needs at least one dataset")
+
+
+@dataclass
+class SamplerConfig:
+    """Class-balanced P x K batches (the paper's sampler)."""
+
+    classes_per_batch: int = 16
+    """P: distinct classes in each local (per-rank) batch."""
+    samples_per_class: int = 4
+    """K: images of each class in a batch."""
+    steps_per_epoch: int = 100
+    """Batches per epoch on every rank (equal on all ranks, or training hangs)."""
+    shuffle_buffer_groups: int = 256
+    """Class groups held in the shuffle buffer that batches are drawn from."""
+    small_class_policy: str = "replace"
+    """A class with fewer than K images: 'replace' samples with replacement, 'skip' drops it (counted)."""
+    seed: int = 0
+    """Seed of the stream (shard order, shuffle buffer); combined with rank, worker and epoch."""
+
+    @property
+    def batch_size_per_gpu(self) -> int:
+        return self.classes_per_batch * self.samples_per_class
+
+    def __post_init__(self) -> None:
+        _check(
+            self.classes_per_batch >= 1,
+            "sampler.classes_per_batch",
+            self.classes_per_batch,
+            "must be >= 1",
+        )
+        _check(
+            self.samples_per_class >= 2,
+            "sampler.samples_per_class",
+            self.samples_per_class,
+            "must be >= 2 (a query needs a positive)",
+        )
+        _check(
+            self.steps_per_epoch >= 1, "sampler.steps_per_epoch", self.steps_per_epoch, "must be >= 1"
+        )
+        _check(
+            self.shuffle_buffer_groups >= self.classes_per_batch,
+            "sampler.shuffle_buffer_groups",
+            self.shuffle_buffer_groups,
+            f"must be >= sampler.classes_per_batch ({self.classes_per_batch})",
+        )
+        _check(
+            self.small_class_policy in ("replace", "skip"),
+            "sampler.small_class_policy",
+            self.small_class_policy,
+            "must be 'replace' or 'skip'",
+        )
+
+
+@dataclass
+class ModelConfig:
+    """Backbone + linear embedding head, L2-normalised output."""
+
+    backbone: str = "resnet50"
+    """Any timm model name."""
+    embedding_dim: int = 512
+    """Output dimension of the linear head."""
+    pretrained: bool = False
+    """Load timm's pretrained weights (needs network access or a warm timm cache)."""
+    pretrained_path: str = ""
+    """Local backbone weights file (state dict), for clusters without network."""
+    freeze_bn: bool = True
+    """Freeze every BatchNorm layer, statistics and affine (as the paper does)."""
+    head_lr_mult: float = 1.0
+    """Learning-rate multiplier for the embedding head."""
+
+    def __post_init__(self) -> None:
+        _check(self.embedding_dim > 0, "model.embedding_dim", self.embedding_dim, "must be > 0")
+        _check(self.head_lr_mult > 0, "model.head_lr_mult", self.head_lr_mult, "must be > 0")
+
+
+@dataclass
+class LossConfig:
+    """Smooth-AP (Brown et al., ECCV 2020)."""
+
+    temperature: float = 0.01
+    """tau of the sigmoid G(x) = sigmoid(x / tau)."""
+    query_in_positives: bool = False
+    """True reproduces the released code (the query ranks itself); False is the paper's equation."""
+    query_chunk_size: int = 0
+    """Queries processed at once inside the loss, to bound peak memory (0: all)."""
+
+    def __post_init__(self) -> None:
+        _check(self.temperature > 0, "loss.temperature", self.temperature, "must be > 0")
+        _check(
+            self.query_chunk_size >= 0,
+            "loss.query_chunk_size",
+            self.query_chunk_size,
+            "must be >= 0 (0 means no chunking)",
+        )
+
+
+@dataclass
+class OptimConfig:
+    """Torch optimizer and learning-rate schedule."""
+
+    name: str = "adam"
+    """'adam', 'adamw' or 'sgd'."""
+    lr: float = 1e-5
+    weight_decay: float = 4e-4
+    momentum: float = 0.9
+    """SGD only."""
+    scheduler: str = "step"
+    """'constant', 'step' (multiply by gamma every step_size steps) or 'cosine'."""
+    step_size: int = 1000
+    gamma: float = 0.3
+    warmup_steps: int = 0
+
+    def __post_init__(self) -> None:
+        _check(
+            self.name in ("adam", "adamw", "sgd"), "optim.name", self.name, "use adam, adamw or sgd"
+        )
+        _check(self.lr > 0, "optim.lr", self.lr, "must be > 0")
+        _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0")
+        _check(
+            self.scheduler in ("constant", "step", "cosine"),
+            "optim.scheduler",
+            self.scheduler,
+            "use constant, step or cosine",
+        )
+        _check(self.step_size >= 1, "optim.step_size", self.step_size, "must be >= 1")
+        _check(0 < self.gamma <= 1, "optim.gamma", self.gamma, "must be in (0, 1]")
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    """The DeepSpeed loop."""
+
+    output_dir: str = "runs/default"
+    """Checkpoints, resolved config and logs of this run."""
+    epochs: int = 1
+    """Total steps = epochs x sampler.steps_per_epoch."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage 0, 1 or 2."""
+    precision: str = "auto"
+    """'auto' (bf16 on GPU, fp32 on CPU), 'bf16' or 'fp32'."""
+    gradient_clipping: float = 1.0
+    """Max global gradient norm (0 disables clipping)."""
+    gradient_accumulation_steps: int = 1
+    """Must stay 1: accumulating changes Smooth-AP's objective; use train.chunk_size."""
+    chunk_size: int = 0
+    """Gradient cache: forward the local batch in chunks of this many images (0: off)."""
+    checkpoint_every: int = 100
+    """Steps between collective checkpoints."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept (older ones are deleted)."""
+    log_every: int = 10
+    seed: int = 0
+    deterministic: bool = False
+    """Deterministic algorithms (for exact resume tests on CPU)."""
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "train.epochs", self.epochs, "must be >= 1")
+        _check(self.zero_stage in (0, 1, 2), "train.zero_stage", self.zero_stage, "use 0, 1 or 2")
+        _check(
+            self.precision in ("auto", "bf16", "fp32"),
+            "train.precision",
+            self.precision,
+            "use auto, bf16 or fp32",
+        )
+        _check(
+            self.gradient_clipping >= 0,
+            "train.gradient_clipping",
+            self.gradient_clipping,
+            "must be >= 0",
+        )
+        _check(
+            self.gradient_accumulation_steps == 1,
+            "train.gradient_accumulation_steps",
+            self.gradient_accumulation_steps,
+            "must be 1: Smooth-AP ranks every query against the whole batch, so accumulating "
+            "micro-batches changes the objective; set train.chunk_size to fit a large batch "
+            "in memory with the gradient cache instead",
+        )
+        _check(self.chunk_size >= 0, "train.chunk_size", self.chunk_size, "must be >= 0")
+        _check(
+            self.checkpoint_every >= 1,
+            "train.checkpoint_every",
+            self.checkpoint_every,
+            "must be >= 1",
+        )
+        _check(
+            self.keep_checkpoints >= 1,
+            "train.keep_checkpoints",
+            self.keep_checkpoints,
+            "must be >= 1",
+        )
+        _check(self.log_every >= 1, "train.log_every", self.log_every, "must be >= 1")
+
+
+@dataclass
+class EvalConfig:
+    """Retrieval evaluation."""
+
+    every: int = 0
+    """Evaluate every this many training steps (0: only at the end)."""
+    protocol: str = "retrieval"
+    """'retrieval' (every item queries the rest), 'vggface2' or 'ijbc'."""
+    ks: list[int] = field(default_factory=lambda: [1, 4, 16, 32])
+    """Recall@K cut-offs."""
+    batch_size: int = 128
+    """Images per forward pass during embedding extraction."""
+    query_block: int = 4096
+    """Queries searched at once in FAISS."""
+    output_dir: str = ""
+    """Where embeddings and metrics.json go ('' : <train.output_dir>/eval)."""
+
+    def __post_init__(self) -> None:
+        _check(self.every >= 0, "eval.every", self.every, "must be >= 0")
+        _check(
+            self.protocol in ("retrieval", "vggface2", "ijbc"),
+            "eval.protocol",
+            self.protocol,
+            "use retrieval, vggface2 or ijbc",
+        )
+        _check(
+            len(self.ks) > 0 and all(k >= 1 for k in self.ks),
+            "eval.ks",
+            self.ks,
+            "must be a non-empty list of positive ints",
+        )
+        _check(self.batch_size >= 1, "eval.batch_size", self.batch_size, "must be >= 1")
+        _check(self.query_block >= 1, "eval.query_block", self.query_block, "must be >= 1")
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow."""
+
+    enabled: bool = True
+    uri: str = ""
+    """Tracking URI; '' uses $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working dir."""
+    experiment: str = "smoothap"
+    run_name: str = ""
+
+
+@dataclass
+class LaunchConfig:
+    """SLURM resources (submitit)."""
+
+    nodes: int = 1
+    gpus_per_node: int = 8
+    tasks_per_node: int = 0
+    """0: one task per GPU. Set it on CPU-only partitions."""
+    cpus_per_task: int = 8
+    mem_gb: int = 0
+    """0: the partition's default."""
+    partition: str = ""
+    time_minutes: int = 60
+    account: str = ""
+    qos: str = ""
+    constraint: str = ""
+    signal_delay_s: int = 120
+    """Seconds before the time limit at which SLURM signals the job (requeue)."""
+    folder: str = "runs/slurm/%j"
+    """submitit output folder; %j is the job id."""
+
+    def __post_init__(self) -> None:
+        _check(self.nodes >= 1, "launch.nodes", self.nodes, "must be >= 1")
+        _check(self.gpus_per_node >= 0, "launch.gpus_per_node", self.gpus_per_node, "must be >= 0")
+        _check(
+            self.tasks_per_node >= 0, "launch.tasks_per_node", self.tasks_per_node, "must be >= 0"
+        )
+        _check(self.time_minutes >= 1, "launch.time_minutes", self.time_minutes, "must be >= 1")
+
+
+@dataclass
+class RunConfig:
+    """The whole run; components receive only their own section."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+
+# ---------------------------------------------------------------------------- building
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return ``value`` as type ``tp`` or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key)
+    if origin in (list, tuple):
+        (item_tp, *_) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list of {_type_name(item_tp)}, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arm in typing.get_args(tp):
+            if arm is type(None) and value is None:
+                return None
+            try:
+                return _coerce(value, arm, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: {value!r} matches none of {tp}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is Any:
+        return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _build(cls: type, values: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in hints or key not in names:
+            raise ConfigError(
+                f"unknown config key {full!r}; valid keys{' of ' + prefix if prefix else ''}: "
+                + ", ".join(names)
+            )
+        kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    """The config as plain dicts and lists (what YAML and MLflow params need)."""
+    return dataclasses.asdict(cfg)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(
+            f"override {text!r} is not of the form key=value (e.g. loss.temperature=0.05)"
+        )
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    # YAML parsing gives numbers, booleans and lists ([1,4,16]) their types.
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    return key.split("."), value
+
+
+def _apply_override(tree: dict, path: list[str], value: Any, text: str) -> None:
+    node: Any = tree
+    cls: Any = RunConfig
+    for depth, part in enumerate(path[:-1]):
+        names = [f.name for f in dataclasses.fields(cls)]
+        prefix = ".".join(path[:depth])
+        if part not in names or not isinstance(node.get(part), dict):
+            raise ConfigError(
+                f"override {text!r}: unknown config key {'.'.join(path[: depth + 1])!r}; "
+                f"valid keys{' of ' + prefix if prefix else ''}: {', '.join(names)}"
+            )
+        cls = typing.get_type_hints(cls)[part]
+        node = node[part]
+    names = [f.name for f in dataclasses.fields(cls)]
+    if path[-1] not in names:
+        prefix = ".".join(path[:-1])
+        raise ConfigError(
+            f"override {text!r}: unknown config key {'.'.join(path)!r}; "
+            f"valid keys{' of ' + prefix if prefix else ''}: {', '.join(names)}"
+        )
+    node[path[-1]] = value
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    defaults: str | Path | None = DEFAULTS_PATH,
+) -> RunConfig:
+    """Defaults (dataclass defaults, then ``conf/defaults.yaml``) -> YAML ``path`` -> overrides."""
+    tree = to_dict(RunConfig())
+    for source in (defaults, path):
+        if source is None:
+            continue
+        source = Path(source)
+        if not source.is_file():
+            raise ConfigError(f"config file {str(source)!r} does not exist; pass an existing YAML")
+        try:
+            loaded = yaml.safe_load(source.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(source)!r} is not valid YAML: {e}") from e
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(source)!r} must hold a mapping at the top level")
+        # Validate the file's keys before merging, so an error names the file.
+        try:
+            _build(RunConfig, _merge(to_dict(RunConfig()), loaded), "")
+        except (ConfigError, TypeError) as e:
+            raise ConfigError(f"{source}: {e}") from e
+        tree = _merge(tree, loaded)
+    for text in overrides:
+        keys, value = _parse_override(text)
+        _apply_override(tree, keys, value, text)
+    try:
+        return _build(RunConfig, tree, "")
+    except TypeError as e:  # a dataclass refused its kwargs
+        raise ConfigError(str(e)) from e
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML (loadable again by ``load_config``)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """``{'a': {'b': 1}} -> {'a.b': 1}``; lists of mappings get an index (MLflow params)."""
+    flat: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            flat.update(flatten(v, key + "."))
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            for i, item in enumerate(v):
+                flat.update(flatten(item, f"{key}.{i}."))
+        else:
+            flat[key] = v
+    return flat
