@@ -114,7 +114,10 @@ class SamplerConfig:
             "must be >= 2 (a query needs a positive)",
         )
         _check(
-            self.steps_per_epoch >= 1, "sampler.steps_per_epoch", self.steps_per_epoch, "must be >= 1"
+            self.steps_per_epoch >= 1,
+            "sampler.steps_per_epoch",
+            self.steps_per_epoch,
+            "must be >= 1",
         )
         _check(
             self.shuffle_buffer_groups >= self.classes_per_batch,
@@ -529,3 +532,12 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
         else:
             flat[key] = v
     return flat
+
+
+if __name__ == "__main__":  # python -m pipeline.config > conf/defaults.yaml
+    print(
+        "# The defaults of every config key (generated: python -m pipeline.config > "
+        "conf/defaults.yaml).\n# Experiment files under conf/ override a subset; "
+        "dotted key=value arguments override both."
+    )
+    print(yaml.safe_dump(to_dict(RunConfig()), sort_keys=False), end="")

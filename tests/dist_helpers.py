@@ -1,0 +1,47 @@
+"""Run a function in several real gloo processes (for the 2-process tests)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+
+import torch.multiprocessing as mp
+
+_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    from pipeline import distributed
+
+    distributed.init(timeout_s=120)
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        distributed.destroy()
+
+
+def run_distributed(fn: Callable, world_size: int, *args) -> None:
+    """Call ``fn(rank, world_size, *args)`` in ``world_size`` processes joined by gloo.
+
+    ``fn`` must be a module-level function (it is pickled); results travel through
+    files the caller names in ``args``. A failure in any process fails the call.
+    """
+    saved = {k: os.environ.pop(k) for k in _ENV if k in os.environ}
+    try:
+        mp.spawn(_entry, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True)
+    finally:
+        os.environ.update(saved)
