@@ -34,85 +34,92 @@ def _positive_layout(
     labels_N: torch.Tensor,
     query_ids_n: torch.Tensor,
     query_in_positives: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Masks of positives and of the retrieval set, and padded positive indices.
-
-    Returns ``pos_nN`` (bool), ``ret_nN`` (bool, the retrieval set O), ``pos_idx_nK``
-    (long; padded with a valid index) and ``pos_valid_nK`` (bool).
-    """
-    N = labels_N.shape[0]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query's positive columns, padded to K: ``pos_idx_nK`` (long) and ``valid_nK``."""
+    n = labels_n.shape[0]
     pos_nN = labels_n[:, None] == labels_N[None, :]
-    ret_nN = torch.ones_like(pos_nN)
     if not query_in_positives:
-        # The paper's equation: the query is not in its own retrieval set.
-        self_nN = query_ids_n[:, None] == torch.arange(N, device=labels_N.device)[None, :]
-        pos_nN &= ~self_nN
-        ret_nN &= ~self_nN
-    count_n = pos_nN.sum(dim=1)
-    K = max(int(count_n.max().item()) if count_n.numel() else 0, 1)
-    # A stable sort of (not positive) puts each row's positives first, in order.
-    pos_idx_nK = torch.sort((~pos_nN).to(torch.uint8), dim=1, stable=True).indices[:, :K]
-    pos_valid_nK = torch.arange(K, device=labels_N.device)[None, :] < count_n[:, None]
-    return pos_nN, ret_nN, pos_idx_nK, pos_valid_nK
+        # The paper's equation: the query is not one of its own positives.
+        pos_nN[torch.arange(n, device=pos_nN.device), query_ids_n] = False
+    rows, cols = pos_nN.nonzero(as_tuple=True)  # row-major: each row's columns in order
+    count_n = torch.bincount(rows, minlength=n)
+    K = max(int(count_n.max().item()) if n else 0, 1)
+    first_n = torch.cumsum(count_n, 0) - count_n
+    slot = torch.arange(rows.shape[0], device=rows.device) - first_n[rows]
+    pos_idx_nK = torch.zeros(n, K, dtype=torch.long, device=labels_N.device)
+    pos_idx_nK[rows, slot] = cols
+    valid_nK = torch.arange(K, device=labels_N.device)[None, :] < count_n[:, None]
+    return pos_idx_nK, valid_nK
 
 
 def _ap_chunk(
     sim_cN: torch.Tensor,
-    pos_cN: torch.Tensor,
-    ret_cN: torch.Tensor,
     pos_idx_cK: torch.Tensor,
-    pos_valid_cK: torch.Tensor,
+    valid_cK: torch.Tensor,
+    self_c: torch.Tensor | None,
     temperature: float,
     need_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """AP of c queries and, if asked, d AP_q / d sim_qj for each row (c, N)."""
-    pos_f_cN = pos_cN.to(sim_cN.dtype)
-    ret_f_cN = ret_cN.to(sim_cN.dtype)
-    s_pos_cK = sim_cN.gather(1, pos_idx_cK)
-    # G[q, k, j] = sigmoid((s_qj - s_q,p_k) / tau); at j = p_k it is exactly 1/2.
-    G_cKN = torch.sigmoid((sim_cN[:, None, :] - s_pos_cK[:, :, None]) / temperature)
-    # The j == p term (1/2) is in both sums over j; remove it: 1 + sum - 1/2.
-    rank_all_cK = torch.bmm(G_cKN, ret_f_cN[:, :, None]).squeeze(2) + 0.5
-    rank_pos_cK = torch.bmm(G_cKN, pos_f_cN[:, :, None]).squeeze(2) + 0.5
-    valid_f_cK = pos_valid_cK.to(sim_cN.dtype)
+    """AP of c queries and, if asked, d AP_q / d sim_qj for each row (c, N).
+
+    ``self_c`` holds each query's own column, removed from its retrieval set (the
+    paper's semantics), or None (the released code's: the query ranks itself).
+    Six passes over one (c, K, N) buffer; every other tensor is (c, K) or (c, N).
+    """
+    c, K = pos_idx_cK.shape
+    z_cN = sim_cN / temperature
+    z_pos_cK = z_cN.gather(1, pos_idx_cK)
+    # G[q, k, j] = sigmoid((s_qj - s_q,p_k) / tau); exactly 1/2 at j = p_k.
+    G_cKN = torch.sub(z_cN[:, None, :], z_pos_cK[:, :, None]).sigmoid_()
+    valid_f_cK = valid_cK.to(sim_cN.dtype)
+    pos_idx_cKK = pos_idx_cK[:, None, :].expand(c, K, K)
+    G_pos_cKK = G_cKN.gather(2, pos_idx_cKK) * valid_f_cK[:, None, :]  # G[q, k, p_m]
+    # 1 + sum over j != p_k: the j = p_k term (1/2) is in the sums, so add 1 - 1/2.
+    rank_pos_cK = G_pos_cKK.sum(2) + 0.5
+    rank_all_cK = G_cKN.sum(2) + 0.5
+    if self_c is not None:
+        G_self_cK = G_cKN.gather(2, self_c[:, None, None].expand(c, K, 1)).squeeze(2)
+        rank_all_cK = rank_all_cK - G_self_cK
     n_pos_c = valid_f_cK.sum(dim=1).clamp(min=1)
     ap_c = (rank_pos_cK / rank_all_cK * valid_f_cK).sum(dim=1) / n_pos_c
     if not need_grad:
         return ap_c, None
-    # Backward of ap_c w.r.t. this chunk's similarity rows, for upstream grad 1.
+
+    # d ap / d rank_pos and d ap / d rank_all, for upstream gradient 1.
     d_ratio_cK = valid_f_cK / n_pos_c[:, None]
-    d_rank_pos_cK = d_ratio_cK / rank_all_cK
-    d_rank_all_cK = -d_ratio_cK * rank_pos_cK / rank_all_cK.square()
-    # dG[q,k,j] = d_rank_pos[q,k] * pos[q,j] + d_rank_all[q,k] * ret[q,j], fused with
-    # sigmoid' = G (1 - G) / tau, in place on G to keep one (c, K, N) buffer.
-    d_G_cKN = torch.baddbmm(
-        torch.bmm(d_rank_pos_cK[:, :, None], pos_f_cN[:, None, :]),
-        d_rank_all_cK[:, :, None],
-        ret_f_cN[:, None, :],
-    )
-    G_cKN.mul_(1.0 - G_cKN).mul_(d_G_cKN).div_(temperature)  # now d loss / d x[q,k,j]
-    d_x_cKN = G_cKN
-    # x[q,k,j] = s_qj - s_q,p_k: +1 to column j, -1 to column p_k.
-    d_sim_cN = d_x_cKN.sum(dim=1)
-    d_sim_cN.scatter_add_(1, pos_idx_cK, -d_x_cKN.sum(dim=2))
-    return ap_c, d_sim_cN
+    b_cK = d_ratio_cK / rank_all_cK
+    a_cK = -d_ratio_cK * rank_pos_cK / rank_all_cK.square()
+    # d G / d x = G (1 - G) / tau, with x[q,k,j] = s_qj - s_q,p_k; in place.
+    W_cKN = G_cKN.addcmul_(G_cKN, G_cKN, value=-1.0)
+    # dL/dx[q,k,j] = (a_k [j in O] + b_k [j in P]) W[q,k,j] / tau. O is every column
+    # (less the query's own), so the dense part is a_k W and the rest is sparse.
+    # Column j receives sum_k dL/dx[q,k,j]; column p_k loses sum_j dL/dx[q,k,j].
+    d_sim_cN = torch.bmm(a_cK[:, None, :], W_cKN).squeeze(1)
+    W_pos_cKK = W_cKN.gather(2, pos_idx_cKK) * valid_f_cK[:, None, :]
+    d_sim_cN.scatter_add_(1, pos_idx_cK, torch.bmm(b_cK[:, None, :], W_pos_cKK).squeeze(1))
+    row_sum_cK = a_cK * W_cKN.sum(2) + b_cK * W_pos_cKK.sum(2)
+    if self_c is not None:
+        a_W_self_cK = a_cK * W_cKN.gather(2, self_c[:, None, None].expand(c, K, 1)).squeeze(2)
+        d_sim_cN.scatter_add_(1, self_c[:, None], -a_W_self_cK.sum(1, keepdim=True))
+        row_sum_cK = row_sum_cK - a_W_self_cK
+    d_sim_cN.scatter_add_(1, pos_idx_cK, -row_sum_cK)
+    return ap_c, d_sim_cN.div_(temperature)
 
 
 class _SmoothAPRows(torch.autograd.Function):
     """Per-query Smooth-AP of a (n, N) similarity block; gradient from the forward pass."""
 
     @staticmethod
-    def forward(ctx, sim_nN, pos_nN, ret_nN, pos_idx_nK, pos_valid_nK, temperature, chunk):
+    def forward(ctx, sim_nN, pos_idx_nK, valid_nK, self_n, temperature, chunk):
         need_grad = ctx.needs_input_grad[0]
         aps, grads = [], []
         for start in range(0, sim_nN.shape[0], chunk):
             sl = slice(start, start + chunk)
             ap_c, d_c = _ap_chunk(
                 sim_nN[sl],
-                pos_nN[sl],
-                ret_nN[sl],
                 pos_idx_nK[sl],
-                pos_valid_nK[sl],
+                valid_nK[sl],
+                None if self_n is None else self_n[sl],
                 temperature,
                 need_grad,
             )
@@ -125,7 +132,7 @@ class _SmoothAPRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_ap_n):
         (d_ap_d_sim_nN,) = ctx.saved_tensors
-        return grad_ap_n[:, None] * d_ap_d_sim_nN, None, None, None, None, None, None
+        return grad_ap_n[:, None] * d_ap_d_sim_nN, None, None, None, None, None
 
 
 def smooth_ap_per_query(
@@ -146,15 +153,12 @@ def smooth_ap_per_query(
     0 where not valid.
     """
     sim_nN = query_nD @ items_ND.T
-    pos_nN, ret_nN, pos_idx_nK, pos_valid_nK = _positive_layout(
-        labels_n, labels_N, query_ids_n, query_in_positives
-    )
+    pos_idx_nK, valid_nK = _positive_layout(labels_n, labels_N, query_ids_n, query_in_positives)
     K, N = pos_idx_nK.shape[1], items_ND.shape[0]
     chunk = query_chunk_size or max(1, _AUTO_CHUNK_ELEMENTS // (K * max(N, 1)))
-    ap_n = _SmoothAPRows.apply(
-        sim_nN, pos_nN, ret_nN, pos_idx_nK, pos_valid_nK, float(temperature), chunk
-    )
-    return ap_n, pos_valid_nK[:, 0]
+    self_n = None if query_in_positives else query_ids_n
+    ap_n = _SmoothAPRows.apply(sim_nN, pos_idx_nK, valid_nK, self_n, float(temperature), chunk)
+    return ap_n, valid_nK[:, 0]
 
 
 def _check_inputs(embeddings: torch.Tensor, labels: torch.Tensor) -> None:
