@@ -1,0 +1,293 @@
+"""IJB-C 1:1 verification and 1:N identification from image embeddings.
+
+Template features (the protocol of the IJB-B/C papers and their public evaluation code): image
+features are averaged within each media (a still, or the frames of one video) of a template,
+the media features are summed over the template, and the sum is L2-normalised. A pair's score
+is the cosine of its two templates.
+
+* 1:1: TAR at FAR 1e-6 .. 1e-1 from the ROC over all pairs. TAR@FAR is the largest true accept
+  rate among thresholds whose false accept rate is <= FAR (thresholds at the scores; a tie
+  group is accepted or rejected as a whole, as in ``sklearn.metrics.roc_curve``).
+* 1:N: each gallery (G1, G2) is searched by the mixed-media probes. A probe whose subject is
+  enrolled is mated; its rank is 1 + the non-mate gallery templates scoring >= its mate.
+  Rank-k identification rate: mated probes with rank <= k. TPIR at FPIR f: mated probes at rank
+  1 whose mate score clears the lowest threshold that at most a fraction f of the non-mated
+  probes' top scores clear. Reported per gallery and averaged over the galleries.
+
+Shape legend: N images, D dims, T templates, P pairs, G gallery templates, Q probes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FARS: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+FPIRS: tuple[float, ...] = (1e-2, 1e-1)
+RANKS: tuple[int, ...] = (1, 5)
+
+
+@dataclass
+class Gallery:
+    """One 1:N gallery: its template ids and their subjects."""
+
+    templates: np.ndarray
+    subjects: np.ndarray
+
+
+@dataclass
+class IJBCProtocol:
+    """The IJB-C test lists, as arrays of template / subject ids."""
+
+    pair_t1: np.ndarray
+    pair_t2: np.ndarray
+    pair_label: np.ndarray
+    """1 for a genuine pair (same subject), 0 for an impostor pair."""
+    galleries: dict[str, Gallery] = field(default_factory=dict)
+    """'G1', 'G2' (1:N); empty skips identification."""
+    probe_templates: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    probe_subjects: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+
+
+def _read_table(path: Path, columns: Sequence[str]) -> dict[str, np.ndarray]:
+    """Columns of a whitespace- or comma-separated table (header lines are skipped)."""
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"IJB-C protocol file {str(path)!r} is missing: set eval.ijbc_protocol_dir to the "
+            "IJB-C 'protocols' folder (it holds ijbc_template_pair_label.txt and the 1:N CSVs)"
+        )
+    rows = []
+    for line_no, line in enumerate(path.read_text().splitlines(), 1):
+        parts = line.replace(",", " ").split()
+        if not parts or not parts[0].lstrip("-").isdigit():
+            continue  # a header or a blank line
+        if len(parts) < len(columns):
+            raise ValueError(
+                f"{path}:{line_no}: expected {len(columns)} columns ({', '.join(columns)}), "
+                f"got {line!r}"
+            )
+        rows.append([int(p) for p in parts[: len(columns)]])
+    if not rows:
+        raise ValueError(f"{path}: no data rows; is it the right IJB-C file?")
+    table = np.asarray(rows, dtype=np.int64)
+    return {c: table[:, j] for j, c in enumerate(columns)}
+
+
+def load_protocol(protocol_dir: str | Path) -> IJBCProtocol:
+    """Read IJB-C's ``ijbc_template_pair_label.txt`` and, when present, the 1:N CSVs
+    ``ijbc_1N_gallery_G1.csv``, ``ijbc_1N_gallery_G2.csv`` and ``ijbc_1N_probe_mixed.csv``."""
+    root = Path(protocol_dir)
+    pairs = _read_table(root / "ijbc_template_pair_label.txt", ("t1", "t2", "label"))
+    protocol = IJBCProtocol(pairs["t1"], pairs["t2"], pairs["label"])
+    probe_path = root / "ijbc_1N_probe_mixed.csv"
+    if probe_path.is_file():
+        probe = _unique_templates(_read_table(probe_path, ("template", "subject")), probe_path)
+        protocol.probe_templates, protocol.probe_subjects = probe
+        for name in ("G1", "G2"):
+            path = root / f"ijbc_1N_gallery_{name}.csv"
+            t, s = _unique_templates(_read_table(path, ("template", "subject")), path)
+            protocol.galleries[name] = Gallery(t, s)
+    return protocol
+
+
+def _unique_templates(table: dict[str, np.ndarray], path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The 1:N CSVs list one row per image; keep one (template, subject) per template."""
+    t, first = np.unique(table["template"], return_index=True)
+    s = table["subject"][first]
+    pairs = np.unique(np.stack([table["template"], table["subject"]], 1), axis=0)
+    if len(pairs) != len(t):
+        raise ValueError(f"{path}: a template is listed with two different subjects")
+    return t, s
+
+
+def pool_templates(
+    features_ND: np.ndarray,
+    template_ids_M: np.ndarray,
+    media_ids_M: np.ndarray,
+    rows_M: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(template ids T, L2-normalised template features T x D): media means summed per template.
+
+    One entry per template membership M: image ``rows_M[m]`` (default: m) is in template
+    ``template_ids_M[m]`` as part of media ``media_ids_M[m]``, so an image may serve several
+    templates. Media are grouped within a template.
+    """
+    import torch
+
+    feats = np.asarray(features_ND, dtype=np.float32)
+    t_ids = np.asarray(template_ids_M).astype(np.int64)
+    m_ids = np.asarray(media_ids_M).astype(np.int64)
+    rows = np.arange(len(feats)) if rows_M is None else np.asarray(rows_M).astype(np.int64)
+    if not (len(rows) == len(t_ids) == len(m_ids)):
+        raise ValueError(
+            f"IJB-C pooling: {len(rows)} images, {len(t_ids)} template ids and "
+            f"{len(m_ids)} media ids; give one template and one media id per image"
+        )
+    if len(rows) == 0:
+        raise ValueError("IJB-C pooling: no images; check the IJB-C eval shards")
+    if rows.min() < 0 or rows.max() >= len(feats):
+        raise ValueError(f"IJB-C pooling: image rows must lie in [0, {len(feats)})")
+    if not np.isfinite(feats).all():
+        raise ValueError("IJB-C pooling: features hold NaN or inf; check the model output")
+    templates, t_code = np.unique(t_ids, return_inverse=True)
+    pairs, group = np.unique(np.stack([t_code, m_ids], 1), axis=0, return_inverse=True)
+    group = group.reshape(-1)
+    n_groups = len(pairs)
+    # index_add_ sums rows without sorting (copying) the N x D features.
+    sums = torch.zeros(n_groups, feats.shape[1], dtype=torch.float32)
+    src = torch.from_numpy(feats if rows_M is None else feats[rows])
+    sums.index_add_(0, torch.from_numpy(group), src)
+    counts = np.bincount(group, minlength=n_groups).astype(np.float32)
+    sums /= torch.from_numpy(counts)[:, None]  # media means
+    tmpl = torch.zeros(len(templates), feats.shape[1], dtype=torch.float32)
+    tmpl.index_add_(0, torch.from_numpy(pairs[:, 0]), sums)
+    tmpl = torch.nn.functional.normalize(tmpl, dim=1)
+    return templates, tmpl.numpy()
+
+
+def _rows_of(templates_T: np.ndarray, wanted: np.ndarray, what: str) -> np.ndarray:
+    """Row of each wanted template id in the sorted ``templates_T``; error on unknown ids."""
+    rows = np.searchsorted(templates_T, wanted)
+    rows = np.minimum(rows, len(templates_T) - 1)
+    missing = templates_T[rows] != wanted
+    if missing.any():
+        ids = np.unique(np.asarray(wanted)[missing])
+        raise ValueError(
+            f"{what}: {ids.size} template id(s) have no image (first {ids[:5].tolist()}); "
+            "the eval shards must hold every image of the IJB-C protocol"
+        )
+    return rows
+
+
+def pair_scores(
+    templates_T: np.ndarray,
+    feats_TD: np.ndarray,
+    t1_P: np.ndarray,
+    t2_P: np.ndarray,
+    chunk: int = 1 << 18,
+) -> np.ndarray:
+    """Cosine score of each template pair (features already L2-normalised), in chunks."""
+    import torch
+
+    r1 = _rows_of(templates_T, np.asarray(t1_P), "1:1 pairs")
+    r2 = _rows_of(templates_T, np.asarray(t2_P), "1:1 pairs")
+    f = torch.from_numpy(np.ascontiguousarray(feats_TD, dtype=np.float32))
+    out = np.empty(len(r1), dtype=np.float32)
+    for a in range(0, len(r1), chunk):
+        i = torch.from_numpy(r1[a : a + chunk])
+        j = torch.from_numpy(r2[a : a + chunk])
+        out[a : a + chunk] = (f[i] * f[j]).sum(1).numpy()
+    return out
+
+
+def roc_points(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(fpr, tpr, thresholds), one point per distinct score from the highest, as
+    ``sklearn.metrics.roc_curve(drop_intermediate=False)`` without its extra (0, 0) point."""
+    scores = np.asarray(scores)
+    labels = np.asarray(labels).astype(bool)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(
+            f"ROC needs genuine and impostor scores; got {n_pos} genuine and {n_neg} impostor"
+        )
+    order = np.argsort(-scores, kind="stable")
+    s = scores[order]
+    tp = np.cumsum(labels[order])
+    last_of_tie = np.r_[np.flatnonzero(s[1:] != s[:-1]), len(s) - 1]
+    tp = tp[last_of_tie]
+    fp = (last_of_tie + 1) - tp
+    return fp / n_neg, tp / n_pos, s[last_of_tie]
+
+
+def tar_at_far(
+    scores: np.ndarray, labels: np.ndarray, fars: Sequence[float] = FARS
+) -> dict[float, float]:
+    """TAR at each FAR: the largest TPR among ROC points with FPR <= FAR (0 if none)."""
+    fpr, tpr, _ = roc_points(scores, labels)
+    return {far: _max_tpr_at(fpr, tpr, far) for far in fars}
+
+
+def _max_tpr_at(fpr: np.ndarray, tpr: np.ndarray, far: float) -> float:
+    # fpr and tpr never decrease along the curve: the last point with fpr <= far is the best.
+    n = int(np.searchsorted(fpr, far, side="right"))
+    return float(tpr[n - 1]) if n > 0 else 0.0
+
+
+def identification(
+    probe_feats_QD: np.ndarray,
+    probe_subjects_Q: np.ndarray,
+    gallery_feats_GD: np.ndarray,
+    gallery_subjects_G: np.ndarray,
+    ranks: Sequence[int] = RANKS,
+    fpirs: Sequence[float] = FPIRS,
+    block: int = 4096,
+) -> dict[str, float]:
+    """Open-set 1:N search of one gallery: rank-k identification rates and TPIR at FPIR.
+
+    Probe x gallery scores are computed in blocks of probes (the gallery is small in 1:N).
+    """
+    q_subj = np.asarray(probe_subjects_Q)
+    g_subj = np.asarray(gallery_subjects_G)
+    mated = np.isin(q_subj, g_subj)
+    if not mated.any() or mated.all():
+        raise ValueError(
+            f"1:N: {int(mated.sum())} of {len(q_subj)} probes are mated; open-set "
+            "identification needs both mated and non-mated probes (check the gallery/probe lists)"
+        )
+    g = np.ascontiguousarray(gallery_feats_GD, dtype=np.float32)
+    mate_score = np.full(len(q_subj), -np.inf)
+    rank = np.zeros(len(q_subj), dtype=np.int64)
+    top = np.empty(len(q_subj))
+    for a in range(0, len(q_subj), block):
+        s = np.asarray(probe_feats_QD[a : a + block], dtype=np.float32) @ g.T
+        is_mate = q_subj[a : a + block, None] == g_subj[None, :]
+        ms = np.where(is_mate, s, -np.inf).max(1)
+        mate_score[a : a + block] = ms
+        rank[a : a + block] = 1 + (np.where(is_mate, -np.inf, s) >= ms[:, None]).sum(1)
+        top[a : a + block] = s.max(1)
+    out = {f"rank{k}": float((rank[mated] <= k).mean()) for k in ranks}
+    # Thresholds at the non-mated top scores: at t, the alarms are the non-mated probes >= t
+    # and the hits the mated probes at rank 1 with a mate score >= t.
+    hit = mated & (rank == 1)
+    scores = np.r_[mate_score[hit], top[~mated]]
+    labels = np.r_[np.ones(int(hit.sum()), bool), np.zeros(int((~mated).sum()), bool)]
+    fpr, tpr, _ = roc_points(scores, labels)
+    tpr = tpr * hit.sum() / mated.sum()  # mated probes not at rank 1 are never hits
+    for f in fpirs:
+        out[f"tpir@fpir={f:g}"] = _max_tpr_at(fpr, tpr, f)
+    return out
+
+
+def ijbc_metrics(
+    features_ND: np.ndarray,
+    template_ids_M: np.ndarray,
+    media_ids_M: np.ndarray,
+    protocol: IJBCProtocol,
+    rows_M: np.ndarray | None = None,
+    fars: Sequence[float] = FARS,
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """All IJB-C figures, and the ROC curve (for the plot).
+
+    Keys: ``ijbc_tar@far={far:g}``; with 1:N galleries ``ijbc_1n_{G}_rank{k}``,
+    ``ijbc_1n_{G}_tpir@fpir={f:g}`` and their mean over galleries ``ijbc_1n_rank{k}`` ...
+    """
+    templates, feats = pool_templates(features_ND, template_ids_M, media_ids_M, rows_M)
+    scores = pair_scores(templates, feats, protocol.pair_t1, protocol.pair_t2)
+    fpr, tpr, thr = roc_points(scores, protocol.pair_label)
+    out = {f"ijbc_tar@far={far:g}": _max_tpr_at(fpr, tpr, far) for far in fars}
+    per_gallery = []
+    for name, gal in protocol.galleries.items():
+        g_rows = _rows_of(templates, gal.templates, f"1:N gallery {name}")
+        q_rows = _rows_of(templates, protocol.probe_templates, "1:N probes")
+        r = identification(feats[q_rows], protocol.probe_subjects, feats[g_rows], gal.subjects)
+        out.update({f"ijbc_1n_{name}_{k}": v for k, v in r.items()})
+        per_gallery.append(r)
+    for key in per_gallery[0] if per_gallery else []:
+        out[f"ijbc_1n_{key}"] = float(np.mean([r[key] for r in per_gallery]))
+    out["ijbc_num_templates"] = float(len(templates))
+    out["ijbc_num_pairs"] = float(len(scores))
+    return out, {"fpr": fpr, "tpr": tpr, "thresholds": thr}
