@@ -323,24 +323,34 @@ class TrackingConfig:
 
 @dataclass
 class LaunchConfig:
-    """SLURM resources (submitit)."""
+    """SLURM resources (submitit); site defaults come from ``conf/cluster/<name>.yaml``."""
 
     nodes: int = 1
     gpus_per_node: int = 8
+    """GPUs requested per node (0 on a CPU-only partition)."""
     tasks_per_node: int = 0
-    """0: one task per GPU. Set it on CPU-only partitions."""
+    """0: one task per GPU (one task when gpus_per_node is 0). Set it on CPU-only partitions."""
     cpus_per_task: int = 8
+    """CPU cores per task (DataLoader workers + the main process)."""
     mem_gb: int = 0
-    """0: the partition's default."""
+    """Memory per node in GB; 0: the partition's default."""
     partition: str = ""
+    """'' : the cluster's default partition."""
     time_minutes: int = 60
+    """Time limit of one job; a longer training is requeued from its checkpoint."""
     account: str = ""
     qos: str = ""
     constraint: str = ""
     signal_delay_s: int = 120
     """Seconds before the time limit at which SLURM signals the job (requeue)."""
+    max_timeouts: int = 20
+    """Requeues after reaching the time limit before giving up (preemptions do not count)."""
     folder: str = "runs/slurm/%j"
-    """submitit output folder; %j is the job id."""
+    """submitit output folder (logs per rank, pickles); %j is the job id."""
+    job_name: str = ""
+    """'' : smoothap-<command>."""
+    setup: list[str] = field(default_factory=list)
+    """Shell lines run in the batch script before the tasks start (module load, env vars)."""
 
     def __post_init__(self) -> None:
         _check(self.nodes >= 1, "launch.nodes", self.nodes, "must be >= 1")
@@ -348,7 +358,17 @@ class LaunchConfig:
         _check(
             self.tasks_per_node >= 0, "launch.tasks_per_node", self.tasks_per_node, "must be >= 0"
         )
+        _check(self.cpus_per_task >= 1, "launch.cpus_per_task", self.cpus_per_task, "must be >= 1")
+        _check(self.mem_gb >= 0, "launch.mem_gb", self.mem_gb, "must be >= 0 (0: default)")
         _check(self.time_minutes >= 1, "launch.time_minutes", self.time_minutes, "must be >= 1")
+        _check(
+            0 <= self.signal_delay_s < 60 * self.time_minutes,
+            "launch.signal_delay_s",
+            self.signal_delay_s,
+            f"must be >= 0 and shorter than the time limit ({60 * self.time_minutes} s)",
+        )
+        _check(self.max_timeouts >= 0, "launch.max_timeouts", self.max_timeouts, "must be >= 0")
+        _check(bool(self.folder), "launch.folder", self.folder, "must name a folder")
 
 
 @dataclass

@@ -1,0 +1,5 @@
+"""Launchers: submit ``pipeline`` training and evaluation to SLURM (or locally) with submitit.
+
+Only submission lives here; the work itself is the library's (``pipeline.train``,
+``pipeline.evaluate``). Entry point: ``python -m launch.slurm {train,evaluate} ...``.
+"""

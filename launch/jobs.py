@@ -1,0 +1,98 @@
+"""What runs inside a submitted job: the distributed environment, then the library's own code.
+
+Each callable is pickled by submitit and called once in every task (rank) of the job. It
+exports the torch.distributed rendezvous variables from the Slurm (or local) job environment,
+then calls exactly what ``pipeline train`` / ``pipeline evaluate`` call.
+
+Requeue (issue 6): on preemption or near the time limit Slurm sends USR2; submitit's handler on
+rank 0 calls ``checkpoint()``, stores the returned resubmission and requeues the job. Nothing is
+saved from the signal handler: training checkpoints are collective and periodic
+(``train.checkpoint_every``), and the resubmitted job simply calls ``train`` again with the same
+config, which resumes from the latest checkpoint and continues the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+from typing import Any
+
+import submitit
+from submitit.core.job_environment import JobEnvironment
+
+from pipeline.config import RunConfig
+
+
+def export_distributed_env() -> dict[str, str]:
+    """Set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT for ``pipeline.distributed``.
+
+    ``set_cuda_visible_devices=False``: every task sees all GPUs of its node and DeepSpeed picks
+    ``cuda:LOCAL_RANK`` itself; ``overwrite=True`` because the job, not the environment the job
+    was submitted from, decides the ranks.
+    """
+    env = submitit.helpers.TorchDistributedEnvironment()
+    env.export(set_cuda_visible_devices=False, overwrite=True)
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    exported = {k: os.environ[k] for k in names}
+    print(
+        f"[launch] job {os.environ.get('SLURM_JOB_ID', env._job_env.job_id)} on "
+        f"{socket.gethostname()}: rank {env.rank}/{env.world_size}, local rank "
+        f"{env.local_rank}, rendezvous {env.master_addr}:{env.master_port}, restart "
+        f"{os.environ.get('SLURM_RESTART_COUNT', '0')}",
+        flush=True,
+    )
+    return exported
+
+
+def guard_requeue_signal() -> None:
+    """Let only this process act on the requeue signal, not its forked children.
+
+    Slurm signals every process of a job step, and DataLoader workers forked from a task
+    inherit submitit's USR2 handler: without this guard a worker would also checkpoint,
+    call ``scontrol requeue`` and exit, killing the data pipeline of the main process.
+    """
+    sig = JobEnvironment._usr_sig()
+    handler = signal.getsignal(sig)
+    if not callable(handler):
+        return  # not inside a submitit job (e.g. a direct call in a test)
+    owner = os.getpid()
+
+    def only_in_owner(signum: int, frame: Any) -> None:
+        if os.getpid() == owner:
+            handler(signum, frame)
+
+    signal.signal(sig, only_in_owner)
+
+
+class TrainJob(submitit.helpers.Checkpointable):
+    """Run ``pipeline.train.train(cfg)`` in every task; requeued jobs resume from the checkpoint.
+
+    Returns (per task) the dict ``train`` returns.
+    """
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+
+    def __call__(self) -> dict:
+        guard_requeue_signal()
+        export_distributed_env()
+        # Imported in the job: submitting needs neither torch nor DeepSpeed.
+        from pipeline import distributed
+        from pipeline.train import train
+
+        try:
+            return train(self.cfg)
+        finally:
+            distributed.destroy()
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        # The same call again: train() finds the latest collective checkpoint in
+        # train.output_dir and the MLflow run id stored in it.
+        print(
+            "[launch] requeue signal: resubmitting; the job resumes from the latest checkpoint",
+            file=sys.stderr,
+            flush=True,
+        )
+        return submitit.helpers.DelayedSubmission(TrainJob(self.cfg))

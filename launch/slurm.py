@@ -1,0 +1,273 @@
+"""Submit training or evaluation to SLURM (or run it locally) with submitit.
+
+    python -m launch.slurm train --config conf/sop.yaml --nodes 2 --gpus-per-node 8 \\
+        --partition gpu --time 240 [key=value ...]
+    python -m launch.slurm train --config conf/demo.yaml --local --gpus-per-node 0 \\
+        --tasks-per-node 2
+
+Resources resolve in this order, later winning: the config's ``launch`` section (defaults.yaml,
+then the config file), the cluster file (``--cluster NAME`` -> ``conf/cluster/NAME.yaml``),
+``launch.*=...`` overrides, then the flags below. Everything is checked (config keys, partition,
+node, GPU and CPU counts against ``sinfo``) before anything is submitted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from launch.cluster import LaunchError, check_against_cluster, cluster_overrides, tasks_per_node
+from pipeline.config import ConfigError, LaunchConfig, RunConfig, load_config
+
+# flag -> LaunchConfig field
+FLAG_FIELDS = {
+    "nodes": "nodes",
+    "gpus_per_node": "gpus_per_node",
+    "tasks_per_node": "tasks_per_node",
+    "cpus_per_task": "cpus_per_task",
+    "mem_gb": "mem_gb",
+    "partition": "partition",
+    "time": "time_minutes",
+    "account": "account",
+    "qos": "qos",
+    "constraint": "constraint",
+    "folder": "folder",
+}
+
+
+@dataclass
+class Submission:
+    """What was submitted: the jobs, the resolved config, and where to look."""
+
+    command: str
+    cfg: RunConfig
+    jobs: list[Any]  # submitit jobs (one per submission; array tasks are separate jobs)
+    local: bool
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def job(self) -> Any:
+        return self.jobs[-1]
+
+
+def resolve_config(
+    config: str | Path,
+    overrides: Sequence[str] = (),
+    *,
+    cluster: str | None = None,
+    flags: dict[str, Any] | None = None,
+) -> RunConfig:
+    """The run config with the launch section resolved (see the module docstring for order)."""
+    layered = list(cluster_overrides(cluster)) if cluster else []
+    layered += list(overrides)
+    for name, value in (flags or {}).items():
+        if value is not None:
+            layered.append(f"launch.{FLAG_FIELDS[name]}={value}")
+    return load_config(config, layered)
+
+
+def _absolute_paths(cfg: RunConfig) -> RunConfig:
+    # Jobs start in the submission directory, but absolute paths make the printed locations
+    # and the saved config unambiguous.
+    from pipeline.tracking import resolve_uri
+
+    train = replace(cfg.train, output_dir=str(Path(cfg.train.output_dir).resolve()))
+    # Pin the tracking URI now, so the job logs where this command says it does.
+    tracking = replace(cfg.tracking, uri=resolve_uri(cfg.tracking))
+    launch = replace(cfg.launch, folder=str(Path(cfg.launch.folder).resolve()))
+    return replace(cfg, train=train, tracking=tracking, launch=launch)
+
+
+def make_executor(launch: LaunchConfig, *, local: bool, name: str) -> Any:
+    """A submitit AutoExecutor ('slurm' or 'local') with the job's resources."""
+    import submitit
+
+    executor = submitit.AutoExecutor(
+        folder=launch.folder,
+        cluster="local" if local else "slurm",
+        slurm_max_num_timeout=launch.max_timeouts,
+        local_max_num_timeout=launch.max_timeouts,
+    )
+    params: dict[str, Any] = {
+        "name": launch.job_name or name,
+        "nodes": launch.nodes,
+        "tasks_per_node": tasks_per_node(launch),
+        "cpus_per_task": launch.cpus_per_task,
+        "gpus_per_node": launch.gpus_per_node or None,
+        "mem_gb": launch.mem_gb or None,
+        "timeout_min": launch.time_minutes,
+    }
+    if local:
+        params["local_signal_delay_s"] = launch.signal_delay_s
+    else:
+        params.update(
+            slurm_partition=launch.partition or None,
+            slurm_account=launch.account or None,
+            slurm_qos=launch.qos or None,
+            slurm_constraint=launch.constraint or None,
+            slurm_signal_delay_s=launch.signal_delay_s,
+            slurm_setup=list(launch.setup) or None,
+            # Requeue on preemption and from checkpoint(), also where JobRequeue=0 is the default.
+            slurm_additional_parameters={"requeue": True},
+        )
+    executor.update_parameters(**params)
+    return executor
+
+
+def prepare(
+    command: str,
+    config: str | Path,
+    overrides: Sequence[str] = (),
+    *,
+    cluster: str | None = None,
+    flags: dict[str, Any] | None = None,
+    local: bool = False,
+) -> RunConfig:
+    """Resolve and check everything a submission needs; raises before anything is submitted."""
+    if command not in ("train", "evaluate"):
+        raise LaunchError(f"unknown command {command!r}: use train or evaluate")
+    cfg = _absolute_paths(resolve_config(config, overrides, cluster=cluster, flags=flags))
+    if local:
+        if cfg.launch.nodes != 1:
+            raise LaunchError(f"--nodes {cfg.launch.nodes} with --local: a local run has 1 node")
+    else:
+        check_against_cluster(cfg.launch)
+    return cfg
+
+
+def submit(
+    command: str,
+    config: str | Path,
+    overrides: Sequence[str] = (),
+    *,
+    cluster: str | None = None,
+    flags: dict[str, Any] | None = None,
+    local: bool = False,
+) -> Submission:
+    """Check, then submit ``command`` ('train' or 'evaluate') and return the submission."""
+    from launch import jobs
+
+    cfg = prepare(command, config, overrides, cluster=cluster, flags=flags, local=local)
+    executor = make_executor(cfg.launch, local=local, name=f"smoothap-{command}")
+    if command == "train":
+        job = executor.submit(jobs.TrainJob(cfg))
+    else:
+        raise LaunchError("evaluate: not available yet")
+    sub = Submission(command, cfg, [job], local)
+    if cfg.tracking.enabled and cfg.tracking.uri.startswith("sqlite:") and not local:
+        sub.notes.append(
+            "MLflow store is a SQLite file: fine for one job on one node, unsafe on NFS/Lustre "
+            "with several writers; run `mlflow server` on a login node and set "
+            "MLFLOW_TRACKING_URI=http://<login-node>:<port> (see docs/slurm.md)"
+        )
+    return sub
+
+
+def describe(sub: Submission) -> str:
+    """The lines printed after submission: job id, logs, checkpoints, how to follow MLflow."""
+    from pipeline.tracking import ui_command
+
+    cfg, job = sub.cfg, sub.job
+    launch = cfg.launch
+    where = "locally" if sub.local else f"to partition {launch.partition or '(default)'}"
+    lines = [
+        f"submitted {sub.command} job {job.job_id} {where}: {launch.nodes} node(s) x "
+        f"{tasks_per_node(launch)} task(s), {launch.gpus_per_node} GPU(s)/node, "
+        f"{launch.cpus_per_task} CPU(s)/task, {launch.time_minutes} min",
+        f"  job folder:  {job.paths.folder}",
+    ]
+    tasks = getattr(job, "_sub_jobs", None) or [job]
+    for rank, t in enumerate(tasks[:4]):
+        lines.append(f"  log rank {rank}:  {t.paths.stdout}")
+    if len(tasks) > 4:
+        lines.append(f"  ... {len(tasks) - 4} more rank logs in the job folder")
+    if sub.command == "train":
+        lines.append(f"  checkpoints: {cfg.train.output_dir}")
+    if cfg.tracking.enabled:
+        lines.append(
+            f"  MLflow:      experiment {cfg.tracking.experiment!r} at {cfg.tracking.uri}; "
+            + ui_command(cfg.tracking.uri)
+        )
+    if not sub.local:
+        lines.append(f"  follow:      squeue -j {job.job_id}; tail -f {tasks[0].paths.stdout}")
+        lines.append(f"  cancel:      scancel {job.job_id}")
+    lines += [f"  note: {n}" for n in sub.notes]
+    return "\n".join(lines)
+
+
+def wait(sub: Submission, poll_s: float = 5.0) -> bool:
+    """Wait for every job to end; True when all completed. Forces a state check each poll
+    (submitit's own polling interval grows to minutes)."""
+    for job in sub.jobs:
+        while not job.done(force_check=True):
+            time.sleep(poll_s)
+    ok = True
+    for job in sub.jobs:
+        exc = job.exception()
+        if exc is not None:
+            print(f"job {job.job_id} failed:\n{exc}", file=sys.stderr)
+            ok = False
+    return ok
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m launch.slurm",
+        description="Submit Smooth-AP training or evaluation to SLURM (or run it locally) "
+        "with submitit.",
+    )
+    p.add_argument("command", choices=("train", "evaluate"))
+    p.add_argument("--config", required=True, help="run config YAML (as for `pipeline train`)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=1e-4")
+    p.add_argument("--cluster", help="site defaults: conf/cluster/NAME.yaml or a YAML path")
+    p.add_argument("--nodes", type=int)
+    p.add_argument("--gpus-per-node", type=int)
+    p.add_argument("--tasks-per-node", type=int, help="default: one per GPU (set on CPU nodes)")
+    p.add_argument("--cpus-per-task", type=int)
+    p.add_argument("--mem-gb", type=int, help="memory per node in GB")
+    p.add_argument("--partition")
+    p.add_argument("--time", type=int, metavar="MINUTES", help="time limit of one job")
+    p.add_argument("--account")
+    p.add_argument("--qos")
+    p.add_argument("--constraint")
+    p.add_argument("--folder", help="submitit folder (logs per rank); %%j is the job id")
+    p.add_argument(
+        "--local",
+        action="store_true",
+        help="run here with submitit's local executor (several tasks, one machine); waits",
+    )
+    p.add_argument("--wait", action="store_true", help="wait for the job and report its end")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    flags = {name: getattr(args, name) for name in FLAG_FIELDS}
+    try:
+        sub = submit(
+            args.command,
+            args.config,
+            args.overrides,
+            cluster=args.cluster,
+            flags=flags,
+            local=args.local,
+        )
+    except (ConfigError, LaunchError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        print("nothing was submitted", file=sys.stderr)
+        return 2
+    print(describe(sub), flush=True)
+    if args.local or args.wait:
+        ok = wait(sub)
+        print(f"{sub.command} job {sub.job.job_id}: {'completed' if ok else 'FAILED'}")
+        return 0 if ok else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""The launcher without a Slurm cluster: config layering, cluster files, the generated sbatch
+script, refusals, and a real 2-task job through submitit's local executor."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launch import cluster as cluster_mod
+from launch import slurm
+from launch.cluster import LaunchError, _gpu_count, cluster_overrides, tasks_per_node
+from pipeline.config import ConfigError, LaunchConfig
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _write(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_layers_config_then_cluster_then_overrides_then_flags(tmp_path):
+    config = _write(tmp_path / "run.yaml", {"launch": {"nodes": 3, "qos": "low", "account": "a"}})
+    site = _write(tmp_path / "site.yaml", {"qos": "high", "account": "b", "partition": "p"})
+    cfg = slurm.resolve_config(
+        config,
+        ["launch.account=c", "optim.lr=0.5"],
+        cluster=str(site),
+        flags={"partition": "q", "time": 7, "nodes": None},
+    )
+    launch = cfg.launch
+    assert launch.nodes == 3  # only the config file sets it (a None flag is "not given")
+    assert launch.qos == "high"  # cluster file over config file
+    assert launch.account == "c"  # key=value over cluster file
+    assert (launch.partition, launch.time_minutes) == ("q", 7)  # flags over everything
+    assert cfg.optim.lr == 0.5
+
+
+def test_cluster_file_may_nest_under_launch_and_keeps_types(tmp_path):
+    site = _write(
+        tmp_path / "site.yaml",
+        {"launch": {"setup": ["module load cuda", "export A='x y'"], "gpus_per_node": 4}},
+    )
+    overrides = cluster_overrides(str(site))
+    cfg = slurm.resolve_config(REPO / "conf" / "defaults.yaml", cluster=str(site))
+    assert cfg.launch.setup == ["module load cuda", "export A='x y'"]
+    assert cfg.launch.gpus_per_node == 4
+    assert len(overrides) == 2
+
+
+def test_shipped_cluster_files_load():
+    for path in sorted((REPO / "conf" / "cluster").glob("*.yaml")):
+        cfg = slurm.resolve_config(REPO / "conf" / "defaults.yaml", cluster=path.stem)
+        assert cfg.launch.partition, path
+
+
+def test_unknown_cluster_key_names_file_and_valid_keys(tmp_path):
+    site = _write(tmp_path / "site.yaml", {"gpus": 8})
+    with pytest.raises(LaunchError, match=r"site\.yaml: unknown key\(s\) gpus; valid launch keys"):
+        cluster_overrides(str(site))
+
+
+def test_unknown_cluster_name_lists_known_ones():
+    with pytest.raises(LaunchError, match=r"--cluster 'nowhere'.*known clusters: .*localslurm"):
+        cluster_overrides("nowhere")
+
+
+def test_missing_config_file_is_refused():
+    with pytest.raises(ConfigError, match=r"config file 'no/such\.yaml' does not exist"):
+        slurm.prepare("train", "no/such.yaml", local=True)
+
+
+def test_bad_launch_value_names_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"launch\.signal_delay_s=120: .*shorter than the time"):
+        slurm.resolve_config(REPO / "conf" / "defaults.yaml", flags={"time": 1})
+
+
+def test_local_run_refuses_several_nodes():
+    with pytest.raises(LaunchError, match=r"--nodes 2 with --local: a local run has 1 node"):
+        slurm.prepare("train", REPO / "conf" / "defaults.yaml", flags={"nodes": 2}, local=True)
+
+
+def test_tasks_per_node_defaults_to_gpus():
+    assert tasks_per_node(LaunchConfig(gpus_per_node=8)) == 8
+    assert tasks_per_node(LaunchConfig(gpus_per_node=0)) == 1
+    assert tasks_per_node(LaunchConfig(gpus_per_node=4, tasks_per_node=2)) == 2
+
+
+def test_gpu_count_from_sinfo_gres():
+    assert _gpu_count("(null)") == 0
+    assert _gpu_count("gpu:8") == 8
+    assert _gpu_count("gpu:a100:4(S:0-1),shard:2") == 4
+    assert _gpu_count("tmpfs:100,gpu:h100:8(S:0)") == 8
+
+
+def test_no_slurm_client_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(cluster_mod.shutil, "which", lambda name: None)
+    with pytest.raises(LaunchError, match=r"sinfo not found.*--local"):
+        cluster_mod.read_partitions()
+
+
+@pytest.mark.skipif(shutil.which("srun") is None, reason="submitit's Slurm executor needs srun")
+def test_sbatch_script_carries_the_resources(tmp_path):
+    site = _write(tmp_path / "site.yaml", {"setup": ["module load cuda/12"]})
+    cfg = slurm.resolve_config(
+        REPO / "conf" / "defaults.yaml",
+        cluster=str(site),
+        flags={
+            "nodes": 2,
+            "gpus_per_node": 4,
+            "cpus_per_task": 6,
+            "mem_gb": 100,
+            "partition": "gpu",
+            "time": 90,
+            "account": "proj",
+            "qos": "high",
+            "constraint": "a100",
+            "folder": str(tmp_path / "%j"),
+        },
+    )
+    executor = slurm.make_executor(cfg.launch, local=False, name="smoothap-train")
+    text = executor._executor._make_submission_file_text("CMD", "uid")
+    for line in (
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=4",
+        "#SBATCH --gpus-per-node=4",
+        "#SBATCH --cpus-per-task=6",
+        "#SBATCH --mem=100GB",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --time=90",
+        "#SBATCH --account=proj",
+        "#SBATCH --qos=high",
+        "#SBATCH --constraint=a100",
+        "#SBATCH --signal=USR2@120",
+        "#SBATCH --requeue",
+        "#SBATCH --job-name=smoothap-train",
+        "module load cuda/12",
+    ):
+        assert line in text.splitlines(), (line, text)
+    assert f"--output {tmp_path}/%j/%j_%t_log.out" in text  # one log per rank
+
+
+@pytest.mark.skipif(shutil.which("srun") is None, reason="submitit's Slurm executor needs srun")
+def test_cpu_only_request_asks_for_no_gpus(tmp_path):
+    cfg = slurm.resolve_config(
+        REPO / "conf" / "defaults.yaml",
+        flags={"gpus_per_node": 0, "tasks_per_node": 2, "folder": str(tmp_path / "%j")},
+    )
+    executor = slurm.make_executor(cfg.launch, local=False, name="x")
+    text = executor._executor._make_submission_file_text("CMD", "uid")
+    assert "#SBATCH --ntasks-per-node=2" in text
+    assert "gpus" not in text and "--mem" not in text
+
+
+def rank_sum_job() -> dict:
+    """Runs in each task: export the rendezvous from the job environment, then a real gloo
+    all-reduce of (rank + 1)."""
+    import torch
+
+    from launch.jobs import export_distributed_env
+    from pipeline import distributed
+
+    exported = export_distributed_env()
+    env = distributed.init(timeout_s=60)
+    total = distributed.all_reduce_sum(torch.tensor([float(env.rank + 1)]))
+    distributed.destroy()
+    return {"rank": env.rank, "world": env.world_size, "sum": float(total), "env": exported}
+
+
+@pytest.mark.distributed
+def test_local_executor_runs_two_ranks_that_rendezvous(tmp_path):
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=tmp_path / "%j", cluster="local")
+    executor.update_parameters(tasks_per_node=2, timeout_min=2, gpus_per_node=0)
+    job = executor.submit(rank_sum_job)
+    results = job.results()
+    assert sorted(r["rank"] for r in results) == [0, 1]
+    assert all(r["world"] == 2 and r["sum"] == 3.0 for r in results)
+    assert {r["env"]["LOCAL_RANK"] for r in results} == {"0", "1"}
+    assert len({r["env"]["MASTER_PORT"] for r in results}) == 1
+
+
+def test_cli_reports_errors_and_submits_nothing(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launch.slurm",
+            "train",
+            "--config",
+            str(tmp_path / "missing.yaml"),
+            "--local",
+            "--folder",
+            str(tmp_path / "jobs" / "%j"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "missing.yaml' does not exist" in proc.stderr
+    assert "nothing was submitted" in proc.stderr
+    assert not (tmp_path / "jobs").exists()
