@@ -19,6 +19,7 @@ Shape legend: N images, D dims, T templates, P pairs, G gallery templates, Q pro
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,19 +169,41 @@ def pair_scores(
     feats_TD: np.ndarray,
     t1_P: np.ndarray,
     t2_P: np.ndarray,
-    chunk: int = 1 << 18,
+    block_bytes: int = 128 << 20,
 ) -> np.ndarray:
-    """Cosine score of each template pair (features already L2-normalised), in chunks."""
+    """Cosine score of each template pair (features already L2-normalised).
+
+    IJB-C scores 15.6M pairs among 23k templates, about 680 pairs per template. Gathering two
+    feature rows per pair is memory-bound; instead pairs are grouped by their first template,
+    and each group of first templates is scored against the second templates it meets with one
+    matrix product, from which the pairs' entries are read (a product 30x larger than the pairs
+    still runs ~10x faster than gathering rows on CPU). Where pairs are sparser than that
+    (product > 64x the pairs), the rows are gathered.
+    """
     import torch
 
     r1 = _rows_of(templates_T, np.asarray(t1_P), "1:1 pairs")
     r2 = _rows_of(templates_T, np.asarray(t2_P), "1:1 pairs")
     f = torch.from_numpy(np.ascontiguousarray(feats_TD, dtype=np.float32))
+    T = f.shape[0]
     out = np.empty(len(r1), dtype=np.float32)
-    for a in range(0, len(r1), chunk):
-        i = torch.from_numpy(r1[a : a + chunk])
-        j = torch.from_numpy(r2[a : a + chunk])
-        out[a : a + chunk] = (f[i] * f[j]).sum(1).numpy()
+    order = np.argsort(r1, kind="stable")
+    rows_per_block = max(1, block_bytes // (4 * T))
+    cuts = np.searchsorted(r1[order], np.arange(0, T + rows_per_block, rows_per_block))
+    for a, b in itertools.pairwise(cuts):
+        if a == b:
+            continue
+        sel = order[a:b]
+        u1, i1 = np.unique(r1[sel], return_inverse=True)
+        u2, i2 = np.unique(r2[sel], return_inverse=True)
+        if len(u1) * len(u2) <= 64 * len(sel):
+            sims = f[torch.from_numpy(u1)] @ f[torch.from_numpy(u2)].T
+            out[sel] = sims.numpy()[i1.reshape(-1), i2.reshape(-1)]
+        else:
+            fn = f.numpy()
+            for c in range(0, len(sel), 1 << 16):
+                part = sel[c : c + (1 << 16)]
+                out[part] = np.einsum("ij,ij->i", fn[r1[part]], fn[r2[part]])
     return out
 
 
@@ -194,7 +217,8 @@ def roc_points(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.n
         raise ValueError(
             f"ROC needs genuine and impostor scores; got {n_pos} genuine and {n_neg} impostor"
         )
-    order = np.argsort(-scores, kind="stable")
+    # Order within a tie group does not matter: only its last position is read.
+    order = np.argsort(scores)[::-1]
     s = scores[order]
     tp = np.cumsum(labels[order])
     last_of_tie = np.r_[np.flatnonzero(s[1:] != s[:-1]), len(s) - 1]

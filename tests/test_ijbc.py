@@ -12,6 +12,7 @@ from pipeline.ijbc import (
     identification,
     ijbc_metrics,
     load_protocol,
+    pair_scores,
     pool_templates,
     tar_at_far,
 )
@@ -30,6 +31,20 @@ def test_pooling_averages_media_then_sums_templates():
     t2, tf2 = pool_templates(feats, [7, 7, 7, 3, 9], [1, 1, 2, 1, 5], rows_M=[0, 1, 2, 3, 3])
     np.testing.assert_array_equal(t2, [3, 7, 9])
     np.testing.assert_allclose(tf2[2], [0.6, 0.8], rtol=1e-6)
+
+
+# 1000 pairs among ~290 x 290 templates in one block: sparse, rows gathered; 20000 pairs in
+# blocks of 64 first templates: dense, one product per block.
+@pytest.mark.parametrize(("n_pairs", "block_bytes"), [(1000, 1 << 20), (20_000, 4 * 300 * 64)])
+def test_pair_scores_are_the_template_cosines(n_pairs, block_bytes):
+    rng = np.random.default_rng(2)
+    feats = rng.standard_normal((300, 16)).astype(np.float32)
+    templates = np.arange(300) * 7 + 3
+    t1, t2 = templates[rng.integers(0, 300, (2, n_pairs))]
+    got = pair_scores(templates, feats, t1, t2, block_bytes=block_bytes)
+    f64 = feats.astype(np.float64)
+    want = [f64[(a - 3) // 7] @ f64[(b - 3) // 7] for a, b in zip(t1, t2)]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def _sklearn_tar(scores, labels, far):
