@@ -33,9 +33,11 @@ class DatasetSource:
     """One training dataset in a (possibly mixed) stream."""
 
     name: str = "synthetic"
-    """Namespace for labels: a class id c of this dataset becomes (name, c)."""
-    urls: str = "data/synthetic/synthetic-train-{000000..000003}.tar"
-    """Shards: a brace pattern, a list file, a directory, or any URL webdataset opens (``pipe:``)."""
+    """Shown in messages; labels are namespaced by the dataset's position in data.train
+    (class c of dataset d becomes d * 2**32 + c, see pipeline.data.stream.namespaced_label)."""
+    urls: str = "data/synthetic/train"
+    """Shards: a split directory (as written by make-shards), brace patterns joined by '::',
+    a .txt list file, or any URL webdataset opens (``pipe:...``)."""
     weight: float = 1.0
     """Share of the batches drawn from this dataset when several are mixed."""
 
@@ -50,8 +52,9 @@ class DataConfig:
 
     train: list[DatasetSource] = field(default_factory=lambda: [DatasetSource()])
     """Training datasets, mixed batch by batch by their weights."""
-    eval_urls: str = "data/synthetic/synthetic-test-{000000..000001}.tar"
-    """Held-out shards for retrieval evaluation (classes disjoint from training)."""
+    eval_urls: str = "data/synthetic/test"
+    """Held-out shards for retrieval evaluation (classes disjoint from training); same forms
+    as data.train[].urls."""
     image_size: int = 224
     """Side of the square crop fed to the network, in pixels."""
     resize_size: int = 256
@@ -94,7 +97,12 @@ class SamplerConfig:
     small_class_policy: str = "replace"
     """A class with fewer than K images: 'replace' samples with replacement, 'skip' drops it (counted)."""
     seed: int = 0
-    """Seed of the stream (shard order, shuffle buffer); combined with rank, worker and epoch."""
+    """Seed of the stream (shard order, shuffle buffer, augmentation); combined with epoch, rank,
+    stream and batch."""
+    streams_per_rank: int = 0
+    """Independent P x K streams per rank, each reading its own shards; batch b comes from
+    stream b mod this. Must be a multiple of data.num_workers; 0: max(1, data.num_workers).
+    Batches depend on it (and on seed, epoch, rank, world size), not on data.num_workers."""
 
     @property
     def batch_size_per_gpu(self) -> int:
@@ -130,6 +138,12 @@ class SamplerConfig:
             "sampler.small_class_policy",
             self.small_class_policy,
             "must be 'replace' or 'skip'",
+        )
+        _check(
+            self.streams_per_rank >= 0,
+            "sampler.streams_per_rank",
+            self.streams_per_rank,
+            "must be >= 0 (0: one stream per data worker)",
         )
 
 

@@ -1,0 +1,16 @@
+"""Shards: writing (converters, synthetic data), the index, validation, streaming P x K batches.
+
+Modules (importing this package imports none of them):
+
+- ``writer``      write one split as WebDataset tar shards + ``index.parquet`` + ``sizes.json``
+- ``converters``  list the samples of VGGFace2, iNaturalist 2018, SOP, IJB-C, ImageFolder trees
+- ``synthetic``   the built-in procedurally generated retrieval dataset
+- ``index``       shard naming, URL expansion, ``read_index`` / ``read_sizes``
+- ``validate``    ``pipeline validate-shards``
+- ``make_shards`` ``pipeline make-shards``
+- ``pk``          class groups of K and the P x K shuffle-buffer batcher (pure logic)
+- ``stream``      ``train_loader`` / ``eval_loader``
+- ``transforms``  torchvision v2 train / eval transforms
+
+The format is described in ``shards/README.md``.
+"""

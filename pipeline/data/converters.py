@@ -1,0 +1,293 @@
+"""List the images of a dataset split from the dataset's own published layout.
+
+Each ``list_*`` function returns ``(items, extra_files)``: ``SourceItem`` s for
+``writer.write_split`` and files to write beside the shards (IJB-C's protocol tables). Only the
+layout is checked here (list files, their format, directories); the images are read, checked
+and skipped if unreadable by the writer, and a listed file that does not exist stops it.
+Every error names the path (and line) and what was expected.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from pipeline.data.writer import SourceItem
+
+
+class LayoutError(ValueError):
+    """A dataset directory does not have the expected layout; the message says what is expected."""
+
+
+def _require_file(path: Path, what: str) -> Path:
+    if not path.is_file():
+        raise LayoutError(f"{path} does not exist; expected {what}")
+    return path
+
+
+def _require_dir(path: Path, what: str) -> Path:
+    if not path.is_dir():
+        raise LayoutError(f"{path} is not a directory; expected {what}")
+    return path
+
+
+def _lines(path: Path) -> list[tuple[int, str]]:
+    """(line number, stripped text) of the non-empty lines."""
+    with open(path, encoding="utf-8") as f:
+        return [(n, line.strip()) for n, line in enumerate(f, 1) if line.strip()]
+
+
+def list_vggface2(root: Path, split: str) -> list[SourceItem]:
+    """``<root>/<split>_list.txt`` (``identity/image.jpg`` a line), images in ``<root>/<split>/``."""
+    list_file = _require_file(
+        root / f"{split}_list.txt", "VGGFace2's list file, one `identity/image.jpg` a line"
+    )
+    image_dir = _require_dir(root / split, f"VGGFace2's {split}/<identity>/<image>.jpg tree")
+    items = []
+    for n, line in _lines(list_file):
+        parts = line.split("/")
+        if len(parts) != 2 or not all(parts):
+            raise LayoutError(f"{list_file}:{n}: {line!r} is not of the form identity/image.jpg")
+        items.append(
+            SourceItem(
+                class_name=parts[0],
+                source=f"{split}/{line}",
+                path=str(image_dir / line),
+                origin=f"{list_file}:{n}",
+            )
+        )
+    return items
+
+
+def list_inaturalist(root: Path, split: str) -> list[SourceItem]:
+    """Smooth-AP's split files ``Inaturalist_{train,test}_set1.txt`` under ``root``: one path a line,
+    relative to ``root`` (``train_val2018/<supercategory>/<category>/<file>.jpg``); the class
+    is the category folder, the super-category is kept as metadata."""
+    if split not in ("train", "test"):
+        raise LayoutError(f"iNaturalist split {split!r}: the Smooth-AP split files are train/test")
+    list_file = _require_file(
+        root / f"Inaturalist_{split}_set1.txt",
+        "the Smooth-AP iNaturalist 2018 split file (one image path a line, relative to --root)",
+    )
+    items = []
+    for n, line in _lines(list_file):
+        parts = line.split("/")
+        if len(parts) < 3 or not all(parts):
+            raise LayoutError(
+                f"{list_file}:{n}: {line!r} is not of the form "
+                "train_val2018/<supercategory>/<category>/<file>.jpg"
+            )
+        items.append(
+            SourceItem(
+                class_name=parts[-2],
+                source=line,
+                path=str(root / line),
+                origin=f"{list_file}:{n}",
+                meta={"supercategory": parts[-3]},
+            )
+        )
+    return items
+
+
+SOP_HEADER = ["image_id", "class_id", "super_class_id", "path"]
+
+
+def list_sop(root: Path, split: str) -> list[SourceItem]:
+    """Stanford Online Products: ``Ebay_{train,test}.txt`` (header ``image_id class_id
+    super_class_id path``, then space-separated rows), images relative to ``root``."""
+    if split not in ("train", "test"):
+        raise LayoutError(f"SOP split {split!r}: the list files are Ebay_train.txt / Ebay_test.txt")
+    list_file = _require_file(
+        root / f"Ebay_{split}.txt", "Stanford Online Products' list file (Ebay_train.txt style)"
+    )
+    lines = _lines(list_file)
+    if not lines or lines[0][1].split() != SOP_HEADER:
+        raise LayoutError(
+            f"{list_file}:1: header {lines[0][1] if lines else ''!r}; expected "
+            f"{' '.join(SOP_HEADER)!r}"
+        )
+    items = []
+    for n, line in lines[1:]:
+        fields = line.split()
+        try:
+            if len(fields) != 4:
+                raise ValueError
+            image_id, class_id, super_id = (int(x) for x in fields[:3])
+        except ValueError:
+            raise LayoutError(
+                f"{list_file}:{n}: {line!r}; expected 4 fields: three integers and a path"
+            ) from None
+        items.append(
+            SourceItem(
+                class_name=str(class_id),
+                source=fields[3],
+                path=str(root / fields[3]),
+                origin=f"{list_file}:{n}",
+                meta={"image_id": image_id, "class_id": class_id, "super_class_id": super_id},
+            )
+        )
+    return items
+
+
+IJBC_1N = {
+    "gallery_G1": "ijbc_1N_gallery_G1.csv",
+    "gallery_G2": "ijbc_1N_gallery_G2.csv",
+    "probe_mixed": "ijbc_1N_probe_mixed.csv",
+}
+
+
+def _ints(path: Path, n: int, line: str, count: int, what: str) -> list[int]:
+    fields = line.replace(",", " ").split()
+    try:
+        if len(fields) < count:
+            raise ValueError
+        return [int(x) for x in fields[:count]]
+    except ValueError:
+        raise LayoutError(f"{path}:{n}: {line!r}; expected {what}") from None
+
+
+def _read_1n(path: Path) -> list[tuple[int, int]]:
+    """Unique (template_id, subject_id) rows of an IJB-C 1:N gallery / probe CSV."""
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        header = [h.strip().upper() for h in next(reader, [])]
+        if "TEMPLATE_ID" not in header or "SUBJECT_ID" not in header:
+            raise LayoutError(
+                f"{path}:1: header {header}; expected TEMPLATE_ID and SUBJECT_ID columns"
+            )
+        t, s = header.index("TEMPLATE_ID"), header.index("SUBJECT_ID")
+        rows: dict[tuple[int, int], None] = {}
+        for n, row in enumerate(reader, 2):
+            if not row:
+                continue
+            try:
+                rows[(int(row[t]), int(row[s]))] = None
+            except (ValueError, IndexError):
+                raise LayoutError(
+                    f"{path}:{n}: {row}; expected integer TEMPLATE_ID and SUBJECT_ID"
+                ) from None
+    return list(rows)
+
+
+def _parquet_writer(columns: dict[str, list]) -> Callable[[Path], None]:
+    def write(path: Path) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({k: pa.array(v, pa.int64()) for k, v in columns.items()}), path)
+
+    return write
+
+
+def list_ijbc(root: Path, split: str) -> tuple[list[SourceItem], dict]:
+    """IJB-C: ``IJBC/meta/ijbc_face_tid_mid.txt`` (``image_name template_id media_id``),
+    ``IJBC/meta/ijbc_template_pair_label.txt`` (``template1 template2 label``), optionally the
+    1:N CSVs ``IJBC/meta/ijbc_1N_{gallery_G1,gallery_G2,probe_mixed}.csv``, images in
+    ``IJBC/loose_crop/``. ``root`` is the directory holding ``IJBC/`` (or ``IJBC`` itself).
+
+    Each image's template and media ids (and subject id, -1 where no 1:N file names its
+    template) go into its metadata; the class is the subject (``unknown`` when not known).
+    Beside the shards: ``pairs.parquet`` (template1, template2, label) and, per 1:N file,
+    ``<gallery_G1|gallery_G2|probe_mixed>.parquet`` (template_id, subject_id).
+    """
+    base = root / "IJBC" if (root / "IJBC").is_dir() else root
+    meta_dir = _require_dir(base / "meta", "IJBC/meta/ with the IJB-C protocol files")
+    image_dir = _require_dir(base / "loose_crop", "IJBC/loose_crop/ with the face crops")
+    tid_mid = _require_file(
+        meta_dir / "ijbc_face_tid_mid.txt", "one `image_name template_id media_id` a line"
+    )
+    pairs_file = _require_file(
+        meta_dir / "ijbc_template_pair_label.txt", "one `template1 template2 label` a line"
+    )
+    pairs = [
+        _ints(pairs_file, n, line, 3, "three integers: template1 template2 label")
+        for n, line in _lines(pairs_file)
+    ]
+    extra = {
+        "pairs.parquet": _parquet_writer(
+            {
+                "template1": [p[0] for p in pairs],
+                "template2": [p[1] for p in pairs],
+                "label": [p[2] for p in pairs],
+            }
+        )
+    }
+    subject_of: dict[int, int] = {}
+    for name, fname in IJBC_1N.items():
+        path = meta_dir / fname
+        if not path.is_file():
+            continue  # 1:N identification is optional; make-shards reports which were found
+        rows = _read_1n(path)
+        subject_of.update(rows)
+        extra[f"{name}.parquet"] = _parquet_writer(
+            {"template_id": [r[0] for r in rows], "subject_id": [r[1] for r in rows]}
+        )
+    items = []
+    for n, line in _lines(tid_mid):
+        fields = line.split()
+        if len(fields) != 3:
+            raise LayoutError(f"{tid_mid}:{n}: {line!r}; expected image_name template_id media_id")
+        template, media = _ints(
+            tid_mid, n, " ".join(fields[1:]), 2, "integer template and media ids"
+        )
+        subject = subject_of.get(template, -1)
+        items.append(
+            SourceItem(
+                class_name=f"subject{subject}" if subject >= 0 else "unknown",
+                source=f"loose_crop/{fields[0]}",
+                path=str(image_dir / fields[0]),
+                origin=f"{tid_mid}:{n}",
+                meta={"template_id": template, "media_id": media, "subject_id": subject},
+            )
+        )
+    return items, extra
+
+
+def list_imagefolder(root: Path, split: str) -> list[SourceItem]:
+    """``<root>/<class>/<image>`` (images may sit in sub-folders of a class folder); any file
+    extension PIL registers is an image, other files are ignored."""
+    from PIL import Image
+
+    extensions = {e.lower() for e in Image.registered_extensions()}
+    _require_dir(root, "an ImageFolder tree <root>/<class>/<image>")
+    stray = sorted(p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in extensions)
+    if stray:
+        raise LayoutError(
+            f"{root} holds images directly ({stray[0]}, ...); expected <root>/<class>/<image>: "
+            "move them into a folder named after their class"
+        )
+    items = []
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        for dirpath, dirnames, filenames in os.walk(class_dir):
+            dirnames.sort()
+            for fname in sorted(filenames):
+                if Path(fname).suffix.lower() in extensions:
+                    path = Path(dirpath) / fname
+                    items.append(
+                        SourceItem(
+                            class_name=class_dir.name,
+                            source=str(path.relative_to(root)),
+                            path=str(path),
+                        )
+                    )
+    if not items:
+        raise LayoutError(f"{root} has no images in class folders; expected <root>/<class>/<image>")
+    return items
+
+
+def list_split(fmt: str, root: str | Path, split: str) -> tuple[list[SourceItem], dict]:
+    """Items and extra files of split ``split`` of a dataset of format ``fmt`` at ``root``."""
+    root = _require_dir(Path(root), f"the {fmt} dataset's root directory (--root)")
+    if fmt == "ijbc":
+        return list_ijbc(root, split)
+    listers = {
+        "vggface2": list_vggface2,
+        "inaturalist": list_inaturalist,
+        "sop": list_sop,
+        "imagefolder": list_imagefolder,
+    }
+    if fmt not in listers:
+        raise LayoutError(f"unknown format {fmt!r}; use one of {', '.join(listers)}, ijbc")
+    return listers[fmt](root, split), {}

@@ -1,0 +1,150 @@
+"""Shard naming, shard URL expansion and the per-split index (``index.parquet``, ``sizes.json``).
+
+A written split lives in one directory::
+
+    <out>/<split>/{name}-{split}-{index:06d}.tar   the shards
+    <out>/<split>/index.parquet                   one row per sample, in write order
+    <out>/<split>/sizes.json                      {shard file name: sample count}
+    <out>/<split>/skipped.txt                     unreadable source images (path, reason)
+
+The *global index* of a sample is its row position in ``index.parquet`` (also stored as the
+``index`` column and in each sample's ``json``); the eval loader yields it so that evaluators can
+join metadata such as IJB-C template / media ids.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+INDEX_FILE = "index.parquet"
+SIZES_FILE = "sizes.json"
+SKIPPED_FILE = "skipped.txt"
+SHARD_SUFFIX = ".tar"
+NAME_RE = re.compile(r"^[A-Za-z0-9_]+$")
+"""Dataset and split names: they become part of file names and of the ShardWriter pattern."""
+
+
+def shard_pattern(directory: str | Path, name: str, split: str) -> str:
+    """The ``%``-pattern ``webdataset.ShardWriter`` fills with the shard number."""
+    return str(Path(directory) / f"{name}-{split}-%06d{SHARD_SUFFIX}")
+
+
+def check_name(kind: str, value: str) -> str:
+    """Return ``value`` if it is a valid dataset / split name, else raise ValueError."""
+    if not NAME_RE.match(value):
+        raise ValueError(
+            f"{kind} {value!r}: use letters, digits and '_' only (it becomes part of the "
+            f"shard file names {{name}}-{{split}}-000000.tar)"
+        )
+    return value
+
+
+def _is_remote(url: str) -> bool:
+    return "://" in url or url.startswith("pipe:")
+
+
+def expand_urls(spec: str) -> list[str]:
+    """Expand a shard spec into a list of URLs, in a fixed order.
+
+    ``spec`` is one of: a directory (its shards in ``sizes.json`` order, else every ``*.tar`` in
+    name order), a ``.txt`` file with one URL a line, or brace patterns
+    (``dir/x-{000000..000009}.tar``) joined by ``::``, which may be any URL webdataset opens
+    (``pipe:aws s3 cp s3://bucket/x-{000000..000009}.tar -``).
+    Raises ValueError naming the spec when it expands to nothing or names missing local files.
+    """
+    import braceexpand  # webdataset's own dependency
+
+    if not spec:
+        raise ValueError("empty shard spec: give a directory, a brace pattern or a list file")
+    if not _is_remote(spec) and os.path.isdir(spec):
+        sizes_path = Path(spec) / SIZES_FILE
+        if sizes_path.is_file():
+            names = list(read_sizes(spec))
+        else:
+            names = sorted(p.name for p in Path(spec).glob(f"*{SHARD_SUFFIX}"))
+        urls = [str(Path(spec) / n) for n in names]
+        if not urls:
+            raise ValueError(
+                f"shard directory {spec!r} holds no *{SHARD_SUFFIX} files; "
+                "write shards there with `pipeline make-shards` or point to the split directory"
+            )
+    elif spec.endswith(".txt") and not _is_remote(spec):
+        if not os.path.isfile(spec):
+            raise ValueError(f"shard list file {spec!r} does not exist")
+        base = Path(spec).parent
+        urls = []
+        for line in Path(spec).read_text().splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                # Relative local paths in a list file are relative to the list file.
+                urls.append(line if _is_remote(line) or os.path.isabs(line) else str(base / line))
+    else:
+        urls = []
+        for part in spec.split("::"):
+            urls.extend(braceexpand.braceexpand(part))
+    if not urls:
+        raise ValueError(f"shard spec {spec!r} names no shards")
+    missing = [u for u in urls if not _is_remote(u) and not os.path.isfile(u)]
+    if missing:
+        raise ValueError(
+            f"shard spec {spec!r}: {len(missing)} of {len(urls)} shards do not exist "
+            f"(first: {missing[0]!r}); check the path or run `pipeline make-shards`"
+        )
+    return urls
+
+
+def split_dir(urls_or_dir: str) -> Path:
+    """The directory holding ``index.parquet`` for a split directory, a parquet file or a shard
+    spec (the directory of its first shard). Remote specs must name the directory explicitly."""
+    if os.path.isdir(urls_or_dir):
+        return Path(urls_or_dir)
+    if urls_or_dir.endswith(".parquet"):
+        return Path(urls_or_dir).parent
+    first = expand_urls(urls_or_dir)[0]
+    if _is_remote(first):
+        raise ValueError(
+            f"cannot locate {INDEX_FILE} for remote shards {urls_or_dir!r}: copy the split's "
+            f"{INDEX_FILE} locally and pass its directory or path"
+        )
+    return Path(first).parent
+
+
+def read_index(urls_or_dir: str):  # -> pyarrow.Table (imported lazily)
+    """Read a split's ``index.parquet`` as a ``pyarrow.Table``; row i is the sample with global
+    index i (columns: index, key, shard, position, label, class_name, split, bytes, width, height,
+    source, plus dataset-specific ids such as template_id / media_id, null where absent).
+
+    ``urls_or_dir``: the split directory, the parquet file itself, or a local shard spec.
+    """
+    import pyarrow.parquet as pq
+
+    path = (
+        Path(urls_or_dir)
+        if str(urls_or_dir).endswith(".parquet")
+        else split_dir(str(urls_or_dir)) / INDEX_FILE
+    )
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} does not exist: every split written by `pipeline make-shards` has one; "
+            "pass the split directory (e.g. data/synthetic/test)"
+        )
+    return pq.read_table(path)
+
+
+def read_sizes(directory: str | Path) -> dict[str, int]:
+    """``sizes.json`` of a split directory: shard file name -> sample count, in shard order."""
+    path = Path(directory) / SIZES_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; was the split written by make-shards?")
+    try:
+        sizes = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(sizes, dict) or not all(
+        isinstance(k, str) and isinstance(v, int) for k, v in sizes.items()
+    ):
+        raise ValueError(f"{path} must map shard file names to integer counts")
+    return sizes

@@ -1,0 +1,427 @@
+"""Streaming shards into training (P x K batches) and evaluation (every sample exactly once).
+
+Training (``train_loader``)
+---------------------------
+Each rank runs V = ``sampler.streams_per_rank`` independent P x K streams per dataset; batch b
+of an epoch comes from dataset ``mix[b]`` (drawn by the dataset weights, the same on every rank)
+and from stream ``b mod V``. DataLoader worker w runs the streams v = (start_step + w) mod W,
+(mod W), W = num_workers, which matches the DataLoader's round-robin order over workers; so the
+batches depend on (sampler.seed, epoch, rank, world_size, V) only, not on num_workers.
+
+Shards: every epoch each dataset's shard list is permuted (seeded by seed, epoch) and dealt out
+round-robin to the ranks: disjoint across ranks. A rank's shards are dealt to its V streams the
+same way when it has at least V of them (otherwise each stream reads all of the rank's shards in
+its own order). A stream cycles over its shards endlessly, reshuffled every pass, so every rank
+yields exactly ``steps_per_epoch - start_step`` batches whatever the shard sizes (no hang).
+
+Randomness: one generator per stream (seed, epoch, rank, dataset, stream) for shard order,
+groups and the shuffle buffer; augmentation draws from torch's generator reseeded per batch
+(seed, epoch, rank, batch) inside ``torch.random.fork_rng`` (the caller's RNG is untouched).
+``start_step=s`` replays the streams' first s batches without reading their images' pixels:
+the skipped batches cost tar reading only.
+
+Labels: a batch holds P contiguous blocks of K images of P distinct classes; the label of class
+c of dataset d (its position in ``data.train``) is ``d * 2**32 + c`` (``namespaced_label``), so
+mixed datasets never share a label and a single dataset keeps its own label values.
+
+Evaluation (``eval_loader``)
+----------------------------
+Shards are dealt to ranks, then to workers, round-robin; where there are fewer shards than
+ranks (or than a rank's workers), every reader reads them all and keeps every n-th sample. Each
+sample appears once across all ranks and workers, tagged by its global index (its row in the
+split's ``index.parquet``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline.config import DataConfig, SamplerConfig
+from pipeline.data.index import expand_urls
+from pipeline.data.pk import PASS_END, Group, PKBatcher, Raw, class_runs
+from pipeline.data.transforms import decode_image, draft_side, eval_transform, train_transform
+
+log = logging.getLogger(__name__)
+
+LABEL_BITS = 32
+# Seed-sequence tags keep the random streams of different purposes apart.
+_SHARDS, _STREAM, _MIX, _AUG = 1, 2, 3, 4
+
+
+def namespaced_label(dataset_index: int, label: int) -> int:
+    """The training label of class ``label`` of dataset ``dataset_index`` (see module doc)."""
+    return (dataset_index << LABEL_BITS) | label
+
+
+def split_label(label: int) -> tuple[int, int]:
+    """Inverse of ``namespaced_label``: (dataset index, class label)."""
+    return label >> LABEL_BITS, label & ((1 << LABEL_BITS) - 1)
+
+
+def _rng(seed: int, *ids: int) -> np.random.Generator:
+    return np.random.default_rng([seed, *ids])
+
+
+def streams_per_rank(data_cfg: DataConfig, sampler_cfg: SamplerConfig) -> int:
+    """V: sampler.streams_per_rank, or max(1, data.num_workers) when it is 0."""
+    v = sampler_cfg.streams_per_rank or max(1, data_cfg.num_workers)
+    if data_cfg.num_workers > 0 and v % data_cfg.num_workers:
+        raise ValueError(
+            f"sampler.streams_per_rank={v} is not a multiple of data.num_workers="
+            f"{data_cfg.num_workers}: each worker must own whole streams; use a multiple "
+            "(or 0 for one stream per worker)"
+        )
+    return v
+
+
+def rank_shards(
+    urls: list[str], *, seed: int, epoch: int, dataset: int, rank: int, world_size: int
+) -> list[str]:
+    """The shards of one dataset that ``rank`` reads in ``epoch`` (disjoint across ranks)."""
+    perm = _rng(seed, _SHARDS, dataset, epoch).permutation(len(urls))
+    return [urls[i] for i in perm[rank::world_size]]
+
+
+def stream_shards(mine: list[str], stream: int, num_streams: int) -> list[str]:
+    """Stream ``stream``'s part of a rank's shards (all of them when there are too few)."""
+    return mine[stream::num_streams] if len(mine) >= num_streams else list(mine)
+
+
+def read_shard(url: str) -> Iterator[Raw]:
+    """The samples of one shard, undecoded, via webdataset's tar reader (any URL it opens)."""
+    import webdataset as wds
+
+    for sample in wds.tarfile_samples([{"url": url}]):
+        key = sample.get("__key__")
+        if "jpg" not in sample or "cls" not in sample:
+            raise ValueError(
+                f"shard {url}: sample {key!r} has members {sorted(k for k in sample if not k.startswith('__'))}"
+                ", needs jpg and cls; rewrite the shard with `pipeline make-shards` or check it "
+                "with `pipeline validate-shards`"
+            )
+        try:
+            label = int(sample["cls"])
+        except ValueError:
+            raise ValueError(
+                f"shard {url}: sample {key!r} has cls {sample['cls'][:20]!r}, not an integer; "
+                "check it with `pipeline validate-shards`"
+            ) from None
+        yield Raw(key, url, label, sample["jpg"])
+
+
+def _endless_samples(urls: list[str], rng: np.random.Generator) -> Iterator[Raw | object]:
+    while True:
+        for i in rng.permutation(len(urls)):
+            yield from read_shard(urls[i])
+        yield PASS_END
+
+
+class TrainStream(IterableDataset):
+    """The training stream of one rank for one epoch; see ``train_loader`` and the module doc.
+
+    ``output='tensors'`` yields (images, labels); ``output='raw'`` yields, per batch, the list of
+    (url, key, namespaced label) of its P*K samples without decoding (for tests and diagnostics).
+    """
+
+    def __init__(
+        self,
+        data_cfg: DataConfig,
+        sampler_cfg: SamplerConfig,
+        *,
+        rank: int,
+        world_size: int,
+        epoch: int,
+        start_step: int = 0,
+        output: str = "tensors",
+    ):
+        super().__init__()
+        steps = sampler_cfg.steps_per_epoch
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank}, world_size={world_size}: need 0 <= rank < world_size")
+        if not 0 <= start_step <= steps:
+            raise ValueError(
+                f"start_step={start_step}: must be in 0..sampler.steps_per_epoch ({steps})"
+            )
+        if epoch < 0:
+            raise ValueError(f"epoch={epoch}: must be >= 0")
+        if output not in ("tensors", "raw"):
+            raise ValueError(f"output={output!r}: use 'tensors' or 'raw'")
+        self.data_cfg, self.sampler_cfg = data_cfg, sampler_cfg
+        self.rank, self.world_size, self.epoch = rank, world_size, epoch
+        self.start_step, self.output = start_step, output
+        self.num_streams = streams_per_rank(data_cfg, sampler_cfg)
+        self.urls = []
+        for d, source in enumerate(data_cfg.train):
+            urls = expand_urls(source.urls)
+            if len(urls) < world_size:
+                raise ValueError(
+                    f"data.train[{d}] ({source.name}): {len(urls)} shards for {world_size} ranks; "
+                    "every rank needs its own shards (disjoint within an epoch). Rewrite the "
+                    "dataset with a smaller --samples-per-shard or use fewer ranks"
+                )
+            self.urls.append(urls)
+        weights = np.array([s.weight for s in data_cfg.train], dtype=np.float64)
+        self.mix = _rng(sampler_cfg.seed, _MIX, epoch).choice(
+            len(weights), size=steps, p=weights / weights.sum()
+        )
+        # position of batch b within its (dataset, stream) sequence
+        self.position = np.zeros(steps, dtype=np.int64)
+        counts: dict[tuple[int, int], int] = {}
+        for b in range(steps):
+            sid = (int(self.mix[b]), b % self.num_streams)
+            self.position[b] = counts.get(sid, 0)
+            counts[sid] = self.position[b] + 1
+
+    def __len__(self) -> int:
+        return self.sampler_cfg.steps_per_epoch - self.start_step
+
+    def _batcher(self, dataset: int, stream: int) -> PKBatcher:
+        s = self.sampler_cfg
+        mine = rank_shards(
+            self.urls[dataset],
+            seed=s.seed,
+            epoch=self.epoch,
+            dataset=dataset,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
+        urls = stream_shards(mine, stream, self.num_streams)
+        rng = _rng(s.seed, _STREAM, self.epoch, self.rank, dataset, stream)
+        return PKBatcher(
+            class_runs(_endless_samples(urls, rng)),
+            classes_per_batch=s.classes_per_batch,
+            samples_per_class=s.samples_per_class,
+            buffer_groups=s.shuffle_buffer_groups,
+            small_class_policy=s.small_class_policy,
+            rng=rng,
+            describe=(
+                f"data.train[{dataset}] ({self.data_cfg.train[dataset].name}) rank {self.rank} "
+                f"stream {stream} ({len(urls)} shards)"
+            ),
+        )
+
+    def batch_indices(self, worker: int, num_workers: int) -> range:
+        """The batches (epoch positions) that worker ``worker`` of ``num_workers`` yields."""
+        return range(self.start_step + worker, self.sampler_cfg.steps_per_epoch, num_workers)
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        batchers: dict[tuple[int, int], PKBatcher] = {}
+        produced: dict[tuple[int, int], int] = {}
+        transform = train_transform(self.data_cfg)
+        min_side = draft_side(self.data_cfg, train=True)
+        for b in self.batch_indices(worker, num_workers):
+            sid = (int(self.mix[b]), b % self.num_streams)
+            if sid not in batchers:
+                batchers[sid] = self._batcher(*sid)
+                produced[sid] = 0
+            # Replay (undecoded) the batches of this stream that precede b: those before
+            # start_step, which this worker does not yield.
+            while produced[sid] < self.position[b]:
+                batchers[sid].next_batch()
+                produced[sid] += 1
+            groups = batchers[sid].next_batch()
+            produced[sid] += 1
+            if self.output == "raw":
+                yield [(r.url, r.key, namespaced_label(sid[0], r.label)) for g in groups for r in g]
+            else:
+                yield self._tensors(b, sid[0], groups, transform, min_side)
+
+    def _tensors(
+        self, b: int, dataset: int, groups: list[Group], transform, min_side: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        images = [_decode_group(g, min_side) for g in groups]
+        seed = np.random.SeedSequence(
+            [self.sampler_cfg.seed, _AUG, self.epoch, self.rank, b]
+        ).generate_state(1, np.uint64)[0]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            tensors = [transform(im) for group in images for im in group]
+        labels = torch.tensor(
+            [namespaced_label(dataset, g[0].label) for g in groups for _ in g], dtype=torch.int64
+        )
+        return torch.stack(tensors), labels
+
+
+def _decode_group(group: Group, min_side: int) -> list:
+    """Decode K images; an undecodable one is replaced by another image of its group, with a
+    warning naming shard and key (training goes on; `pipeline validate-shards` finds them all)."""
+    images, bad = [], []
+    for r in group:
+        try:
+            images.append(decode_image(r.data, min_side))
+        except Exception as e:
+            images.append(None)
+            bad.append(r)
+            log.warning(
+                "shard %s: sample %s does not decode (%s); using another image of its class",
+                r.url,
+                r.key,
+                e,
+            )
+    good = [im for im in images if im is not None]
+    if not good:
+        raise ValueError(
+            f"no image of a class group decodes (shard {group[0].url}, keys "
+            f"{[r.key for r in group]}); run `pipeline validate-shards` on the dataset"
+        )
+    return [im if im is not None else good[i % len(good)] for i, im in enumerate(images)]
+
+
+def _loader(dataset: IterableDataset, num_workers: int) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=None,  # the streams yield whole batches
+        num_workers=num_workers,
+        prefetch_factor=4 if num_workers > 0 else None,
+        pin_memory=torch.cuda.is_available(),
+        # The DataLoader draws its workers' base seed from this generator; without one it would
+        # draw from (and so advance) the caller's global RNG. The streams seed themselves.
+        generator=torch.Generator().manual_seed(0),
+    )
+
+
+def train_loader(
+    data_cfg: DataConfig,
+    sampler_cfg: SamplerConfig,
+    *,
+    rank: int,
+    world_size: int,
+    epoch: int,
+    start_step: int = 0,
+) -> DataLoader:
+    """P x K training batches of one rank for one epoch.
+
+    Yields exactly ``sampler_cfg.steps_per_epoch - start_step`` tuples ``(images, labels)``:
+    images float32 (P*K, 3, S, S) with S = data.image_size, ImageNet-normalised; labels int64
+    (P*K,), P contiguous blocks of K images of P distinct classes, namespaced per dataset
+    (``namespaced_label``). The same (sampler.seed, epoch, rank, world_size,
+    sampler.streams_per_rank) gives bitwise the same batches, with any num_workers;
+    ``start_step=s`` yields batches s, s+1, ... of the uninterrupted epoch. Ranks read disjoint
+    shards within an epoch and all yield the same number of batches.
+    """
+    stream = TrainStream(
+        data_cfg,
+        sampler_cfg,
+        rank=rank,
+        world_size=world_size,
+        epoch=epoch,
+        start_step=start_step,
+    )
+    return _loader(stream, data_cfg.num_workers)
+
+
+def eval_reader_part(
+    num_shards: int, rank: int, world_size: int, worker: int, num_workers: int
+) -> tuple[list[int], tuple[int, int], tuple[int, int]]:
+    """What one eval reader reads: (shard ids, (rank modulus, residue), (worker modulus,
+    residue)). A reader keeps the c-th sample it reads if c % m1 == r1 and, counting only those,
+    the c'-th if c' % m2 == r2; so every sample is kept by exactly one (rank, worker)."""
+    shards = list(range(num_shards))
+    if num_shards >= world_size:
+        shards, rank_mod = shards[rank::world_size], (1, 0)
+    else:
+        rank_mod = (world_size, rank)
+    if len(shards) >= num_workers:
+        shards, worker_mod = shards[worker::num_workers], (1, 0)
+    else:
+        worker_mod = (num_workers, worker)
+    return shards, rank_mod, worker_mod
+
+
+class EvalStream(IterableDataset):
+    """Batches (images, labels, global index) of one rank's part of an eval set."""
+
+    def __init__(
+        self, urls: str, data_cfg: DataConfig, *, rank: int, world_size: int, batch_size: int
+    ):
+        super().__init__()
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank}, world_size={world_size}: need 0 <= rank < world_size")
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}: must be >= 1")
+        self.urls = expand_urls(urls)
+        self.data_cfg = data_cfg
+        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
+
+    def _samples(self, worker: int, num_workers: int) -> Iterator[tuple[Raw, int]]:
+        shards, (m1, r1), (m2, r2) = eval_reader_part(
+            len(self.urls), self.rank, self.world_size, worker, num_workers
+        )
+        c1 = c2 = 0
+        for s in shards:
+            import webdataset as wds
+
+            for sample in wds.tarfile_samples([{"url": self.urls[s]}]):
+                keep = c1 % m1 == r1
+                c1 += 1
+                if not keep:
+                    continue
+                keep = c2 % m2 == r2
+                c2 += 1
+                if keep:
+                    yield _eval_sample(self.urls[s], sample)
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        transform = eval_transform(self.data_cfg)
+        min_side = draft_side(self.data_cfg, train=False)
+        images, labels, indices = [], [], []
+        for raw, index in self._samples(worker, num_workers):
+            images.append(transform(decode_image(raw.data, min_side)))
+            labels.append(raw.label)
+            indices.append(index)
+            if len(images) == self.batch_size:
+                yield _eval_batch(images, labels, indices)
+                images, labels, indices = [], [], []
+        if images:
+            yield _eval_batch(images, labels, indices)
+
+
+def _eval_sample(url: str, sample: dict) -> tuple[Raw, int]:
+    key = sample.get("__key__")
+    try:
+        meta = json.loads(sample["json"])
+        index = int(meta["index"])
+        label = int(sample["cls"])
+        data = sample["jpg"]
+    except (KeyError, ValueError, TypeError) as e:
+        raise ValueError(
+            f"shard {url}: sample {key!r} lacks a valid jpg, cls or json['index'] ({e!r}); "
+            "eval shards must be written by `pipeline make-shards`; check them with "
+            "`pipeline validate-shards`"
+        ) from None
+    return Raw(key, url, label, data), index
+
+
+def _eval_batch(images, labels, indices) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return (
+        torch.stack(images),
+        torch.tensor(labels, dtype=torch.int64),
+        torch.tensor(indices, dtype=torch.int64),
+    )
+
+
+def eval_loader(
+    urls: str, data_cfg: DataConfig, *, rank: int, world_size: int, batch_size: int
+) -> DataLoader:
+    """One rank's part of an eval set: batches ``(images, labels int64, index int64)``.
+
+    Images as in ``eval_transform`` (float32 (B, 3, S, S)); labels are the shards' ``cls``
+    (not namespaced); ``index`` is each sample's global index (its row in the split's
+    ``index.parquet``, see ``pipeline.data.index.read_index``). Across all ranks and workers
+    every sample of ``urls`` appears exactly once; a rank may get fewer (or no) samples than
+    another. Batches hold ``batch_size`` samples, the last of each worker fewer.
+    """
+    return _loader(
+        EvalStream(urls, data_cfg, rank=rank, world_size=world_size, batch_size=batch_size),
+        data_cfg.num_workers,
+    )

@@ -1,0 +1,357 @@
+"""Write one split of a dataset as WebDataset tar shards, with its ``index.parquet`` and ``sizes.json``.
+
+Every sample is ``{__key__, jpg, cls, json}`` (see ``shards/README.md``). Samples are written
+class-contiguous: all of a class's samples together, classes in a seeded random order, so that a
+streaming reader can cut class groups without random access (DESIGN.md "Shards"). A shard is
+closed early rather than split a class that would not fit, so a class spans several shards only
+when it alone holds more than ``samples_per_shard`` samples.
+
+Images are checked (fully decoded) and optionally resized in a process pool; a corrupt or
+unreadable image is skipped, written to ``skipped.txt`` with its reason and counted. A source
+file that does not exist is an error (the listing and the files disagree), not a skip.
+The split is written to ``<out>/<split>.partial`` and renamed to ``<out>/<split>`` only when it
+succeeded, so a failed run never leaves something that looks like a finished split.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing as mp
+import os
+import shutil
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.data.index import (
+    INDEX_FILE,
+    SIZES_FILE,
+    SKIPPED_FILE,
+    check_name,
+    shard_pattern,
+)
+
+DEFAULT_MAX_SKIPPED_FRACTION = 0.01
+"""make-shards fails when more than this fraction of a split's images is unreadable: a few bad
+files are normal in web-scraped datasets; more usually means a wrong root or a broken copy."""
+
+INDEX_COLUMNS = (
+    "index",
+    "key",
+    "shard",
+    "position",
+    "label",
+    "class_name",
+    "split",
+    "bytes",
+    "width",
+    "height",
+    "source",
+)
+
+
+class ShardWriteError(RuntimeError):
+    """Writing a split failed; the message names the file and the fix."""
+
+
+@dataclass
+class SourceItem:
+    """One image to write: where it comes from and what it is."""
+
+    class_name: str
+    """The class (identity, species, product); labels are assigned from the sorted names."""
+    source: str
+    """Recorded in the metadata: the path as the dataset lists it (relative to its root)."""
+    path: str = ""
+    """The file to read; empty when the image is rendered (synthetic)."""
+    origin: str = ""
+    """Where the item was listed (``Ebay_train.txt:12``), for error messages."""
+    meta: dict[str, Any] = field(default_factory=dict)
+    """Dataset-specific ids (template_id, media_id, supercategory, ...): json + index columns."""
+    render: tuple = ()
+    """Synthetic only: the arguments of ``synthetic.render_jpeg``."""
+
+
+@dataclass
+class WriteSummary:
+    """What a split's writing produced (printed by make-shards)."""
+
+    directory: str
+    samples: int
+    classes: int
+    shards: int
+    bytes: int
+    skipped: int
+    listed: int
+
+    def line(self) -> str:
+        return (
+            f"{self.directory}: {self.samples} samples, {self.classes} classes, "
+            f"{self.shards} shards, {self.bytes / 1e6:.1f} MB, skipped {self.skipped} of "
+            f"{self.listed} listed images"
+            + (f" (see {Path(self.directory) / SKIPPED_FILE})" if self.skipped else "")
+        )
+
+
+# ---------------------------------------------------------------------------- image preparation
+
+
+def encode_jpeg(image, quality: int) -> bytes:
+    """JPEG bytes of a PIL image (converted to RGB), fixed settings so output is reproducible."""
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def prepare_image(data: bytes, resize: int, quality: int) -> tuple[bytes, int, int]:
+    """Check that ``data`` decodes completely and return (jpeg bytes, width, height).
+
+    ``resize`` > 0: re-encode with the shorter side at ``resize`` pixels. Otherwise JPEG input is
+    kept byte for byte and any other format is re-encoded as JPEG (the member is named ``jpg``).
+    Raises on undecodable or truncated data.
+    """
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(data))
+    fmt = image.format
+    if resize > 0:
+        w, h = image.size
+        scale = resize / min(w, h)
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        # JPEG DCT-domain downscaling first: several times faster on large photos.
+        image.draft("RGB", size)
+        image.load()
+        image = image.convert("RGB").resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+        return encode_jpeg(image, quality), size[0], size[1]
+    image.load()  # a full decode: truncated files fail here, not during training
+    if fmt == "JPEG":
+        return data, image.size[0], image.size[1]
+    return encode_jpeg(image, quality), image.size[0], image.size[1]
+
+
+def _prepare(item: SourceItem, resize: int, quality: int) -> tuple[str, Any]:
+    """Worker: ('ok', (bytes, w, h)) | ('bad', reason) | ('missing', message)."""
+    try:
+        if item.render:
+            from pipeline.data.synthetic import render_jpeg
+
+            data = render_jpeg(*item.render)
+            if resize <= 0:
+                from PIL import Image
+
+                w, h = Image.open(io.BytesIO(data)).size
+                return "ok", (data, w, h)
+        else:
+            with open(item.path, "rb") as f:
+                data = f.read()
+        return "ok", prepare_image(data, resize, quality)
+    except FileNotFoundError:
+        where = f" (listed at {item.origin})" if item.origin else ""
+        return "missing", f"{item.path}{where} does not exist"
+    except Exception as e:  # any decoder error means: this file is unusable, skip it
+        return "bad", f"{type(e).__name__}: {e}"
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+def class_order(items: list[SourceItem], seed: int) -> tuple[list[SourceItem], dict[str, int]]:
+    """Items grouped by class, classes in a seeded random order, each class's items in listed
+    order; and the labels: class name -> position in the sorted class names."""
+    by_class: dict[str, list[SourceItem]] = {}
+    for item in items:
+        by_class.setdefault(item.class_name, []).append(item)
+    names = sorted(by_class)
+    labels = {name: i for i, name in enumerate(names)}
+    order = np.random.default_rng(seed).permutation(len(names))
+    ordered = [item for i in order for item in by_class[names[i]]]
+    return ordered, labels
+
+
+def _results(
+    items: list[SourceItem], resize: int, quality: int, workers: int
+) -> Iterator[tuple[str, Any]]:
+    fn = partial(_prepare, resize=resize, quality=quality)
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    # fork: workers start in milliseconds and need nothing from the parent but the items.
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    with mp.get_context(method).Pool(workers) as pool:
+        yield from pool.imap(fn, items, chunksize=max(1, min(64, len(items) // (workers * 8))))
+
+
+def write_split(
+    items: list[SourceItem],
+    out: str | Path,
+    *,
+    name: str,
+    split: str,
+    samples_per_shard: int = 1000,
+    resize: int = 0,
+    quality: int = 90,
+    workers: int = 1,
+    seed: int = 0,
+    max_skipped_fraction: float = DEFAULT_MAX_SKIPPED_FRACTION,
+    progress: bool = True,
+    extra_files: dict[str, Callable[[Path], None]] | None = None,
+) -> WriteSummary:
+    """Write ``items`` as the split ``<out>/<split>`` and return its summary.
+
+    Labels are the positions of the class names in sorted order (0..C-1 within this split).
+    ``extra_files``: name -> function writing that file into the split directory (IJB-C's pair
+    and gallery/probe tables). Raises ShardWriteError when a listed file is missing, when nothing
+    could be written, or when more than ``max_skipped_fraction`` of the images are unreadable
+    (the partial output is kept for inspection and named in the message).
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import webdataset as wds
+    from tqdm import tqdm
+
+    check_name("dataset name", name)
+    check_name("split", split)
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard={samples_per_shard}: must be >= 1")
+    if not 1 <= quality <= 100:
+        raise ValueError(f"quality={quality}: JPEG quality must be in 1..100")
+    if not items:
+        raise ShardWriteError(f"split {split!r} of {name!r} lists no images; check --root")
+    out = Path(out)
+    final = out / split
+    partial_dir = out / f"{split}.partial"
+    shutil.rmtree(partial_dir, ignore_errors=True)
+    partial_dir.mkdir(parents=True)
+
+    ordered, labels = class_order(items, seed)
+    class_sizes: dict[str, int] = {}
+    for item in ordered:
+        class_sizes[item.class_name] = class_sizes.get(item.class_name, 0) + 1
+
+    shard_names: list[str] = []
+    sizes: dict[str, int] = {}
+    rows: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    total_bytes = 0
+    writer = None
+    current_class = None
+    bar = tqdm(
+        total=len(ordered),
+        desc=f"{name}/{split}",
+        unit="img",
+        disable=not progress,
+        file=sys.stderr,
+    )
+    try:
+        for item, (status, payload) in zip(
+            ordered, _results(ordered, resize, quality, workers), strict=True
+        ):
+            bar.update(1)
+            if status == "missing":
+                raise ShardWriteError(
+                    f"{payload}: the dataset's list and its files disagree; "
+                    "check --root and that the copy is complete"
+                )
+            if status == "bad":
+                skipped.append(f"{item.path or item.source}\t{payload}")
+                continue
+            data, width, height = payload
+            if writer is None:
+                writer = wds.ShardWriter(
+                    shard_pattern(partial_dir, name, split),
+                    maxcount=sys.maxsize,
+                    maxsize=float("inf"),
+                    verbose=0,
+                    mtime=0.0,  # reproducible tar files: same input, same bytes
+                    post=lambda fname: shard_names.append(os.path.basename(fname)),
+                )
+            elif item.class_name != current_class:
+                # Close the shard rather than split a class that would not fit into it.
+                if writer.count and writer.count + class_sizes[item.class_name] > samples_per_shard:
+                    writer.next_stream()
+            elif writer.count >= samples_per_shard:  # a class larger than a shard
+                writer.next_stream()
+            current_class = item.class_name
+            index = len(rows)
+            key = f"{index:09d}"
+            shard = os.path.basename(writer.fname)
+            meta = {
+                "dataset": name,
+                "class_name": item.class_name,
+                "source": item.source,
+                "split": split,
+                "index": index,
+                **item.meta,
+            }
+            writer.write(
+                {
+                    "__key__": key,
+                    "jpg": data,
+                    "cls": str(labels[item.class_name]).encode("ascii"),
+                    "json": json.dumps(meta, sort_keys=True).encode("utf-8"),
+                }
+            )
+            rows.append(
+                {
+                    "index": index,
+                    "key": key,
+                    "shard": shard,
+                    "position": writer.count - 1,
+                    "label": labels[item.class_name],
+                    "class_name": item.class_name,
+                    "split": split,
+                    "bytes": len(data),
+                    "width": width,
+                    "height": height,
+                    "source": item.source,
+                    **item.meta,
+                }
+            )
+            sizes[shard] = sizes.get(shard, 0) + 1
+            total_bytes += len(data)
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.close()
+
+    (partial_dir / SKIPPED_FILE).write_text("".join(line + "\n" for line in skipped))
+    if not rows:
+        raise ShardWriteError(
+            f"no image of split {split!r} could be read ({len(skipped)} unreadable, listed in "
+            f"{partial_dir / SKIPPED_FILE}); check --root and the image files"
+        )
+    meta_keys = sorted({k for item in items for k in item.meta} - set(INDEX_COLUMNS))
+    columns = {c: [r.get(c) for r in rows] for c in (*INDEX_COLUMNS, *meta_keys)}
+    table = pa.table(columns)
+    pq.write_table(table, partial_dir / INDEX_FILE)
+    # Shard order = write order, so sizes.json also lists the shards in global-index order.
+    assert list(sizes) == shard_names, (list(sizes), shard_names)
+    (partial_dir / SIZES_FILE).write_text(json.dumps(sizes, indent=1) + "\n")
+    for fname, write in (extra_files or {}).items():
+        write(partial_dir / fname)
+
+    fraction = len(skipped) / len(items)
+    if fraction > max_skipped_fraction:
+        raise ShardWriteError(
+            f"{len(skipped)} of {len(items)} images ({fraction:.1%}) of split {split!r} are "
+            f"unreadable, above the limit of {max_skipped_fraction:.1%}; they are listed in "
+            f"{partial_dir / SKIPPED_FILE} (partial output kept in {partial_dir}). Fix or remove "
+            "them, or raise --max-skipped-fraction"
+        )
+    shutil.rmtree(final, ignore_errors=True)
+    partial_dir.rename(final)
+    return WriteSummary(
+        directory=str(final),
+        samples=len(rows),
+        classes=len({r["label"] for r in rows}),
+        shards=len(shard_names),
+        bytes=total_bytes,
+        skipped=len(skipped),
+        listed=len(items),
+    )
