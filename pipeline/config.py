@@ -165,6 +165,7 @@ class ModelConfig:
     """Learning-rate multiplier for the embedding head."""
 
     def __post_init__(self) -> None:
+        _check(bool(self.backbone), "model.backbone", self.backbone, "name a timm model")
         _check(self.embedding_dim > 0, "model.embedding_dim", self.embedding_dim, "must be > 0")
         _check(self.head_lr_mult > 0, "model.head_lr_mult", self.head_lr_mult, "must be > 0")
 
@@ -197,14 +198,20 @@ class OptimConfig:
     name: str = "adam"
     """'adam', 'adamw' or 'sgd'."""
     lr: float = 1e-5
+    """Base learning rate of the backbone (the head gets model.head_lr_mult times it)."""
     weight_decay: float = 4e-4
+    """L2 weight decay on every trainable parameter (the paper: Adam, 4e-4)."""
     momentum: float = 0.9
     """SGD only."""
     scheduler: str = "step"
-    """'constant', 'step' (multiply by gamma every step_size steps) or 'cosine'."""
+    """'constant', 'step' (multiply by gamma every step_size steps) or 'cosine' (to 0 at the
+    last step), after warmup_steps."""
     step_size: int = 1000
+    """'step' schedule: optimizer steps between decays."""
     gamma: float = 0.3
+    """'step' schedule: learning-rate factor per decay."""
     warmup_steps: int = 0
+    """Linear warmup from lr / warmup_steps to lr over this many optimizer steps."""
 
     def __post_init__(self) -> None:
         _check(
@@ -246,9 +253,14 @@ class TrainConfig:
     keep_checkpoints: int = 2
     """Checkpoints kept (older ones are deleted)."""
     log_every: int = 10
+    """Steps between metric logs (loss, learning rate, images/s, data wait, grad norm)."""
     seed: int = 0
+    """Initial weights (same on every rank) and per-step random numbers (seed, rank, step)."""
     deterministic: bool = False
     """Deterministic algorithms (for exact resume tests on CPU)."""
+    deepspeed_config: str = ""
+    """Extra DeepSpeed settings (YAML/JSON file, e.g. conf/deepspeed/zero2.yaml) merged into the
+    generated config; may not contradict the train.* keys it is derived from."""
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", self.epochs, "must be >= 1")
@@ -336,10 +348,16 @@ class TrackingConfig:
 
 
 @dataclass
+    """False: log nothing (no MLflow run is created)."""
 class LaunchConfig:
     """SLURM resources (submitit); site defaults come from ``conf/cluster/<name>.yaml``."""
 
+    """MLflow experiment (created if missing)."""
     nodes: int = 1
+    """Display name of the run ('' : MLflow picks one)."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.experiment), "tracking.experiment", self.experiment, "must not be empty")
     gpus_per_node: int = 8
     """GPUs requested per node (0 on a CPU-only partition)."""
     tasks_per_node: int = 0

@@ -1,0 +1,170 @@
+"""The DeepSpeed engine of a training run: its config, creation and fp32 weight export.
+
+DeepSpeed gets a torch optimizer and ``LambdaLR`` (pipeline.optim) and a config generated
+from ``train.*``: ZeRO stage, precision (bf16 on GPU, fp32 on CPU when 'auto'), explicit
+gradient clipping, one micro-batch per step. ``train.deepspeed_config`` adds tuning settings
+(bucket sizes, overlap, communication logging) from a YAML/JSON file; it may not contradict
+the keys the pipeline derives from its own config.
+
+bf16 is DeepSpeed's ``torch_autocast`` mode: weights, gradients, their all-reduce and the
+optimizer stay fp32, and the forward runs under ``torch.autocast(bfloat16)``. DeepSpeed's
+``bf16`` mode instead casts the module to bf16, which breaks frozen BatchNorm (its fp32
+parameters are not the optimizer's, so they stay fp32 beside bf16 activations) and would
+reduce the small Smooth-AP gradients in bf16.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import yaml
+from torch import nn
+
+from pipeline import distributed
+from pipeline.config import ConfigError, TrainConfig
+
+# Keys the pipeline sets from its own config; a deepspeed_config file may not set them.
+_OWNED = {
+    "train_batch_size": "sampler.classes_per_batch x sampler.samples_per_class x ranks",
+    "train_micro_batch_size_per_gpu": "sampler.classes_per_batch x sampler.samples_per_class",
+    "gradient_accumulation_steps": "train.gradient_accumulation_steps (must be 1)",
+    "gradient_clipping": "train.gradient_clipping",
+    "optimizer": "optim.*",
+    "scheduler": "optim.*",
+    "fp16": "train.precision (fp16 is not supported: use bf16)",
+    "bf16": "train.precision (bf16 runs as torch_autocast)",
+    "torch_autocast": "train.precision",
+}
+
+
+def use_bf16(train_cfg: TrainConfig) -> bool:
+    """bf16 when asked, or on 'auto' with CUDA; fp32 on CPU ('auto')."""
+    if train_cfg.precision == "auto":
+        return torch.cuda.is_available()
+    return train_cfg.precision == "bf16"
+
+
+def deepspeed_config(train_cfg: TrainConfig, batch_size_per_gpu: int, world_size: int) -> dict:
+    """The DeepSpeed config dict of a run (see the module doc)."""
+    bf16 = use_bf16(train_cfg)
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": batch_size_per_gpu,
+        "train_batch_size": batch_size_per_gpu * world_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": train_cfg.gradient_clipping,
+        "zero_optimization": {"stage": train_cfg.zero_stage},
+        # Our torch optimizers (Adam, AdamW, SGD): SGD is outside DeepSpeed's tested list.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**62,  # the pipeline logs progress itself
+        "wall_clock_breakdown": False,
+    }
+    if bf16:
+        # No "lower precision safe" modules: every gradient is communicated in fp32.
+        config["torch_autocast"] = {
+            "enabled": True,
+            "dtype": "bfloat16",
+            "lower_precision_safe_modules": [],
+        }
+    if train_cfg.deepspeed_config:
+        _merge_user_config(config, Path(train_cfg.deepspeed_config), train_cfg)
+    return config
+
+
+def _merge_user_config(config: dict, path: Path, train_cfg: TrainConfig) -> None:
+    key = "train.deepspeed_config"
+    if not path.is_file():
+        raise ConfigError(f"{key}={str(path)!r}: the file does not exist")
+    extra = yaml.safe_load(path.read_text()) or {}  # YAML is a superset of JSON
+    if not isinstance(extra, dict):
+        raise ConfigError(f"{key}={str(path)!r}: must hold a mapping of DeepSpeed settings")
+    for name, source in _OWNED.items():
+        if name in extra:
+            raise ConfigError(
+                f"{key}={str(path)!r} sets {name!r}, which the pipeline derives from {source}; "
+                f"remove it from the file and set {source} instead"
+            )
+    stage = (extra.get("zero_optimization") or {}).get("stage", train_cfg.zero_stage)
+    if stage != train_cfg.zero_stage:
+        raise ConfigError(
+            f"{key}={str(path)!r} sets zero_optimization.stage={stage} but train.zero_stage="
+            f"{train_cfg.zero_stage}; set train.zero_stage={stage} (or drop the stage from the file)"
+        )
+    for name, value in extra.items():
+        if isinstance(value, dict) and isinstance(config.get(name), dict):
+            config[name] = {**config[name], **value}
+        else:
+            config[name] = value
+
+
+def ensure_process_group() -> None:
+    """Give DeepSpeed the process group it needs, also for a single process.
+
+    ``pipeline.distributed.init`` creates no group for one process; DeepSpeed requires one
+    (and the LOCAL_RANK variable, which ``srun`` does not set).
+    """
+    os.environ.setdefault("LOCAL_RANK", str(distributed.get_local_rank()))
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def build_engine(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    train_cfg: TrainConfig,
+    batch_size_per_gpu: int,
+) -> Any:
+    """A DeepSpeed engine around ``model`` (moved to this rank's device). All ranks
+    participate (DeepSpeed broadcasts rank 0's initial weights)."""
+    ensure_process_group()
+    import deepspeed
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    model.to(distributed.device())
+    config = deepspeed_config(train_cfg, batch_size_per_gpu, dist.get_world_size())
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config
+    )
+    return engine
+
+
+def grad_norm(engine: Any) -> float | None:
+    """The global gradient 2-norm before clipping, read after backward and before
+    ``engine.step()``. DeepSpeed reports it for ZeRO and bf16 after the step; for plain fp32
+    (ZeRO 0) it does not, and the gradients on each rank are already the reduced ones."""
+    if engine.zero_optimization():
+        return None
+    grads = [p.grad.detach().float() for p in engine.module.parameters() if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
+
+
+def reported_grad_norm(engine: Any, before_step: float | None) -> float | None:
+    norm = engine.get_global_grad_norm() if before_step is None else before_step
+    return None if norm is None else float(norm)
+
+
+def fp32_state_dict(engine: Any) -> dict[str, torch.Tensor]:
+    """The module's state dict in fp32 on the CPU (ZeRO 0-2 keep full fp32 weights on every
+    rank; bf16 only changes the forward's compute dtype)."""
+    return {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
+
+
+def describe(engine: Any) -> str:
+    """One line: ZeRO stage, precision, ranks, optimizer wrapper."""
+    return json.dumps(
+        {
+            "zero_stage": engine.zero_optimization_stage(),
+            "precision": "bf16-autocast" if engine.torch_autocast_enabled() else "fp32",
+            "world_size": dist.get_world_size(),
+            "optimizer": type(engine.optimizer).__name__,
+        }
+    )

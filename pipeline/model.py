@@ -1,0 +1,290 @@
+"""The embedding network: a timm backbone, global pooling, a linear head, L2-normalised output.
+
+Trained weights travel as a ``.safetensors`` file whose metadata names the architecture
+(backbone, embedding and feature dimensions), so that loading them into another architecture
+fails with a message that says which one they need. Nothing here unpickles Python objects:
+safetensors holds tensors only, and torch files are read with ``weights_only=True``.
+
+Shape legend: B images, C channels, H x W pixels, F backbone features, D embedding dimension.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.config import ModelConfig
+
+WEIGHTS_FORMAT = "smoothap-embedding-v1"
+"""The ``format`` entry of a weights file's metadata."""
+
+# The model states file of a DeepSpeed checkpoint (ZeRO 0-2): the module's full state dict.
+DS_MODEL_STATES = "mp_rank_00_model_states.pt"
+
+
+class ModelLoadError(ValueError):
+    """Weights do not fit the model; the message names the file, the mismatch and the fix."""
+
+
+class EmbeddingModel(nn.Module):
+    """``images_BCHW -> emb_BD``: backbone features, a linear head, unit L2 norm.
+
+    With ``freeze_bn`` every BatchNorm layer keeps its running statistics and its affine
+    parameters fixed (Smooth-AP's training recipe, and what makes chunked re-forwards of the
+    gradient cache identical to one forward): the layers stay in eval mode whatever
+    ``train()`` is called with, and their parameters do not require gradients.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        backbone_name: str,
+        feature_dim: int,
+        embedding_dim: int,
+        freeze_bn: bool,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.backbone_name = backbone_name
+        self.head = nn.Linear(feature_dim, embedding_dim)
+        self.freeze_bn = freeze_bn
+        if freeze_bn:
+            for bn in self.batchnorm_layers():
+                for p in bn.parameters():
+                    p.requires_grad_(False)
+        self.train()
+
+    def batchnorm_layers(self) -> list[nn.Module]:
+        # timm's BatchNormAct2d and SyncBatchNorm derive from _BatchNorm too.
+        return [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def train(self, mode: bool = True) -> EmbeddingModel:
+        super().train(mode)
+        if self.freeze_bn:
+            for bn in self.batchnorm_layers():
+                bn.eval()
+        return self
+
+    def forward(self, images_BCHW: torch.Tensor) -> torch.Tensor:
+        feat_BF = self.backbone(images_BCHW)
+        emb_BD = self.head(feat_BF)
+        return F.normalize(emb_BD, dim=1)
+
+    @property
+    def architecture(self) -> dict[str, Any]:
+        """What a weights file must match to load into this model."""
+        return {
+            "backbone": self.backbone_name,
+            "feature_dim": self.head.in_features,
+            "embedding_dim": self.head.out_features,
+        }
+
+
+def _create_backbone(model_cfg: ModelConfig) -> nn.Module:
+    import timm  # heavy: imported when a model is built, not with the package
+
+    name = model_cfg.backbone
+    use_timm_weights = model_cfg.pretrained and not model_cfg.pretrained_path
+    try:
+        # num_classes=0 keeps the model's global pooling and drops its classifier.
+        return timm.create_model(name, pretrained=use_timm_weights, num_classes=0)
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise ModelLoadError(
+                f"model.backbone={name!r} is not a timm model; pick one from "
+                f"timm.list_models() (e.g. 'resnet50', 'resnet18')"
+            ) from e
+        raise
+    except Exception as e:  # no network, no cached weights, hub errors
+        if not use_timm_weights:
+            raise
+        raise ModelLoadError(
+            f"model.pretrained=true: timm could not load pretrained weights for {name!r} "
+            f"({type(e).__name__}: {e}); without network access put the weights file on disk "
+            "and set model.pretrained_path=FILE (or model.pretrained=false)"
+        ) from e
+
+
+def build_model(model_cfg: ModelConfig) -> EmbeddingModel:
+    """A fresh embedding model as ``model_cfg`` describes it (weights: timm init, timm's
+    pretrained weights, or ``pretrained_path`` for the backbone; the head is always new)."""
+    backbone = _create_backbone(model_cfg)
+    if model_cfg.pretrained_path:
+        load_backbone_weights(backbone, model_cfg.pretrained_path)
+    # Some timm models put a projection after pooling (MobileNetV3): its width is the output.
+    feature_dim = int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)
+    return EmbeddingModel(
+        backbone, model_cfg.backbone, feature_dim, model_cfg.embedding_dim, model_cfg.freeze_bn
+    )
+
+
+# ---------------------------------------------------------------------------- reading files
+
+
+def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a ``.safetensors`` file, or the state dict of a torch file.
+
+    Torch files are read with ``weights_only=True`` (tensors and plain containers only); a
+    nested ``state_dict``/``model``/``module`` entry is unwrapped and a ``module.`` prefix
+    (DataParallel) removed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"weights file {str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            names = f.keys()  # a safe_open handle is not iterable
+            return {k: f.get_tensor(k) for k in names}, dict(f.metadata() or {})
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ModelLoadError(
+            f"cannot read {str(path)!r} as a weights file with torch.load(weights_only=True) "
+            f"({type(e).__name__}: {str(e).splitlines()[0]}); save a plain state dict "
+            "(torch.save(model.state_dict(), f)) or a .safetensors file"
+        ) from e
+    for key in ("state_dict", "model", "module"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ModelLoadError(f"{str(path)!r} holds no state dict (a mapping of names to tensors)")
+    return {k.removeprefix("module."): v for k, v in obj.items()}, {}
+
+
+def _check_shapes(
+    target: dict[str, torch.Tensor], source: dict[str, torch.Tensor], what: str, fix: str
+) -> None:
+    wrong = [
+        f"{k}: {tuple(source[k].shape)} vs {tuple(t.shape)}"
+        for k, t in target.items()
+        if k in source and source[k].shape != t.shape
+    ]
+    if wrong:
+        raise ModelLoadError(
+            f"{what} has {len(wrong)} tensors of other shapes (file vs model), e.g. "
+            f"{'; '.join(wrong[:3])}: it was saved from another architecture; {fix}"
+        )
+
+
+def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
+    """Load a backbone state dict (``model.pretrained_path``) into ``backbone``.
+
+    A classifier the backbone does not have (``fc.*`` of an ImageNet checkpoint) is ignored;
+    any other missing or unexpected tensor, or any shape mismatch, is an error.
+    """
+    state, _ = read_state_dict(path)
+    own = backbone.state_dict()
+    fix = "set model.backbone to the architecture it was trained with, or use its own weights"
+    _check_shapes(own, state, f"model.pretrained_path={str(path)!r}", fix)
+    classifier = {"fc", "head", "classifier", "last_linear", "head.fc"}
+    unexpected = [k for k in state if k not in own and k.rsplit(".", 1)[0] not in classifier]
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    if unexpected or missing:
+        raise ModelLoadError(
+            f"model.pretrained_path={str(path)!r} does not fit timm's {type(backbone).__name__}: "
+            f"{len(missing)} tensors missing (e.g. {missing[:3]}), {len(unexpected)} unexpected "
+            f"(e.g. {unexpected[:3]}); {fix}"
+        )
+    backbone.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+
+
+# ---------------------------------------------------------------------------- trained weights
+
+
+def save_weights(state: dict[str, torch.Tensor], architecture: dict, path: str | Path) -> Path:
+    """Write a model's state dict as fp32 ``.safetensors``, with ``architecture``
+    (``EmbeddingModel.architecture``) as metadata."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
+    meta = {"format": WEIGHTS_FORMAT, "architecture": json.dumps(architecture)}
+    tmp = path.with_suffix(".tmp")
+    save_file(state, str(tmp), metadata=meta)
+    tmp.replace(path)  # a reader never sees half a file
+    return path
+
+
+def _checkpoint_model_file(path: Path) -> Path:
+    """The model states file of a DeepSpeed checkpoint directory (root or tag)."""
+    if (path / DS_MODEL_STATES).is_file():
+        return path / DS_MODEL_STATES
+    latest = path / "latest"
+    if latest.is_file():
+        return path / latest.read_text().strip() / DS_MODEL_STATES
+    raise ModelLoadError(
+        f"{str(path)!r} is a directory but neither a DeepSpeed checkpoint tag (no "
+        f"{DS_MODEL_STATES}) nor a checkpoint root (no 'latest' file); pass the run's "
+        "model.safetensors or its checkpoints/ directory"
+    )
+
+
+def load_trained_model(path: str | Path, model_cfg: ModelConfig | None = None) -> EmbeddingModel:
+    """An ``EmbeddingModel`` with trained weights, for evaluation.
+
+    ``path``: a ``.safetensors`` weights file written by :func:`save_weights` (a run's
+    ``model.safetensors``), or a DeepSpeed checkpoint directory (root or tag) of a run. The
+    architecture comes from ``model_cfg`` if given (and must match the file's, else a
+    :class:`ModelLoadError` names both), otherwise from the file's metadata.
+    """
+    path = Path(path)
+    if path.is_dir():
+        file = _checkpoint_model_file(path)
+        states = torch.load(file, map_location="cpu", weights_only=True)
+        state = {k.removeprefix("module."): v for k, v in states["module"].items()}
+        # The training loop's client state records the architecture beside the module.
+        arch = states.get("architecture")
+    else:
+        file = path
+        state, meta = read_state_dict(file)
+        arch = json.loads(meta["architecture"]) if "architecture" in meta else None
+    if model_cfg is None:
+        if arch is None:
+            raise ModelLoadError(
+                f"{str(file)!r} does not record its architecture; pass the model config it "
+                "was trained with (model.backbone, model.embedding_dim)"
+            )
+        model_cfg = ModelConfig(
+            backbone=arch["backbone"], embedding_dim=int(arch["embedding_dim"]), freeze_bn=True
+        )
+    elif arch is not None and (
+        arch["backbone"] != model_cfg.backbone
+        or int(arch["embedding_dim"]) != model_cfg.embedding_dim
+    ):
+        raise ModelLoadError(
+            f"{str(file)!r} holds a {arch['backbone']} model with embedding_dim="
+            f"{arch['embedding_dim']}, but the config asks for model.backbone="
+            f"{model_cfg.backbone!r}, model.embedding_dim={model_cfg.embedding_dim}; set "
+            f"model.backbone={arch['backbone']} model.embedding_dim={arch['embedding_dim']} "
+            "or pass weights of the configured model"
+        )
+    # No timm download and no backbone file: every tensor comes from the trained weights.
+    fresh_cfg = ModelConfig(
+        backbone=model_cfg.backbone,
+        embedding_dim=model_cfg.embedding_dim,
+        pretrained=False,
+        freeze_bn=model_cfg.freeze_bn,
+    )
+    model = build_model(fresh_cfg)
+    own = model.state_dict()
+    fix = "evaluate with the model config of the run that wrote it"
+    _check_shapes(own, state, f"weights {str(file)!r}", fix)
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ModelLoadError(
+            f"weights {str(file)!r} do not fit model.backbone={model_cfg.backbone!r}: "
+            f"{len(missing)} tensors missing (e.g. {missing[:3]}), {len(unexpected)} "
+            f"unexpected (e.g. {unexpected[:3]}); {fix}"
+        )
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+    return model.eval()
