@@ -341,23 +341,23 @@ class TrackingConfig:
     """MLflow."""
 
     enabled: bool = True
+    """False: log nothing (no MLflow run is created)."""
     uri: str = ""
     """Tracking URI; '' uses $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working dir."""
     experiment: str = "smoothap"
-    run_name: str = ""
-
-
-@dataclass
-    """False: log nothing (no MLflow run is created)."""
-class LaunchConfig:
-    """SLURM resources (submitit); site defaults come from ``conf/cluster/<name>.yaml``."""
-
     """MLflow experiment (created if missing)."""
-    nodes: int = 1
+    run_name: str = ""
     """Display name of the run ('' : MLflow picks one)."""
 
     def __post_init__(self) -> None:
         _check(bool(self.experiment), "tracking.experiment", self.experiment, "must not be empty")
+
+
+@dataclass
+class LaunchConfig:
+    """SLURM resources (submitit); site defaults come from ``conf/cluster/<name>.yaml``."""
+
+    nodes: int = 1
     gpus_per_node: int = 8
     """GPUs requested per node (0 on a CPU-only partition)."""
     tasks_per_node: int = 0
