@@ -58,8 +58,9 @@ def _read_table(path: Path, columns: Sequence[str]) -> dict[str, np.ndarray]:
     """Columns of a whitespace- or comma-separated table (header lines are skipped)."""
     if not path.is_file():
         raise FileNotFoundError(
-            f"IJB-C protocol file {str(path)!r} is missing: set eval.ijbc_protocol_dir to the "
-            "IJB-C 'protocols' folder (it holds ijbc_template_pair_label.txt and the 1:N CSVs)"
+            f"IJB-C protocol file {str(path)!r} is missing: set eval.ijbc_protocol to the shard "
+            "split directory holding pairs.parquet (written by make-shards) or to IJB-C's meta/ "
+            "folder (ijbc_template_pair_label.txt and the 1:N CSVs)"
         )
     rows = []
     for line_no, line in enumerate(path.read_text().splitlines(), 1):
@@ -78,28 +79,61 @@ def _read_table(path: Path, columns: Sequence[str]) -> dict[str, np.ndarray]:
     return {c: table[:, j] for j, c in enumerate(columns)}
 
 
+def _read_parquet(path: Path, columns: Sequence[str]) -> dict[str, np.ndarray]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise ValueError(
+            f"{path}: columns {missing} missing (has {table.column_names}); rewrite the IJB-C "
+            "shards with `pipeline make-shards`"
+        )
+    return {c: table.column(c).to_numpy().astype(np.int64) for c in columns}
+
+
 def load_protocol(protocol_dir: str | Path) -> IJBCProtocol:
-    """Read IJB-C's ``ijbc_template_pair_label.txt`` and, when present, the 1:N CSVs
-    ``ijbc_1N_gallery_G1.csv``, ``ijbc_1N_gallery_G2.csv`` and ``ijbc_1N_probe_mixed.csv``."""
+    """The IJB-C lists from either of two folders:
+
+    * a shard split directory: ``pairs.parquet`` (template1, template2, label) and, for 1:N,
+      ``gallery_G1.parquet``, ``gallery_G2.parquet``, ``probe_mixed.parquet`` (template_id,
+      subject_id), as ``pipeline make-shards`` writes them beside the IJB-C shards;
+    * IJB-C's own ``meta/`` folder: ``ijbc_template_pair_label.txt`` and the CSVs
+      ``ijbc_1N_gallery_G1.csv``, ``ijbc_1N_gallery_G2.csv``, ``ijbc_1N_probe_mixed.csv``.
+
+    1:N is evaluated only when the probe list and both galleries are present.
+    """
     root = Path(protocol_dir)
+    if (root / "pairs.parquet").is_file():
+        pairs = _read_parquet(root / "pairs.parquet", ("template1", "template2", "label"))
+        protocol = IJBCProtocol(pairs["template1"], pairs["template2"], pairs["label"])
+        lists = {n: root / f"{n}.parquet" for n in ("probe_mixed", "gallery_G1", "gallery_G2")}
+        if all(p.is_file() for p in lists.values()):
+            read = {n: _read_parquet(p, ("template_id", "subject_id")) for n, p in lists.items()}
+            tables = {n: _unique_templates(t, lists[n]) for n, t in read.items()}
+            protocol.probe_templates, protocol.probe_subjects = tables["probe_mixed"]
+            for name in ("G1", "G2"):
+                protocol.galleries[name] = Gallery(*tables[f"gallery_{name}"])
+        return protocol
     pairs = _read_table(root / "ijbc_template_pair_label.txt", ("t1", "t2", "label"))
     protocol = IJBCProtocol(pairs["t1"], pairs["t2"], pairs["label"])
-    probe_path = root / "ijbc_1N_probe_mixed.csv"
-    if probe_path.is_file():
-        probe = _unique_templates(_read_table(probe_path, ("template", "subject")), probe_path)
-        protocol.probe_templates, protocol.probe_subjects = probe
+    csvs = {n: root / f"ijbc_1N_{n}.csv" for n in ("probe_mixed", "gallery_G1", "gallery_G2")}
+    if all(p.is_file() for p in csvs.values()):
+        tables = {
+            n: _unique_templates(_read_table(p, ("template_id", "subject_id")), p)
+            for n, p in csvs.items()
+        }
+        protocol.probe_templates, protocol.probe_subjects = tables["probe_mixed"]
         for name in ("G1", "G2"):
-            path = root / f"ijbc_1N_gallery_{name}.csv"
-            t, s = _unique_templates(_read_table(path, ("template", "subject")), path)
-            protocol.galleries[name] = Gallery(t, s)
+            protocol.galleries[name] = Gallery(*tables[f"gallery_{name}"])
     return protocol
 
 
 def _unique_templates(table: dict[str, np.ndarray], path: Path) -> tuple[np.ndarray, np.ndarray]:
     """The 1:N CSVs list one row per image; keep one (template, subject) per template."""
-    t, first = np.unique(table["template"], return_index=True)
-    s = table["subject"][first]
-    pairs = np.unique(np.stack([table["template"], table["subject"]], 1), axis=0)
+    t, first = np.unique(table["template_id"], return_index=True)
+    s = table["subject_id"][first]
+    pairs = np.unique(np.stack([table["template_id"], table["subject_id"]], 1), axis=0)
     if len(pairs) != len(t):
         raise ValueError(f"{path}: a template is listed with two different subjects")
     return t, s

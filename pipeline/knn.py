@@ -232,9 +232,13 @@ def _gather_topk(scores_Bk: np.ndarray, ids_Bk: np.ndarray) -> tuple[list, list]
     world = distributed.get_world_size()
     if world == 1:
         return [scores_Bk], [ids_Bk]
-    s = distributed.all_gather_nograd(torch.from_numpy(np.ascontiguousarray(scores_Bk))[None])
-    i = distributed.all_gather_nograd(torch.from_numpy(np.ascontiguousarray(ids_Bk))[None])
-    return [s[r].numpy() for r in range(world)], [i[r].numpy() for r in range(world)]
+    dev = distributed.device()  # NCCL only moves CUDA tensors
+    s = distributed.all_gather_nograd(
+        torch.from_numpy(np.ascontiguousarray(scores_Bk))[None].to(dev)
+    )
+    i = distributed.all_gather_nograd(torch.from_numpy(np.ascontiguousarray(ids_Bk))[None].to(dev))
+    s, i = s.cpu().numpy(), i.cpu().numpy()
+    return [s[r] for r in range(world)], [i[r] for r in range(world)]
 
 
 def iter_sharded_knn(

@@ -131,6 +131,19 @@ def list_metrics(
     return out
 
 
+def _order_keys(x: Any, row: Any) -> Any:
+    """int64 keys whose order is (row, float value): exact, unlike adding a float offset.
+
+    The float32 bits, read as int32, order non-negative floats; negative floats have their
+    magnitude bits flipped. -0.0 becomes +0.0 first (they compare equal as floats).
+    """
+    import torch
+
+    bits = (x + 0.0).view(torch.int32)
+    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return (row.to(torch.int64) << 32) + (bits.to(torch.int64) + (1 << 31))
+
+
 def full_ranking_ap(
     emb_ND: np.ndarray,
     codes_N: np.ndarray,
@@ -146,7 +159,8 @@ def full_ranking_ap(
     matrix, never N x N), contributes the scores of the positives it holds, and counts, for each
     positive score a_j, its items scoring >= a_j; positive scores and counts are summed over
     ranks. Every positive's score is read from the matrix that also counts it, so an item always
-    counts itself.
+    counts itself. Only items scoring at least the query's weakest positive are bucketed (the
+    others rank below every positive), which for useful embeddings is a small fraction.
     """
     import torch
 
@@ -163,8 +177,8 @@ def full_ranking_ap(
     codes = torch.from_numpy(codes_N).to(device)
     C = int(sizes.max())
     slots = torch.arange(C, device=device)
-    # S (4 bytes) + bucket index (4 bytes) per (query, gallery item).
-    B = max(1, min(N, block_bytes // max(1, 8 * n_loc)))
+    # Per (query, gallery item), worst case: S 4 + mask 1 + key 8 + bucket 8 bytes.
+    B = max(1, min(N, block_bytes // max(1, 21 * n_loc)))
     ap_N = np.full(N, np.nan)
     for b0 in range(0, N, B):
         b1 = min(N, b0 + B)
@@ -181,17 +195,23 @@ def full_ranking_ap(
         pos[rows[:, 0], rows[:, 1]] = S[rows[:, 0], member[rows[:, 0], rows[:, 1]] - lo]
         if distributed.get_world_size() > 1:
             # All ranks participate: each positive's score lives on exactly one rank.
-            torch.distributed.all_reduce(pos, op=torch.distributed.ReduceOp.MAX)
+            pos_c = pos.to(distributed.device())  # NCCL only moves CUDA tensors
+            torch.distributed.all_reduce(pos_c, op=torch.distributed.ReduceOp.MAX)
+            pos = pos_c.to(device)
         pos[~is_pos] = torch.inf  # padding sorts last and is never <= a finite score
         a, _ = torch.sort(pos, dim=1)
-        bucket = torch.searchsorted(a, S, right=True, out_int32=True)  # #positives <= s
+        # Bucket of an item = #positives scoring <= it; items below a_0 are bucket 0 (unused).
+        hit_r, hit_c = (a[:, :1] <= S).nonzero(as_tuple=True)
+        row_ids = torch.arange(b1 - b0, device=device)[:, None].expand_as(a)
+        pos_keys = _order_keys(a, row_ids).reshape(-1)  # sorted: rows ascending, then values
+        item_keys = _order_keys(S[hit_r, hit_c], hit_r)
         del S
-        flat = bucket + (torch.arange(b1 - b0, device=device, dtype=torch.int32) * (C + 1))[:, None]
-        del bucket
-        hist = torch.bincount(flat.view(-1), minlength=(b1 - b0) * (C + 1)).view(b1 - b0, C + 1)
-        del flat
+        bucket = torch.searchsorted(pos_keys, item_keys, right=True) - hit_r * C
+        hist = torch.bincount(hit_r * (C + 1) + bucket, minlength=(b1 - b0) * (C + 1))
+        hist = hist.view(b1 - b0, C + 1)
         if distributed.get_world_size() > 1:
-            hist = distributed.all_reduce_sum(hist)  # all ranks participate
+            # All ranks participate.
+            hist = distributed.all_reduce_sum(hist.to(distributed.device())).to(device)
         # items scoring >= a_j = items whose bucket (positives <= their score) is > j.
         tail = hist.flip(1).cumsum(1).flip(1)[:, 1:].double()
         first_tied = torch.searchsorted(a, a, right=False)

@@ -188,3 +188,33 @@ def test_bad_protocol_input_is_refused(tmp_path):
     )
     with pytest.raises(ValueError, match=r"1:N gallery G1: 1 template id\(s\) have no image"):
         ijbc_metrics(feats, np.array([1, 2]), np.array([0, 0]), protocol)
+
+
+def test_parquet_lists_from_make_shards_read_like_the_ijbc_files(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pairs = [(10, 11, 0), (10, 20, 1)]
+    galleries = {"G1": [(10, 0)], "G2": [(12, 2)]}
+    probes = [(20, 0), (11, 1)]
+    (tmp_path / "meta").mkdir()
+    _write_protocol(tmp_path / "meta", pairs, galleries, probes)
+    split = tmp_path / "split"
+    split.mkdir()
+    cols = list(zip(*pairs))
+    pq.write_table(
+        pa.table({"template1": cols[0], "template2": cols[1], "label": cols[2]}),
+        split / "pairs.parquet",
+    )
+    for name, rows in [("probe_mixed", probes)] + [
+        (f"gallery_{g}", r) for g, r in galleries.items()
+    ]:
+        t, s = zip(*rows)
+        pq.write_table(pa.table({"template_id": t, "subject_id": s}), split / f"{name}.parquet")
+    a, b = load_protocol(tmp_path / "meta"), load_protocol(split)
+    for field in ("pair_t1", "pair_t2", "pair_label", "probe_templates", "probe_subjects"):
+        np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+    assert a.galleries.keys() == b.galleries.keys() == {"G1", "G2"}
+    for g in a.galleries:
+        np.testing.assert_array_equal(a.galleries[g].templates, b.galleries[g].templates)
+        np.testing.assert_array_equal(a.galleries[g].subjects, b.galleries[g].subjects)

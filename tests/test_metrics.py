@@ -149,3 +149,19 @@ def test_bad_input_is_refused_with_a_clear_message():
         retrieval_metrics(emb, labels, [0, 5])
     with pytest.raises(ValueError, match="2-d array"):
         retrieval_metrics(emb[0], labels)
+
+
+def test_order_keys_sort_like_the_floats():
+    import torch
+
+    from pipeline.metrics import _order_keys
+
+    x = torch.tensor(
+        [0.5, -0.0, 0.0, -1e-30, 1e-30, -2.0, 3.0, -np.inf, np.inf, -0.5, 0.5], dtype=torch.float32
+    )
+    rows = torch.tensor([1, 0, 0, 0, 0, 1, 0, 1, 1, 0, 0])
+    keys = _order_keys(x, rows)
+    for i in range(len(x)):
+        for j in range(len(x)):
+            want = (rows[i], x[i].item()) <= (rows[j], x[j].item())  # -0.0 == 0.0 as floats
+            assert bool(keys[i] <= keys[j]) == want, (x[i], x[j])

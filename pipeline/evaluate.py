@@ -1,0 +1,393 @@
+"""``pipeline evaluate``: embed the eval shards with a trained model and measure retrieval.
+
+    pipeline evaluate --config conf/demo.yaml checkpoint=runs/demo/model.safetensors [key=value ...]
+
+All ranks take part (one process, torchrun or srun): each embeds its part of the eval shards
+(every sample exactly once, tagged with its global index), the embeddings are gathered, and
+the metrics are computed (retrieval: sharded FAISS kNN, see ``pipeline.metrics``; IJB-C:
+``pipeline.ijbc``). Rank 0 writes ``embeddings.npy`` / ``labels.npy`` / ``index.npy`` (rows in
+global-index order), ``metrics.json``, a retrieval example grid or the IJB-C ROC curve, and logs
+metrics and figures to MLflow. :func:`evaluate_model` is the same evaluation for the training
+loop.
+
+Shape legend: N samples, D embedding dims, B batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline import distributed
+from pipeline.config import DataConfig, EvalConfig, RunConfig, flatten, load_config, to_dict
+
+GRID_QUERIES = 8
+GRID_NEIGHBOURS = 5
+
+
+@dataclass
+class Embeddings:
+    """The whole eval set, rows sorted by global index (the row in the split's index.parquet)."""
+
+    emb_ND: np.ndarray
+    labels_N: np.ndarray
+    index_N: np.ndarray
+
+
+# ---------------------------------------------------------------------------- extraction
+
+
+def _gather_rows(local: np.ndarray) -> np.ndarray:
+    """Concatenate every rank's rows (counts may differ; all ranks participate)."""
+    if distributed.get_world_size() == 1:
+        return local
+    dev = distributed.device()  # NCCL only moves CUDA tensors
+    n = torch.tensor([local.shape[0]], dtype=torch.int64, device=dev)
+    counts = distributed.all_gather_nograd(n).tolist()
+    padded = np.zeros((max(counts), *local.shape[1:]), dtype=local.dtype)
+    padded[: local.shape[0]] = local
+    # all_gather_nograd needs equal shapes, hence the padding to the largest count.
+    gathered = distributed.all_gather_nograd(torch.from_numpy(padded).to(dev)).cpu().numpy()
+    step = max(counts)
+    return np.concatenate([gathered[r * step : r * step + c] for r, c in enumerate(counts)])
+
+
+def extract_embeddings(
+    model: torch.nn.Module,
+    urls: str,
+    data_cfg: DataConfig,
+    *,
+    device: torch.device | str,
+    batch_size: int,
+    progress: bool = True,
+) -> Embeddings:
+    """Embed every sample of ``urls`` once, split over the ranks; every rank gets all rows.
+
+    All ranks participate. Raises ValueError if a sample index arrives twice (shards listed
+    twice in ``urls``) or the set is empty.
+    """
+    from tqdm import tqdm
+
+    from pipeline.data.stream import eval_loader
+
+    rank, world = distributed.get_rank(), distributed.get_world_size()
+    loader = eval_loader(urls, data_cfg, rank=rank, world_size=world, batch_size=batch_size)
+    dtype = next(model.parameters()).dtype  # bf16 under a DeepSpeed bf16 engine
+    was_training = model.training
+    model.eval()
+    embs, labels, indices = [], [], []
+    bar = tqdm(desc="embedding", unit="img", disable=not (progress and rank == 0))
+    try:
+        with torch.no_grad():
+            for images, lab, idx in loader:
+                out = model(images.to(device, dtype=dtype, non_blocking=True))
+                embs.append(out.float().cpu().numpy())
+                labels.append(lab.numpy())
+                indices.append(idx.numpy())
+                bar.update(len(idx) * world)  # an estimate of all ranks' progress
+    finally:
+        bar.close()
+        model.train(was_training)
+    # A rank may receive no samples; it still needs the embedding width to join the gather.
+    dim = embs[0].shape[1] if embs else 0
+    dim = int(distributed.all_gather_nograd(torch.tensor([dim], device=distributed.device())).max())
+    emb = np.concatenate(embs) if embs else np.zeros((0, dim), np.float32)
+    lab = np.concatenate(labels) if labels else np.zeros(0, np.int64)
+    idx = np.concatenate(indices) if indices else np.zeros(0, np.int64)
+    emb, lab, idx = _gather_rows(emb), _gather_rows(lab), _gather_rows(idx)
+    if len(idx) == 0:
+        raise ValueError(f"eval shards {urls!r} hold no samples; check data.eval_urls")
+    order = np.argsort(idx, kind="stable")
+    emb, lab, idx = emb[order], lab[order], idx[order]
+    dup = idx[1:] == idx[:-1]
+    if dup.any():
+        raise ValueError(
+            f"data.eval_urls={urls!r}: sample index {int(idx[1:][dup][0])} (and "
+            f"{int(dup.sum()) - 1} more) was read twice; list every shard once"
+        )
+    return Embeddings(emb, lab, idx)
+
+
+# ---------------------------------------------------------------------------- metrics
+
+
+def _on_main(fn: Any) -> Any:
+    """Run ``fn()`` on rank 0 and give its result (or its error) to every rank.
+
+    All ranks participate (one broadcast), so a failure on rank 0 cannot leave the others
+    waiting in a later collective.
+    """
+    if distributed.get_world_size() == 1:
+        return fn()
+    box: list[Any] = [None]
+    if distributed.get_rank() == 0:
+        try:
+            box[0] = ("ok", fn())
+        except Exception as e:  # re-raised on every rank below
+            box[0] = ("error", f"{type(e).__name__}: {e}")
+            torch.distributed.broadcast_object_list(box, src=0)
+            raise
+    torch.distributed.broadcast_object_list(box, src=0)
+    status, value = box[0]
+    if status == "error":
+        raise RuntimeError(f"evaluation failed on rank 0: {value}")
+    return value
+
+
+def _ijbc_ids(data_cfg: DataConfig, index_N: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Template and media id of each extracted sample, from the split's index.parquet."""
+    from pipeline.data.index import read_index
+
+    table = read_index(data_cfg.eval_urls)
+    missing = [c for c in ("template_id", "media_id") if c not in table.column_names]
+    if missing:
+        raise ValueError(
+            f"data.eval_urls={data_cfg.eval_urls!r}: index.parquet has no {missing} column; "
+            "eval.protocol=ijbc needs shards written by `pipeline make-shards --format ijbc`"
+        )
+    t = table.column("template_id").to_numpy(zero_copy_only=False)
+    m = table.column("media_id").to_numpy(zero_copy_only=False)
+    if index_N.max() >= len(t):
+        raise ValueError(
+            f"sample index {int(index_N.max())} is beyond index.parquet ({len(t)} rows): the "
+            "shards and their index.parquet come from different make-shards runs"
+        )
+    return np.asarray(t[index_N], np.int64), np.asarray(m[index_N], np.int64)
+
+
+def compute_metrics(
+    e: Embeddings, data_cfg: DataConfig, eval_cfg: EvalConfig, *, device: Any = "cpu"
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """Metrics of the protocol ``eval_cfg.protocol`` (and the ROC curve for IJB-C).
+
+    All ranks participate and return the same values.
+    """
+    if eval_cfg.protocol == "ijbc":
+        from pipeline.data.index import split_dir
+        from pipeline.ijbc import ijbc_metrics, load_protocol
+
+        def ijbc() -> tuple[dict[str, float], dict[str, Any]]:
+            templates, media = _ijbc_ids(data_cfg, e.index_N)
+            protocol = load_protocol(eval_cfg.ijbc_protocol or split_dir(data_cfg.eval_urls))
+            return ijbc_metrics(e.emb_ND, templates, media, protocol)
+
+        # Plain NumPy on one process: pooling + 15.6M pairs take ~30 s on 2 cores.
+        return _on_main(ijbc)
+    from pipeline.metrics import retrieval_metrics
+
+    metrics = retrieval_metrics(
+        e.emb_ND,
+        e.labels_N,
+        eval_cfg.ks,
+        full_map=eval_cfg.full_map,
+        query_block=eval_cfg.query_block,
+        device=device,
+    )
+    return metrics, {}
+
+
+def evaluate_model(
+    model: torch.nn.Module,
+    data_cfg: DataConfig,
+    eval_cfg: EvalConfig,
+    *,
+    device: torch.device | str,
+    output_dir: str | Path | None = None,
+    tracker: Any = None,
+    step: int = 0,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Embed ``data_cfg.eval_urls`` with ``model`` and return the metrics (same on all ranks).
+
+    All ranks participate. With ``output_dir``, rank 0 writes the embeddings, metrics.json and
+    the figure there; with ``tracker`` (pipeline.tracking), metrics and files go to MLflow at
+    ``step`` (the training loop logs its own metrics and passes neither).
+    """
+    e = extract_embeddings(
+        model,
+        data_cfg.eval_urls,
+        data_cfg,
+        device=device,
+        batch_size=eval_cfg.batch_size,
+        progress=progress,
+    )
+    metrics, extras = compute_metrics(e, data_cfg, eval_cfg, device=device)
+    if output_dir is not None and distributed.is_main_process():
+        files = write_outputs(Path(output_dir), e, metrics, extras, data_cfg, eval_cfg)
+        if tracker is not None:
+            tracker.log_metrics(metrics, step)
+            for f in files:
+                tracker.log_artifact(f, "eval")
+    elif tracker is not None:
+        tracker.log_metrics(metrics, step)
+    distributed.barrier()  # all ranks participate: files exist when evaluate_model returns
+    return metrics
+
+
+# ---------------------------------------------------------------------------- outputs
+
+
+def write_outputs(
+    out: Path,
+    e: Embeddings,
+    metrics: dict[str, float],
+    extras: dict[str, Any],
+    data_cfg: DataConfig,
+    eval_cfg: EvalConfig,
+) -> list[Path]:
+    """Write embeddings (.npy), metrics.json and the protocol's figure; return the small files
+    worth logging (metrics and figure, not the embeddings)."""
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "embeddings.npy", e.emb_ND)
+    np.save(out / "labels.npy", e.labels_N)
+    np.save(out / "index.npy", e.index_N)
+    files = [out / "metrics.json"]
+    files[0].write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    if eval_cfg.protocol == "ijbc":
+        from pipeline.plots import roc_png
+
+        tar = {
+            float(k.split("=", 1)[1]): v for k, v in metrics.items() if k.startswith("ijbc_tar@")
+        }
+        files.append(roc_png(extras["fpr"], extras["tpr"], tar, out / "roc.png"))
+    else:
+        grid = retrieval_grid(e, data_cfg, out / "retrieval_grid.png")
+        if grid is not None:
+            files.append(grid)
+    return files
+
+
+def _grid_queries(labels_N: np.ndarray, n: int) -> np.ndarray:
+    """``n`` queries spread evenly over the rows that have a positive (deterministic)."""
+    _, inverse, counts = np.unique(labels_N, return_inverse=True, return_counts=True)
+    rows = np.flatnonzero(counts[inverse.reshape(-1)] > 1)
+    return rows[np.linspace(0, len(rows) - 1, min(n, len(rows))).astype(int)]
+
+
+def _read_images(data_cfg: DataConfig, index: set[int], side: int = 96) -> dict[int, np.ndarray]:
+    """Thumbnails of the samples with these global indices, read from their shards."""
+    from PIL import Image
+
+    from pipeline.data.index import read_index, split_dir
+    from pipeline.data.stream import read_shard
+    from pipeline.data.transforms import decode_image
+
+    table = read_index(data_cfg.eval_urls).select(["index", "key", "shard"]).to_pydict()
+    where = {i: (table["shard"][i], table["key"][i]) for i in index if i < len(table["index"])}
+    root = split_dir(data_cfg.eval_urls)
+    images: dict[int, np.ndarray] = {}
+    for shard in sorted({s for s, _ in where.values()}):
+        wanted = {k: i for i, (s, k) in where.items() if s == shard}
+        for raw in read_shard(str(root / shard)):
+            if raw.key in wanted:
+                img = decode_image(raw.data).convert("RGB")
+                img = img.resize((side, side), Image.BILINEAR)
+                images[wanted[raw.key]] = np.asarray(img)
+    return images
+
+
+def retrieval_grid(e: Embeddings, data_cfg: DataConfig, path: Path) -> Path | None:
+    """Queries with their top-5 neighbours (green: same label, red: not), or None (and a
+    printed reason) when the images cannot be read back (remote shards)."""
+    from pipeline.metrics import l2_normalize
+    from pipeline.plots import retrieval_grid_png
+
+    q_rows = _grid_queries(e.labels_N, GRID_QUERIES)
+    emb = l2_normalize(e.emb_ND)
+    sims = emb[q_rows] @ emb.T  # a few rows of the similarity matrix
+    sims[np.arange(len(q_rows)), q_rows] = -np.inf  # the query itself, by index
+    order = np.lexsort((np.broadcast_to(np.arange(emb.shape[0]), sims.shape), -sims), axis=1)
+    nb_rows = order[:, :GRID_NEIGHBOURS]
+    wanted = {int(e.index_N[r]) for r in np.concatenate([q_rows, nb_rows.ravel()])}
+    try:
+        images = _read_images(data_cfg, wanted)
+    except (FileNotFoundError, ValueError, OSError) as err:
+        print(f"[evaluate] no retrieval grid: cannot read the eval images back ({err})")
+        return None
+    missing = wanted - images.keys()
+    if missing:
+        print(f"[evaluate] no retrieval grid: {len(missing)} images not found in their shards")
+        return None
+    return retrieval_grid_png(
+        [images[int(e.index_N[q])] for q in q_rows],
+        [[images[int(e.index_N[r])] for r in row] for row in nb_rows],
+        [[bool(e.labels_N[r] == e.labels_N[q]) for r in row] for q, row in zip(q_rows, nb_rows)],
+        path,
+        titles=[f"index {int(e.index_N[q])}" for q in q_rows],
+    )
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, help="experiment YAML (e.g. conf/demo.yaml)")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="checkpoint=PATH (required: a run's model.safetensors or its checkpoints/ "
+        "directory), then config overrides such as eval.protocol=ijbc data.eval_urls=DIR",
+    )
+
+
+def split_checkpoint(tokens: list[str]) -> tuple[str, list[str]]:
+    """(checkpoint path, the remaining config overrides) from the command's KEY=VALUE list."""
+    found = [t.split("=", 1)[1] for t in tokens if t.startswith("checkpoint=")]
+    rest = [t for t in tokens if not t.startswith("checkpoint=")]
+    if len(found) != 1 or not found[0]:
+        raise SystemExit(
+            "pipeline evaluate: pass the trained weights once as checkpoint=PATH (a run's "
+            "model.safetensors, or its checkpoints/ directory), e.g. "
+            "`pipeline evaluate --config conf/demo.yaml checkpoint=runs/demo/model.safetensors`"
+        )
+    if not Path(found[0]).exists():
+        raise SystemExit(f"pipeline evaluate: checkpoint={found[0]!r} does not exist")
+    return found[0], rest
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipeline.model import load_trained_model
+    from pipeline.tracking import make_tracker, ui_command
+
+    checkpoint, overrides = split_checkpoint(args.overrides)
+    cfg: RunConfig = load_config(args.config, overrides)
+    distributed.init()
+    try:
+        # The checkpoint records its architecture; a config that names the model must agree.
+        names_model = args.config is not None or any(o.startswith("model.") for o in overrides)
+        model = load_trained_model(checkpoint, cfg.model if names_model else None)
+        device = distributed.device()
+        model.to(device)
+        out = Path(cfg.eval.output_dir or Path(cfg.train.output_dir) / "eval")
+        tracker = make_tracker(cfg.tracking, is_main=distributed.is_main_process())
+        tracker.log_params({**flatten(to_dict(cfg)), "checkpoint": checkpoint})
+        tracker.set_tags({"kind": "evaluate", "world_size": str(distributed.get_world_size())})
+        try:
+            metrics = evaluate_model(
+                model, cfg.data, cfg.eval, device=device, output_dir=out, tracker=tracker
+            )
+        except BaseException:
+            tracker.finish("FAILED")
+            raise
+        tracker.finish()
+        if distributed.is_main_process():
+            width = max(len(k) for k in metrics)
+            for k, v in metrics.items():
+                print(
+                    f"{k:<{width}}  {v:.4f}"
+                    if not k.startswith("num_")
+                    else f"{k:<{width}}  {v:.0f}"
+                )
+            print(f"wrote {out}/metrics.json and embeddings.npy")
+            if tracker.run_id:
+                print(f"MLflow run {tracker.run_id}: {ui_command(tracker.uri)}")
+    finally:
+        distributed.destroy()
+    return 0
