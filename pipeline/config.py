@@ -317,6 +317,13 @@ class EvalConfig:
     """Queries searched at once in FAISS."""
     output_dir: str = ""
     """Where embeddings and metrics.json go ('' : <train.output_dir>/eval)."""
+    full_map: bool = True
+    """Also compute mAP over the full ranking (VGGFace2's metric): one more pass over the
+    query x gallery similarities, in blocks (the other metrics read the kNN lists only)."""
+    ijbc_protocol: str = ""
+    """protocol=ijbc: the folder with the pair and 1:N lists, either a shard split directory
+    (pairs.parquet, gallery_G1/G2.parquet, probe_mixed.parquet from make-shards) or IJB-C's
+    meta/ folder; '' : the directory of data.eval_urls."""
 
     def __post_init__(self) -> None:
         _check(self.every >= 0, "eval.every", self.every, "must be >= 0")
