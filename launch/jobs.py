@@ -13,10 +13,13 @@ config, which resumes from the latest checkpoint and continues the same MLflow r
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import signal
 import socket
 import sys
+from pathlib import Path
 from typing import Any
 
 import submitit
@@ -96,3 +99,25 @@ class TrainJob(submitit.helpers.Checkpointable):
             flush=True,
         )
         return submitit.helpers.DelayedSubmission(TrainJob(self.cfg))
+
+
+class EvaluateJob(submitit.helpers.Checkpointable):
+    """Run ``pipeline evaluate`` (``pipeline.evaluate.run``) in every task.
+
+    ``overrides`` holds ``checkpoint=PATH`` and the config overrides, exactly as on the
+    ``pipeline evaluate`` command line. Returns the metrics it wrote (``metrics.json`` in
+    ``metrics_dir``). A requeued evaluation starts again (it keeps no state).
+    """
+
+    def __init__(self, config: str, overrides: list[str], metrics_dir: str) -> None:
+        self.config, self.overrides, self.metrics_dir = config, overrides, metrics_dir
+
+    def __call__(self) -> dict:
+        guard_requeue_signal()
+        export_distributed_env()
+        from pipeline.evaluate import run
+
+        code = run(argparse.Namespace(config=self.config, overrides=list(self.overrides)))
+        if code:
+            raise RuntimeError(f"pipeline evaluate exited with {code}")
+        return json.loads((Path(self.metrics_dir) / "metrics.json").read_text())

@@ -14,6 +14,7 @@ node, GPU and CPU counts against ``sinfo``) before anything is submitted.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Sequence
@@ -55,6 +56,22 @@ class Submission:
         return self.jobs[-1]
 
 
+def layered_overrides(
+    overrides: Sequence[str] = (),
+    *,
+    cluster: str | None = None,
+    flags: dict[str, Any] | None = None,
+) -> list[str]:
+    """Cluster file, then the user's ``key=value`` list, then flags, as one override list."""
+    layered = list(cluster_overrides(cluster)) if cluster else []
+    layered += list(overrides)
+    for name, value in (flags or {}).items():
+        if value is not None:
+            # JSON is valid YAML: a value with ':' or ',' stays one string.
+            layered.append(f"launch.{FLAG_FIELDS[name]}={json.dumps(value)}")
+    return layered
+
+
 def resolve_config(
     config: str | Path,
     overrides: Sequence[str] = (),
@@ -63,12 +80,23 @@ def resolve_config(
     flags: dict[str, Any] | None = None,
 ) -> RunConfig:
     """The run config with the launch section resolved (see the module docstring for order)."""
-    layered = list(cluster_overrides(cluster)) if cluster else []
-    layered += list(overrides)
-    for name, value in (flags or {}).items():
-        if value is not None:
-            layered.append(f"launch.{FLAG_FIELDS[name]}={value}")
-    return load_config(config, layered)
+    return load_config(config, layered_overrides(overrides, cluster=cluster, flags=flags))
+
+
+def split_checkpoint(overrides: Sequence[str]) -> tuple[str, list[str]]:
+    """``checkpoint=PATH`` (absolute) and the other overrides, as ``pipeline evaluate`` takes
+    them; a missing or doubled checkpoint is an error before submission."""
+    found = [o.split("=", 1)[1] for o in overrides if o.startswith("checkpoint=")]
+    rest = [o for o in overrides if not o.startswith("checkpoint=")]
+    if len(found) != 1 or not found[0]:
+        raise LaunchError(
+            "evaluate: pass the trained weights once as checkpoint=PATH (a run's "
+            "model.safetensors or its checkpoints/ directory)"
+        )
+    path = Path(found[0]).resolve()
+    if not path.exists():
+        raise LaunchError(f"evaluate: checkpoint={found[0]!r} does not exist ({path})")
+    return str(path), rest
 
 
 def _absolute_paths(cfg: RunConfig) -> RunConfig:
@@ -102,9 +130,7 @@ def make_executor(launch: LaunchConfig, *, local: bool, name: str) -> Any:
         "mem_gb": launch.mem_gb or None,
         "timeout_min": launch.time_minutes,
     }
-    if local:
-        params["local_signal_delay_s"] = launch.signal_delay_s
-    else:
+    if not local:
         params.update(
             slurm_partition=launch.partition or None,
             slurm_account=launch.account or None,
@@ -116,6 +142,9 @@ def make_executor(launch: LaunchConfig, *, local: bool, name: str) -> Any:
             slurm_additional_parameters={"requeue": True},
         )
     executor.update_parameters(**params)
+    if local:
+        # AutoExecutor does not pass this through to the local executor, which reads it.
+        executor._executor.update_parameters(signal_delay_s=launch.signal_delay_s)
     return executor
 
 
@@ -148,17 +177,48 @@ def submit(
     cluster: str | None = None,
     flags: dict[str, Any] | None = None,
     local: bool = False,
+    parts: int = 0,
 ) -> Submission:
-    """Check, then submit ``command`` ('train' or 'evaluate') and return the submission."""
+    """Check, then submit ``command`` ('train' or 'evaluate') and return the submission.
+
+    ``evaluate`` takes ``checkpoint=PATH`` among ``overrides``; ``parts`` > 0 splits it into
+    an array job over shard ranges and a dependent merge job (``launch.evaluation``).
+    """
     from launch import jobs
 
+    checkpoint, overrides = (
+        split_checkpoint(overrides) if command == "evaluate" else ("", overrides)
+    )
+    if parts and command != "evaluate":
+        raise LaunchError("--parts splits an evaluation; it does not apply to train")
     cfg = prepare(command, config, overrides, cluster=cluster, flags=flags, local=local)
-    executor = make_executor(cfg.launch, local=local, name=f"smoothap-{command}")
+    sub = Submission(command, cfg, [], local)
     if command == "train":
-        job = executor.submit(jobs.TrainJob(cfg))
+        executor = make_executor(cfg.launch, local=local, name="smoothap-train")
+        sub.jobs.append(executor.submit(jobs.TrainJob(cfg)))
+    elif parts:
+        _submit_parts(sub, checkpoint, parts)
     else:
-        raise LaunchError("evaluate: not available yet")
-    sub = Submission(command, cfg, [job], local)
+        from launch.evaluation import eval_output_dir
+
+        out = eval_output_dir(cfg)
+        # The job runs `pipeline evaluate` itself, with the paths this command resolved.
+        pinned = {
+            "tracking.uri": cfg.tracking.uri,
+            "train.output_dir": cfg.train.output_dir,
+            "eval.output_dir": str(out),
+        }
+        job_overrides = [
+            f"checkpoint={checkpoint}",
+            *layered_overrides(overrides, cluster=cluster, flags=flags),
+            *(f"{k}={json.dumps(v)}" for k, v in pinned.items()),
+        ]
+        executor = make_executor(cfg.launch, local=local, name="smoothap-evaluate")
+        job = executor.submit(
+            jobs.EvaluateJob(str(Path(config).resolve()), job_overrides, str(out))
+        )
+        sub.jobs.append(job)
+        sub.notes.append(f"metrics: {out}/metrics.json")
     if cfg.tracking.enabled and cfg.tracking.uri.startswith("sqlite:") and not local:
         sub.notes.append(
             "MLflow store is a SQLite file: fine for one job on one node, unsafe on NFS/Lustre "
@@ -166,6 +226,36 @@ def submit(
             "MLFLOW_TRACKING_URI=http://<login-node>:<port> (see docs/slurm.md)"
         )
     return sub
+
+
+def _submit_parts(sub: Submission, checkpoint: str, parts: int) -> None:
+    """The extraction array job, then the merge job that Slurm starts after it succeeded."""
+    from launch.evaluation import ExtractPartJob, MergeEvalJob, eval_output_dir, plan_parts
+
+    cfg = sub.cfg
+    try:
+        plan = plan_parts(cfg.data.eval_urls, parts)
+    except ValueError as e:
+        raise LaunchError(f"data.eval_urls={cfg.data.eval_urls!r}: {e}") from e
+    executor = make_executor(cfg.launch, local=sub.local, name="smoothap-extract")
+    with executor.batch():  # one Slurm array job (separate processes with --local)
+        for i, urls in enumerate(plan):
+            sub.jobs.append(executor.submit(ExtractPartJob(cfg, checkpoint, i, urls)))
+    # The merge runs in one task on one node (with the node's GPUs for FAISS, if any).
+    merge_launch = replace(cfg.launch, nodes=1, tasks_per_node=1)
+    merge = make_executor(merge_launch, local=sub.local, name="smoothap-merge")
+    if sub.local:  # the local executor has no dependencies: wait here
+        if not wait(Submission(sub.command, cfg, list(sub.jobs), True), poll_s=1.0):
+            raise LaunchError("an extraction part failed (its error is printed above)")
+    else:
+        array_id = str(sub.jobs[0].job_id).split("_")[0]
+        merge.update_parameters(slurm_dependency=f"afterok:{array_id}")
+    sub.jobs.append(merge.submit(MergeEvalJob(cfg, checkpoint, len(plan))))
+    out = eval_output_dir(cfg)
+    sub.notes.append(
+        f"{len(plan)} extraction task(s) write {out}/parts/; job {sub.jobs[-1].job_id} merges "
+        f"them into {out}/metrics.json once all succeeded"
+    )
 
 
 def describe(sub: Submission) -> str:
@@ -186,6 +276,10 @@ def describe(sub: Submission) -> str:
         lines.append(f"  log rank {rank}:  {t.paths.stdout}")
     if len(tasks) > 4:
         lines.append(f"  ... {len(tasks) - 4} more rank logs in the job folder")
+    if len(sub.jobs) > 1:
+        parts = sub.jobs[:-1]
+        ids = ", ".join(str(j.job_id) for j in parts[:3]) + (", ..." if len(parts) > 3 else "")
+        lines.append(f"  extraction:  {len(parts)} task(s) {ids}; log: {parts[0].paths.stdout}")
     if sub.command == "train":
         lines.append(f"  checkpoints: {cfg.train.output_dir}")
     if cfg.tracking.enabled:
@@ -241,12 +335,20 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run here with submitit's local executor (several tasks, one machine); waits",
     )
+    p.add_argument(
+        "--parts",
+        type=int,
+        default=0,
+        metavar="N",
+        help="evaluate: an array job of N shard ranges, then a dependent merge job",
+    )
     p.add_argument("--wait", action="store_true", help="wait for the job and report its end")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    # Intermixed: key=value overrides may come before, between or after the flags.
+    args = build_parser().parse_intermixed_args(argv)
     flags = {name: getattr(args, name) for name in FLAG_FIELDS}
     try:
         sub = submit(
@@ -256,6 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cluster=args.cluster,
             flags=flags,
             local=args.local,
+            parts=args.parts,
         )
     except (ConfigError, LaunchError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -3,11 +3,14 @@ script, refusals, and a real 2-task job through submitit's local executor."""
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -208,3 +211,31 @@ def test_cli_reports_errors_and_submits_nothing(tmp_path):
     assert "missing.yaml' does not exist" in proc.stderr
     assert "nothing was submitted" in proc.stderr
     assert not (tmp_path / "jobs").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_local_evaluate_runs_pipeline_evaluate_in_two_tasks(tmp_path):
+    from tests.slurm.tiny_run import launcher_cli, make_shards, random_weights, tiny_config
+
+    shards = make_shards(tmp_path / "shards")
+    config = tiny_config(tmp_path / "run.yaml", shards, tmp_path, steps=2, ckpt_every=2)
+    weights = random_weights(config, tmp_path / "w.safetensors")
+    proc = launcher_cli(
+        *("evaluate", "--config", str(config), f"checkpoint={weights}", "--local"),
+        *("--gpus-per-node", "0", "--tasks-per-node", "2", "--time", "10"),
+        *("--folder", f"{tmp_path}/jobs/%j"),
+        timeout_s=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert re.search(r"submitted evaluate job \d+ locally: 1 node\(s\) x 2 task\(s\)", proc.stdout)
+    assert "evaluate job" in proc.stdout and "completed" in proc.stdout
+    out = tmp_path / "train" / "eval"  # pipeline evaluate's default: <train.output_dir>/eval
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_queries"] == 48  # 8 test classes x 6 images, each embedded once
+    assert np.array_equal(np.load(out / "index.npy"), np.arange(48))
+    logs = sorted((tmp_path / "jobs").glob("*/*_log.out"))
+    assert len(logs) == 2  # one log per rank
+    assert {"rank 0/2", "rank 1/2"} <= {
+        m for p in logs for m in re.findall(r"rank \d/2", p.read_text())
+    }

@@ -131,6 +131,8 @@ MpiDefault=none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
+# A job whose dependency failed is cancelled, not left pending forever.
+SchedulerParameters=kill_invalid_depend
 ReturnToService=2
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=127.0.0.1
@@ -147,6 +149,8 @@ SlurmdTimeout=60
 NodeName=$HOST NodeAddr=127.0.0.1 $node_hw State=UNKNOWN
 PartitionName=$PARTITION Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
 EOF
+conf_changed=0
+cmp -s "$ETC/slurm.conf.new" "$ETC/slurm.conf" || conf_changed=1
 mv "$ETC/slurm.conf.new" "$ETC/slurm.conf"
 
 # slurmdbd refuses a config readable by others (it holds the database password).
@@ -242,6 +246,9 @@ fi
 # ------------------------------------------------------------------ slurmctld, slurmd
 if alive slurmctld "$RUN/slurmctld.pid"; then
     say "slurmctld already running"
+    if [ $conf_changed = 1 ]; then
+        scontrol reconfigure && say "slurm.conf changed: daemons reconfigured"
+    fi
 else
     slurmctld -f "$SLURM_CONF" || { show_log "$LOG/slurmctld.log"; die "slurmctld did not start"; }
     wait_for 60 "slurmctld answers" scontrol ping \

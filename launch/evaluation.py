@@ -1,0 +1,180 @@
+"""Large evaluations as a Slurm array job plus a dependent merge job (issue 6, part 2).
+
+Array task i embeds a contiguous range of the eval shards (with as many ranks as the task has)
+and writes ``<eval dir>/parts/part_{i:05d}.npz`` (embeddings, labels, global sample indices).
+The merge job, started by Slurm only when every array task succeeded (``afterok``), loads the
+parts, checks that every sample arrived exactly once, and computes the metrics with the same
+code as ``pipeline evaluate`` (``pipeline.evaluate.compute_metrics`` and ``write_outputs``),
+logging them to MLflow. Both kinds are requeueable: a part already written is not recomputed.
+
+Sample indices are global (each sample's row in the split's ``index.parquet``, stored in the
+shard), so the parts can be merged in any order.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import submitit
+
+from launch.jobs import export_distributed_env, guard_requeue_signal
+from pipeline.config import RunConfig
+
+PARTS_DIR = "parts"
+
+
+def eval_output_dir(cfg: RunConfig) -> Path:
+    """Where ``pipeline evaluate`` writes: ``eval.output_dir``, else ``<train.output_dir>/eval``."""
+    return Path(cfg.eval.output_dir or Path(cfg.train.output_dir) / "eval")
+
+
+def part_path(out: Path, part: int) -> Path:
+    return out / PARTS_DIR / f"part_{part:05d}.npz"
+
+
+def plan_parts(eval_urls: str, parts: int) -> list[list[str]]:
+    """Split the eval shards into at most ``parts`` contiguous, balanced ranges (by count)."""
+    from pipeline.data.index import expand_urls
+
+    if parts < 1:
+        raise ValueError(f"--parts {parts}: must be >= 1")
+    urls = expand_urls(eval_urls)
+    n = min(parts, len(urls))
+    return [urls[i * len(urls) // n : (i + 1) * len(urls) // n] for i in range(n)]
+
+
+class ExtractPartJob(submitit.helpers.Checkpointable):
+    """Array task: embed the shards ``urls`` and write part ``part`` (rank 0 writes)."""
+
+    def __init__(self, cfg: RunConfig, checkpoint: str, part: int, urls: list[str]) -> None:
+        self.cfg, self.checkpoint, self.part, self.urls = cfg, checkpoint, part, urls
+
+    def __call__(self) -> dict[str, Any]:
+        guard_requeue_signal()
+        export_distributed_env()
+        from pipeline import distributed
+        from pipeline.evaluate import extract_embeddings
+        from pipeline.model import load_trained_model
+
+        path = part_path(eval_output_dir(self.cfg), self.part)
+        if path.is_file():  # a requeued task whose part was already complete
+            with np.load(path) as f:
+                return {"part": self.part, "rows": int(f["index"].shape[0]), "path": str(path)}
+        distributed.init()
+        try:
+            device = distributed.device()
+            model = load_trained_model(self.checkpoint, self.cfg.model).to(device)
+            # All ranks participate: each embeds its share of these shards; all get every row.
+            e = extract_embeddings(
+                model,
+                "::".join(self.urls),
+                self.cfg.data,
+                device=device,
+                batch_size=self.cfg.eval.batch_size,
+                progress=False,
+            )
+            if distributed.is_main_process():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp.npz")
+                np.savez(tmp, emb=e.emb_ND, labels=e.labels_N, index=e.index_N)
+                os.replace(tmp, path)  # a part file is complete or absent
+            distributed.barrier()  # all ranks participate
+        finally:
+            distributed.destroy()
+        print(f"[evaluate] part {self.part}: {len(e.index_N)} samples from {len(self.urls)} shards")
+        return {"part": self.part, "rows": len(e.index_N), "path": str(path)}
+
+
+def merge_parts(out: Path, parts: int, expected_rows: int | None) -> Any:
+    """All parts as one ``pipeline.evaluate.Embeddings`` sorted by global index.
+
+    Raises ValueError naming the missing part, a sample seen twice, or a wrong total.
+    """
+    from pipeline.evaluate import Embeddings
+
+    missing = [str(part_path(out, i)) for i in range(parts) if not part_path(out, i).is_file()]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} of {parts} evaluation parts are missing ({', '.join(missing[:3])}"
+            f"{', ...' if len(missing) > 3 else ''}): an array task failed; read its log in "
+            "the job folder, then resubmit (finished parts are kept)"
+        )
+    embs, labels, indices = [], [], []
+    for i in range(parts):
+        with np.load(part_path(out, i)) as f:
+            embs.append(f["emb"])
+            labels.append(f["labels"])
+            indices.append(f["index"])
+    emb, lab, idx = np.concatenate(embs), np.concatenate(labels), np.concatenate(indices)
+    order = np.argsort(idx, kind="stable")
+    emb, lab, idx = emb[order], lab[order], idx[order]
+    dup = idx[1:] == idx[:-1]
+    if dup.any():
+        raise ValueError(
+            f"sample index {int(idx[1:][dup][0])} appears in two parts under {out / PARTS_DIR}: "
+            "data.eval_urls lists a shard twice, or the parts come from different runs; "
+            "delete the parts folder and resubmit"
+        )
+    if expected_rows is not None and len(idx) != expected_rows:
+        raise ValueError(
+            f"the parts under {out / PARTS_DIR} hold {len(idx)} samples, the eval split's "
+            f"index.parquet lists {expected_rows}: delete the parts folder and resubmit"
+        )
+    return Embeddings(emb, lab, idx)
+
+
+def _expected_rows(eval_urls: str) -> int | None:
+    """Samples of the whole split when data.eval_urls is a split directory (else unknown)."""
+    from pipeline.data.index import read_index
+
+    if not os.path.isdir(eval_urls):
+        return None
+    try:
+        return read_index(eval_urls).num_rows
+    except FileNotFoundError:
+        return None
+
+
+class MergeEvalJob(submitit.helpers.Checkpointable):
+    """Dependent job: merge the parts, compute and write the metrics, log them to MLflow."""
+
+    def __init__(self, cfg: RunConfig, checkpoint: str, parts: int) -> None:
+        self.cfg, self.checkpoint, self.parts = cfg, checkpoint, parts
+
+    def __call__(self) -> dict[str, Any]:
+        """Returns ``metrics``, ``run_id`` (MLflow; None off rank 0) and ``output_dir``."""
+        guard_requeue_signal()
+        export_distributed_env()
+        from pipeline import distributed
+        from pipeline.config import flatten, to_dict
+        from pipeline.evaluate import compute_metrics, write_outputs
+        from pipeline.tracking import make_tracker
+
+        cfg = self.cfg
+        out = eval_output_dir(cfg)
+        run_id = None
+        e = merge_parts(out, self.parts, _expected_rows(cfg.data.eval_urls))
+        distributed.init()
+        try:
+            # All ranks participate (sharded kNN when the merge job has several).
+            metrics, extras = compute_metrics(e, cfg.data, cfg.eval, device=distributed.device())
+            if distributed.is_main_process():
+                files = write_outputs(out, e, metrics, extras, cfg.data, cfg.eval)
+                tracker = make_tracker(cfg.tracking, is_main=True)
+                tracker.log_params(
+                    {**flatten(to_dict(cfg)), "checkpoint": self.checkpoint, "parts": self.parts}
+                )
+                tracker.set_tags({"kind": "evaluate", "parts": str(self.parts)})
+                tracker.log_metrics(metrics, 0)
+                for f in files:
+                    tracker.log_artifact(f, "eval")
+                tracker.finish()
+                run_id = tracker.run_id
+                print(f"[evaluate] merged {self.parts} parts ({len(e.index_N)} samples): {metrics}")
+            distributed.barrier()  # all ranks participate
+        finally:
+            distributed.destroy()
+        return {"metrics": metrics, "run_id": run_id, "output_dir": str(out)}
