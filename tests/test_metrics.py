@@ -151,17 +151,14 @@ def test_bad_input_is_refused_with_a_clear_message():
         retrieval_metrics(emb[0], labels)
 
 
-def test_order_keys_sort_like_the_floats():
-    import torch
+@pytest.mark.parametrize("passes_max", [0, 1000])  # batched binary search / compare passes
+def test_both_counting_methods_give_the_same_ties(monkeypatch, passes_max):
+    import pipeline.metrics as metrics_mod
 
-    from pipeline.metrics import _order_keys
-
-    x = torch.tensor(
-        [0.5, -0.0, 0.0, -1e-30, 1e-30, -2.0, 3.0, -np.inf, np.inf, -0.5, 0.5], dtype=torch.float32
-    )
-    rows = torch.tensor([1, 0, 0, 0, 0, 1, 0, 1, 1, 0, 0])
-    keys = _order_keys(x, rows)
-    for i in range(len(x)):
-        for j in range(len(x)):
-            want = (rows[i], x[i].item()) <= (rows[j], x[j].item())  # -0.0 == 0.0 as floats
-            assert bool(keys[i] <= keys[j]) == want, (x[i], x[j])
+    monkeypatch.setattr(metrics_mod, "COMPARE_PASSES_MAX", passes_max)
+    rng = np.random.default_rng(5)
+    emb = rng.integers(-1, 2, size=(120, 3)).astype(np.float32)
+    emb[np.abs(emb).sum(1) == 0, 0] = 1
+    labels = rng.integers(0, 7, 120)
+    got = metrics_mod.retrieval_metrics(emb, labels, [1], normalize=False, map_block_bytes=9000)
+    assert got["map"] == pytest.approx(_pessimistic(emb, labels, [1])["map"], abs=1e-12)
