@@ -10,7 +10,8 @@
     python benchmarks/eval.py ijbc           # ~1 min
     python benchmarks/eval.py knn --n 20000 --classes 2000   # quicker
 
-Peak memory is the process's high-water mark (VmHWM, reset after the data is built) minus its
+Columns: wall time, CPU time of the process (all threads: on a shared machine the steadier of the
+two), peak memory. Peak memory is the process's high-water mark (VmHWM, reset after the data is built) minus its
 resident size after imports and a tiny warm-up run, so it counts the data plus everything the
 method allocates.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -149,6 +151,7 @@ def worker(args: argparse.Namespace) -> dict:
         )
         data_bytes = feats.nbytes
     _reset_peak()
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     if args.worker == "knn_faiss":
         metrics = retrieval_metrics(emb, labels, [1, 10, 100], normalize=False, full_map=False)
@@ -161,10 +164,13 @@ def worker(args: argparse.Namespace) -> dict:
 
         metrics, _ = ijbc_metrics(feats, tids, mids, protocol)
     seconds = time.perf_counter() - t0
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_s = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
     peak_mb = (_status_kb("VmHWM") - base_kb) / 1024
     return {
         "method": args.worker,
         "seconds": seconds,
+        "cpu_seconds": cpu_s,
         "peak_mb_above_warm_start": peak_mb,
         "data_mb": data_bytes / 2**20,
         "metrics": metrics,
@@ -204,12 +210,14 @@ def main() -> None:
     import torch
 
     print(f"# {args.part}: {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}")
+    print("| method | wall | CPU | peak memory | metrics |")
     methods = ["knn_faiss", "knn_torch", "knn_faiss_map"] if args.part == "knn" else ["ijbc"]
     for method in methods:
         r = run_worker(method, argv)
         metrics = {k: round(v, 4) for k, v in r["metrics"].items() if not k.startswith("num_")}
         print(
-            f"| {method} | {r['seconds']:.1f} s | {r['peak_mb_above_warm_start']:.0f} MB "
+            f"| {method} | {r['seconds']:.1f} s | {r['cpu_seconds']:.1f} s "
+            f"| {r['peak_mb_above_warm_start']:.0f} MB "
             f"(data {r['data_mb']:.0f} MB) | {metrics} |",
             flush=True,
         )
