@@ -39,7 +39,6 @@ _OWNED = {
     "scheduler": "optim.*",
     "fp16": "train.precision (fp16 is not supported: use bf16)",
     "bf16": "train.precision (bf16 runs as torch_autocast)",
-    "torch_autocast": "train.precision",
 }
 
 
@@ -95,6 +94,19 @@ def _merge_user_config(config: dict, path: Path, train_cfg: TrainConfig) -> None
             f"{key}={str(path)!r} sets zero_optimization.stage={stage} but train.zero_stage="
             f"{train_cfg.zero_stage}; set train.zero_stage={stage} (or drop the stage from the file)"
         )
+    autocast = extra.get("torch_autocast")
+    if autocast is not None:
+        if "torch_autocast" not in config:
+            raise ConfigError(
+                f"{key}={str(path)!r} sets torch_autocast, but train.precision="
+                f"{train_cfg.precision!r} runs in fp32 here; set train.precision=bf16 or drop it"
+            )
+        owned = sorted({"enabled", "dtype"} & set(autocast))
+        if owned:
+            raise ConfigError(
+                f"{key}={str(path)!r} sets torch_autocast.{owned[0]}, which the pipeline derives "
+                "from train.precision; keep only lower_precision_safe_modules in the file"
+            )
     for name, value in extra.items():
         if isinstance(value, dict) and isinstance(config.get(name), dict):
             config[name] = {**config[name], **value}
