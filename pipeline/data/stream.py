@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from collections.abc import Iterator
 
 import numpy as np
@@ -276,10 +277,14 @@ def _decode_group(group: Group, min_side: int) -> list:
 
 
 def _loader(dataset: IterableDataset, num_workers: int) -> DataLoader:
+    # fork on Linux: workers start in milliseconds instead of re-importing torch (the default
+    # in processes started by spawn, e.g. torch.multiprocessing.spawn); they never touch CUDA.
+    context = "fork" if num_workers > 0 and sys.platform.startswith("linux") else None
     return DataLoader(
         dataset,
         batch_size=None,  # the streams yield whole batches
         num_workers=num_workers,
+        multiprocessing_context=context,
         prefetch_factor=4 if num_workers > 0 else None,
         pin_memory=torch.cuda.is_available(),
         # The DataLoader draws its workers' base seed from this generator; without one it would

@@ -3,9 +3,14 @@
 A class is an *object*: 2-4 parts (ellipse, box, triangle, diamond, star, ring, hexagon, cross)
 laid out around a body, coloured from a 3-colour class palette, each part solid or textured
 (stripes, checks, dots) with class-specific frequency and angle. An image of a class is that
-object rotated (+-70 deg), scaled (40-85 % of the frame), shifted, over a random gradient
-background with clutter shapes, possibly occluded by a bar, colour jittered (brightness,
-contrast, channel gains), with Gaussian pixel noise, JPEG encoded.
+object rotated (+-45 deg), scaled (50-85 % of the frame), shifted, over a random gradient
+background with 1-3 clutter shapes, occluded by a bar in 35 % of the images, colour jittered
+(brightness, contrast, channel gains), with Gaussian pixel noise, JPEG encoded.
+
+The nuisance strengths are tuned so that a resnet18 trained from scratch at 64 px with
+Smooth-AP (P=16, K=4, Adam 1e-3) lifts held-out mAP@R from ~0.03 (untrained) to ~0.18 in 50
+steps; with +-70 deg, 40-85 % scale, 2-5 clutter shapes and 50 % occlusion it took 400 steps
+to gain 0.2, too slow for the CPU demo.
 
 Colours alone do not separate the classes (hues repeat across 500 classes and are jittered), so an
 untrained network retrieves poorly; colour layout, shapes and textures generalise to unseen
@@ -138,9 +143,9 @@ def _background(rng: np.random.Generator, size: int) -> Image.Image:
     w = np.clip((xx * math.cos(a) + yy * math.sin(a) + 1) * 0.5, 0, 1)[..., None]
     bg = Image.fromarray((c1 + (c2 - c1) * w).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(bg)
-    for _ in range(int(rng.integers(2, 6))):  # clutter: distractor shapes of random colours
+    for _ in range(int(rng.integers(1, 4))):  # clutter: distractor shapes of random colours
         cx, cy = rng.uniform(0, size, 2)
-        r = rng.uniform(0.06, 0.2) * size
+        r = rng.uniform(0.05, 0.15) * size
         kind = SHAPES[int(rng.integers(len(SHAPES)))]
         fill = tuple(int(c) for c in _colour(rng) * rng.uniform(0.4, 1))
         if kind in ("ellipse", "ring", "box"):
@@ -158,9 +163,9 @@ def render(seed: int, class_id: int, image_id: int, size: int) -> Image.Image:
     obj = class_template(seed, class_id, size)
     t = obj.size[0]
     # One affine map from the output frame into the template: rotation (pose), scale (the
-    # object, about half the template, covers 40-85 % of the frame) and shift.
-    angle = math.radians(rng.uniform(-70, 70))
-    scale = rng.uniform(0.8, 1.7) * size / t
+    # object, about half the template, covers 50-85 % of the frame) and shift.
+    angle = math.radians(rng.uniform(-45, 45))
+    scale = rng.uniform(1.0, 1.7) * size / t
     cx, cy = size / 2 + rng.uniform(-0.15, 0.15, 2) * size
     a, b = math.cos(angle) / scale, math.sin(angle) / scale
     d, e = -b, a
@@ -171,20 +176,20 @@ def render(seed: int, class_id: int, image_id: int, size: int) -> Image.Image:
         resample=Image.Resampling.BILINEAR,
     )
     image.paste(obj, (0, 0), obj)
-    if rng.uniform() < 0.5:  # occlusion: a bar across part of the object
+    if rng.uniform() < 0.35:  # occlusion: a bar across part of the object
         draw = ImageDraw.Draw(image)
         ox, oy = (cx, cy) + rng.uniform(-0.2, 0.2, 2) * size
-        w, h = rng.uniform(0.08, 0.2) * size, rng.uniform(0.25, 0.6) * size
+        w, h = rng.uniform(0.06, 0.15) * size, rng.uniform(0.2, 0.45) * size
         if rng.uniform() < 0.5:
             w, h = h, w
         fill = tuple(int(c) for c in _colour(rng) * rng.uniform(0.3, 1))
         draw.rectangle([ox - w / 2, oy - h / 2, ox + w / 2, oy + h / 2], fill=fill)
     pixels = np.asarray(image, np.float32)
     mean = pixels.mean()
-    contrast, brightness = rng.uniform(0.7, 1.3), rng.uniform(0.75, 1.25)
-    gains = (rng.uniform(0.88, 1.12, 3) * brightness).astype(np.float32)
+    contrast, brightness = rng.uniform(0.8, 1.2), rng.uniform(0.8, 1.2)
+    gains = (rng.uniform(0.9, 1.1, 3) * brightness).astype(np.float32)
     pixels = ((pixels - mean) * contrast + mean) * gains
-    pixels += rng.standard_normal(pixels.shape, dtype=np.float32) * rng.uniform(2, 10)
+    pixels += rng.standard_normal(pixels.shape, dtype=np.float32) * rng.uniform(2, 8)
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
 
 
