@@ -5,7 +5,9 @@ and writes ``<eval dir>/parts/part_{i:05d}.npz`` (embeddings, labels, global sam
 The merge job, started by Slurm only when every array task succeeded (``afterok``), loads the
 parts, checks that every sample arrived exactly once, and computes the metrics with the same
 code as ``pipeline evaluate`` (``pipeline.evaluate.compute_metrics`` and ``write_outputs``),
-logging them to MLflow. Both kinds are requeueable: a part already written is not recomputed.
+logging them to MLflow. Both kinds are requeueable: a part already written from the same
+weights and shards is not recomputed; a part left by another evaluation in the same folder is
+never used.
 
 Sample indices are global (each sample's row in the split's ``index.parquet``, stored in the
 shard), so the parts can be merged in any order.
@@ -46,6 +48,21 @@ def plan_parts(eval_urls: str, parts: int) -> list[list[str]]:
     return [urls[i * len(urls) // n : (i + 1) * len(urls) // n] for i in range(n)]
 
 
+def fingerprint(checkpoint: str, urls: list[str]) -> str:
+    """What a part was computed from: the weights (path, size, mtime) and its shards. A part
+    with another fingerprint (an earlier evaluation in the same folder) is never reused."""
+    st = os.stat(checkpoint)
+    return f"{checkpoint}|{st.st_size}|{st.st_mtime_ns}|" + "::".join(urls)
+
+
+def _read_fingerprint(path: Path) -> str | None:
+    try:
+        with np.load(path) as f:
+            return str(f["fingerprint"])
+    except (OSError, KeyError, ValueError):
+        return None
+
+
 class ExtractPartJob(submitit.helpers.Checkpointable):
     """Array task: embed the shards ``urls`` and write part ``part`` (rank 0 writes)."""
 
@@ -60,7 +77,8 @@ class ExtractPartJob(submitit.helpers.Checkpointable):
         from pipeline.model import load_trained_model
 
         path = part_path(eval_output_dir(self.cfg), self.part)
-        if path.is_file():  # a requeued task whose part was already complete
+        stamp = fingerprint(self.checkpoint, self.urls)
+        if _read_fingerprint(path) == stamp:  # requeued or resubmitted: this part is done
             with np.load(path) as f:
                 return {"part": self.part, "rows": int(f["index"].shape[0]), "path": str(path)}
         distributed.init()
@@ -79,7 +97,7 @@ class ExtractPartJob(submitit.helpers.Checkpointable):
             if distributed.is_main_process():
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_suffix(".tmp.npz")
-                np.savez(tmp, emb=e.emb_ND, labels=e.labels_N, index=e.index_N)
+                np.savez(tmp, emb=e.emb_ND, labels=e.labels_N, index=e.index_N, fingerprint=stamp)
                 os.replace(tmp, path)  # a part file is complete or absent
             distributed.barrier()  # all ranks participate
         finally:
@@ -88,10 +106,13 @@ class ExtractPartJob(submitit.helpers.Checkpointable):
         return {"part": self.part, "rows": len(e.index_N), "path": str(path)}
 
 
-def merge_parts(out: Path, parts: int, expected_rows: int | None) -> Any:
+def merge_parts(
+    out: Path, parts: int, expected_rows: int | None, stamps: list[str] | None = None
+) -> Any:
     """All parts as one ``pipeline.evaluate.Embeddings`` sorted by global index.
 
-    Raises ValueError naming the missing part, a sample seen twice, or a wrong total.
+    ``stamps``: the fingerprint each part must carry. Raises ValueError naming a missing or
+    stale part, a sample seen twice, or a wrong total.
     """
     from pipeline.evaluate import Embeddings
 
@@ -102,6 +123,12 @@ def merge_parts(out: Path, parts: int, expected_rows: int | None) -> Any:
             f"{', ...' if len(missing) > 3 else ''}): an array task failed; read its log in "
             "the job folder, then resubmit (finished parts are kept)"
         )
+    for i, stamp in enumerate(stamps or []):
+        if _read_fingerprint(part_path(out, i)) != stamp:
+            raise ValueError(
+                f"{part_path(out, i)} was computed from other weights or shards than this "
+                "evaluation: delete the parts folder (or use another eval.output_dir) and resubmit"
+            )
     embs, labels, indices = [], [], []
     for i in range(parts):
         with np.load(part_path(out, i)) as f:
@@ -141,8 +168,9 @@ def _expected_rows(eval_urls: str) -> int | None:
 class MergeEvalJob(submitit.helpers.Checkpointable):
     """Dependent job: merge the parts, compute and write the metrics, log them to MLflow."""
 
-    def __init__(self, cfg: RunConfig, checkpoint: str, parts: int) -> None:
-        self.cfg, self.checkpoint, self.parts = cfg, checkpoint, parts
+    def __init__(self, cfg: RunConfig, checkpoint: str, plan: list[list[str]]) -> None:
+        self.cfg, self.checkpoint, self.plan = cfg, checkpoint, plan
+        self.parts = len(plan)
 
     def __call__(self) -> dict[str, Any]:
         """Returns ``metrics``, ``run_id`` (MLflow; None off rank 0) and ``output_dir``."""
@@ -156,7 +184,8 @@ class MergeEvalJob(submitit.helpers.Checkpointable):
         cfg = self.cfg
         out = eval_output_dir(cfg)
         run_id = None
-        e = merge_parts(out, self.parts, _expected_rows(cfg.data.eval_urls))
+        stamps = [fingerprint(self.checkpoint, urls) for urls in self.plan]
+        e = merge_parts(out, self.parts, _expected_rows(cfg.data.eval_urls), stamps)
         distributed.init()
         try:
             # All ranks participate (sharded kNN when the merge job has several).

@@ -250,7 +250,7 @@ def _submit_parts(sub: Submission, checkpoint: str, parts: int) -> None:
     else:
         array_id = str(sub.jobs[0].job_id).split("_")[0]
         merge.update_parameters(slurm_dependency=f"afterok:{array_id}")
-    sub.jobs.append(merge.submit(MergeEvalJob(cfg, checkpoint, len(plan))))
+    sub.jobs.append(merge.submit(MergeEvalJob(cfg, checkpoint, plan)))
     out = eval_output_dir(cfg)
     sub.notes.append(
         f"{len(plan)} extraction task(s) write {out}/parts/; job {sub.jobs[-1].job_id} merges "

@@ -239,3 +239,64 @@ def test_local_evaluate_runs_pipeline_evaluate_in_two_tasks(tmp_path):
     assert {"rank 0/2", "rank 1/2"} <= {
         m for p in logs for m in re.findall(r"rank \d/2", p.read_text())
     }
+
+
+# ---------------------------------------------------------------------------- array evaluation
+
+
+def test_plan_parts_is_contiguous_balanced_and_complete(tmp_path):
+    from launch.evaluation import plan_parts
+
+    for i in range(7):
+        (tmp_path / f"x-{i:06d}.tar").write_bytes(b"")
+    urls = [str(tmp_path / f"x-{i:06d}.tar") for i in range(7)]
+    plan = plan_parts(str(tmp_path), 3)
+    assert [u for part in plan for u in part] == urls  # every shard once, in order
+    assert sorted(len(p) for p in plan) == [2, 2, 3]
+    assert plan_parts(str(tmp_path), 50) == [[u] for u in urls]  # never an empty part
+
+
+def _write_part(out: Path, i: int, index: list[int], stamp: str) -> None:
+    from launch.evaluation import part_path
+
+    path = part_path(out, i)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    idx = np.array(index, np.int64)
+    emb = np.stack([idx * 1.0, -idx * 1.0], axis=1).astype(np.float32)
+    np.savez(path, emb=emb, labels=idx % 3, index=idx, fingerprint=stamp)
+
+
+def test_merge_parts_orders_by_global_index(tmp_path):
+    from launch.evaluation import merge_parts
+
+    _write_part(tmp_path, 0, [4, 0, 2], "a")
+    _write_part(tmp_path, 1, [1, 5, 3], "b")
+    e = merge_parts(tmp_path, 2, expected_rows=6, stamps=["a", "b"])
+    assert e.index_N.tolist() == [0, 1, 2, 3, 4, 5]
+    assert e.emb_ND[:, 0].tolist() == [0, 1, 2, 3, 4, 5]  # rows travel with their index
+    assert e.labels_N.tolist() == [0, 1, 2, 0, 1, 2]
+
+
+def test_merge_parts_refuses_missing_stale_duplicate_and_short(tmp_path):
+    from launch.evaluation import merge_parts
+
+    _write_part(tmp_path, 0, [0, 1], "a")
+    with pytest.raises(ValueError, match=r"1 of 2 evaluation parts are missing .*part_00001\.npz"):
+        merge_parts(tmp_path, 2, None)
+    _write_part(tmp_path, 1, [1, 2], "b")
+    with pytest.raises(ValueError, match=r"part_00001\.npz was computed from other weights"):
+        merge_parts(tmp_path, 2, None, stamps=["a", "new"])
+    with pytest.raises(ValueError, match=r"sample index 1 appears in two parts"):
+        merge_parts(tmp_path, 2, None, stamps=["a", "b"])
+    _write_part(tmp_path, 1, [2], "b")
+    with pytest.raises(ValueError, match=r"hold 3 samples, the eval split's index.parquet lists 4"):
+        merge_parts(tmp_path, 2, 4)
+
+
+def test_evaluate_needs_one_existing_checkpoint(tmp_path):
+    with pytest.raises(LaunchError, match=r"pass the trained weights once as checkpoint=PATH"):
+        slurm.submit("evaluate", REPO / "conf" / "defaults.yaml", ["eval.ks=[1]"], local=True)
+    with pytest.raises(LaunchError, match=r"checkpoint='nope.safetensors' does not exist"):
+        slurm.submit("evaluate", REPO / "conf" / "defaults.yaml", ["checkpoint=nope.safetensors"])
+    with pytest.raises(LaunchError, match=r"--parts splits an evaluation"):
+        slurm.submit("train", REPO / "conf" / "defaults.yaml", local=True, parts=2)

@@ -131,8 +131,9 @@ MpiDefault=none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
-# A job whose dependency failed is cancelled, not left pending forever.
-SchedulerParameters=kill_invalid_depend
+# A job whose dependency failed is cancelled, not left pending forever; pending jobs (a
+# requeued job once its hold ends) are looked at every 2 s, not every 60 s.
+SchedulerParameters=kill_invalid_depend,sched_interval=2,bf_interval=2
 ReturnToService=2
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=127.0.0.1
