@@ -300,3 +300,38 @@ def test_evaluate_needs_one_existing_checkpoint(tmp_path):
         slurm.submit("evaluate", REPO / "conf" / "defaults.yaml", ["checkpoint=nope.safetensors"])
     with pytest.raises(LaunchError, match=r"--parts splits an evaluation"):
         slurm.submit("train", REPO / "conf" / "defaults.yaml", local=True, parts=2)
+
+
+GUARD_SCRIPT = """
+import os, signal, sys, time
+from submitit.core.job_environment import JobEnvironment
+from launch.jobs import guard_requeue_signal
+
+log = sys.argv[1]
+sig = JobEnvironment._usr_sig()
+# Stands in for submitit's handler (checkpoint, scontrol requeue, exit): records who ran it.
+signal.signal(sig, lambda s, f: open(log, "a").write(f"{os.getpid()}\\n"))
+guard_requeue_signal()
+child = os.fork()  # as a DataLoader worker is forked from the task
+if child == 0:
+    time.sleep(1.0)
+    os._exit(0)
+time.sleep(0.2)
+os.kill(child, sig)  # Slurm signals every process of the step
+os.kill(os.getpid(), sig)
+os.waitpid(child, 0)
+print(os.getpid())
+"""
+
+
+def test_requeue_signal_acts_only_in_the_task_not_in_forked_workers(tmp_path):
+    log = tmp_path / "handled.txt"
+    proc = subprocess.run(
+        [sys.executable, "-c", GUARD_SCRIPT, str(log)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+        check=True,
+    )
+    assert log.read_text().split() == [proc.stdout.strip()]  # the parent only, once
