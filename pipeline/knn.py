@@ -144,13 +144,9 @@ class ExactIPIndex:
             cpu_index.add(self.gallery_ND)
             co = faiss.GpuMultipleClonerOptions()
             co.shard = True  # split the gallery over the GPUs (IndexShards), not replicate it
-            resources = [faiss.StandardGpuResources() for _ in self.gpus]
-            self._parts = resources
-            vres, vdev = faiss.GpuResourcesVector(), faiss.Int32Vector()
-            for g, r in zip(self.gpus, resources):
-                vdev.push_back(int(g))
-                vres.push_back(r)
-            return faiss.index_cpu_to_gpu_multiple(vres, vdev, cpu_index, co)
+            # The GPU indexes use these resources: keep them alive as long as the index.
+            self._parts = [faiss.StandardGpuResources() for _ in self.gpus]
+            return faiss.index_cpu_to_gpu_multiple_py(self._parts, cpu_index, co, self.gpus)
         if cpu_shards == 1:
             index = faiss.IndexFlatIP(self.dim)
             index.add(self.gallery_ND)
