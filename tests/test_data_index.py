@@ -13,7 +13,10 @@ from pipeline.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     decode_image,
+    eval_geometry,
     eval_transform,
+    normalise_batch,
+    train_geometry,
     train_transform,
 )
 from tests.data_helpers import jpeg_bytes, tiny_split
@@ -96,3 +99,18 @@ def test_transforms_shapes_normalisation_and_draft_decoding():
     assert decode_image(big).size == (400, 300)
     assert decode_image(big, min_side=100).size == (200, 150)
     assert decode_image(big, min_side=200).size == (400, 300)
+
+
+def test_batched_normalisation_equals_the_per_image_transforms():
+    cfg = DataConfig(image_size=20, resize_size=24, crop_scale_min=0.3)
+    images = [decode_image(jpeg_bytes(40, 30, seed=i)) for i in range(5)]
+    torch.manual_seed(7)
+    per_image = torch.stack([train_transform(cfg)(im) for im in images])
+    torch.manual_seed(7)  # the geometry draws the same random numbers
+    batched = normalise_batch([train_geometry(cfg)(im) for im in images])
+    assert batched.dtype == torch.float32
+    assert torch.allclose(batched, per_image, atol=2e-6, rtol=0)
+    evaluated = normalise_batch([eval_geometry(cfg)(im) for im in images])
+    assert torch.allclose(
+        evaluated, torch.stack([eval_transform(cfg)(im) for im in images]), atol=2e-6, rtol=0
+    )

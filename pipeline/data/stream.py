@@ -46,7 +46,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.config import DataConfig, SamplerConfig
 from pipeline.data.index import expand_urls
 from pipeline.data.pk import PASS_END, Group, PKBatcher, Raw, class_runs
-from pipeline.data.transforms import decode_image, draft_side, eval_transform, train_transform
+from pipeline.data.transforms import (
+    decode_image,
+    draft_side,
+    eval_geometry,
+    normalise_batch,
+    train_geometry,
+)
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +222,7 @@ class TrainStream(IterableDataset):
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         batchers: dict[tuple[int, int], PKBatcher] = {}
         produced: dict[tuple[int, int], int] = {}
-        transform = train_transform(self.data_cfg)
+        transform = train_geometry(self.data_cfg)
         min_side = draft_side(self.data_cfg, train=True)
         for b in self.batch_indices(worker, num_workers):
             sid = (int(self.mix[b]), b % self.num_streams)
@@ -248,7 +254,7 @@ class TrainStream(IterableDataset):
         labels = torch.tensor(
             [namespaced_label(dataset, g[0].label) for g in groups for _ in g], dtype=torch.int64
         )
-        return torch.stack(tensors), labels
+        return normalise_batch(tensors), labels
 
 
 def _decode_group(group: Group, min_side: int) -> list:
@@ -377,7 +383,7 @@ class EvalStream(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        transform = eval_transform(self.data_cfg)
+        transform = eval_geometry(self.data_cfg)
         min_side = draft_side(self.data_cfg, train=False)
         images, labels, indices = [], [], []
         for raw, index in self._samples(worker, num_workers):
@@ -409,7 +415,7 @@ def _eval_sample(url: str, sample: dict) -> tuple[Raw, int]:
 
 def _eval_batch(images, labels, indices) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return (
-        torch.stack(images),
+        normalise_batch(images),
         torch.tensor(labels, dtype=torch.int64),
         torch.tensor(indices, dtype=torch.int64),
     )

@@ -2,7 +2,8 @@
 
 Both transforms take a PIL RGB image and return a float32 (3, S, S) tensor, ImageNet-normalised.
 Geometry runs on the PIL image (crop before converting: fewer pixels to convert and normalise).
-Randomness comes from torch's global generator; the train stream seeds it per batch.
+Randomness comes from torch's global generator; the train stream seeds it per batch. The streams
+apply the geometry per image and ``normalise_batch`` once per batch (same result).
 """
 
 from __future__ import annotations
@@ -19,36 +20,59 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _to_tensor() -> list:
-    return [
-        v2.ToImage(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ]
+def _normalise() -> list:
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
 
 
-def train_transform(data_cfg: DataConfig) -> v2.Compose:
-    """RandomResizedCrop(image_size, scale=(crop_scale_min, 1)) + horizontal flip + normalise."""
+def train_geometry(data_cfg: DataConfig) -> v2.Compose:
+    """The random part of ``train_transform``: PIL image -> uint8 (3, S, S) tensor."""
     return v2.Compose(
         [
             v2.RandomResizedCrop(
                 data_cfg.image_size, scale=(data_cfg.crop_scale_min, 1.0), antialias=True
             ),
             v2.RandomHorizontalFlip(),
-            *_to_tensor(),
+            v2.ToImage(),
         ]
     )
 
 
-def eval_transform(data_cfg: DataConfig) -> v2.Compose:
-    """Resize (shorter side to resize_size) + CenterCrop(image_size) + normalise."""
+def eval_geometry(data_cfg: DataConfig) -> v2.Compose:
+    """``eval_transform`` before normalisation: PIL image -> uint8 (3, S, S) tensor."""
     return v2.Compose(
         [
             v2.Resize(data_cfg.resize_size, antialias=True),
             v2.CenterCrop(data_cfg.image_size),
-            *_to_tensor(),
+            v2.ToImage(),
         ]
     )
+
+
+def train_transform(data_cfg: DataConfig) -> v2.Compose:
+    """RandomResizedCrop(image_size, scale=(crop_scale_min, 1)) + horizontal flip + normalise:
+    PIL image -> float32 (3, S, S)."""
+    return v2.Compose([*train_geometry(data_cfg).transforms, *_normalise()])
+
+
+def eval_transform(data_cfg: DataConfig) -> v2.Compose:
+    """Resize (shorter side to resize_size) + CenterCrop(image_size) + normalise:
+    PIL image -> float32 (3, S, S)."""
+    return v2.Compose([*eval_geometry(data_cfg).transforms, *_normalise()])
+
+
+_SCALE = 1 / (255 * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+_SHIFT = -torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+
+def normalise_batch(images_uint8: list[torch.Tensor]) -> torch.Tensor:
+    """Stack uint8 (3, S, S) images into float32 (B, 3, S, S), ImageNet-normalised.
+
+    Equals stacking the per-image ``ToDtype + Normalize`` of the transforms above to within
+    float32 rounding (~1e-6), in one multiply-add over the batch instead of four passes per
+    image: the streams use it (a quarter of the per-image transform time on 224 px crops).
+    """
+    batch = torch.stack(images_uint8).to(torch.float32)
+    return batch.mul_(_SCALE).add_(_SHIFT)
 
 
 def decode_image(data: bytes, min_side: int = 0) -> Image.Image:
