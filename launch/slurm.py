@@ -1,9 +1,10 @@
 """Submit training or evaluation to SLURM (or run it locally) with submitit.
 
-    python -m launch.slurm train --config conf/sop.yaml --nodes 2 --gpus-per-node 8 \\
-        --partition gpu --time 240 [key=value ...]
-    python -m launch.slurm train --config conf/demo.yaml --local --gpus-per-node 0 \\
-        --tasks-per-node 2
+    python -m launch.slurm train --config conf/experiments/sop.yaml --nodes 2 \\
+        --gpus-per-node 8 --partition gpu --time 240 [key=value ...]
+    python -m launch.slurm evaluate --config conf/experiments/vggface2.yaml \\
+        checkpoint=runs/vggface2/model.safetensors --parts 32 --gpus-per-node 1
+    python -m launch.slurm train --config FILE --local --gpus-per-node 0 --tasks-per-node 2
 
 Resources resolve in this order, later winning: the config's ``launch`` section (defaults.yaml,
 then the config file), the cluster file (``--cluster NAME`` -> ``conf/cluster/NAME.yaml``),
@@ -105,10 +106,13 @@ def _absolute_paths(cfg: RunConfig) -> RunConfig:
     from pipeline.tracking import resolve_uri
 
     train = replace(cfg.train, output_dir=str(Path(cfg.train.output_dir).resolve()))
+    evaluation = replace(
+        cfg.eval, output_dir=str(Path(cfg.eval.output_dir).resolve()) if cfg.eval.output_dir else ""
+    )
     # Pin the tracking URI now, so the job logs where this command says it does.
     tracking = replace(cfg.tracking, uri=resolve_uri(cfg.tracking))
     launch = replace(cfg.launch, folder=str(Path(cfg.launch.folder).resolve()))
-    return replace(cfg, train=train, tracking=tracking, launch=launch)
+    return replace(cfg, train=train, eval=evaluation, tracking=tracking, launch=launch)
 
 
 def make_executor(launch: LaunchConfig, *, local: bool, name: str) -> Any:
