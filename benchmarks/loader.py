@@ -8,6 +8,8 @@ of worker processes, measured in one run:
                the workers (multiprocessing): the compute ceiling, no I/O, no batching
   (b) shards   pipeline.data.stream.train_loader: tar shards, class groups, P x K batches
   (c) folder   torchvision ImageFolder + DataLoader(batch_size=P*K, shuffle=True) on the files
+  (b') shards_uint8  (b) with normalise=False: workers ship uint8 batches, this process
+               normalises them (a GPU trainer would do that on the device)
 
 Each figure is the best of --repeats (interleaved) over --images images, startup included:
 images per wall-clock second, and images per CPU second of all processes involved (this process
@@ -90,9 +92,14 @@ def bench_plain(paths: list[Path], cfg: dict, workers: int) -> int:
     return done
 
 
-def bench_shards(split: Path, cfg: dict, p: int, k: int, n: int, buffer_groups: int) -> int:
+def bench_shards(
+    split: Path, cfg: dict, p: int, k: int, n: int, buffer_groups: int, uint8: bool = False
+) -> int:
+    """``uint8``: the workers ship uint8 batches and this process normalises them (what a GPU
+    trainer would do on the device)."""
     from pipeline.config import DataConfig, DatasetSource, SamplerConfig
     from pipeline.data.stream import train_loader
+    from pipeline.data.transforms import normalise_batch
 
     data_cfg = DataConfig(train=[DatasetSource(urls=str(split))], eval_urls=str(split), **cfg)
     sampler = SamplerConfig(
@@ -101,8 +108,13 @@ def bench_shards(split: Path, cfg: dict, p: int, k: int, n: int, buffer_groups: 
         steps_per_epoch=max(1, n // (p * k)),
         shuffle_buffer_groups=buffer_groups,
     )
-    loader = train_loader(data_cfg, sampler, rank=0, world_size=1, epoch=0)
-    return sum(len(labels) for _, labels in loader)
+    loader = train_loader(data_cfg, sampler, rank=0, world_size=1, epoch=0, normalise=not uint8)
+    done = 0
+    for images, labels in loader:
+        if uint8:
+            normalise_batch(images)
+        done += len(labels)
+    return done
 
 
 def bench_folder(root: Path, cfg: dict, batch: int) -> int:
@@ -176,6 +188,12 @@ def main() -> None:
                     ),
                 ),
                 ("folder", lambda: bench_folder(tmp / "folder", cfg, args.p * args.k)),
+                (
+                    "shards_uint8",
+                    lambda: bench_shards(
+                        tmp / "shards" / "train", cfg, args.p, args.k, n, args.buffer_groups, True
+                    ),
+                ),
             ):
                 done, wall_s, cpu_s = _timed(fn)
                 wall[name] = max(wall.get(name, 0.0), done / wall_s)
@@ -194,6 +212,8 @@ def main() -> None:
         "shards/folder": round(wall["shards"] / wall["folder"], 3),
         "shards/plain per cpu_s": round(cpu["shards"] / cpu["plain"], 3),
         "shards/folder per cpu_s": round(cpu["shards"] / cpu["folder"], 3),
+        "shards_uint8/plain": round(wall["shards_uint8"] / wall["plain"], 3),
+        "shards_uint8/folder": round(wall["shards_uint8"] / wall["folder"], 3),
     }
     print(json.dumps(report, indent=1))
 

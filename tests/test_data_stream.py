@@ -195,3 +195,18 @@ def test_bad_arguments_name_the_rule(split, tmp_path):
     big, sampler = cfgs(str(split), p=30, k=2, buffer=30)
     with pytest.raises(ValueError, match=r"only \d+ distinct classes.*P=30"):
         next(iter(train_loader(big, sampler, rank=0, world_size=1, epoch=0)))
+
+
+def test_uint8_output_normalises_to_the_same_batches(split):
+    from pipeline.data.transforms import normalise_batch
+
+    data, sampler = cfgs(str(split), steps=4, workers=2)
+    floats = list(train_loader(data, sampler, rank=0, world_size=1, epoch=0))
+    raw = list(train_loader(data, sampler, rank=0, world_size=1, epoch=0, normalise=False))
+    assert raw[0][0].dtype == torch.uint8
+    assert _equal(floats, [(normalise_batch(x), y) for x, y in raw])
+    ev = next(iter(eval_loader(str(split), data, rank=0, world_size=1, batch_size=5)))
+    ev8 = next(
+        iter(eval_loader(str(split), data, rank=0, world_size=1, batch_size=5, normalise=False))
+    )
+    assert torch.equal(ev[0], normalise_batch(ev8[0])) and torch.equal(ev[2], ev8[2])
