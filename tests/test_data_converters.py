@@ -69,6 +69,9 @@ def test_vggface2(tmp_path):
         LayoutError, match=r"val_list.txt does not exist; expected VGGFace2's list file"
     ):
         list_split("vggface2", root, "val")
+    (root / "val_list.txt").write_text("n000001/0000_01.jpg\n")
+    with pytest.raises(LayoutError, match=r"val is not a directory; expected VGGFace2's val/"):
+        list_split("vggface2", root, "val")
     (root / "test_list.txt").write_text("n000001/0000_01.jpg\nn000001/9999_01.jpg\n")
     assert _make("vggface2", root, tmp_path / "o2", "--split", "test") == 1
 

@@ -210,3 +210,16 @@ def test_uint8_output_normalises_to_the_same_batches(split):
         iter(eval_loader(str(split), data, rank=0, world_size=1, batch_size=5, normalise=False))
     )
     assert torch.equal(ev[0], normalise_batch(ev8[0])) and torch.equal(ev[2], ev8[2])
+
+
+def test_pipe_urls_stream_through_webdataset(split):
+    data, sampler = cfgs(f"pipe:cat {split}/synthetic-train-{{000000..000007}}.tar", steps=3)
+    assert len(list(train_loader(data, sampler, rank=0, world_size=2, epoch=0))) == 3
+    indices = [
+        i
+        for _, _, index in eval_loader(
+            data.train[0].urls, data, rank=0, world_size=1, batch_size=50
+        )
+        for i in index.tolist()
+    ]
+    assert sorted(indices) == list(range(120))
