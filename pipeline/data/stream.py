@@ -4,9 +4,10 @@ Training (``train_loader``)
 ---------------------------
 Each rank runs V = ``sampler.streams_per_rank`` independent P x K streams per dataset; batch b
 of an epoch comes from dataset ``mix[b]`` (drawn by the dataset weights, the same on every rank)
-and from stream ``b mod V``. DataLoader worker w runs the streams v = (start_step + w) mod W,
-(mod W), W = num_workers, which matches the DataLoader's round-robin order over workers; so the
-batches depend on (sampler.seed, epoch, rank, world_size, V) only, not on num_workers.
+and from stream ``b mod V``. With W = num_workers (W divides V), DataLoader worker w runs the
+streams v with v = start_step + w (mod W), so it yields batches start_step + w, + w + W, ...,
+which is the DataLoader's round-robin order over workers; so the batches depend on
+(sampler.seed, epoch, rank, world_size, V) only, not on num_workers.
 
 Shards: every epoch each dataset's shard list is permuted (seeded by seed, epoch) and dealt out
 round-robin to the ranks: disjoint across ranks. A rank's shards are dealt to its V streams the
