@@ -29,12 +29,14 @@ _INVALID_KEY_CHARS = re.compile(r"[^\w\-. :/]")
 
 
 def resolve_uri(tracking_cfg: TrackingConfig) -> str:
-    """``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else a SQLite file ``./mlflow.db``
-    (made absolute, so that the printed ``mlflow ui`` command works from anywhere)."""
+    """``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else a SQLite file ``./mlflow.db``.
+    SQLite paths are made absolute, so that the printed ``mlflow ui`` command works anywhere."""
     uri = tracking_cfg.uri or os.environ.get("MLFLOW_TRACKING_URI", "")
     if not uri:
-        uri = f"sqlite:///{Path(DEFAULT_DB).resolve()}"
-    return uri
+        uri = f"sqlite:///{DEFAULT_DB}"
+    db = _sqlite_path(uri)
+    # A relative SQLite path would depend on the working directory of each reader.
+    return f"sqlite:///{db.resolve()}" if db is not None else uri
 
 
 def _sqlite_path(uri: str) -> Path | None:

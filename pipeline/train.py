@@ -45,7 +45,10 @@ CURVES = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="experiment YAML (conf/experiments/)")
     parser.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=1e-4"
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="dotted overrides, e.g. optim.lr=0.0001 train.output_dir=runs/x",
     )
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -136,3 +140,17 @@ def test_pretrained_path_of_another_backbone_is_refused(tmp_path):
         build_model(ModelConfig(**TINY, pretrained_path=str(tmp_path / "other.pth")))
     with pytest.raises(ModelLoadError, match="does not exist"):
         build_model(ModelConfig(**TINY, pretrained_path=str(tmp_path / "missing.pth")))
+
+
+def test_pretrained_without_network_or_cache_points_to_pretrained_path(tmp_path):
+    # A fresh, offline Hugging Face cache: what a cluster node without network sees.
+    code = (
+        "from pipeline.config import ModelConfig\n"
+        "from pipeline.model import build_model\n"
+        "build_model(ModelConfig(backbone='test_byobnet', pretrained=True))\n"
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "ModelLoadError: model.pretrained=true" in proc.stderr
+    assert "set model.pretrained_path=FILE" in proc.stderr

@@ -134,6 +134,8 @@ def test_uri_resolution_and_names(monkeypatch, tmp_path):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5001")
     assert resolve_uri(TrackingConfig()) == "http://127.0.0.1:5001"
     assert resolve_uri(TrackingConfig(uri="sqlite:////x.db")) == "sqlite:////x.db"
+    relative = TrackingConfig(uri="sqlite:///runs/m.db")
+    assert resolve_uri(relative) == f"sqlite:///{tmp_path / 'runs' / 'm.db'}"
     assert metric_key("eval/recall@16") == "eval/recall_at_16"
     assert metric_key("a,b(c)") == "a_b_c_"
     assert ui_command("sqlite:////x/mlflow.db").startswith(

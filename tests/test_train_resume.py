@@ -57,7 +57,7 @@ def _config(tmp: Path, shards: Path, name: str) -> Path:
             "deterministic": True,
             "chunk_size": 6,  # the gradient cache on the way
         },
-        "eval": {"ks": [1, 4], "batch_size": 64},
+        "eval": {"every": 8, "ks": [1, 4], "batch_size": 64},
         "tracking": {"uri": f"sqlite:///{tmp / name / 'mlflow.db'}", "experiment": "resume"},
     }
     path = tmp / f"{name}.yaml"
@@ -69,39 +69,56 @@ def _launch(config: Path, log: Path) -> list[subprocess.Popen]:
     """Both ranks in one new process group (SIGKILL to the group = a node dies)."""
     port = str(free_port())
     procs: list[subprocess.Popen] = []
-    for rank in (0, 1):
-        env = dict(
-            os.environ,
-            RANK=str(rank),
-            WORLD_SIZE="2",
-            LOCAL_RANK=str(rank),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=port,
-            OMP_NUM_THREADS="1",
-        )
-        group = {"process_group": procs[0].pid if procs else 0}
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "pipeline.cli", "train", "--config", str(config)],
-                env=env,
-                stdout=open(f"{log}.rank{rank}", "w"),  # noqa: SIM115 (closed at exit)
-                stderr=subprocess.STDOUT,
-                **group,
+    try:
+        for rank in (0, 1):
+            env = dict(
+                os.environ,
+                RANK=str(rank),
+                WORLD_SIZE="2",
+                LOCAL_RANK=str(rank),
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=port,
+                OMP_NUM_THREADS="1",
             )
-        )
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "pipeline.cli", "train", "--config", str(config)],
+                    env=env,
+                    stdout=open(f"{log}.rank{rank}", "w"),  # noqa: SIM115 (closed at exit)
+                    stderr=subprocess.STDOUT,
+                    process_group=procs[0].pid if procs else 0,
+                )
+            )
+    except BaseException:
+        _kill(procs)
+        raise
     return procs
 
 
+def _kill(procs: list[subprocess.Popen]) -> None:
+    if procs:
+        os.killpg(procs[0].pid, signal.SIGKILL)
+        for p in procs:
+            p.wait()
+
+
 def _wait(procs: list[subprocess.Popen], log: Path, timeout: float = 240) -> None:
-    for rank, p in enumerate(procs):
-        try:
-            rc = p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(procs[0].pid, signal.SIGKILL)
-            rc = "timeout"
-        if rc != 0:
+    """Wait for both ranks; a failed or hung rank fails the test (and the other is killed,
+    since it would wait for its peer forever)."""
+    deadline = time.time() + timeout
+    while any(p.poll() is None for p in procs):
+        failed = [r for r, p in enumerate(procs) if p.poll() not in (None, 0)]
+        if failed or time.time() > deadline:
+            _kill(procs)
+            rank = failed[0] if failed else 0
             tail = Path(f"{log}.rank{rank}").read_text()[-3000:]
-            pytest.fail(f"rank {rank} exited with {rc}:\n{tail}")
+            pytest.fail(f"rank {rank} failed or timed out:\n{tail}")
+        time.sleep(0.2)
+    for rank, p in enumerate(procs):
+        if p.returncode != 0:
+            pytest.fail(
+                f"rank {rank} exited with {p.returncode}:\n{Path(f'{log}.rank{rank}').read_text()[-3000:]}"
+            )
 
 
 def _history(uri: str, key: str = "train/loss") -> tuple[list, list]:
@@ -149,6 +166,8 @@ def test_sigkill_after_a_checkpoint_then_resume_equals_an_uninterrupted_run(tmp_
         if any(p.poll() is not None for p in procs):
             break
         time.sleep(0.05)
+    if killed_at is None:
+        _kill(procs)
     for p in procs:
         p.wait(timeout=30)
     assert killed_at is not None, f"not killed in time:\n{Path(f'{log}.rank0').read_text()[-3000:]}"
@@ -180,7 +199,8 @@ def test_sigkill_after_a_checkpoint_then_resume_equals_an_uninterrupted_run(tmp_
     _, ref_points = _history(ref_uri)
     assert points == ref_points
     _, evals = _history(uri, "eval/map_at_r")
-    assert [s for s, _ in evals] == [STEPS]
+    _, ref_evals = _history(ref_uri, "eval/map_at_r")
+    assert [s for s, _ in evals] == [8, STEPS] and evals == ref_evals
     # Artifacts: the resolved config, curves, final weights, evaluation files.
     from mlflow import MlflowClient
 
@@ -191,7 +211,7 @@ def test_sigkill_after_a_checkpoint_then_resume_equals_an_uninterrupted_run(tmp_
     tags = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
     assert len(tags) == 2 and tags[-1] == f"step_{STEPS:08d}"
 
-    # Calling it once more on a finished run returns the recorded result without training.
-    again = _launch(cfg, tmp_path / "again.log")
-    _wait(again, tmp_path / "again.log")
+    # The same command on a finished run returns the recorded result without training.
+    _wait(_launch(cfg, tmp_path / "again.log"), tmp_path / "again.log")
     assert "already trained" in Path(f"{tmp_path / 'again.log'}.rank0").read_text()
+    assert json.loads((out / "result.json").read_text()) == result
