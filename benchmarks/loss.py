@@ -52,10 +52,14 @@ def _dense_loss(emb, num_classes, tau):
     return 1.0 - (rank_pos / rank_all_blocks).sum() / (g * B)
 
 
-def _measure(kind: str, n: int, k: int, d: int, repeats: int) -> dict:
+def _measure(kind: str, n: int, k: int, d: int, repeats: int, threads: int) -> dict:
     import torch
 
+    torch.set_num_threads(threads)
     torch.manual_seed(0)
+    # Saturated sigmoids produce subnormal floats, whose slow path on x86 made
+    # timings swing 10x between runs; flush them to zero for every kind alike.
+    torch.set_flush_denormal(True)
     emb = torch.nn.functional.normalize(torch.randn(n, d), dim=1).requires_grad_(True)
     labels = torch.arange(n // k).repeat_interleave(k)
     if kind == "ours":
@@ -112,15 +116,22 @@ def main() -> None:
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="intra-op threads (1: immune to the other core being busy, which stalls "
+        "2-thread ops on a shared 2-core machine)",
+    )
     p.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a._child:
-        print(json.dumps(_measure(a._child[0], int(a._child[1]), a.k, a.dim, a.repeats)))
+        print(json.dumps(_measure(a._child[0], int(a._child[1]), a.k, a.dim, a.repeats, a.threads)))
         return
 
     import torch
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, CPU")
+    print(f"torch {torch.__version__}, {a.threads} thread(s), float32, CPU")
     print(f"D = {a.dim}, K = {a.k}, best of {a.repeats}; extra = peak RSS - RSS with inputs\n")
     header = f"{'n':>6} {'kind':>6} {'fwd+bwd s':>10} {'extra MiB':>10}"
     print(header)
@@ -130,6 +141,7 @@ def main() -> None:
             if kind == "dense" and n > DENSE_MAX_N:
                 continue
             args = ["--k", str(a.k), "--dim", str(a.dim), "--repeats", str(a.repeats)]
+            args += ["--threads", str(a.threads)]
             out = subprocess.run(
                 [sys.executable, __file__, *args, "--_child", kind, str(n)],
                 capture_output=True,
