@@ -148,6 +148,11 @@ def run(args: argparse.Namespace) -> int:
     ]
     cores = os.cpu_count() or 1
     env = dict(os.environ, OMP_NUM_THREADS=str(max(cores // args.procs, 1)))
+    import torch
+
+    if not torch.cuda.is_available():
+        # Naming DeepSpeed's CPU accelerator skips its GPU probe (and its warning).
+        env.setdefault("DS_ACCELERATOR", "cpu")
     if subprocess.run(cmd, env=env).returncode != 0:
         tracker.finish("FAILED")
         raise SystemExit(f"[demo] training failed; its files are in {out}")
