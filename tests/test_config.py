@@ -35,8 +35,15 @@ def test_yaml_then_overrides(tmp_path):
     assert cfg.optim.lr == RunConfig().optim.lr
 
 
-def test_int_is_accepted_for_float():
+def test_int_and_exponent_strings_are_accepted_for_float(tmp_path):
     assert load_config(None, ["loss.temperature=1"]).loss.temperature == 1.0
+    # YAML 1.1 parses 3e-3 (no dot) as a string.
+    assert load_config(None, ["optim.lr=3e-3"]).optim.lr == 0.003
+    f = tmp_path / "exp.yaml"
+    f.write_text("optim:\n  lr: 1e-5\n")
+    assert load_config(f).optim.lr == 1e-5
+    with pytest.raises(ConfigError, match=r"optim\.lr: expected float, got str 'fast'"):
+        load_config(None, ["optim.lr=fast"])
 
 
 def test_unknown_key_in_override_lists_valid_keys():
