@@ -227,7 +227,7 @@ def submit(
         sub.notes.append(
             "MLflow store is a SQLite file: fine for one job on one node, unsafe on NFS/Lustre "
             "with several writers; run `mlflow server` on a login node and set "
-            "MLFLOW_TRACKING_URI=http://<login-node>:<port> (see docs/slurm.md)"
+            "MLFLOW_TRACKING_URI=http://<login-node>:<port> (README.md: MLflow from compute nodes)"
         )
     return sub
 
