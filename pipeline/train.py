@@ -158,6 +158,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     from tqdm import tqdm
 
     from pipeline.data.stream import train_loader
+    from pipeline.data.transforms import normalise_batch
     from pipeline.engine import (
         build_engine,
         describe,
@@ -192,6 +193,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     engine = build_engine(model, optimizer, scheduler, tcfg, batch)
     checkpoint.install_safe_loading(engine)
     device = engine.device
+    on_gpu = torch.device(device).type == "cuda"
 
     # All ranks participate: DeepSpeed loads every rank's partitions.
     client = checkpoint.load_latest(engine, ckpt_root, model.architecture)
@@ -245,6 +247,9 @@ def train(cfg: RunConfig) -> dict[str, Any]:
                     world_size=world,
                     epoch=epoch,
                     start_step=start,
+                    # On a GPU the workers ship uint8 and the device normalises: a 4x
+                    # smaller batch through shared memory and over PCIe.
+                    normalise=not on_gpu,
                 )
             )
             for _ in range(start, spe):
@@ -261,6 +266,8 @@ def train(cfg: RunConfig) -> dict[str, Any]:
                 # Per-step reseeding makes a resumed step draw the same random numbers.
                 torch.manual_seed(_step_seed(tcfg.seed, rank, step))
                 images = images.to(device, non_blocking=True)
+                if on_gpu:
+                    images = normalise_batch(images)
                 labels = labels.to(device, non_blocking=True)
                 # All ranks participate (the loss gathers; DeepSpeed reduces gradients).
                 loss = forward_backward(

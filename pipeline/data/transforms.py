@@ -76,7 +76,8 @@ def normalise_batch(images_uint8: torch.Tensor | list[torch.Tensor]) -> torch.Te
     """
     if isinstance(images_uint8, list):
         images_uint8 = torch.stack(images_uint8)
-    return images_uint8.to(torch.float32).mul_(_SCALE).add_(_SHIFT)
+    device = images_uint8.device  # on a GPU, normalise there (a 4x smaller host copy)
+    return images_uint8.to(torch.float32).mul_(_SCALE.to(device)).add_(_SHIFT.to(device))
 
 
 def decode_image(data: bytes, min_side: int = 0) -> Image.Image:
