@@ -37,11 +37,37 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
+# Errors that describe bad input (they name the file, key or value and the fix): shown as one
+# line, without a traceback. (module, class); a module not imported cannot have raised it.
+USER_ERRORS = (
+    ("pipeline.config", "ConfigError"),
+    ("pipeline.distributed", "DistributedEnvError"),
+    ("pipeline.model", "ModelLoadError"),
+    ("pipeline.checkpoint", "CheckpointError"),
+    ("pipeline.data.converters", "LayoutError"),
+    ("pipeline.data.writer", "ShardWriteError"),
+)
+
+
+def _is_user_error(error: BaseException) -> bool:
+    for module, name in USER_ERRORS:
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None and isinstance(error, cls):
+            return True
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
     args = parser.parse_args(argv)
-    return int(args._run(args) or 0)
+    try:
+        return int(args._run(args) or 0)
+    except Exception as e:
+        if not _is_user_error(e):
+            raise
+        print(f"pipeline {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -15,3 +15,17 @@ def test_importing_pipeline_does_nothing():
     code = "import sys, pipeline, pipeline.config; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_bad_input_is_one_line_without_traceback(tmp_path):
+    cmd = [sys.executable, "-m", "pipeline.cli", "train", "--config"]
+    proc = subprocess.run([*cmd, str(tmp_path / "nope.yaml")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "pipeline train: error: config file" in proc.stderr
+    assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+    (tmp_path / "ok.yaml").write_text("loss:\n  temperature: 0.1\n")
+    proc = subprocess.run(
+        [*cmd, str(tmp_path / "ok.yaml"), "loss.temp=3"], capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert "unknown config key 'loss.temp'; valid keys of loss: temperature" in proc.stderr
