@@ -25,6 +25,7 @@ from typing import Any
 
 from launch.cluster import LaunchError, check_against_cluster, cluster_overrides, tasks_per_node
 from pipeline.config import ConfigError, LaunchConfig, RunConfig, load_config
+from pipeline.config import split_checkpoint as config_split_checkpoint
 
 # flag -> LaunchConfig field
 FLAG_FIELDS = {
@@ -87,17 +88,10 @@ def resolve_config(
 def split_checkpoint(overrides: Sequence[str]) -> tuple[str, list[str]]:
     """``checkpoint=PATH`` (absolute) and the other overrides, as ``pipeline evaluate`` takes
     them; a missing or doubled checkpoint is an error before submission."""
-    found = [o.split("=", 1)[1] for o in overrides if o.startswith("checkpoint=")]
-    rest = [o for o in overrides if not o.startswith("checkpoint=")]
-    if len(found) != 1 or not found[0]:
-        raise LaunchError(
-            "evaluate: pass the trained weights once as checkpoint=PATH (a run's "
-            "model.safetensors or its checkpoints/ directory)"
-        )
-    path = Path(found[0]).resolve()
-    if not path.exists():
-        raise LaunchError(f"evaluate: checkpoint={found[0]!r} does not exist ({path})")
-    return str(path), rest
+    try:
+        return config_split_checkpoint(list(overrides))
+    except ConfigError as e:
+        raise LaunchError(f"evaluate: {e}") from None
 
 
 def _absolute_paths(cfg: RunConfig) -> RunConfig:

@@ -578,6 +578,26 @@ def load_config(
         raise ConfigError(str(e)) from e
 
 
+def split_checkpoint(tokens: list[str] | tuple[str, ...]) -> tuple[str, list[str]]:
+    """``checkpoint=PATH`` (made absolute) and the remaining config overrides.
+
+    ``pipeline evaluate`` and its SLURM launcher take the trained weights this way; the path
+    must be given once and exist.
+    """
+    found = [t.split("=", 1)[1] for t in tokens if t.startswith("checkpoint=")]
+    rest = [t for t in tokens if not t.startswith("checkpoint=")]
+    if len(found) != 1 or not found[0]:
+        raise ConfigError(
+            "pass the trained weights once as checkpoint=PATH (a run's model.safetensors or "
+            "its checkpoints/ directory), e.g. "
+            "`pipeline evaluate --config conf/demo.yaml checkpoint=runs/demo/model.safetensors`"
+        )
+    path = Path(found[0]).resolve()
+    if not path.exists():
+        raise ConfigError(f"checkpoint={found[0]!r} does not exist ({path})")
+    return str(path), rest
+
+
 def save_config(cfg: RunConfig, path: str | Path) -> None:
     """Write the resolved config as YAML (loadable again by ``load_config``)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,15 @@ import numpy as np
 import torch
 
 from pipeline import distributed
-from pipeline.config import DataConfig, EvalConfig, RunConfig, flatten, load_config, to_dict
+from pipeline.config import (
+    DataConfig,
+    EvalConfig,
+    RunConfig,
+    flatten,
+    load_config,
+    split_checkpoint,
+    to_dict,
+)
 
 GRID_QUERIES = 8
 GRID_NEIGHBOURS = 5
@@ -335,21 +343,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="checkpoint=PATH (required: a run's model.safetensors or its checkpoints/ "
         "directory), then config overrides such as eval.protocol=ijbc data.eval_urls=DIR",
     )
-
-
-def split_checkpoint(tokens: list[str]) -> tuple[str, list[str]]:
-    """(checkpoint path, the remaining config overrides) from the command's KEY=VALUE list."""
-    found = [t.split("=", 1)[1] for t in tokens if t.startswith("checkpoint=")]
-    rest = [t for t in tokens if not t.startswith("checkpoint=")]
-    if len(found) != 1 or not found[0]:
-        raise SystemExit(
-            "pipeline evaluate: pass the trained weights once as checkpoint=PATH (a run's "
-            "model.safetensors, or its checkpoints/ directory), e.g. "
-            "`pipeline evaluate --config conf/demo.yaml checkpoint=runs/demo/model.safetensors`"
-        )
-    if not Path(found[0]).exists():
-        raise SystemExit(f"pipeline evaluate: checkpoint={found[0]!r} does not exist")
-    return found[0], rest
 
 
 def run(args: argparse.Namespace) -> int:

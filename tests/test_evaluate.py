@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.config import DataConfig, EvalConfig, ModelConfig
-from pipeline.evaluate import evaluate_model, split_checkpoint
+from pipeline.config import ConfigError, DataConfig, EvalConfig, ModelConfig, split_checkpoint
+from pipeline.evaluate import evaluate_model
 from pipeline.model import build_model, load_trained_model, save_weights
 from tests.data_helpers import jpeg_bytes, tiny_split
 from tests.dist_helpers import run_distributed
@@ -211,11 +211,11 @@ def test_ijbc_protocol_reads_template_ids_from_the_index(assets, tmp_path):
 
 
 def test_checkpoint_argument_is_required_once_and_must_exist(tmp_path):
-    with pytest.raises(SystemExit, match="pass the trained weights once as checkpoint=PATH"):
+    with pytest.raises(ConfigError, match="pass the trained weights once as checkpoint=PATH"):
         split_checkpoint(["eval.ks=[1]"])
-    with pytest.raises(SystemExit, match="once as checkpoint=PATH"):
+    with pytest.raises(ConfigError, match="once as checkpoint=PATH"):
         split_checkpoint(["checkpoint=a", "checkpoint=b"])
-    with pytest.raises(SystemExit, match=r"checkpoint='/nope/model.safetensors' does not exist"):
+    with pytest.raises(ConfigError, match=r"checkpoint='/nope/model.safetensors' does not exist"):
         split_checkpoint(["checkpoint=/nope/model.safetensors"])
     (tmp_path / "w").write_text("")
     assert split_checkpoint([f"checkpoint={tmp_path / 'w'}", "eval.ks=[1]"]) == (
