@@ -23,14 +23,9 @@ import numpy as np
 import submitit
 
 from launch.jobs import export_distributed_env, guard_requeue_signal
-from pipeline.config import RunConfig
+from pipeline.config import RunConfig, eval_output_dir
 
 PARTS_DIR = "parts"
-
-
-def eval_output_dir(cfg: RunConfig) -> Path:
-    """Where ``pipeline evaluate`` writes: ``eval.output_dir``, else ``<train.output_dir>/eval``."""
-    return Path(cfg.eval.output_dir or Path(cfg.train.output_dir) / "eval")
 
 
 def part_path(out: Path, part: int) -> Path:
@@ -114,7 +109,7 @@ def merge_parts(
     ``stamps``: the fingerprint each part must carry. Raises ValueError naming a missing or
     stale part, a sample seen twice, or a wrong total.
     """
-    from pipeline.evaluate import Embeddings
+    from pipeline.evaluate import sort_by_index
 
     missing = [str(part_path(out, i)) for i in range(parts) if not part_path(out, i).is_file()]
     if missing:
@@ -135,22 +130,21 @@ def merge_parts(
             embs.append(f["emb"])
             labels.append(f["labels"])
             indices.append(f["index"])
-    emb, lab, idx = np.concatenate(embs), np.concatenate(labels), np.concatenate(indices)
-    order = np.argsort(idx, kind="stable")
-    emb, lab, idx = emb[order], lab[order], idx[order]
-    dup = idx[1:] == idx[:-1]
-    if dup.any():
+    e, repeated = sort_by_index(
+        np.concatenate(embs), np.concatenate(labels), np.concatenate(indices)
+    )
+    if len(repeated):
         raise ValueError(
-            f"sample index {int(idx[1:][dup][0])} appears in two parts under {out / PARTS_DIR}: "
+            f"sample index {int(repeated[0])} appears in two parts under {out / PARTS_DIR}: "
             "data.eval_urls lists a shard twice, or the parts come from different runs; "
             "delete the parts folder and resubmit"
         )
-    if expected_rows is not None and len(idx) != expected_rows:
+    if expected_rows is not None and len(e.index_N) != expected_rows:
         raise ValueError(
-            f"the parts under {out / PARTS_DIR} hold {len(idx)} samples, the eval split's "
+            f"the parts under {out / PARTS_DIR} hold {len(e.index_N)} samples, the eval split's "
             f"index.parquet lists {expected_rows}: delete the parts folder and resubmit"
         )
-    return Embeddings(emb, lab, idx)
+    return e
 
 
 def _expected_rows(eval_urls: str) -> int | None:

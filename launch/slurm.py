@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from launch.cluster import LaunchError, check_against_cluster, cluster_overrides, tasks_per_node
-from pipeline.config import ConfigError, LaunchConfig, RunConfig, load_config
+from pipeline.config import ConfigError, LaunchConfig, RunConfig, eval_output_dir, load_config
 from pipeline.config import split_checkpoint as config_split_checkpoint
 
 # flag -> LaunchConfig field
@@ -197,8 +197,6 @@ def submit(
     elif parts:
         _submit_parts(sub, checkpoint, parts)
     else:
-        from launch.evaluation import eval_output_dir
-
         out = eval_output_dir(cfg)
         # The job runs `pipeline evaluate` itself, with the paths this command resolved.
         pinned = {
@@ -228,7 +226,7 @@ def submit(
 
 def _submit_parts(sub: Submission, checkpoint: str, parts: int) -> None:
     """The extraction array job, then the merge job that Slurm starts after it succeeded."""
-    from launch.evaluation import ExtractPartJob, MergeEvalJob, eval_output_dir, plan_parts
+    from launch.evaluation import ExtractPartJob, MergeEvalJob, plan_parts
 
     cfg = sub.cfg
     try:

@@ -29,6 +29,7 @@ from pipeline.config import (
     DataConfig,
     EvalConfig,
     RunConfig,
+    eval_output_dir,
     flatten,
     load_config,
     split_checkpoint,
@@ -111,15 +112,22 @@ def extract_embeddings(
     emb, lab, idx = _gather_rows(emb), _gather_rows(lab), _gather_rows(idx)
     if len(idx) == 0:
         raise ValueError(f"eval shards {urls!r} hold no samples; check data.eval_urls")
-    order = np.argsort(idx, kind="stable")
-    emb, lab, idx = emb[order], lab[order], idx[order]
-    dup = idx[1:] == idx[:-1]
-    if dup.any():
+    e, repeated = sort_by_index(emb, lab, idx)
+    if len(repeated):
         raise ValueError(
-            f"data.eval_urls={urls!r}: sample index {int(idx[1:][dup][0])} (and "
-            f"{int(dup.sum()) - 1} more) was read twice; list every shard once"
+            f"data.eval_urls={urls!r}: sample index {int(repeated[0])} (and "
+            f"{len(repeated) - 1} more) was read twice; list every shard once"
         )
-    return Embeddings(emb, lab, idx)
+    return e
+
+
+def sort_by_index(
+    emb: np.ndarray, labels: np.ndarray, index: np.ndarray
+) -> tuple[Embeddings, np.ndarray]:
+    """Rows in global-index order, and the index values that occur more than once."""
+    order = np.argsort(index, kind="stable")
+    emb, labels, index = emb[order], labels[order], index[order]
+    return Embeddings(emb, labels, index), index[1:][index[1:] == index[:-1]]
 
 
 # ---------------------------------------------------------------------------- metrics
@@ -358,7 +366,7 @@ def run(args: argparse.Namespace) -> int:
         model = load_trained_model(checkpoint, cfg.model if names_model else None)
         device = distributed.device()
         model.to(device)
-        out = Path(cfg.eval.output_dir or Path(cfg.train.output_dir) / "eval")
+        out = eval_output_dir(cfg)
         tracker = make_tracker(cfg.tracking, is_main=distributed.is_main_process())
         tracker.log_params({**flatten(to_dict(cfg)), "checkpoint": checkpoint})
         tracker.set_tags({"kind": "evaluate", "world_size": str(distributed.get_world_size())})

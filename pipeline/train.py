@@ -28,7 +28,14 @@ import numpy as np
 import torch
 
 from pipeline import checkpoint, distributed
-from pipeline.config import RunConfig, flatten, load_config, save_config, to_dict
+from pipeline.config import (
+    RunConfig,
+    eval_output_dir,
+    flatten,
+    load_config,
+    save_config,
+    to_dict,
+)
 
 RUN_ID_FILE = "mlflow_run.txt"
 RESULT_FILE = "result.json"
@@ -328,7 +335,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         progress.close()
 
         # All ranks participate in the final evaluation.
-        eval_dir = Path(cfg.eval.output_dir or out / "eval")
+        eval_dir = eval_output_dir(cfg)
         final = _evaluate(engine.module, cfg, device, progress=is_main, output_dir=eval_dir)
         tracker.log_metrics({f"eval/{k}": v for k, v in final.items()}, step)
         for name in ("metrics.json", "retrieval_grid.png", "roc.png"):
