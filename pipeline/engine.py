@@ -126,30 +126,6 @@ def ensure_process_group() -> None:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
-def _build_cpu_comm_op_once() -> None:
-    """Compile DeepSpeed's CPU communication op in one process before the others load it.
-
-    On the CPU accelerator DeepSpeed JIT-compiles ``deepspeed_shm_comm`` into a cache shared by
-    every process of the machine, and recompiles it whenever the build flags change (e.g. a new
-    virtual environment). Ranks compiling and loading it at the same moment aborted at random
-    in our 2-process runs, so local rank 0 builds it first while the other ranks wait.
-    """
-    if torch.cuda.is_available() or distributed.get_world_size() == 1:
-        return
-    from deepspeed.accelerator import get_accelerator
-
-    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
-    if builder is None:
-        return
-    local_rank = distributed.get_local_rank()
-    if local_rank == 0:
-        builder.load(verbose=False)
-    # All ranks participate: the other ranks load the op only once it is built.
-    distributed.barrier()
-    if local_rank != 0:
-        builder.load(verbose=False)
-
-
 def build_engine(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -163,7 +139,6 @@ def build_engine(
     import deepspeed
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    _build_cpu_comm_op_once()
     model.to(distributed.device())
     config = deepspeed_config(train_cfg, batch_size_per_gpu, dist.get_world_size())
     engine, _, _, _ = deepspeed.initialize(
