@@ -1,7 +1,7 @@
 """Evaluation benchmark: time and peak memory of the metrics, each method in its own process.
 
 (a) ``knn``: N items, D dims, C classes (default 100k, 128, 10k): Recall@1/10/100 and mAP@R with
-    the FAISS evaluator (``pipeline.metrics.retrieval_metrics``) against a blocked brute-force
+    the FAISS evaluator (``pipeline.eval.metrics.retrieval_metrics``) against a blocked brute-force
     torch matmul + top-k, in the same run; then the full-ranking mAP pass on its own.
 (b) ``ijbc``: an IJB-C-sized synthetic protocol (470k images, 23k templates, 15.6M pairs,
     1:N with two galleries): template pooling, 1:1 TAR@FAR and 1:N, timed end to end.
@@ -87,7 +87,7 @@ def torch_brute_force(emb: np.ndarray, labels: np.ndarray, ks: list[int], block:
 
 
 def ijbc_data(images: int, templates: int, pairs: int, dim: int, subjects: int, seed: int = 0):
-    from pipeline.ijbc import Gallery, IJBCProtocol
+    from pipeline.eval.ijbc import Gallery, IJBCProtocol
 
     rng = np.random.default_rng(seed)
     t_subject = rng.integers(0, subjects, templates)
@@ -132,7 +132,7 @@ def _warm_up() -> None:
     and BLAS buffers are in the baseline rather than charged to the first method."""
     import torch
 
-    from pipeline.metrics import retrieval_metrics
+    from pipeline.eval.metrics import retrieval_metrics
 
     x = np.random.default_rng(1).standard_normal((512, 8)).astype(np.float32)
     retrieval_metrics(x, np.arange(512) % 50, [1, 4])
@@ -140,7 +140,7 @@ def _warm_up() -> None:
 
 
 def worker(args: argparse.Namespace) -> dict:
-    from pipeline.metrics import retrieval_metrics
+    from pipeline.eval.metrics import retrieval_metrics
 
     _warm_up()
     base_kb = _status_kb("VmRSS")
@@ -162,7 +162,7 @@ def worker(args: argparse.Namespace) -> dict:
     elif args.worker == "knn_torch":
         metrics = torch_brute_force(emb, labels, [1, 10, 100])
     else:
-        from pipeline.ijbc import ijbc_metrics
+        from pipeline.eval.ijbc import ijbc_metrics
 
         metrics, _ = ijbc_metrics(feats, tids, mids, protocol)
     seconds = time.perf_counter() - t0

@@ -4,7 +4,7 @@
     python benchmarks/train_step.py --device cuda --backbone resnet50 --image-size 224 \\
         --precision bf16 --batch-sizes 64,128,256 --tensors      # GPU (benchmarks/gpu_smoke.sh)
 
-The step is the training loop's (pipeline.train): DeepSpeed engine, Smooth-AP across ranks,
+The step is the training loop's (pipeline.train.trainer): DeepSpeed engine, Smooth-AP across ranks,
 gradient clipping, optimizer. Each phase is timed between device synchronisations, so the split
 is exact and the sum is a little slower than an unsynchronised step; ``step_s`` (no
 synchronisation inside the step) gives images/s. The baseline in the same run is the step
@@ -58,11 +58,11 @@ def _batches(args, cfg, batch: int, device: torch.device):
 
 
 def bench(args, batch: int, chunk: int) -> dict[str, float]:
-    from pipeline.engine import build_engine
-    from pipeline.gradcache import forward_backward
     from pipeline.loss import SmoothAPLoss
     from pipeline.model import build_model
-    from pipeline.optim import build_optimizer, build_scheduler
+    from pipeline.train.engine import build_engine
+    from pipeline.train.gradcache import forward_backward
+    from pipeline.train.optim import build_optimizer, build_scheduler
 
     k = 4
     overrides = [

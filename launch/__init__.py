@@ -1,5 +1,5 @@
 """Launchers: submit ``pipeline`` training and evaluation to SLURM (or locally) with submitit.
 
-Only submission lives here; the work itself is the library's (``pipeline.train``,
-``pipeline.evaluate``). Entry point: ``python -m launch.slurm {train,evaluate} ...``.
+Only submission lives here; the work itself is the library's (``pipeline.train.trainer``,
+``pipeline.eval.evaluator``). Entry point: ``python -m launch.slurm {train,evaluate} ...``.
 """

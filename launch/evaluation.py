@@ -4,7 +4,7 @@ Array task i embeds a contiguous range of the eval shards (with as many ranks as
 and writes ``<eval dir>/parts/part_{i:05d}.npz`` (embeddings, labels, global sample indices).
 The merge job, started by Slurm only when every array task succeeded (``afterok``), loads the
 parts, checks that every sample arrived exactly once, and computes the metrics with the same
-code as ``pipeline evaluate`` (``pipeline.evaluate.compute_metrics`` and ``write_outputs``),
+code as ``pipeline evaluate`` (``pipeline.eval.evaluator.compute_metrics`` and ``write_outputs``),
 logging them to MLflow. Both kinds are requeueable: a part already written from the same
 weights and shards is not recomputed; a part left by another evaluation in the same folder is
 never used.
@@ -68,7 +68,7 @@ class ExtractPartJob(submitit.helpers.Checkpointable):
         guard_requeue_signal()
         export_distributed_env()
         from pipeline import distributed
-        from pipeline.evaluate import extract_embeddings
+        from pipeline.eval.evaluator import extract_embeddings
         from pipeline.model import load_trained_model
 
         path = part_path(eval_output_dir(self.cfg), self.part)
@@ -104,12 +104,12 @@ class ExtractPartJob(submitit.helpers.Checkpointable):
 def merge_parts(
     out: Path, parts: int, expected_rows: int | None, stamps: list[str] | None = None
 ) -> Any:
-    """All parts as one ``pipeline.evaluate.Embeddings`` sorted by global index.
+    """All parts as one ``pipeline.eval.evaluator.Embeddings`` sorted by global index.
 
     ``stamps``: the fingerprint each part must carry. Raises ValueError naming a missing or
     stale part, a sample seen twice, or a wrong total.
     """
-    from pipeline.evaluate import sort_by_index
+    from pipeline.eval.evaluator import sort_by_index
 
     missing = [str(part_path(out, i)) for i in range(parts) if not part_path(out, i).is_file()]
     if missing:
@@ -172,7 +172,7 @@ class MergeEvalJob(submitit.helpers.Checkpointable):
         export_distributed_env()
         from pipeline import distributed
         from pipeline.config import flatten, to_dict
-        from pipeline.evaluate import compute_metrics, write_outputs
+        from pipeline.eval.evaluator import compute_metrics, write_outputs
         from pipeline.tracking import make_tracker
 
         cfg = self.cfg

@@ -70,7 +70,7 @@ def guard_requeue_signal() -> None:
 
 
 class TrainJob(submitit.helpers.Checkpointable):
-    """Run ``pipeline.train.train(cfg)`` in every task; requeued jobs resume from the checkpoint.
+    """Run ``pipeline.train.trainer.train(cfg)`` in every task; requeued jobs resume from the checkpoint.
 
     Returns (per task) the dict ``train`` returns.
     """
@@ -83,7 +83,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         export_distributed_env()
         # Imported in the job: submitting needs neither torch nor DeepSpeed.
         from pipeline import distributed
-        from pipeline.train import train
+        from pipeline.train.trainer import train
 
         try:
             return train(self.cfg)
@@ -102,7 +102,7 @@ class TrainJob(submitit.helpers.Checkpointable):
 
 
 class EvaluateJob(submitit.helpers.Checkpointable):
-    """Run ``pipeline evaluate`` (``pipeline.evaluate.run``) in every task.
+    """Run ``pipeline evaluate`` (``pipeline.eval.evaluator.run``) in every task.
 
     ``overrides`` holds ``checkpoint=PATH`` and the config overrides, exactly as on the
     ``pipeline evaluate`` command line. Returns the metrics it wrote (``metrics.json`` in
@@ -115,7 +115,7 @@ class EvaluateJob(submitit.helpers.Checkpointable):
     def __call__(self) -> dict:
         guard_requeue_signal()
         export_distributed_env()
-        from pipeline.evaluate import run
+        from pipeline.eval.evaluator import run
 
         code = run(argparse.Namespace(config=self.config, overrides=list(self.overrides)))
         if code:

@@ -15,8 +15,11 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "make-shards": ("pipeline.data.make_shards", "convert a dataset into WebDataset shards"),
     "validate-shards": ("pipeline.data.validate", "read every shard and report problems"),
-    "train": ("pipeline.train", "train with Smooth-AP (DeepSpeed; 1 process, torchrun or srun)"),
-    "evaluate": ("pipeline.evaluate", "extract embeddings and compute retrieval metrics"),
+    "train": (
+        "pipeline.train.trainer",
+        "train with Smooth-AP (DeepSpeed; 1 process, torchrun or srun)",
+    ),
+    "evaluate": ("pipeline.eval.evaluator", "extract embeddings and compute retrieval metrics"),
     "demo": ("pipeline.demo", "synthetic shards, 2-process CPU training, before/after table"),
 }
 
@@ -43,7 +46,7 @@ USER_ERRORS = (
     ("pipeline.config", "ConfigError"),
     ("pipeline.distributed", "DistributedEnvError"),
     ("pipeline.model", "ModelLoadError"),
-    ("pipeline.checkpoint", "CheckpointError"),
+    ("pipeline.train.checkpoint", "CheckpointError"),
     ("pipeline.data.converters", "LayoutError"),
     ("pipeline.data.writer", "ShardWriteError"),
 )

@@ -84,10 +84,10 @@ def _untrained_metrics(cfg: RunConfig) -> dict[str, float]:
     """Metrics of the model the training run starts from (one process)."""
     import torch
 
-    from pipeline.evaluate import evaluate_model
+    from pipeline.eval.evaluator import evaluate_model
     from pipeline.model import build_model
 
-    torch.manual_seed(cfg.train.seed)  # what pipeline.train does before building the model
+    torch.manual_seed(cfg.train.seed)  # what pipeline.train.trainer does before building the model
     model = build_model(cfg.model).eval()
     return evaluate_model(model, cfg.data, cfg.eval, device="cpu", progress=False)
 
@@ -104,7 +104,7 @@ def _table(before: dict[str, float], after: dict[str, float]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from pipeline.tracking import make_tracker, ui_command
-    from pipeline.train import RESULT_FILE, RUN_ID_FILE
+    from pipeline.train.trainer import RESULT_FILE, RUN_ID_FILE
 
     start = time.time()
     data = Path(args.data)

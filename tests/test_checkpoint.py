@@ -7,9 +7,9 @@ import pickle
 import pytest
 import torch
 
-from pipeline import checkpoint
 from pipeline.config import ConfigError, ModelConfig, OptimConfig, TrainConfig
-from pipeline.engine import deepspeed_config
+from pipeline.train import checkpoint
+from pipeline.train.engine import deepspeed_config
 from tests.dist_helpers import run_distributed
 
 
@@ -68,9 +68,9 @@ def test_deepspeed_config_file_is_merged_and_checked(tmp_path):
 
 
 def _engine(zero: int, precision: str, embedding_dim: int = 8):
-    from pipeline.engine import build_engine
     from pipeline.model import build_model
-    from pipeline.optim import build_optimizer, build_scheduler
+    from pipeline.train.engine import build_engine
+    from pipeline.train.optim import build_optimizer, build_scheduler
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(backbone="test_byobnet", embedding_dim=embedding_dim))
@@ -126,7 +126,7 @@ def _restore_worker(rank: int, world_size: int, root: str) -> None:
         raise AssertionError("a checkpoint of another architecture was loaded")
 
     # bf16 (autocast): weights, optimizer and checkpoints stay fp32, the forward is bf16.
-    from pipeline.engine import fp32_state_dict
+    from pipeline.train.engine import fp32_state_dict
 
     engine = _engine(zero=1, precision="bf16")
     x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(5))

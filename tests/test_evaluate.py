@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from pipeline.config import ConfigError, DataConfig, EvalConfig, ModelConfig, split_checkpoint
-from pipeline.evaluate import evaluate_model
+from pipeline.eval.evaluator import evaluate_model
 from pipeline.model import build_model, load_trained_model, save_weights
 from tests.data_helpers import jpeg_bytes, tiny_split
 from tests.dist_helpers import run_distributed
@@ -60,7 +60,7 @@ def test_cli_writes_embeddings_metrics_figure_and_mlflow_run(assets, tmp_path):
     from mlflow import MlflowClient
 
     from pipeline.cli import main
-    from pipeline.metrics import retrieval_metrics
+    from pipeline.eval.metrics import retrieval_metrics
 
     out = tmp_path / "out"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -166,7 +166,7 @@ def _tiny_ijbc(root: Path) -> Path:
 def test_ijbc_protocol_reads_template_ids_from_the_index(assets, tmp_path):
     from pipeline.data.converters import list_ijbc
     from pipeline.data.writer import write_split
-    from pipeline.ijbc import ijbc_metrics, load_protocol
+    from pipeline.eval.ijbc import ijbc_metrics, load_protocol
 
     raw = _tiny_ijbc(tmp_path / "raw")
     items, extra = list_ijbc(raw, "test")
@@ -243,7 +243,7 @@ def test_a_config_naming_another_model_is_refused(assets, capsys):
 
 
 def test_shards_listed_twice_are_refused(assets, tmp_path):
-    from pipeline.evaluate import extract_embeddings
+    from pipeline.eval.evaluator import extract_embeddings
 
     shards = sorted(str(p) for p in assets["split"].glob("*.tar"))
     listing = tmp_path / "twice.txt"

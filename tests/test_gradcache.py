@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from pipeline.config import ModelConfig, OptimConfig, TrainConfig
-from pipeline.gradcache import forward_backward
 from pipeline.loss import SmoothAPLoss
 from pipeline.model import build_model
+from pipeline.train.gradcache import forward_backward
 from tests.dist_helpers import run_distributed
 
 TINY = ModelConfig(backbone="test_byobnet", embedding_dim=8, freeze_bn=True)
@@ -90,8 +90,8 @@ def test_random_numbers_are_replayed_in_the_second_forward():
 
 def _deepspeed_worker(rank: int, world_size: int, init_path: str, out_path: str, zero: int) -> None:
     from pipeline import distributed
-    from pipeline.engine import build_engine
-    from pipeline.optim import build_optimizer, build_scheduler
+    from pipeline.train.engine import build_engine
+    from pipeline.train.optim import build_optimizer, build_scheduler
 
     torch.set_num_threads(1)  # two processes on two cores: no oversubscription
     images, labels = torch.load(init_path)["batch"]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_curve
 
-from pipeline.ijbc import (
+from pipeline.eval.ijbc import (
     Gallery,
     IJBCProtocol,
     identification,

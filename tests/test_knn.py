@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from pipeline import knn
-from pipeline.knn import ExactIPIndex, gallery_slice, knn_search, merge_topk
+from pipeline.eval import knn
+from pipeline.eval.knn import ExactIPIndex, gallery_slice, knn_search, merge_topk
 from tests.dist_helpers import run_distributed
 
 
@@ -139,7 +139,7 @@ def test_gpu_index_shards_equal_the_cpu_index():
 
 
 def _two_rank_job(rank: int, world_size: int, out_dir: str) -> None:
-    from pipeline.metrics import retrieval_metrics
+    from pipeline.eval.metrics import retrieval_metrics
 
     g = _data(777, 8, seed=5)  # 777 rows: the ranks' gallery slices differ in size
     labels = np.random.default_rng(6).integers(0, 60, 777)
@@ -150,7 +150,7 @@ def _two_rank_job(rank: int, world_size: int, out_dir: str) -> None:
 
 @pytest.mark.distributed
 def test_two_ranks_equal_one_rank(tmp_path):
-    from pipeline.metrics import retrieval_metrics
+    from pipeline.eval.metrics import retrieval_metrics
 
     run_distributed(_two_rank_job, 2, str(tmp_path))
     g = _data(777, 8, seed=5)

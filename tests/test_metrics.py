@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score
 
-from pipeline.metrics import DEFAULT_KS, retrieval_metrics
+from pipeline.eval.metrics import DEFAULT_KS, retrieval_metrics
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -153,7 +153,7 @@ def test_bad_input_is_refused_with_a_clear_message():
 
 @pytest.mark.parametrize("passes_max", [0, 1000])  # batched binary search / compare passes
 def test_both_counting_methods_give_the_same_ties(monkeypatch, passes_max):
-    import pipeline.metrics as metrics_mod
+    import pipeline.eval.metrics as metrics_mod
 
     monkeypatch.setattr(metrics_mod, "COMPARE_PASSES_MAX", passes_max)
     rng = np.random.default_rng(5)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ConfigError, TrainConfig, load_config
-from pipeline.engine import deepspeed_config
+from pipeline.train.engine import deepspeed_config
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = [*sorted((ROOT / "conf" / "experiments").glob("*.yaml")), ROOT / "conf" / "demo.yaml"]

@@ -9,7 +9,7 @@ import torch
 
 from pipeline.config import ConfigError, ModelConfig, OptimConfig, load_config
 from pipeline.model import build_model
-from pipeline.optim import build_optimizer, build_scheduler, lr_factor
+from pipeline.train.optim import build_optimizer, build_scheduler, lr_factor
 
 
 def _reference_lr(

@@ -13,7 +13,7 @@ blocked torch matmul + stable sort on the same devices (mAP@R needs k >= largest
 
 Ties: which of several equally similar items FAISS keeps at the k-th place is unspecified (it
 differs between its BLAS and scalar paths). Results here are returned sorted by score, ties by
-ascending id; the metrics built on them (``pipeline.metrics``) only use ranks that do not depend
+ascending id; the metrics built on them (``pipeline.eval.metrics``) only use ranks that do not depend
 on FAISS's choice among tied items.
 
 Shape legend: B query block, N gallery items, D embedding dim, k neighbours, S shards.

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import checkpoint, distributed
+from pipeline import distributed
 from pipeline.config import (
     RunConfig,
     eval_output_dir,
@@ -36,6 +36,7 @@ from pipeline.config import (
     save_config,
     to_dict,
 )
+from pipeline.train import checkpoint
 
 RUN_ID_FILE = "mlflow_run.txt"
 RESULT_FILE = "result.json"
@@ -136,9 +137,9 @@ def _evaluate(
     progress: bool,
     output_dir: Path | None = None,
 ) -> dict[str, float]:
-    """Retrieval metrics of ``model`` on ``data.eval_urls`` (pipeline.evaluate); with
+    """Retrieval metrics of ``model`` on ``data.eval_urls`` (pipeline.eval.evaluator); with
     ``output_dir``, also the embeddings, metrics.json and figure there. All ranks participate."""
-    from pipeline.evaluate import evaluate_model
+    from pipeline.eval.evaluator import evaluate_model
 
     was_training = model.training
     model.eval()
@@ -166,18 +167,18 @@ def train(cfg: RunConfig) -> dict[str, Any]:
 
     from pipeline.data.stream import train_loader
     from pipeline.data.transforms import normalise_batch
-    from pipeline.engine import (
+    from pipeline.loss import SmoothAPLoss
+    from pipeline.model import build_model, save_weights
+    from pipeline.tracking import log_curves, make_tracker, ui_command
+    from pipeline.train.engine import (
         build_engine,
         describe,
         fp32_state_dict,
         grad_norm,
         reported_grad_norm,
     )
-    from pipeline.gradcache import forward_backward
-    from pipeline.loss import SmoothAPLoss
-    from pipeline.model import build_model, save_weights
-    from pipeline.optim import build_optimizer, build_scheduler
-    from pipeline.tracking import log_curves, make_tracker, ui_command
+    from pipeline.train.gradcache import forward_backward
+    from pipeline.train.optim import build_optimizer, build_scheduler
 
     tcfg = cfg.train
     distributed.init()

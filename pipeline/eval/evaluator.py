@@ -4,8 +4,8 @@
 
 All ranks take part (one process, torchrun or srun): each embeds its part of the eval shards
 (every sample exactly once, tagged with its global index), the embeddings are gathered, and
-the metrics are computed (retrieval: sharded FAISS kNN, see ``pipeline.metrics``; IJB-C:
-``pipeline.ijbc``). Rank 0 writes ``embeddings.npy`` / ``labels.npy`` / ``index.npy`` (rows in
+the metrics are computed (retrieval: sharded FAISS kNN, see ``pipeline.eval.metrics``; IJB-C:
+``pipeline.eval.ijbc``). Rank 0 writes ``embeddings.npy`` / ``labels.npy`` / ``index.npy`` (rows in
 global-index order), ``metrics.json``, a retrieval example grid or the IJB-C ROC curve, and logs
 metrics and figures to MLflow. :func:`evaluate_model` is the same evaluation for the training
 loop.
@@ -186,7 +186,7 @@ def compute_metrics(
     """
     if eval_cfg.protocol == "ijbc":
         from pipeline.data.index import split_dir
-        from pipeline.ijbc import ijbc_metrics, load_protocol
+        from pipeline.eval.ijbc import ijbc_metrics, load_protocol
 
         def ijbc() -> tuple[dict[str, float], dict[str, Any]]:
             templates, media = _ijbc_ids(data_cfg, e.index_N)
@@ -195,7 +195,7 @@ def compute_metrics(
 
         # Plain NumPy on one process: pooling + 15.6M pairs take ~30 s on 2 cores.
         return _on_main(ijbc)
-    from pipeline.metrics import retrieval_metrics
+    from pipeline.eval.metrics import retrieval_metrics
 
     metrics = retrieval_metrics(
         e.emb_ND,
@@ -266,7 +266,7 @@ def write_outputs(
     files = [out / "metrics.json"]
     files[0].write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     if eval_cfg.protocol == "ijbc":
-        from pipeline.plots import roc_png
+        from pipeline.eval.plots import roc_png
 
         tar = {
             float(k.split("=", 1)[1]): v for k, v in metrics.items() if k.startswith("ijbc_tar@")
@@ -311,8 +311,8 @@ def _read_images(data_cfg: DataConfig, index: set[int], side: int = 96) -> dict[
 def retrieval_grid(e: Embeddings, data_cfg: DataConfig, path: Path) -> Path | None:
     """Queries with their top-5 neighbours (green: same label, red: not), or None (and a
     printed reason) when the images cannot be read back (remote shards)."""
-    from pipeline.metrics import l2_normalize
-    from pipeline.plots import retrieval_grid_png
+    from pipeline.eval.metrics import l2_normalize
+    from pipeline.eval.plots import retrieval_grid_png
 
     q_rows = _grid_queries(e.labels_N, GRID_QUERIES)
     emb = l2_normalize(e.emb_ND)

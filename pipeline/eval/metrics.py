@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.knn import ExactIPIndex, as_float32_matrix, gallery_slice, iter_sharded_knn
-from pipeline.knn import resolve_gpus as _resolve_gpus
+from pipeline.eval.knn import ExactIPIndex, as_float32_matrix, gallery_slice, iter_sharded_knn
+from pipeline.eval.knn import resolve_gpus as _resolve_gpus
 
 DEFAULT_KS: dict[str, tuple[int, ...]] = {
     "sop": (1, 10, 100, 1000),

@@ -1,6 +1,6 @@
 """The DeepSpeed engine of a training run: its config, creation and fp32 weight export.
 
-DeepSpeed gets a torch optimizer and ``LambdaLR`` (pipeline.optim) and a config generated
+DeepSpeed gets a torch optimizer and ``LambdaLR`` (pipeline.train.optim) and a config generated
 from ``train.*``: ZeRO stage, precision (bf16 on GPU, fp32 on CPU when 'auto'), explicit
 gradient clipping, one micro-batch per step. ``train.deepspeed_config`` adds tuning settings
 (bucket sizes, overlap, communication logging) from a YAML/JSON file; it may not contradict
