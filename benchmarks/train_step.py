@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from pipeline import distributed
-from pipeline.config import load_config
+from pipeline.config_loader import load_config
 
 
 def _sync(device: torch.device) -> None:

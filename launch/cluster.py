@@ -16,8 +16,9 @@ from pathlib import Path
 import yaml
 
 from pipeline.config import LaunchConfig
+from pipeline.config_loader import CONF_DIR
 
-CLUSTER_DIR = Path(__file__).resolve().parent.parent / "conf" / "cluster"
+CLUSTER_DIR = CONF_DIR / "cluster"
 
 
 class LaunchError(ValueError):

@@ -23,7 +23,8 @@ import numpy as np
 import submitit
 
 from launch.jobs import export_distributed_env, guard_requeue_signal
-from pipeline.config import RunConfig, eval_output_dir
+from pipeline.config import RunConfig
+from pipeline.config_loader import eval_output_dir
 
 PARTS_DIR = "parts"
 
@@ -171,7 +172,8 @@ class MergeEvalJob(submitit.helpers.Checkpointable):
         guard_requeue_signal()
         export_distributed_env()
         from pipeline import distributed
-        from pipeline.config import flatten, to_dict
+        from pipeline.config import to_dict
+        from pipeline.config_loader import flatten
         from pipeline.eval.evaluator import compute_metrics, write_outputs
         from pipeline.tracking import make_tracker
 

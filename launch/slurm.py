@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from launch.cluster import LaunchError, check_against_cluster, cluster_overrides, tasks_per_node
-from pipeline.config import ConfigError, LaunchConfig, RunConfig, eval_output_dir, load_config
-from pipeline.config import split_checkpoint as config_split_checkpoint
+from pipeline.config import ConfigError, LaunchConfig, RunConfig
+from pipeline.config_loader import eval_output_dir, load_config
+from pipeline.config_loader import split_checkpoint as config_split_checkpoint
 
 # flag -> LaunchConfig field
 FLAG_FIELDS = {

@@ -23,9 +23,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from pipeline.config import RunConfig, load_config
+from pipeline.config import RunConfig
+from pipeline.config_loader import CONF_DIR, load_config
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "conf" / "demo.yaml"
+DEFAULT_CONFIG = CONF_DIR / "demo.yaml"
 TABLE_METRICS = ("recall@1", "recall@4", "map@r")
 TARGET_GAIN = 0.2
 """The demo's promise: trained mAP@R at least this much above the untrained model's."""

@@ -3,15 +3,8 @@ import sys
 
 import pytest
 
-from pipeline.config import (
-    DEFAULTS_PATH,
-    ConfigError,
-    RunConfig,
-    flatten,
-    load_config,
-    save_config,
-    to_dict,
-)
+from pipeline.config import ConfigError, RunConfig, to_dict
+from pipeline.config_loader import DEFAULTS_PATH, flatten, load_config, save_config
 
 
 def test_defaults_file_is_the_dataclass_defaults():

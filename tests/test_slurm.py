@@ -217,7 +217,7 @@ def test_array_evaluation_matches_one_process(slurm_cluster, shards, tmp_path):
     import submitit
     import torch
 
-    from pipeline.config import load_config
+    from pipeline.config_loader import load_config
     from pipeline.eval.evaluator import compute_metrics, extract_embeddings
     from pipeline.model import load_trained_model
 

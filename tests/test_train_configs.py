@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, TrainConfig, load_config
+from pipeline.config import ConfigError, TrainConfig
+from pipeline.config_loader import load_config
 from pipeline.train.engine import deepspeed_config
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from pipeline.config import ConfigError, ModelConfig, OptimConfig, load_config
+from pipeline.config import ConfigError, ModelConfig, OptimConfig
+from pipeline.config_loader import load_config
 from pipeline.model import build_model
 from pipeline.train.optim import build_optimizer, build_scheduler, lr_factor
 

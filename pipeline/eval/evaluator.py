@@ -25,16 +25,8 @@ import numpy as np
 import torch
 
 from pipeline import distributed
-from pipeline.config import (
-    DataConfig,
-    EvalConfig,
-    RunConfig,
-    eval_output_dir,
-    flatten,
-    load_config,
-    split_checkpoint,
-    to_dict,
-)
+from pipeline.config import DataConfig, EvalConfig, RunConfig, to_dict
+from pipeline.config_loader import eval_output_dir, flatten, load_config, split_checkpoint
 
 GRID_QUERIES = 8
 GRID_NEIGHBOURS = 5

@@ -28,6 +28,7 @@ from torch import nn
 
 from pipeline import distributed
 from pipeline.config import ConfigError, TrainConfig
+from pipeline.config_loader import resolve_conf_path
 
 # Keys the pipeline sets from its own config; a deepspeed_config file may not set them.
 _OWNED = {
@@ -71,7 +72,7 @@ def deepspeed_config(train_cfg: TrainConfig, batch_size_per_gpu: int, world_size
             "lower_precision_safe_modules": [],
         }
     if train_cfg.deepspeed_config:
-        _merge_user_config(config, Path(train_cfg.deepspeed_config), train_cfg)
+        _merge_user_config(config, resolve_conf_path(train_cfg.deepspeed_config), train_cfg)
     return config
 
 

@@ -28,14 +28,8 @@ import numpy as np
 import torch
 
 from pipeline import distributed
-from pipeline.config import (
-    RunConfig,
-    eval_output_dir,
-    flatten,
-    load_config,
-    save_config,
-    to_dict,
-)
+from pipeline.config import RunConfig, to_dict
+from pipeline.config_loader import eval_output_dir, flatten, load_config, save_config
 from pipeline.train import checkpoint
 
 RUN_ID_FILE = "mlflow_run.txt"

@@ -1,0 +1,230 @@
+"""Loading a run config: typed defaults -> YAML file -> dotted ``key=value`` overrides.
+
+The schemas live in :mod:`pipeline.config`; this module turns files and overrides into a
+:class:`~pipeline.config.RunConfig`, saves it, and flattens it for MLflow. Unknown keys and
+wrong types are errors that name the key and list the valid ones.
+
+Config files shipped with the package (``pipeline/conf/``, also reachable as ``conf/`` in a
+checkout) can be named as ``conf/...`` from any directory, so a non-editable install runs
+``pipeline train --config conf/experiments/sop.yaml`` too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.config import ConfigError, RunConfig, to_dict
+
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+DEFAULTS_PATH = CONF_DIR / "defaults.yaml"
+
+
+def resolve_conf_path(path: str | Path) -> Path:
+    """``path`` as given when it exists; else, for ``conf/...``, the file shipped in the
+    package (what a wheel installed outside the repository has)."""
+    p = Path(path)
+    if p.exists() or p.is_absolute():
+        return p
+    parts = p.parts
+    if parts and parts[0] == "conf":
+        shipped = CONF_DIR.joinpath(*parts[1:])
+        if shipped.exists():
+            return shipped
+    return p
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return ``value`` as type ``tp`` or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key)
+    if origin in (list, tuple):
+        (item_tp, *_) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list of {_type_name(item_tp)}, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arm in typing.get_args(tp):
+            if arm is type(None) and value is None:
+                return None
+            try:
+                return _coerce(value, arm, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: {value!r} matches none of {tp}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # YAML 1.1 reads 1e-5 (no dot) as a string; accept what float() reads.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is Any:
+        return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _build(cls: type, values: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in hints or key not in names:
+            raise ConfigError(
+                f"unknown config key {full!r}; valid keys{' of ' + prefix if prefix else ''}: "
+                + ", ".join(names)
+            )
+        kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(
+            f"override {text!r} is not of the form key=value (e.g. loss.temperature=0.05)"
+        )
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    # YAML parsing gives numbers, booleans and lists ([1,4,16]) their types.
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    return key.split("."), value
+
+
+def _apply_override(tree: dict, path: list[str], value: Any, text: str) -> None:
+    node: Any = tree
+    cls: Any = RunConfig
+    for depth, part in enumerate(path[:-1]):
+        names = [f.name for f in dataclasses.fields(cls)]
+        prefix = ".".join(path[:depth])
+        if part not in names or not isinstance(node.get(part), dict):
+            raise ConfigError(
+                f"override {text!r}: unknown config key {'.'.join(path[: depth + 1])!r}; "
+                f"valid keys{' of ' + prefix if prefix else ''}: {', '.join(names)}"
+            )
+        cls = typing.get_type_hints(cls)[part]
+        node = node[part]
+    names = [f.name for f in dataclasses.fields(cls)]
+    if path[-1] not in names:
+        prefix = ".".join(path[:-1])
+        raise ConfigError(
+            f"override {text!r}: unknown config key {'.'.join(path)!r}; "
+            f"valid keys{' of ' + prefix if prefix else ''}: {', '.join(names)}"
+        )
+    node[path[-1]] = value
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    defaults: str | Path | None = DEFAULTS_PATH,
+) -> RunConfig:
+    """Defaults (dataclass defaults, then ``conf/defaults.yaml``) -> YAML ``path`` -> overrides."""
+    tree = to_dict(RunConfig())
+    for source in (defaults, path):
+        if source is None:
+            continue
+        source = resolve_conf_path(source)
+        if not source.is_file():
+            raise ConfigError(f"config file {str(source)!r} does not exist; pass an existing YAML")
+        try:
+            loaded = yaml.safe_load(source.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(source)!r} is not valid YAML: {e}") from e
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(source)!r} must hold a mapping at the top level")
+        # Validate the file's keys before merging, so an error names the file.
+        try:
+            _build(RunConfig, _merge(to_dict(RunConfig()), loaded), "")
+        except (ConfigError, TypeError) as e:
+            raise ConfigError(f"{source}: {e}") from e
+        tree = _merge(tree, loaded)
+    for text in overrides:
+        keys, value = _parse_override(text)
+        _apply_override(tree, keys, value, text)
+    try:
+        return _build(RunConfig, tree, "")
+    except TypeError as e:  # a dataclass refused its kwargs
+        raise ConfigError(str(e)) from e
+
+
+def eval_output_dir(cfg: RunConfig) -> Path:
+    """Where evaluation writes: ``eval.output_dir``, else ``<train.output_dir>/eval``."""
+    return Path(cfg.eval.output_dir or Path(cfg.train.output_dir) / "eval")
+
+
+def split_checkpoint(tokens: list[str] | tuple[str, ...]) -> tuple[str, list[str]]:
+    """``checkpoint=PATH`` (made absolute) and the remaining config overrides.
+
+    ``pipeline evaluate`` and its SLURM launcher take the trained weights this way; the path
+    must be given once and exist.
+    """
+    found = [t.split("=", 1)[1] for t in tokens if t.startswith("checkpoint=")]
+    rest = [t for t in tokens if not t.startswith("checkpoint=")]
+    if len(found) != 1 or not found[0]:
+        raise ConfigError(
+            "pass the trained weights once as checkpoint=PATH (a run's model.safetensors or "
+            "its checkpoints/ directory), e.g. "
+            "`pipeline evaluate --config conf/demo.yaml checkpoint=runs/demo/model.safetensors`"
+        )
+    path = Path(found[0]).resolve()
+    if not path.exists():
+        raise ConfigError(f"checkpoint={found[0]!r} does not exist ({path})")
+    return str(path), rest
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML (loadable again by ``load_config``)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """``{'a': {'b': 1}} -> {'a.b': 1}``; lists of mappings get an index (MLflow params)."""
+    flat: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            flat.update(flatten(v, key + "."))
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            for i, item in enumerate(v):
+                flat.update(flatten(item, f"{key}.{i}."))
+        else:
+            flat[key] = v
+    return flat
