@@ -11,14 +11,23 @@ environments are recognised:
 
 A partially set environment is an error. Every helper works unchanged with one
 process (no process group at all).
+
+Logging: :func:`setup_logging` is called once by each entry point. Records of the
+``pipeline`` logger (and its children, ``logging.getLogger(__name__)`` in every module) go
+to the console on rank 0 only, and to one file per rank, ``<run dir>/logs/rank<R>.log``,
+on every rank: what a user reads when rank 5 on host 2 died.
 """
 
 from __future__ import annotations
 
 import datetime
+import logging
 import os
+import socket
 import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -233,3 +242,49 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     out = tensor.clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out
+
+
+# ---------------------------------------------------------------------------- logging
+
+LOGGER = "pipeline"
+_FORMAT = "%(asctime)s {host} rank{rank} %(levelname)s %(name)s: %(message)s"
+
+
+def log_file(run_dir: str | Path, rank: int) -> Path:
+    """The log file of ``rank`` in a run directory."""
+    return Path(run_dir) / "logs" / f"rank{rank}.log"
+
+
+def setup_logging(run_dir: str | Path | None = None, *, level: int = logging.INFO) -> Path | None:
+    """Rank-aware logging for the ``pipeline`` logger tree; returns this rank's log file.
+
+    Rank 0 prints ``INFO`` and above to stderr as plain messages; other ranks print only
+    warnings and errors, prefixed with their rank and host. With ``run_dir``, every rank also
+    appends everything to ``run_dir/logs/rank<R>.log`` (timestamp, host, rank, module). Safe
+    to call again (e.g. once the run directory is known): handlers are replaced, not added.
+    """
+    rank = get_rank() if is_distributed() else read_env().rank
+    host = socket.gethostname()
+    root = logging.getLogger(LOGGER)
+    root.setLevel(level)
+    root.propagate = False
+    for h in list(root.handlers):
+        root.removeHandler(h)
+        h.close()
+    console = logging.StreamHandler(sys.stderr)
+    if rank == 0:
+        console.setFormatter(logging.Formatter("%(message)s"))
+        console.setLevel(level)
+    else:
+        console.setFormatter(logging.Formatter(f"[rank{rank} {host}] %(levelname)s: %(message)s"))
+        console.setLevel(logging.WARNING)
+    root.addHandler(console)
+    if run_dir is None:
+        return None
+    path = log_file(run_dir, rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter(_FORMAT.format(host=host, rank=rank)))
+    handler.setLevel(logging.DEBUG)
+    root.addHandler(handler)
+    return path
