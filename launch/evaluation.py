@@ -69,7 +69,7 @@ class ExtractPartJob(submitit.helpers.Checkpointable):
         guard_requeue_signal()
         export_distributed_env()
         from pipeline import distributed
-        from pipeline.eval.evaluator import extract_embeddings
+        from pipeline.eval.extract import extract_embeddings
         from pipeline.model import load_trained_model
 
         path = part_path(eval_output_dir(self.cfg), self.part)
@@ -110,7 +110,7 @@ def merge_parts(
     ``stamps``: the fingerprint each part must carry. Raises ValueError naming a missing or
     stale part, a sample seen twice, or a wrong total.
     """
-    from pipeline.eval.evaluator import sort_by_index
+    from pipeline.eval.extract import sort_by_index
 
     missing = [str(part_path(out, i)) for i in range(parts) if not part_path(out, i).is_file()]
     if missing:

@@ -244,7 +244,7 @@ def test_a_config_naming_another_model_is_refused(assets, capsys):
 
 
 def test_shards_listed_twice_are_refused(assets, tmp_path):
-    from pipeline.eval.evaluator import extract_embeddings
+    from pipeline.eval.extract import extract_embeddings
 
     shards = sorted(str(p) for p in assets["split"].glob("*.tar"))
     listing = tmp_path / "twice.txt"

@@ -218,7 +218,8 @@ def test_array_evaluation_matches_one_process(slurm_cluster, shards, tmp_path):
     import torch
 
     from pipeline.config_loader import load_config
-    from pipeline.eval.evaluator import compute_metrics, extract_embeddings
+    from pipeline.eval.evaluator import compute_metrics
+    from pipeline.eval.extract import extract_embeddings
     from pipeline.model import load_trained_model
 
     config = tiny_config(tmp_path / "run.yaml", shards, tmp_path, steps=2, ckpt_every=2)
