@@ -244,6 +244,30 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Give every rank ``src``'s buffers (BatchNorm running statistics), in place.
+
+    All ranks participate. DeepSpeed, unlike torch's DDP, does not broadcast buffers, so with
+    trainable BatchNorm each rank would keep statistics of its own batches: the evaluation
+    would embed each rank's share with another model, and the saved weights (rank 0's) would
+    not be the evaluated ones (issue 10). One flat broadcast per dtype keeps it to a few
+    messages per step.
+    """
+    if not is_distributed():
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for buf in module.buffers():
+        by_dtype.setdefault(buf.dtype, []).append(buf)
+    for bufs in by_dtype.values():
+        flat = torch.cat([b.detach().reshape(-1) for b in bufs])
+        dist.broadcast(flat, src=src)
+        offset = 0
+        for b in bufs:
+            n = b.numel()
+            b.data.copy_(flat[offset : offset + n].view_as(b))
+            offset += n
+
+
 # ---------------------------------------------------------------------------- logging
 
 LOGGER = "pipeline"
