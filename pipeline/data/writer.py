@@ -103,35 +103,54 @@ class WriteSummary:
 
 
 def encode_jpeg(image, quality: int) -> bytes:
-    """JPEG bytes of a PIL image (converted to RGB), fixed settings so output is reproducible."""
+    """JPEG bytes of a PIL image, fixed settings so output is reproducible. A non-RGB image is
+    converted by ``imagemode.to_rgb``'s rules, never by PIL's clipping ``convert("RGB")``."""
+    from pipeline.data.imagemode import to_rgb
+
     buf = io.BytesIO()
-    image.convert("RGB").save(buf, format="JPEG", quality=quality)
+    to_rgb(image).save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
+
+
+KEPT_JPEG_MODES = ("RGB", "L")
+"""JPEGs stored byte for byte: any reader shows their pixels as they are. A CMYK JPEG or one with
+an EXIF rotation is re-encoded, since a plain decoder would show it inverted or turned."""
 
 
 def prepare_image(data: bytes, resize: int, quality: int) -> tuple[bytes, int, int]:
     """Check that ``data`` decodes completely and return (jpeg bytes, width, height).
 
-    ``resize`` > 0: re-encode with the shorter side at ``resize`` pixels. Otherwise JPEG input is
-    kept byte for byte and any other format is re-encoded as JPEG (the member is named ``jpg``).
-    Raises on undecodable or truncated data.
+    Every image becomes 8-bit RGB by ``pipeline.data.imagemode.to_rgb``'s rules (EXIF
+    orientation applied; 16-bit, integer and float pixels scaled; alpha composited on white).
+    ``resize`` > 0: re-encode with the shorter side at ``resize`` pixels. Otherwise an RGB or
+    gray JPEG without rotation is kept byte for byte and anything else is re-encoded as JPEG
+    (the member is named ``jpg``). Raises on undecodable or truncated data, and
+    ``imagemode.UnsupportedImage`` for pixels that have no stated conversion.
     """
     from PIL import Image
 
+    from pipeline.data.imagemode import exif_orientation, swaps_axes, to_rgb
+
     image = Image.open(io.BytesIO(data))
     fmt = image.format
+    orientation = exif_orientation(image)
     if resize > 0:
         w, h = image.size
         scale = resize / min(w, h)
         size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        # JPEG DCT-domain downscaling first: several times faster on large photos.
+        # JPEG DCT-domain downscaling first: several times faster on large photos. The draft
+        # size is in stored orientation; the target below is the displayed one.
         image.draft("RGB", size)
         image.load()
-        image = image.convert("RGB").resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+        image = to_rgb(image)
+        if swaps_axes(orientation):
+            size = (size[1], size[0])
+        image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
         return encode_jpeg(image, quality), size[0], size[1]
     image.load()  # a full decode: truncated files fail here, not during training
-    if fmt == "JPEG":
+    if fmt == "JPEG" and image.mode in KEPT_JPEG_MODES and orientation == 1:
         return data, image.size[0], image.size[1]
+    image = to_rgb(image)
     return encode_jpeg(image, quality), image.size[0], image.size[1]
 
 
