@@ -120,6 +120,24 @@ def test_inaturalist(tmp_path):
         list_split("inaturalist", root, "test")
 
 
+def test_inaturalist_line_with_a_missing_level_is_refused(tmp_path):
+    root = tmp_path / "inat"
+    write_image(root / "train_val2018" / "Plantae" / "0.jpg")  # the file exists: only the list
+    (root / "Inaturalist_train_set1.txt").write_text(
+        "train_val2018/Aves/2001/0.jpg\n\ntrain_val2018/Plantae/0.jpg\n"
+    )
+    with pytest.raises(
+        LayoutError,
+        match=r"Inaturalist_train_set1.txt:3: 'train_val2018/Plantae/0.jpg' is not of the form "
+        r"train_val2018/<supercategory>/<category>/<file>.jpg \(3 path levels, expected 4: "
+        r"the class is the <category> folder\)",
+    ):
+        list_split("inaturalist", root, "train")
+    (root / "Inaturalist_train_set1.txt").write_text("x/train_val2018/Aves/2001/0.jpg\n")
+    with pytest.raises(LayoutError, match=r":1: .*\(5 path levels, expected 4"):
+        list_split("inaturalist", root, "train")
+
+
 def test_sop(tmp_path):
     root = tmp_path / "sop"
     rows = ["image_id class_id super_class_id path"]
