@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.cli import main
-from pipeline.data.converters import LayoutError, list_split
-from pipeline.data.index import read_index
+from pipeline.data.converters import IJBC_1N, LayoutError, list_split
+from pipeline.data.index import IJBC_TABLES, read_index
 from tests.data_helpers import write_image
 
 
@@ -204,6 +204,8 @@ def test_ijbc(tmp_path):
     assert g1 == [{"template_id": 1, "subject_id": 7}, {"template_id": 3, "subject_id": 9}]
     assert not (split / "gallery_G2.parquet").exists()  # optional files stay optional
     assert {"template_id", "media_id", "subject_id"} <= set(_first_json(split))
+    # every table IJB-C can write is one that a later --overwrite may remove
+    assert {"pairs.parquet", *(f"{n}.parquet" for n in IJBC_1N)} == set(IJBC_TABLES)
 
 
 def test_ijbc_errors(tmp_path):
@@ -290,5 +292,5 @@ def test_synthetic_cli_writes_disjoint_train_and_test(tmp_path, capsys):
     train, test = _rows(tmp_path / "train"), _rows(tmp_path / "test")
     assert not {r["class_name"] for r in train} & {r["class_name"] for r in test}
     assert (train[0]["width"], train[0]["height"]) == (24, 24)
-    assert main(["make-shards", "sop", "--out", str(tmp_path), "--no-progress"]) == 1
+    assert main(["make-shards", "sop", "--out", str(tmp_path / "o"), "--no-progress"]) == 2
     assert "make-shards sop needs --root DIR" in capsys.readouterr().err
