@@ -49,6 +49,7 @@ USER_ERRORS = (
     ("pipeline.train.checkpoint", "CheckpointError"),
     ("pipeline.data.converters", "LayoutError"),
     ("pipeline.data.writer", "ShardWriteError"),
+    ("pipeline.data.make_shards", "ShardArgumentError"),
 )
 
 

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.cli import main
-from pipeline.data.converters import LayoutError, list_split
-from pipeline.data.index import read_index
+from pipeline.data.converters import IJBC_1N, LayoutError, list_split
+from pipeline.data.index import IJBC_TABLES, read_index
 from tests.data_helpers import write_image
 
 
@@ -120,6 +120,24 @@ def test_inaturalist(tmp_path):
         list_split("inaturalist", root, "test")
 
 
+def test_inaturalist_line_with_a_missing_level_is_refused(tmp_path):
+    root = tmp_path / "inat"
+    write_image(root / "train_val2018" / "Plantae" / "0.jpg")  # the file exists: only the list
+    (root / "Inaturalist_train_set1.txt").write_text(
+        "train_val2018/Aves/2001/0.jpg\n\ntrain_val2018/Plantae/0.jpg\n"
+    )
+    with pytest.raises(
+        LayoutError,
+        match=r"Inaturalist_train_set1.txt:3: 'train_val2018/Plantae/0.jpg' is not of the form "
+        r"train_val2018/<supercategory>/<category>/<file>.jpg \(3 path levels, expected 4: "
+        r"the class is the <category> folder\)",
+    ):
+        list_split("inaturalist", root, "train")
+    (root / "Inaturalist_train_set1.txt").write_text("x/train_val2018/Aves/2001/0.jpg\n")
+    with pytest.raises(LayoutError, match=r":1: .*\(5 path levels, expected 4"):
+        list_split("inaturalist", root, "train")
+
+
 def test_sop(tmp_path):
     root = tmp_path / "sop"
     rows = ["image_id class_id super_class_id path"]
@@ -186,6 +204,8 @@ def test_ijbc(tmp_path):
     assert g1 == [{"template_id": 1, "subject_id": 7}, {"template_id": 3, "subject_id": 9}]
     assert not (split / "gallery_G2.parquet").exists()  # optional files stay optional
     assert {"template_id", "media_id", "subject_id"} <= set(_first_json(split))
+    # every table IJB-C can write is one that a later --overwrite may remove
+    assert {"pairs.parquet", *(f"{n}.parquet" for n in IJBC_1N)} == set(IJBC_TABLES)
 
 
 def test_ijbc_errors(tmp_path):
@@ -272,5 +292,5 @@ def test_synthetic_cli_writes_disjoint_train_and_test(tmp_path, capsys):
     train, test = _rows(tmp_path / "train"), _rows(tmp_path / "test")
     assert not {r["class_name"] for r in train} & {r["class_name"] for r in test}
     assert (train[0]["width"], train[0]["height"]) == (24, 24)
-    assert main(["make-shards", "sop", "--out", str(tmp_path), "--no-progress"]) == 1
+    assert main(["make-shards", "sop", "--out", str(tmp_path / "o"), "--no-progress"]) == 2
     assert "make-shards sop needs --root DIR" in capsys.readouterr().err

@@ -61,6 +61,10 @@ def list_vggface2(root: Path, split: str) -> list[SourceItem]:
     return items
 
 
+INAT_LAYOUT = "train_val2018/<supercategory>/<category>/<file>.jpg"
+INAT_LEVELS = 4
+
+
 def list_inaturalist(root: Path, split: str) -> list[SourceItem]:
     """Smooth-AP's split files ``Inaturalist_{train,test}_set1.txt`` under ``root``: one path a line,
     relative to ``root`` (``train_val2018/<supercategory>/<category>/<file>.jpg``); the class
@@ -74,10 +78,13 @@ def list_inaturalist(root: Path, split: str) -> list[SourceItem]:
     items = []
     for n, line in _lines(list_file):
         parts = line.split("/")
-        if len(parts) < 3 or not all(parts):
+        # Exactly four levels: with one missing (train_val2018/Plantae/x.jpg) the class would
+        # silently become the super-category folder (issue 10).
+        if len(parts) != INAT_LEVELS or not all(parts):
             raise LayoutError(
-                f"{list_file}:{n}: {line!r} is not of the form "
-                "train_val2018/<supercategory>/<category>/<file>.jpg"
+                f"{list_file}:{n}: {line!r} is not of the form {INAT_LAYOUT} ({len(parts)} "
+                f"path levels, expected {INAT_LEVELS}: the class is the <category> folder); "
+                "fix the line, or use the Smooth-AP split file whose paths are relative to --root"
             )
         items.append(
             SourceItem(

@@ -6,6 +6,7 @@ A written split lives in one directory::
     <out>/<split>/index.parquet                   one row per sample, in write order
     <out>/<split>/sizes.json                      {shard file name: sample count}
     <out>/<split>/skipped.txt                     unreadable source images (path, reason)
+    <out>/<split>/pairs.parquet ...               IJB-C only: its protocol tables
 
 The *global index* of a sample is its row position in ``index.parquet`` (also stored as the
 ``index`` column and in each sample's ``json``); the eval loader yields it so that evaluators can
@@ -23,6 +24,11 @@ INDEX_FILE = "index.parquet"
 SIZES_FILE = "sizes.json"
 SKIPPED_FILE = "skipped.txt"
 SHARD_SUFFIX = ".tar"
+IJBC_TABLES = ("pairs.parquet", "gallery_G1.parquet", "gallery_G2.parquet", "probe_mixed.parquet")
+"""IJB-C's protocol tables, written beside its shards by ``converters.list_ijbc``."""
+WRITTEN_FILES = (INDEX_FILE, SIZES_FILE, SKIPPED_FILE, *IJBC_TABLES)
+"""Every file a split folder holds besides its shards: all that ``make-shards --overwrite`` may
+remove (with the shards), so that a file it did not write is never deleted."""
 NAME_RE = re.compile(r"^[A-Za-z0-9_]+$")
 """Dataset and split names: they become part of file names and of the ShardWriter pattern."""
 
@@ -30,6 +36,15 @@ NAME_RE = re.compile(r"^[A-Za-z0-9_]+$")
 def shard_pattern(directory: str | Path, name: str, split: str) -> str:
     """The ``%``-pattern ``webdataset.ShardWriter`` fills with the shard number."""
     return str(Path(directory) / f"{name}-{split}-%06d{SHARD_SUFFIX}")
+
+
+def is_shard_name(fname: str, split: str) -> bool:
+    """Whether ``fname`` is named like a shard of ``split`` (``{name}-{split}-000000.tar``)."""
+    name, _, rest = fname.partition("-")
+    return bool(
+        NAME_RE.match(name)
+        and re.fullmatch(rf"{re.escape(split)}-[0-9]{{6}}{re.escape(SHARD_SUFFIX)}", rest)
+    )
 
 
 def check_name(kind: str, value: str) -> str:

@@ -3,14 +3,23 @@
 Each split goes to ``<out>/<split>/`` (shards, ``index.parquet``, ``sizes.json``,
 ``skipped.txt``); see ``shards/README.md``. ``pipeline make-shards synthetic --out
 data/synthetic`` writes the built-in dataset's train and test splits in seconds.
+
+Everything that can be known from the arguments is checked before any work (exit 2, one line):
+argument ranges, ``--root`` against ``--out`` (no overlap), existing splits (``--overwrite``),
+a writable output, and every split's list files. Failures while writing (a listed image that
+does not exist, too many unreadable ones, a disk error) exit 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
+from pathlib import Path
 
+from pipeline.data.index import check_name
+from pipeline.data.outdir import check_output
 from pipeline.data.writer import DEFAULT_MAX_SKIPPED_FRACTION, ShardWriteError, write_split
 
 FORMATS = ("vggface2", "inaturalist", "sop", "ijbc", "imagefolder", "synthetic")
@@ -23,6 +32,10 @@ DEFAULT_SPLITS = {
     "synthetic": "train,test",
 }
 DEFAULT_NAMES = {"inaturalist": "inat"}
+
+
+class ShardArgumentError(ValueError):
+    """A make-shards argument out of its range; the message names the flag, value and rule."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,7 +52,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--resize",
         type=int,
-        default=0,
         metavar="SHORTER_SIDE",
         help="re-encode with the shorter side at this size (default: keep the original bytes)",
     )
@@ -53,6 +65,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="F",
         help="fail when more than this fraction of a split's images is unreadable "
         f"(default {DEFAULT_MAX_SKIPPED_FRACTION})",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace existing splits; only files make-shards wrote there are removed, and a "
+        "split folder holding anything else is refused",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     syn = parser.add_argument_group("synthetic")
@@ -77,35 +95,105 @@ def _items(args: argparse.Namespace, split: str) -> tuple[list, dict]:
         ), {}
     from pipeline.data import converters
 
-    if not args.root:
-        raise converters.LayoutError(f"make-shards {args.format} needs --root DIR")
     return converters.list_split(args.format, args.root, split)
 
 
-def run(args: argparse.Namespace) -> int:
+def _refuse(flag: str, value, rule: str) -> ShardArgumentError:
+    return ShardArgumentError(f"{flag} {value}: {rule}")
+
+
+def check_arguments(args: argparse.Namespace, name: str, splits: list[str]) -> None:
+    """Refuse out-of-range arguments before any work (ShardArgumentError, one line each)."""
+    at_least_one = {
+        "--samples-per-shard": (args.samples_per_shard, "samples per tar shard"),
+        "--workers": (args.workers, "processes that decode images"),
+    }
+    if args.format == "synthetic":
+        at_least_one["--classes"] = (args.classes, "train classes")
+        at_least_one["--test-classes"] = (args.test_classes, "test classes")
+        at_least_one["--images-per-class"] = (args.images_per_class, "images of each class")
+        at_least_one["--image-size"] = (args.image_size, "side of the square images in pixels")
+    for flag, (value, what) in at_least_one.items():
+        if value < 1:
+            raise _refuse(flag, value, f"must be a whole number >= 1 ({what}), e.g. {flag} 2")
+    if args.resize is not None and args.resize < 1:
+        raise _refuse(
+            "--resize",
+            args.resize,
+            "the shorter side must be a positive number of pixels, e.g. --resize 256; leave "
+            "--resize out to keep the original images",
+        )
+    if not 1 <= args.quality <= 100:
+        raise _refuse("--quality", args.quality, "JPEG quality must be in 1..100, e.g. 90")
+    f = args.max_skipped_fraction
+    if math.isnan(f) or not 0 <= f <= 1:
+        raise _refuse(
+            "--max-skipped-fraction",
+            f,
+            "a fraction of a split's images, in 0..1 (0: fail on any unreadable image; "
+            f"default {DEFAULT_MAX_SKIPPED_FRACTION})",
+        )
+    if args.seed < 0:
+        raise _refuse("--seed", args.seed, "must be >= 0")
+    for flag, value in [("--name", name), *(("--split", s) for s in splits)]:
+        try:
+            check_name(flag, value)
+        except ValueError as e:
+            raise ShardArgumentError(str(e)) from None
+    if not splits:
+        raise _refuse("--split", repr(args.split), "names no split; e.g. --split train,test")
+    if len(set(splits)) != len(splits):
+        raise _refuse("--split", args.split, "names a split twice; list each split once")
+
+
+def _inputs(args: argparse.Namespace) -> list[Path]:
+    """The dataset folder(s) the output must not overlap (none for synthetic)."""
     from pipeline.data.converters import LayoutError
 
+    if args.format == "synthetic":
+        return []
+    if not args.root:
+        raise LayoutError(f"make-shards {args.format} needs --root DIR (the dataset's folder)")
+    root = Path(args.root)
+    if not root.is_dir():
+        raise LayoutError(
+            f"--root {root} is not a directory; expected the {args.format} dataset's root"
+        )
+    return [root]
+
+
+def run(args: argparse.Namespace) -> int:
     name = args.name or DEFAULT_NAMES.get(args.format, args.format)
-    splits = [s.strip() for s in (args.split or DEFAULT_SPLITS[args.format]).split(",") if s]
+    splits = [s.strip() for s in (args.split or DEFAULT_SPLITS[args.format]).split(",")]
+    splits = [s for s in splits if s]
+    # Before any work, for every split: these raise user errors (cli: one line, exit 2).
+    check_arguments(args, name, splits)
+    inputs = _inputs(args)
     for split in splits:
+        check_output(args.out, split, overwrite=args.overwrite, inputs=inputs)
+    # Every split's listing too (a malformed list line is a LayoutError naming file and line),
+    # so that no split is written when a later one cannot be.
+    listed = {split: _items(args, split) for split in splits}
+    for split, (items, extra) in listed.items():
         start = time.time()
         try:
-            items, extra = _items(args, split)
             summary = write_split(
                 items,
                 args.out,
                 name=name,
                 split=split,
                 samples_per_shard=args.samples_per_shard,
-                resize=args.resize,
+                resize=args.resize or 0,
                 quality=args.quality,
                 workers=args.workers,
                 seed=args.seed,
                 max_skipped_fraction=args.max_skipped_fraction,
                 progress=not args.no_progress,
                 extra_files=extra,
+                overwrite=args.overwrite,
+                inputs=inputs,
             )
-        except (LayoutError, ShardWriteError, ValueError) as e:
+        except (ShardWriteError, ValueError) as e:
             print(f"make-shards: error: {e}", file=sys.stderr)
             return 1
         print(f"{summary.line()} in {time.time() - start:.1f} s")

@@ -9,19 +9,22 @@ when it alone holds more than ``samples_per_shard`` samples.
 Images are checked (fully decoded) and optionally resized in a process pool; a corrupt or
 unreadable image is skipped, written to ``skipped.txt`` with its reason and counted. A source
 file that does not exist is an error (the listing and the files disagree), not a skip.
-The split is written to ``<out>/<split>.partial`` and renamed to ``<out>/<split>`` only when it
-succeeded, so a failed run never leaves something that looks like a finished split.
+The split is written to a fresh ``<out>/<split>.partial-XXXXXX`` folder, validated, and only
+then swapped in as ``<out>/<split>`` (``outdir``: overlap with the input, an existing split and
+``overwrite`` are decided there), so a failed or interrupted run leaves any old split as it was
+and never a split that looks complete.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import multiprocessing as mp
 import os
-import shutil
 import sys
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -33,8 +36,17 @@ from pipeline.data.index import (
     INDEX_FILE,
     SIZES_FILE,
     SKIPPED_FILE,
+    WRITTEN_FILES,
     check_name,
     shard_pattern,
+)
+from pipeline.data.outdir import (
+    ShardWriteError,  # defined beside the output checks; callers catch it from here
+    check_output,
+    discard_partial,
+    make_partial,
+    swap_in,
+    write_error,
 )
 
 DEFAULT_MAX_SKIPPED_FRACTION = 0.01
@@ -54,10 +66,6 @@ INDEX_COLUMNS = (
     "height",
     "source",
 )
-
-
-class ShardWriteError(RuntimeError):
-    """Writing a split failed; the message names the file and the fix."""
 
 
 @dataclass
@@ -103,35 +111,54 @@ class WriteSummary:
 
 
 def encode_jpeg(image, quality: int) -> bytes:
-    """JPEG bytes of a PIL image (converted to RGB), fixed settings so output is reproducible."""
+    """JPEG bytes of a PIL image, fixed settings so output is reproducible. A non-RGB image is
+    converted by ``imagemode.to_rgb``'s rules, never by PIL's clipping ``convert("RGB")``."""
+    from pipeline.data.imagemode import to_rgb
+
     buf = io.BytesIO()
-    image.convert("RGB").save(buf, format="JPEG", quality=quality)
+    to_rgb(image).save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
+
+
+KEPT_JPEG_MODES = ("RGB", "L")
+"""JPEGs stored byte for byte: any reader shows their pixels as they are. A CMYK JPEG or one with
+an EXIF rotation is re-encoded, since a plain decoder would show it inverted or turned."""
 
 
 def prepare_image(data: bytes, resize: int, quality: int) -> tuple[bytes, int, int]:
     """Check that ``data`` decodes completely and return (jpeg bytes, width, height).
 
-    ``resize`` > 0: re-encode with the shorter side at ``resize`` pixels. Otherwise JPEG input is
-    kept byte for byte and any other format is re-encoded as JPEG (the member is named ``jpg``).
-    Raises on undecodable or truncated data.
+    Every image becomes 8-bit RGB by ``pipeline.data.imagemode.to_rgb``'s rules (EXIF
+    orientation applied; 16-bit, integer and float pixels scaled; alpha composited on white).
+    ``resize`` > 0: re-encode with the shorter side at ``resize`` pixels. Otherwise an RGB or
+    gray JPEG without rotation is kept byte for byte and anything else is re-encoded as JPEG
+    (the member is named ``jpg``). Raises on undecodable or truncated data, and
+    ``imagemode.UnsupportedImage`` for pixels that have no stated conversion.
     """
     from PIL import Image
 
+    from pipeline.data.imagemode import exif_orientation, swaps_axes, to_rgb
+
     image = Image.open(io.BytesIO(data))
     fmt = image.format
+    orientation = exif_orientation(image)
     if resize > 0:
         w, h = image.size
         scale = resize / min(w, h)
         size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        # JPEG DCT-domain downscaling first: several times faster on large photos.
+        # JPEG DCT-domain downscaling first: several times faster on large photos. The draft
+        # size is in stored orientation; the target below is the displayed one.
         image.draft("RGB", size)
         image.load()
-        image = image.convert("RGB").resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+        image = to_rgb(image)
+        if swaps_axes(orientation):
+            size = (size[1], size[0])
+        image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
         return encode_jpeg(image, quality), size[0], size[1]
     image.load()  # a full decode: truncated files fail here, not during training
-    if fmt == "JPEG":
+    if fmt == "JPEG" and image.mode in KEPT_JPEG_MODES and orientation == 1:
         return data, image.size[0], image.size[1]
+    image = to_rgb(image)
     return encode_jpeg(image, quality), image.size[0], image.size[1]
 
 
@@ -201,20 +228,24 @@ def write_split(
     max_skipped_fraction: float = DEFAULT_MAX_SKIPPED_FRACTION,
     progress: bool = True,
     extra_files: dict[str, Callable[[Path], None]] | None = None,
+    overwrite: bool = False,
+    inputs: Iterable[str | Path] = (),
 ) -> WriteSummary:
     """Write ``items`` as the split ``<out>/<split>`` and return its summary.
 
     Labels are the positions of the class names in sorted order (0..C-1 within this split).
     ``extra_files``: name -> function writing that file into the split directory (IJB-C's pair
-    and gallery/probe tables). Raises ShardWriteError when a listed file is missing, when nothing
-    could be written, or when more than ``max_skipped_fraction`` of the images are unreadable
-    (the partial output is kept for inspection and named in the message).
-    """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import webdataset as wds
-    from tqdm import tqdm
+    and gallery/probe tables; names from ``index.WRITTEN_FILES``, so that a later overwrite may
+    remove them). ``inputs``: the dataset's folders, which the output must not overlap.
+    ``overwrite``: replace an existing split (only files the writer writes; see ``outdir``).
 
+    Raises ShardWriteError, before anything is written, for an output that overlaps an input,
+    an existing split without ``overwrite``, a split folder holding a file the writer did not
+    write, or an unwritable output; and while writing when a listed file is missing, nothing
+    could be written, more than ``max_skipped_fraction`` of the images are unreadable or the
+    written split fails validation (in these two cases the partial folder is kept for
+    inspection and named in the message). Any old split is left as it was on every failure.
+    """
     check_name("dataset name", name)
     check_name("split", split)
     if samples_per_shard < 1:
@@ -223,11 +254,79 @@ def write_split(
         raise ValueError(f"quality={quality}: JPEG quality must be in 1..100")
     if not items:
         raise ShardWriteError(f"split {split!r} of {name!r} lists no images; check --root")
-    out = Path(out)
-    final = out / split
-    partial_dir = out / f"{split}.partial"
-    shutil.rmtree(partial_dir, ignore_errors=True)
-    partial_dir.mkdir(parents=True)
+    unknown = sorted(set(extra_files or {}) - set(WRITTEN_FILES))
+    if unknown:
+        raise ValueError(f"extra file {unknown[0]!r}: use one of {', '.join(WRITTEN_FILES)}")
+    check_output(out, split, overwrite=overwrite, inputs=inputs)
+    partial_dir = make_partial(out, split)
+    try:
+        written = _write_files(
+            items,
+            partial_dir,
+            name=name,
+            split=split,
+            samples_per_shard=samples_per_shard,
+            resize=resize,
+            quality=quality,
+            workers=workers,
+            seed=seed,
+            progress=progress,
+            extra_files=extra_files,
+        )
+    except BaseException as e:  # KeyboardInterrupt too: an interrupted write leaves no debris
+        with contextlib.suppress(OSError):
+            discard_partial(partial_dir)
+        if isinstance(e, OSError):
+            raise write_error(e, out) from None
+        raise
+    try:
+        # Failures from here on keep the complete partial folder for inspection (named).
+        _check_written(written, partial_dir, split, max_skipped_fraction, workers)
+        left = swap_in(partial_dir, out, split, overwrite=overwrite)
+    except ShardWriteError as e:
+        kept = "" if str(partial_dir) in str(e) else f" (the new output is kept in {partial_dir})"
+        raise ShardWriteError(f"{e}{kept}") from None
+    except OSError as e:
+        raise write_error(e, out) from None
+    if left:
+        warnings.warn(
+            f"{len(left)} file(s) appeared in the old split while writing and were left in "
+            f"{Path(left[0]).parent}: {left[0]}, ...",
+            stacklevel=2,
+        )
+    final = Path(out) / split
+    rows, shard_names, skipped, total_bytes = written
+    return WriteSummary(
+        directory=str(final),
+        samples=len(rows),
+        classes=len({r["label"] for r in rows}),
+        shards=len(shard_names),
+        bytes=total_bytes,
+        skipped=len(skipped),
+        listed=len(items),
+    )
+
+
+def _write_files(
+    items: list[SourceItem],
+    partial_dir: Path,
+    *,
+    name: str,
+    split: str,
+    samples_per_shard: int,
+    resize: int,
+    quality: int,
+    workers: int,
+    seed: int,
+    progress: bool,
+    extra_files: dict[str, Callable[[Path], None]] | None,
+) -> tuple[list[dict[str, Any]], list[str], list[str], int]:
+    """Write shards, skipped.txt, index.parquet, sizes.json and the extra files into
+    ``partial_dir``; return (index rows, shard names, skipped lines, total image bytes)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import webdataset as wds
+    from tqdm import tqdm
 
     ordered, labels = class_order(items, seed)
     class_sizes: dict[str, int] = {}
@@ -324,10 +423,7 @@ def write_split(
 
     (partial_dir / SKIPPED_FILE).write_text("".join(line + "\n" for line in skipped))
     if not rows:
-        raise ShardWriteError(
-            f"no image of split {split!r} could be read ({len(skipped)} unreadable, listed in "
-            f"{partial_dir / SKIPPED_FILE}); check --root and the image files"
-        )
+        return rows, shard_names, skipped, total_bytes  # refused by _check_written
     meta_keys = sorted({k for item in items for k in item.meta} - set(INDEX_COLUMNS))
     columns = {c: [r.get(c) for r in rows] for c in (*INDEX_COLUMNS, *meta_keys)}
     table = pa.table(columns)
@@ -338,22 +434,35 @@ def write_split(
     for fname, write in (extra_files or {}).items():
         write(partial_dir / fname)
 
-    fraction = len(skipped) / len(items)
+    return rows, shard_names, skipped, total_bytes
+
+
+def _check_written(
+    written: tuple, partial_dir: Path, split: str, max_skipped_fraction: float, workers: int
+) -> None:
+    """Refuse to swap in a split with too many unreadable images, or one that does not pass
+    ``validate-shards``'s checks (read back with tarfile: what training will see)."""
+    from pipeline.data.validate import validate_split
+
+    rows, _, skipped, _ = written
+    if not rows:
+        raise ShardWriteError(
+            f"no image of split {split!r} could be read ({len(skipped)} unreadable, listed in "
+            f"{partial_dir / SKIPPED_FILE}); check --root and the image files"
+        )
+    listed = len(rows) + len(skipped)
+    fraction = len(skipped) / listed
     if fraction > max_skipped_fraction:
         raise ShardWriteError(
-            f"{len(skipped)} of {len(items)} images ({fraction:.1%}) of split {split!r} are "
+            f"{len(skipped)} of {listed} images ({fraction:.1%}) of split {split!r} are "
             f"unreadable, above the limit of {max_skipped_fraction:.1%}; they are listed in "
             f"{partial_dir / SKIPPED_FILE} (partial output kept in {partial_dir}). Fix or remove "
             "them, or raise --max-skipped-fraction"
         )
-    shutil.rmtree(final, ignore_errors=True)
-    partial_dir.rename(final)
-    return WriteSummary(
-        directory=str(final),
-        samples=len(rows),
-        classes=len({r["label"] for r in rows}),
-        shards=len(shard_names),
-        bytes=total_bytes,
-        skipped=len(skipped),
-        listed=len(items),
-    )
+    _, problems = validate_split(partial_dir, workers=workers)
+    if problems:
+        raise ShardWriteError(
+            f"the written split fails validation ({len(problems)} problems, first: "
+            f"{problems[0]}); nothing was replaced, the output is kept in {partial_dir}. "
+            "This is a bug or a failing disk: report it with that folder"
+        )
