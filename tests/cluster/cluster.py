@@ -81,8 +81,10 @@ class NamespaceCluster:
                 f"the test cluster is not running and starting it needs root: run "
                 f"`sudo {START_SCRIPT} {self.hosts}` first"
             )
-        # Record before running: a half-started cluster must still be stopped.
-        self.started_here = True
+        # Record before running: a half-started cluster must still be stopped; but a
+        # controller that already runs (a cluster of another size, started by hand) is
+        # someone else's, and start_cluster.sh refuses to resize it.
+        self.started_here = not _controller_alive()
         proc = subprocess.run(
             ["bash", str(START_SCRIPT), str(self.hosts)],
             capture_output=True,
@@ -166,6 +168,15 @@ class NamespaceCluster:
         if not path.is_file():
             return f"({path} does not exist)"
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def _controller_alive() -> bool:
+    """The pid recorded by start_cluster.sh is a live slurmctld."""
+    try:
+        pid = (state_dir() / "run" / "slurmctld.pid").read_text().strip()
+        return Path(f"/proc/{int(pid)}/comm").read_text().strip() == "slurmctld"
+    except (OSError, ValueError):
+        return False
 
 
 def python() -> str:

@@ -49,7 +49,7 @@ for i in 1 2 3 4; do
         ip netns del "$h" && say "removed network namespace $h"
     fi
     # Normally gone with the namespace (its peer lived there); removed here if not.
-    ip link show "sapv$i" >/dev/null 2>&1 && ip link del "sapv$i" && say "removed veth sapv$i"
+    ip link del "sapv$i" 2>/dev/null && say "removed veth sapv$i"
 done
 if ip link show "$BRIDGE" >/dev/null 2>&1; then
     ip link del "$BRIDGE" && say "removed bridge $BRIDGE"
