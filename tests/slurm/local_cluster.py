@@ -96,25 +96,29 @@ class LocalSlurm:
             self.started_here = False
 
 
-def job_state(job_id: str) -> str:
-    """The job's state from ``sacct`` now ('' when sacct does not know it yet)."""
+def job_state(job_id: str, env: dict[str, str] | None = None) -> str:
+    """The job's state from ``sacct`` now ('' when sacct does not know it yet); ``env``
+    (SLURM_CONF) names the cluster, this process's environment by default."""
     out = subprocess.run(
         ["sacct", "-n", "-X", "-P", "-o", "State", "-j", str(job_id)],
         capture_output=True,
         text=True,
         timeout=30,
+        env=env,
     )
     lines = [x for x in out.stdout.splitlines() if x.strip()]
     # "CANCELLED by 0" -> "CANCELLED"
     return lines[-1].split()[0] if lines else ""
 
 
-def wait_state(job_id: str, wanted: tuple[str, ...], timeout_s: float) -> str:
+def wait_state(
+    job_id: str, wanted: tuple[str, ...], timeout_s: float, env: dict[str, str] | None = None
+) -> str:
     """Poll sacct every 0.5 s until the job is in one of ``wanted`` (or a terminal state)."""
     deadline = time.monotonic() + timeout_s
     state = ""
     while time.monotonic() < deadline:
-        state = job_state(job_id)
+        state = job_state(job_id, env)
         if state in wanted or state in TERMINAL_STATES:
             return state
         time.sleep(0.5)
