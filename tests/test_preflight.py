@@ -212,3 +212,19 @@ def test_world_size_that_cannot_keep_the_global_batch(shards):
         r"24: set sampler\.classes_per_batch=2 to keep it",
     ):
         check_global_batch(cfg, 4, 24)
+
+
+def test_preflight_deals_shards_as_the_stream_does():
+    from pipeline.data import stream
+    from pipeline.preflight import _SHARDS_TAG, _rank_shards, _stream_shards
+
+    assert _SHARDS_TAG == stream._SHARDS
+    urls = [f"s{i:03d}.tar" for i in range(23)]
+    for seed, epoch, d, world in [(0, 0, 0, 1), (3, 5, 1, 4), (7, 2, 2, 6)]:
+        for rank in range(world):
+            mine = stream.rank_shards(
+                urls, seed=seed, epoch=epoch, dataset=d, rank=rank, world_size=world
+            )
+            assert _rank_shards(urls, seed, epoch, d, rank, world) == mine
+            for v in (1, 3, 8):
+                assert _stream_shards(mine, v - 1, v) == stream.stream_shards(mine, v - 1, v)
