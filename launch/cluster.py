@@ -68,6 +68,34 @@ def tasks_per_node(cfg: LaunchConfig) -> int:
     return max(1, cfg.gpus_per_node)
 
 
+def local_gpu_count() -> int:
+    """GPUs this machine's processes can use (CUDA_VISIBLE_DEVICES applies); 0 without CUDA."""
+    import torch  # only for a local launch that asks for GPUs
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def check_local(cfg: LaunchConfig) -> None:
+    """Refuse a ``--local`` request this machine cannot run (one node, its own GPUs)."""
+    if cfg.nodes != 1:
+        raise LaunchError(f"--nodes {cfg.nodes} with --local: a local run has 1 node")
+    if cfg.gpus_per_node:
+        have = local_gpu_count()
+        if cfg.gpus_per_node > have:
+            has = "has no GPU" if have == 0 else f"has only {have} GPU(s)"
+            raise LaunchError(
+                f"--gpus-per-node {cfg.gpus_per_node} (launch.gpus_per_node) with --local: this "
+                f"machine {has} "
+                "(torch.cuda.device_count(), CUDA_VISIBLE_DEVICES applies); pass "
+                + (
+                    "--gpus-per-node 0 --tasks-per-node N to run N CPU processes"
+                    if have == 0
+                    else f"--gpus-per-node {have} or fewer"
+                )
+                + ", or submit to SLURM without --local"
+            )
+
+
 @dataclass
 class Partition:
     name: str

@@ -23,7 +23,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from launch.cluster import LaunchError, check_against_cluster, cluster_overrides, tasks_per_node
+from launch.cluster import (
+    LaunchError,
+    check_against_cluster,
+    check_local,
+    cluster_overrides,
+    tasks_per_node,
+)
 from pipeline.config import ConfigError, LaunchConfig, RunConfig
 from pipeline.config_loader import eval_output_dir, load_config
 from pipeline.config_loader import split_checkpoint as config_split_checkpoint
@@ -147,6 +153,16 @@ def make_executor(launch: LaunchConfig, *, local: bool, name: str) -> Any:
     return executor
 
 
+def local_folder(folder: str) -> str:
+    """``folder`` with submitit's job tags filled in for a local run: submitit's local executor
+    creates the folder as named before a job id exists (a literal ``%j`` directory otherwise).
+    Logs inside are named by process id, so one folder per launch (its start time) suffices."""
+    stamp = time.strftime("local-%Y%m%d-%H%M%S")
+    for tag, value in (("%j", stamp), ("%A", stamp), ("%a", "0"), ("%t", "0")):
+        folder = folder.replace(tag, value)
+    return folder
+
+
 def prepare(
     command: str,
     config: str | Path,
@@ -161,8 +177,8 @@ def prepare(
         raise LaunchError(f"unknown command {command!r}: use train or evaluate")
     cfg = _absolute_paths(resolve_config(config, overrides, cluster=cluster, flags=flags))
     if local:
-        if cfg.launch.nodes != 1:
-            raise LaunchError(f"--nodes {cfg.launch.nodes} with --local: a local run has 1 node")
+        check_local(cfg.launch)
+        cfg = replace(cfg, launch=replace(cfg.launch, folder=local_folder(cfg.launch.folder)))
     else:
         check_against_cluster(cfg.launch)
     return cfg
@@ -185,11 +201,16 @@ def submit(
     """
     from launch import jobs
 
+    if parts < 0:
+        raise LaunchError(
+            f"--parts {parts}: the number of extraction array tasks must be >= 1 (leave --parts "
+            "out for one evaluation job)"
+        )
+    if parts and command != "evaluate":
+        raise LaunchError("--parts splits an evaluation; it does not apply to train")
     checkpoint, overrides = (
         split_checkpoint(overrides) if command == "evaluate" else ("", overrides)
     )
-    if parts and command != "evaluate":
-        raise LaunchError("--parts splits an evaluation; it does not apply to train")
     cfg = prepare(command, config, overrides, cluster=cluster, flags=flags, local=local)
     sub = Submission(command, cfg, [], local)
     if command == "train":
@@ -306,6 +327,24 @@ def wait(sub: Submission, poll_s: float = 5.0) -> bool:
     return ok
 
 
+def _at_least(minimum: int, meaning: str):
+    """An argparse type: an integer >= ``minimum``; the error names the rule (argparse names
+    the flag)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: must be an integer >= {minimum} ({meaning})"
+            )
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m launch.slurm",
@@ -316,13 +355,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="run config YAML (as for `pipeline train`)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=1e-4")
     p.add_argument("--cluster", help="site defaults: conf/cluster/NAME.yaml or a YAML path")
-    p.add_argument("--nodes", type=int)
-    p.add_argument("--gpus-per-node", type=int)
-    p.add_argument("--tasks-per-node", type=int, help="default: one per GPU (set on CPU nodes)")
-    p.add_argument("--cpus-per-task", type=int)
-    p.add_argument("--mem-gb", type=int, help="memory per node in GB")
+    p.add_argument("--nodes", type=_at_least(1, "nodes of the job"))
+    p.add_argument("--gpus-per-node", type=_at_least(0, "0: a CPU-only job"))
+    p.add_argument(
+        "--tasks-per-node",
+        type=_at_least(0, "0: one per GPU"),
+        help="default: one per GPU (set on CPU nodes)",
+    )
+    p.add_argument("--cpus-per-task", type=_at_least(1, "CPU cores of each task"))
+    p.add_argument(
+        "--mem-gb", type=_at_least(0, "0: the partition's default"), help="memory per node in GB"
+    )
     p.add_argument("--partition")
-    p.add_argument("--time", type=int, metavar="MINUTES", help="time limit of one job")
+    p.add_argument(
+        "--time", type=_at_least(1, "minutes"), metavar="MINUTES", help="time limit of one job"
+    )
     p.add_argument("--account")
     p.add_argument("--qos")
     p.add_argument("--constraint")
@@ -334,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--parts",
-        type=int,
+        type=_at_least(1, "extraction array tasks; leave --parts out for one job"),
         default=0,
         metavar="N",
         help="evaluate: an array job of N shard ranges, then a dependent merge job",

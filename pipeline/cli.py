@@ -44,6 +44,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 # line, without a traceback. (module, class); a module not imported cannot have raised it.
 USER_ERRORS = (
     ("pipeline.config", "ConfigError"),
+    ("pipeline.preflight", "PreflightError"),  # a ConfigError too; listed for the reader
     ("pipeline.distributed", "DistributedEnvError"),
     ("pipeline.model", "ModelLoadError"),
     ("pipeline.train.checkpoint", "CheckpointError"),

@@ -139,9 +139,17 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            names = f.keys()  # a safe_open handle is not iterable
-            return {k: f.get_tensor(k) for k in names}, dict(f.metadata() or {})
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                names = f.keys()  # a safe_open handle is not iterable
+                return {k: f.get_tensor(k) for k in names}, dict(f.metadata() or {})
+        except Exception as e:  # SafetensorError (a Rust exception) on a broken file
+            raise ModelLoadError(
+                f"cannot read {str(path)!r} as a .safetensors file ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else 'no detail'}); the file is damaged or "
+                "not a safetensors file: re-copy it, or point to a run's model.safetensors "
+                "(written by `pipeline train`)"
+            ) from e
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
