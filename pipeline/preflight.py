@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.config import ConfigError, RunConfig
+from pipeline.data.dealing import rank_shards, stream_shards
 from pipeline.data.index import INDEX_FILE, SIZES_FILE, _is_remote, expand_urls, read_sizes
 
 TAR_BLOCK = 512
@@ -144,23 +145,6 @@ def _hint(spec: str) -> str:
     return f"run `pipeline validate-shards {target}`"
 
 
-# The dealing of shards to ranks and streams, as pipeline.data.stream does it (rank_shards,
-# stream_shards, streams_per_rank), without importing torch and torchvision (seconds on a
-# login node); tests/test_preflight.py checks that both deal the same shards.
-_SHARDS_TAG = 1  # pipeline.data.stream._SHARDS
-
-
-def _rank_shards(urls: list[str], seed: int, epoch: int, dataset: int, rank: int, world: int):
-    import numpy as np
-
-    perm = np.random.default_rng([seed, _SHARDS_TAG, dataset, epoch]).permutation(len(urls))
-    return [urls[i] for i in perm[rank::world]]
-
-
-def _stream_shards(mine: list[str], stream: int, num_streams: int) -> list[str]:
-    return mine[stream::num_streams] if len(mine) >= num_streams else list(mine)
-
-
 def _check_train(cfg: RunConfig, world_size: int, report: PreflightReport) -> None:
     sampler, workers = cfg.sampler, cfg.data.num_workers
     p, k = sampler.classes_per_batch, sampler.samples_per_class
@@ -203,9 +187,16 @@ def _check_train(cfg: RunConfig, world_size: int, report: PreflightReport) -> No
         seen: set[tuple[str, ...]] = set()  # streams already checked (same shards, any epoch)
         for epoch in range(cfg.train.epochs):
             for rank in range(world_size):
-                mine = _rank_shards(urls, sampler.seed, epoch, d, rank, world_size)
+                mine = rank_shards(
+                    urls,
+                    seed=sampler.seed,
+                    epoch=epoch,
+                    dataset=d,
+                    rank=rank,
+                    world_size=world_size,
+                )
                 for stream in range(num_streams):
-                    shards = _stream_shards(mine, stream, num_streams)
+                    shards = stream_shards(mine, stream, num_streams)
                     as_set = tuple(sorted(shards))
                     if as_set in seen:
                         continue

@@ -45,6 +45,15 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import DataConfig, SamplerConfig
+from pipeline.data.dealing import (
+    AUG,
+    MIX,
+    STREAM,
+    rank_shards,
+    stream_shards,
+    streams_per_rank,
+)
+from pipeline.data.dealing import rng as _rng
 from pipeline.data.index import expand_urls
 from pipeline.data.pk import PASS_END, Group, PKBatcher, Raw, class_runs
 from pipeline.data.transforms import (
@@ -58,8 +67,6 @@ from pipeline.data.transforms import (
 log = logging.getLogger(__name__)
 
 LABEL_BITS = 32
-# Seed-sequence tags keep the random streams of different purposes apart.
-_SHARDS, _STREAM, _MIX, _AUG = 1, 2, 3, 4
 
 
 def namespaced_label(dataset_index: int, label: int) -> int:
@@ -70,35 +77,6 @@ def namespaced_label(dataset_index: int, label: int) -> int:
 def split_label(label: int) -> tuple[int, int]:
     """Inverse of ``namespaced_label``: (dataset index, class label)."""
     return label >> LABEL_BITS, label & ((1 << LABEL_BITS) - 1)
-
-
-def _rng(seed: int, *ids: int) -> np.random.Generator:
-    return np.random.default_rng([seed, *ids])
-
-
-def streams_per_rank(data_cfg: DataConfig, sampler_cfg: SamplerConfig) -> int:
-    """V: sampler.streams_per_rank, or max(1, data.num_workers) when it is 0."""
-    v = sampler_cfg.streams_per_rank or max(1, data_cfg.num_workers)
-    if data_cfg.num_workers > 0 and v % data_cfg.num_workers:
-        raise ValueError(
-            f"sampler.streams_per_rank={v} is not a multiple of data.num_workers="
-            f"{data_cfg.num_workers}: each worker must own whole streams; use a multiple "
-            "(or 0 for one stream per worker)"
-        )
-    return v
-
-
-def rank_shards(
-    urls: list[str], *, seed: int, epoch: int, dataset: int, rank: int, world_size: int
-) -> list[str]:
-    """The shards of one dataset that ``rank`` reads in ``epoch`` (disjoint across ranks)."""
-    perm = _rng(seed, _SHARDS, dataset, epoch).permutation(len(urls))
-    return [urls[i] for i in perm[rank::world_size]]
-
-
-def stream_shards(mine: list[str], stream: int, num_streams: int) -> list[str]:
-    """Stream ``stream``'s part of a rank's shards (all of them when there are too few)."""
-    return mine[stream::num_streams] if len(mine) >= num_streams else list(mine)
 
 
 def read_shard(url: str) -> Iterator[Raw]:
@@ -176,7 +154,7 @@ class TrainStream(IterableDataset):
                 )
             self.urls.append(urls)
         weights = np.array([s.weight for s in data_cfg.train], dtype=np.float64)
-        self.mix = _rng(sampler_cfg.seed, _MIX, epoch).choice(
+        self.mix = _rng(sampler_cfg.seed, MIX, epoch).choice(
             len(weights), size=steps, p=weights / weights.sum()
         )
         # position of batch b within its (dataset, stream) sequence
@@ -201,7 +179,7 @@ class TrainStream(IterableDataset):
             world_size=self.world_size,
         )
         urls = stream_shards(mine, stream, self.num_streams)
-        rng = _rng(s.seed, _STREAM, self.epoch, self.rank, dataset, stream)
+        rng = _rng(s.seed, STREAM, self.epoch, self.rank, dataset, stream)
         return PKBatcher(
             class_runs(_endless_samples(urls, rng)),
             classes_per_batch=s.classes_per_batch,
@@ -248,7 +226,7 @@ class TrainStream(IterableDataset):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         images = [_decode_group(g, min_side) for g in groups]
         seed = np.random.SeedSequence(
-            [self.sampler_cfg.seed, _AUG, self.epoch, self.rank, b]
+            [self.sampler_cfg.seed, AUG, self.epoch, self.rank, b]
         ).generate_state(1, np.uint64)[0]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed))
