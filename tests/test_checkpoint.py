@@ -57,7 +57,8 @@ def test_deepspeed_config_file_is_merged_and_checked(tmp_path):
     assert ds["train_batch_size"] == 32 and ds["gradient_clipping"] == 1.0
     assert ds["comms_logger"] == {"enabled": False}
     with pytest.raises(
-        ConfigError, match=r"stage=2 but train.zero_stage=0; set train.zero_stage=2"
+        ConfigError,
+        match=r"stage=2 but train.zero_stage=0: they must agree; set train.zero_stage=2",
     ):
         deepspeed_config(TrainConfig(zero_stage=0, deepspeed_config=str(cfg_file)), 8, 1)
     cfg_file.write_text("gradient_clipping: 5.0\n")

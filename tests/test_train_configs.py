@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline.config import ConfigError, TrainConfig
 from pipeline.config_loader import load_config
@@ -50,6 +51,11 @@ def test_bf16_file_applies_to_bf16_only(monkeypatch):
     assert "torch_autocast" not in deepspeed_config(TrainConfig(precision="fp32"), 64, 2)
     fp32 = TrainConfig(precision="fp32", deepspeed_config="conf/deepspeed/bf16.yaml")
     with pytest.raises(
-        ConfigError, match=r"sets torch_autocast.*runs in fp32.*train.precision=bf16"
+        ConfigError,
+        match=r"sets torch_autocast, but train.precision='fp32' runs without autocast; set train.precision=bf16",
     ):
         deepspeed_config(fp32, 64, 2)
+    if not torch.cuda.is_available():  # 'auto' is fp32 without CUDA
+        auto = TrainConfig(precision="auto", deepspeed_config="conf/deepspeed/bf16.yaml")
+        with pytest.raises(ConfigError, match=r"runs in fp32 on this machine \(no CUDA\)"):
+            deepspeed_config(auto, 64, 2)

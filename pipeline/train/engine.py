@@ -18,29 +18,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import yaml
 from torch import nn
 
 from pipeline import distributed
 from pipeline.config import ConfigError, TrainConfig
-from pipeline.config_loader import resolve_conf_path
-
-# Keys the pipeline sets from its own config; a deepspeed_config file may not set them.
-_OWNED = {
-    "train_batch_size": "sampler.classes_per_batch x sampler.samples_per_class x ranks",
-    "train_micro_batch_size_per_gpu": "sampler.classes_per_batch x sampler.samples_per_class",
-    "gradient_accumulation_steps": "train.gradient_accumulation_steps (must be 1)",
-    "gradient_clipping": "train.gradient_clipping",
-    "optimizer": "optim.*",
-    "scheduler": "optim.*",
-    "fp16": "train.precision (fp16 is not supported: use bf16)",
-    "bf16": "train.precision (bf16 runs as torch_autocast)",
-}
+from pipeline.config_loader import read_deepspeed_file
 
 
 def use_bf16(train_cfg: TrainConfig) -> bool:
@@ -71,43 +57,19 @@ def deepspeed_config(train_cfg: TrainConfig, batch_size_per_gpu: int, world_size
             "dtype": "bfloat16",
             "lower_precision_safe_modules": [],
         }
-    if train_cfg.deepspeed_config:
-        _merge_user_config(config, resolve_conf_path(train_cfg.deepspeed_config), train_cfg)
+    _merge_user_config(config, train_cfg)
     return config
 
 
-def _merge_user_config(config: dict, path: Path, train_cfg: TrainConfig) -> None:
-    key = "train.deepspeed_config"
-    if not path.is_file():
-        raise ConfigError(f"{key}={str(path)!r}: the file does not exist")
-    extra = yaml.safe_load(path.read_text()) or {}  # YAML is a superset of JSON
-    if not isinstance(extra, dict):
-        raise ConfigError(f"{key}={str(path)!r}: must hold a mapping of DeepSpeed settings")
-    for name, source in _OWNED.items():
-        if name in extra:
-            raise ConfigError(
-                f"{key}={str(path)!r} sets {name!r}, which the pipeline derives from {source}; "
-                f"remove it from the file and set {source} instead"
-            )
-    stage = (extra.get("zero_optimization") or {}).get("stage", train_cfg.zero_stage)
-    if stage != train_cfg.zero_stage:
+def _merge_user_config(config: dict, train_cfg: TrainConfig) -> None:
+    """Merge ``train.deepspeed_config`` (checked by pipeline.config_loader) into ``config``."""
+    extra = read_deepspeed_file(train_cfg)
+    if "torch_autocast" in extra and "torch_autocast" not in config:
         raise ConfigError(
-            f"{key}={str(path)!r} sets zero_optimization.stage={stage} but train.zero_stage="
-            f"{train_cfg.zero_stage}; set train.zero_stage={stage} (or drop the stage from the file)"
+            f"train.deepspeed_config={train_cfg.deepspeed_config!r} sets torch_autocast, but "
+            f"train.precision={train_cfg.precision!r} runs in fp32 on this machine (no CUDA); "
+            "set train.precision=bf16 or use a file without torch_autocast"
         )
-    autocast = extra.get("torch_autocast")
-    if autocast is not None:
-        if "torch_autocast" not in config:
-            raise ConfigError(
-                f"{key}={str(path)!r} sets torch_autocast, but train.precision="
-                f"{train_cfg.precision!r} runs in fp32 here; set train.precision=bf16 or drop it"
-            )
-        owned = sorted({"enabled", "dtype"} & set(autocast))
-        if owned:
-            raise ConfigError(
-                f"{key}={str(path)!r} sets torch_autocast.{owned[0]}, which the pipeline derives "
-                "from train.precision; keep only lower_precision_safe_modules in the file"
-            )
     for name, value in extra.items():
         if isinstance(value, dict) and isinstance(config.get(name), dict):
             config[name] = {**config[name], **value}
