@@ -155,7 +155,11 @@ class MlflowTracker:
         """``spool_dir``: where :meth:`finish` writes undelivered records and where the queue
         spills past ``max_queued`` records (default: given to :meth:`finish`, else the
         system's temporary directory). ``drain_timeout_s``: how long :meth:`finish` waits for
-        the queue. ``retry_max_s``: the longest pause between two tries during an outage."""
+        the queue. ``retry_max_s``: the longest pause between two tries during an outage.
+
+        With an http(s) URI, MLflow's ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` and
+        ``MLFLOW_HTTP_REQUEST_TIMEOUT`` default to 0 and 5 s in this process (values the user
+        set win): the start-up check then takes seconds, and the queue does the retrying."""
         from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
 
@@ -163,6 +167,7 @@ class MlflowTracker:
         self.spool_dir = Path(spool_dir) if spool_dir is not None else None
         self.drain_timeout_s = drain_timeout_s
         self.undelivered_path: Path | None = None
+        self._finished = False
         db = _sqlite_path(self.uri)
         if db is not None:
             db.parent.mkdir(parents=True, exist_ok=True)
@@ -318,7 +323,10 @@ class MlflowTracker:
         ``drain_timeout_s``) for the queue. Records still undelivered then (the status
         included) are appended to ``spool_dir/UNDELIVERED_FILE`` (default: the constructor's
         ``spool_dir``, else a temporary file), and the upload command is printed. Returns
-        that file, or None when everything was delivered."""
+        that file, or None when everything was delivered. A second call does nothing."""
+        if self._finished:
+            return self.undelivered_path
+        self._finished = True
         self._outbox.put({"kind": "status", "status": status, "end_time": now_ms()})
         timeout_s = self.drain_timeout_s if timeout_s is None else timeout_s
         left = self._outbox.close(timeout_s)

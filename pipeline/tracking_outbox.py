@@ -112,13 +112,20 @@ def write_undelivered(
 ) -> Path:
     """Append a header line and ``records`` (JSON lines) to the undelivered file. Appending
     keeps the records of an earlier attempt of the same run directory."""
-    if directory is None:
+    path = None
+    if directory is not None:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            path = directory / UNDELIVERED_FILE
+            path.open("a").close()
+        except OSError as e:
+            # Called while a run ends (often in a `finally`): a temporary file, not a crash.
+            print(f"[tracking] cannot write to {directory} ({e})", file=sys.stderr)
+            path = None
+    if path is None:
         fd, name = tempfile.mkstemp(prefix=f"mlflow-undelivered-{run_id}-", suffix=".jsonl")
         os.close(fd)
         path = Path(name)
-    else:
-        directory.mkdir(parents=True, exist_ok=True)
-        path = directory / UNDELIVERED_FILE
     header = {"kind": "header", "version": _SPOOL_VERSION, "tracking_uri": uri, "run_id": run_id}
     with path.open("a") as f:
         for record in [header, *records]:
@@ -247,9 +254,11 @@ class Outbox:
                                 "training goes on; records are kept and retried",
                                 file=sys.stderr,
                             )
-                        self._kicked = False
+                        # A kick (flush, finish) cuts the wait short and restarts the
+                        # back-off: whoever waits for the queue should not wait 10 s more.
                         self._cond.wait_for(lambda: self._kicked or self._closed, delay)
                         delay = 0.5 if self._kicked else min(2 * delay, self._retry_max_s)
+                        self._kicked = False
                     continue
                 with self._cond:
                     if len(chunk) > 1:  # find the culprit: resend this chunk one by one
