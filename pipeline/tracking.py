@@ -72,6 +72,28 @@ def _unavailable_message(uri: str, e: BaseException) -> str:
     )
 
 
+def _check_server(client: Any, uri: str) -> None:
+    """Raise :class:`TrackingUnavailable` unless an MLflow server answers at ``uri``: here,
+    in seconds, rather than in the first log call minutes into the run."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.search_experiments(max_results=1)  # the cheapest call a server must serve
+    except MlflowException as e:
+        if is_transient(e):
+            raise TrackingUnavailable(_unavailable_message(uri, e)) from None
+        code = e.get_http_status_code()
+        fix = (
+            "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)"
+            if code in (401, 403)
+            else "point tracking.uri (or $MLFLOW_TRACKING_URI) at the MLflow server"
+        )
+        raise TrackingUnavailable(
+            f"{uri} answers, but not as an MLflow tracking server would (HTTP {code} to "
+            f"experiments/search): {fix}, or set tracking.enabled=false"
+        ) from None
+
+
 def resolve_uri(tracking_cfg: TrackingConfig) -> str:
     """``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else a SQLite file ``./mlflow.db``.
     SQLite paths are made absolute, so that the printed ``mlflow ui`` command works anywhere."""
@@ -177,11 +199,9 @@ class MlflowTracker:
         # (key -> last step logged): what a continued run must not log again.
         self._logged_through: dict[str, int] = {}
         self._params: dict[str, str] = {}
+        if _is_http(self.uri):
+            _check_server(self.client, self.uri)
         try:
-            if _is_http(self.uri):
-                # The cheapest call that proves the server answers: fail here, in seconds,
-                # rather than in the first log call minutes into the run.
-                self.client.search_experiments(max_results=1)
             if run_id:
                 self._continue(run_id)
             else:

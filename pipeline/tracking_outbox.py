@@ -39,16 +39,17 @@ _SPOOL_VERSION = 1
 # MLflow's per-call limits (log_batch); a chunk the thread sends is cut to fit them.
 _MAX_METRICS, _MAX_PARAMS, _MAX_TAGS = 1000, 100, 100
 _CHUNK_RECORDS = 200
+_TRANSIENT_HTTP = frozenset({408, 429, 500, 502, 503, 504})
 
 
 def is_transient(e: BaseException) -> bool:
-    """Worth retrying: the store did not answer, or answered 5xx/429 (MLflow reports a
-    refused connection as a 500). A 4xx is a rejection that a retry would repeat."""
+    """Worth retrying: the store did not answer (MLflow reports a refused connection or a
+    timeout as a 500), is overloaded or restarting (408, 429, 502-504). Any other answer is
+    a rejection that a retry would repeat."""
     from mlflow.exceptions import MlflowException
 
     if isinstance(e, MlflowException):
-        code = e.get_http_status_code()
-        return code >= 500 or code == 429
+        return e.get_http_status_code() in _TRANSIENT_HTTP
     return not isinstance(e, (ValueError, TypeError, KeyError, FileNotFoundError))
 
 

@@ -8,9 +8,11 @@ and one that never comes back before the run ends.
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -66,6 +68,38 @@ def test_a_server_that_does_not_answer_fails_the_start_in_seconds(http_env):
     assert "start it" in str(e.value) and "tracking.uri" in str(e.value)
     assert "tracking.enabled=false" in str(e.value)
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"
+
+
+def test_a_hung_server_fails_the_start_within_the_http_timeout(http_env):
+    # Accepts connections (the kernel's backlog) and never answers: a frozen server.
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(8)
+        uri = f"http://127.0.0.1:{hung.getsockname()[1]}"
+        start = time.monotonic()
+        with pytest.raises(TrackingUnavailable, match=rf"{uri} does not answer \(.*timed out"):
+            make_tracker(TrackingConfig(uri=uri), is_main=True)
+        assert time.monotonic() - start < 10  # MLFLOW_HTTP_REQUEST_TIMEOUT=5 s, no retries
+
+
+def test_something_else_than_mlflow_at_the_uri_is_a_one_line_error(http_env):
+    class NotMlflow(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_error(404)
+
+        do_POST = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotMlflow) as httpd:
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        uri = f"http://127.0.0.1:{httpd.server_address[1]}"
+        try:
+            with pytest.raises(TrackingUnavailable, match=rf"{uri} answers, but not as an MLflow"):
+                make_tracker(TrackingConfig(uri=uri), is_main=True)
+        finally:
+            httpd.shutdown()
 
 
 def test_upload_to_a_server_that_does_not_answer_is_a_one_line_error(tmp_path, capsys, http_env):
