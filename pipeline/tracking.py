@@ -49,18 +49,25 @@ _INVALID_KEY_CHARS = re.compile(r"[^\w\-. :/]")
 # How long finish() waits for the queue before writing what is left to a file.
 DRAIN_TIMEOUT_S = 30.0
 # MLflow's own HTTP retries (default 7, back-off factor 2, 120 s timeout: minutes per call)
-# are what made a dead server fail the start after 4 minutes and freeze the loop. The
-# outbox retries forever on its own; each HTTP call may fail fast.
-_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+# are what made a dead server fail the start after 4 minutes and freeze the loop. In a
+# training process the outbox retries forever on its own, so each HTTP call may fail fast:
+# a refused connection or an unknown host at once, a hung server after the timeout (10 s:
+# the first call to a cold server on a loaded machine took 2 s). The upload command, run by
+# hand, prefers patience.
+_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+_UPLOAD_HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
 
 
 def _is_http(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
-def _bound_http_requests() -> None:
+def _bound_http_requests(defaults: dict[str, str] = _HTTP_DEFAULTS) -> None:
     """Set MLflow's HTTP retry and timeout variables for this process, unless the user did."""
-    for name, value in _HTTP_DEFAULTS.items():
+    for name, value in defaults.items():
         os.environ.setdefault(name, value)
 
 
@@ -180,7 +187,7 @@ class MlflowTracker:
         the queue. ``retry_max_s``: the longest pause between two tries during an outage.
 
         With an http(s) URI, MLflow's ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` and
-        ``MLFLOW_HTTP_REQUEST_TIMEOUT`` default to 0 and 5 s in this process (values the user
+        ``MLFLOW_HTTP_REQUEST_TIMEOUT`` default to 0 and 10 s in this process (values the user
         set win): the start-up check then takes seconds, and the queue does the retrying."""
         from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
@@ -436,7 +443,7 @@ def upload(path: str | Path, uri: str | None = None) -> int:
     for header, records in segments:
         target = uri or header["tracking_uri"]
         if _is_http(target):
-            _bound_http_requests()
+            _bound_http_requests(_UPLOAD_HTTP_DEFAULTS)
         client = MlflowClient(tracking_uri=target)
         run_id = header["run_id"]
         try:
