@@ -467,7 +467,8 @@ def test_a_server_that_never_comes_back_leaves_a_file_that_upload_delivers_once(
     spool = tracker.finish("FINISHED", spool_dir=run_dir, timeout_s=bound_s)
     # The bound (a refused connection fails at once; a hung server would add one HTTP
     # timeout, 10 s, for the call in flight).
-    assert time.monotonic() - start < bound_s + 2
+    finish_s = time.monotonic() - start
+    assert finish_s < bound_s + 2
     assert spool == (run_dir / UNDELIVERED_FILE).resolve() == tracker.undelivered_path
     lines = [json.loads(line) for line in spool.read_text().splitlines()]
     assert lines[0] == {
@@ -488,6 +489,8 @@ def test_a_server_that_never_comes_back_leaves_a_file_that_upload_delivers_once(
     again = upload_cli(spool)  # finds the metrics and the artifact there
     assert again.returncode == 0, again.stderr
     assert "2 records delivered, 21 already there" in again.stdout
+    with capsys.disabled():
+        print(f"\nfinish() with the server gone: {finish_s:.2f} s (bound {bound_s} s)")
     got = read_run(server.url, tracker.run_id)
     assert got["steps"] == {"train/loss": list(range(1, 31)), "train/lr": list(range(1, 31))}
     assert got["status"] == "FINISHED"
