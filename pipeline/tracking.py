@@ -226,6 +226,18 @@ class MlflowTracker:
             label=self.uri,
         )
 
+    @staticmethod
+    def check(tracking_cfg: TrackingConfig) -> None:
+        """Raise :class:`TrackingUnavailable` within seconds unless the store of
+        ``tracking_cfg`` answers; creates nothing. For a caller that builds the tracker late
+        (the trainer needs the run id from a checkpoint) but must fail before the engine."""
+        uri = resolve_uri(tracking_cfg)
+        if _is_http(uri):
+            from mlflow import MlflowClient
+
+            _bound_http_requests()
+            _check_server(MlflowClient(tracking_uri=uri), uri)
+
     def _create(self, tracking_cfg: TrackingConfig, db: Path | None) -> None:
         name = tracking_cfg.experiment
         experiment = self.client.get_experiment_by_name(name)

@@ -68,6 +68,10 @@ def test_a_server_that_does_not_answer_fails_the_start_in_seconds(http_env):
     assert "start it" in str(e.value) and "tracking.uri" in str(e.value)
     assert "tracking.enabled=false" in str(e.value)
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"
+    # The same check alone, for a caller that creates the tracker after the engine.
+    with pytest.raises(TrackingUnavailable, match=rf"{uri} does not answer"):
+        MlflowTracker.check(TrackingConfig(uri=uri))
+    MlflowTracker.check(TrackingConfig(uri="sqlite:////nonexistent/dir/m.db"))  # no server
 
 
 def test_a_hung_server_fails_the_start_within_the_http_timeout(http_env):
