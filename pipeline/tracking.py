@@ -8,24 +8,97 @@ Resuming: given the id of an existing run, the tracker continues that run, and a
 never logged twice at the same step. A run killed after logging step 17 but checkpointed at
 step 12 recomputes steps 13-17 on resume; those (key, step) pairs are already in the store and
 are skipped, so every step appears once in the run's history.
+
+An outage never stops training (issue 10): the start checks that an http(s) server answers
+(a one-line :class:`TrackingUnavailable` in seconds otherwise); after that every record goes
+through a bounded queue that one thread delivers, retrying until the store is back
+(:mod:`pipeline.tracking_outbox`). What is still undelivered when the run ends is written
+to a file that ``python -m pipeline.tracking upload FILE`` delivers later, exactly once.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import TrackingConfig
+from pipeline.tracking_outbox import (
+    MAX_QUEUED,
+    RETRY_MAX_S,
+    UNDELIVERED_FILE,
+    Outbox,
+    deliver,
+    is_transient,
+    now_ms,
+    reason,
+    write_undelivered,
+)
 
 DEFAULT_DB = "mlflow.db"
 
 # MLflow accepts alphanumerics, '_', '-', '.', ' ', ':' and '/' in metric and param names.
 _INVALID_KEY_CHARS = re.compile(r"[^\w\-. :/]")
+
+# How long finish() waits for the queue before writing what is left to a file.
+DRAIN_TIMEOUT_S = 30.0
+# MLflow's own HTTP retries (default 7, back-off factor 2, 120 s timeout: minutes per call)
+# are what made a dead server fail the start after 4 minutes and freeze the loop. In a
+# training process the outbox retries forever on its own, so each HTTP call may fail fast:
+# a refused connection or an unknown host at once, a hung server after the timeout (10 s:
+# the first call to a cold server on a loaded machine took 2 s). The upload command, run by
+# hand, prefers patience.
+_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+_UPLOAD_HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+
+
+def _is_http(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def _bound_http_requests(defaults: dict[str, str] = _HTTP_DEFAULTS) -> None:
+    """Set MLflow's HTTP retry and timeout variables for this process, unless the user did."""
+    for name, value in defaults.items():
+        os.environ.setdefault(name, value)
+
+
+def _unavailable_message(uri: str, e: BaseException) -> str:
+    return (
+        f"the MLflow tracking server at {uri} does not answer ({reason(e)}): start it "
+        f"(mlflow server --host ... --port ...), point tracking.uri (or $MLFLOW_TRACKING_URI) "
+        "at a running one, or set tracking.enabled=false"
+    )
+
+
+def _check_server(client: Any, uri: str) -> None:
+    """Raise :class:`TrackingUnavailable` unless an MLflow server answers at ``uri``: here,
+    in seconds, rather than in the first log call minutes into the run."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.search_experiments(max_results=1)  # the cheapest call a server must serve
+    except MlflowException as e:
+        if is_transient(e):
+            raise TrackingUnavailable(_unavailable_message(uri, e)) from None
+        code = e.get_http_status_code()
+        fix = (
+            "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)"
+            if code in (401, 403)
+            else "point tracking.uri (or $MLFLOW_TRACKING_URI) at the MLflow server"
+        )
+        raise TrackingUnavailable(
+            f"{uri} answers, but not as an MLflow tracking server would (HTTP {code} to "
+            f"experiments/search): {fix}, or set tracking.enabled=false"
+        ) from None
 
 
 def resolve_uri(tracking_cfg: TrackingConfig) -> str:
@@ -80,29 +153,90 @@ class NullTracker:
         pass
 
 
+class TrackingUnavailable(RuntimeError):
+    """The tracking server does not answer when the run starts (a user error, reported in
+    one line before the engine is built)."""
+
+
 class MlflowTracker:
     """One MLflow run: created, or continued when ``run_id`` is given.
 
-    Metrics go in one ``log_batch`` per call, with the global step. Params are the
-    flattened config; on a continued run only params the run lacks are added (MLflow
-    refuses to change a param), and changed values are reported and tagged.
+    Start-up talks to the store synchronously and fails fast (:class:`TrackingUnavailable`)
+    when an http(s) server does not answer. After that nothing waits for the store: metrics,
+    params and tags go into an :class:`Outbox` that one background thread delivers in order,
+    retrying with back-off through an outage (issue 10). Metrics of one call share a
+    timestamp and step; params are the flattened config; on a continued run only params the
+    run lacks are added (MLflow refuses to change a param), and changed values are reported
+    and tagged. :meth:`finish` waits a bounded time for the queue, then writes what is left
+    to ``UNDELIVERED_FILE`` for ``python -m pipeline.tracking upload``.
     """
 
-    def __init__(self, tracking_cfg: TrackingConfig, run_id: str | None = None) -> None:
+    def __init__(
+        self,
+        tracking_cfg: TrackingConfig,
+        run_id: str | None = None,
+        *,
+        spool_dir: str | Path | None = None,
+        drain_timeout_s: float = DRAIN_TIMEOUT_S,
+        max_queued: int = MAX_QUEUED,
+        retry_max_s: float = RETRY_MAX_S,
+    ) -> None:
+        """``spool_dir``: where :meth:`finish` writes undelivered records and where the queue
+        spills past ``max_queued`` records (default: given to :meth:`finish`, else the
+        system's temporary directory). ``drain_timeout_s``: how long :meth:`finish` waits for
+        the queue. ``retry_max_s``: the longest pause between two tries during an outage.
+
+        With an http(s) URI, MLflow's ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` and
+        ``MLFLOW_HTTP_REQUEST_TIMEOUT`` default to 0 and 10 s in this process (values the user
+        set win): the start-up check then takes seconds, and the queue does the retrying."""
         from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
 
         self.uri = resolve_uri(tracking_cfg)
+        self.spool_dir = Path(spool_dir) if spool_dir is not None else None
+        self.drain_timeout_s = drain_timeout_s
+        self.undelivered_path: Path | None = None
+        self._finished = False
         db = _sqlite_path(self.uri)
         if db is not None:
             db.parent.mkdir(parents=True, exist_ok=True)
+        if _is_http(self.uri):
+            _bound_http_requests()
         self.client = MlflowClient(tracking_uri=self.uri)
         # (key -> last step logged): what a continued run must not log again.
         self._logged_through: dict[str, int] = {}
         self._params: dict[str, str] = {}
-        if run_id:
-            self._continue(run_id)
-        else:
-            self._create(tracking_cfg, db)
+        if _is_http(self.uri):
+            _check_server(self.client, self.uri)
+        try:
+            if run_id:
+                self._continue(run_id)
+            else:
+                self._create(tracking_cfg, db)
+        except MlflowException as e:
+            if _is_http(self.uri) and is_transient(e):
+                raise TrackingUnavailable(_unavailable_message(self.uri, e)) from None
+            raise
+        self._outbox = Outbox(
+            partial(deliver, self.client, self.run_id),
+            name=f"mlflow-{self.run_id}",
+            max_queued=max_queued,
+            spill_dir=self.spool_dir,
+            retry_max_s=retry_max_s,
+            label=self.uri,
+        )
+
+    @staticmethod
+    def check(tracking_cfg: TrackingConfig) -> None:
+        """Raise :class:`TrackingUnavailable` within seconds unless the store of
+        ``tracking_cfg`` answers; creates nothing. For a caller that builds the tracker late
+        (the trainer needs the run id from a checkpoint) but must fail before the engine."""
+        uri = resolve_uri(tracking_cfg)
+        if _is_http(uri):
+            from mlflow import MlflowClient
+
+            _bound_http_requests()
+            _check_server(MlflowClient(tracking_uri=uri), uri)
 
     def _create(self, tracking_cfg: TrackingConfig, db: Path | None) -> None:
         name = tracking_cfg.experiment
@@ -123,6 +257,8 @@ class MlflowTracker:
         try:
             run = self.client.get_run(run_id)
         except MlflowException as e:
+            if is_transient(e):
+                raise
             raise RuntimeError(
                 f"cannot continue MLflow run {run_id!r} (recorded in the run's checkpoint or "
                 f"mlflow_run.txt) at tracking URI {self.uri!r}: {e.message}; point "
@@ -136,9 +272,12 @@ class MlflowTracker:
         self._params = dict(run.data.params)
         self.client.update_run(run_id, status="RUNNING")
 
-    def log_params(self, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
+    @property
+    def pending(self) -> int:
+        """Records queued or in flight, not yet in the store."""
+        return self._outbox.pending
 
+    def log_params(self, params: dict[str, Any]) -> None:
         existing = self._params
         values = {metric_key(k): str(v)[:6000] for k, v in params.items()}
         changed = {
@@ -151,41 +290,97 @@ class MlflowTracker:
                 file=sys.stderr,
             )
             self.set_tags({"resumed_with_changed_params": ",".join(sorted(changed))})
-        new = [Param(k, v) for k, v in values.items() if k not in existing]
-        existing.update({p.key: p.value for p in new})
-        for i in range(0, len(new), 100):  # MLflow's limit per batch
-            self.client.log_batch(self.run_id, params=new[i : i + 100])
+        new = {k: v for k, v in values.items() if k not in existing}
+        existing.update(new)
+        if new:
+            self._outbox.put({"kind": "params", "values": new})
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        batch = []
+        """Queue ``metrics`` at ``step``; returns at once, whether the store answers or not."""
+        values = {}
         for name, value in metrics.items():
             key = metric_key(name)
             if step <= self._logged_through.get(key, -1):
                 continue  # already in the store (a continued run recomputing these steps)
             value = float(value)
-            batch.append(Metric(key, value if math.isfinite(value) else float("nan"), now, step))
+            values[key] = value if math.isfinite(value) else float("nan")
             self._logged_through[key] = step
-        if batch:
-            self.client.log_batch(self.run_id, metrics=batch)
+        if values:
+            now = int(time.time() * 1000)
+            self._outbox.put({"kind": "metrics", "step": step, "timestamp": now, "values": values})
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        """Upload ``path`` now if the store answers, else queue it (uploaded when it is back,
+        or by ``upload`` from the undelivered file): a file's upload can take longer than
+        :meth:`finish` waits, so a reachable store gets it synchronously."""
+        path = Path(path).resolve()
+        if not path.exists():
+            raise FileNotFoundError(f"artifact {path} does not exist: log it after writing it")
+        record = {"kind": "artifact", "path": str(path), "artifact_path": artifact_path}
+        if self._outbox.outage_since is None:
+            try:
+                deliver(self.client, self.run_id, [record])
+                return
+            except Exception as e:
+                if not is_transient(e):
+                    raise
+        self._outbox.put(record)
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        from mlflow.entities import RunTag
-
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self._outbox.put({"kind": "tags", "values": {k: str(v) for k, v in tags.items()}})
 
     def metric_history(self, key: str) -> list[tuple[int, float]]:
-        """``(step, value)`` pairs of ``key`` as stored, in step order."""
-        history = self.client.get_metric_history(self.run_id, metric_key(key))
-        return sorted((m.step, m.value) for m in history)
+        """``(step, value)`` pairs of ``key``, in step order: those in the store and those
+        still queued (the store's part is left out, with a warning, if it does not answer)."""
+        key = metric_key(key)
+        stored = []
+        try:
+            stored = [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)]
+        except Exception as e:
+            if not is_transient(e):
+                raise
+            print(f"[tracking] metric history of {key!r}: {reason(e)}", file=sys.stderr)
+        queued = [
+            (r["step"], r["values"][key])
+            for r in self._outbox.snapshot()
+            if r["kind"] == "metrics" and key in r["values"]
+        ]
+        return sorted(dict(stored + queued).items())
 
-    def finish(self, status: str = "FINISHED") -> None:
-        self.client.set_terminated(self.run_id, status)
+    def flush(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for every queued record to reach the store; True if so."""
+        return self._outbox.wait_empty(timeout_s)
+
+    def finish(
+        self,
+        status: str = "FINISHED",
+        *,
+        spool_dir: str | Path | None = None,
+        timeout_s: float | None = None,
+    ) -> Path | None:
+        """End the run with ``status``, waiting up to ``timeout_s`` (default
+        ``drain_timeout_s``) for the queue. Records still undelivered then (the status
+        included) are appended to ``spool_dir/UNDELIVERED_FILE`` (default: the constructor's
+        ``spool_dir``, else a temporary file), and the upload command is printed. Returns
+        that file, or None when everything was delivered. A second call does nothing."""
+        if self._finished:
+            return self.undelivered_path
+        self._finished = True
+        self._outbox.put({"kind": "status", "status": status, "end_time": now_ms()})
+        timeout_s = self.drain_timeout_s if timeout_s is None else timeout_s
+        left = self._outbox.close(timeout_s)
+        if not left:
+            return None
+        directory = Path(spool_dir) if spool_dir is not None else self.spool_dir
+        self.undelivered_path = write_undelivered(left, directory, self.uri, self.run_id)
+        print(
+            f"[tracking] {len(left)} records of MLflow run {self.run_id} did not reach "
+            f"{self.uri} within {timeout_s:g} s; kept in {self.undelivered_path}; deliver them "
+            f"when the store answers with: python -m pipeline.tracking upload "
+            f"{self.undelivered_path}",
+            file=sys.stderr,
+        )
+        return self.undelivered_path
 
 
 Tracker = MlflowTracker | NullTracker
@@ -234,3 +429,115 @@ def log_curves(tracker: Tracker, panels: dict[str, list[str]], path: str | Path)
     plt.close(fig)
     tracker.log_artifact(path, "plots")
     return path
+
+
+def upload(path: str | Path, uri: str | None = None) -> int:
+    """Deliver an undelivered file (written by :meth:`MlflowTracker.finish`) to its run.
+
+    Idempotent: metric (key, step) pairs already in the run, params it already has and
+    artifacts already uploaded are skipped, so the command can be run again after a failure.
+    ``uri`` overrides the file's tracking URI (a store that moved). Returns the number of
+    records that could not be delivered (0: all are in the store)."""
+    from mlflow import MlflowClient
+
+    path = Path(path)
+    segments: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []
+    with path.open() as f:
+        for n, line in enumerate(f, 1):
+            record = json.loads(line)
+            if record["kind"] == "header":
+                segments.append((record, []))
+            elif not segments:
+                raise ValueError(f"{path}:{n}: no header line before the first record")
+            else:
+                segments[-1][1].append(record)
+    failed = 0
+    for header, records in segments:
+        target = uri or header["tracking_uri"]
+        if _is_http(target):
+            _bound_http_requests(_UPLOAD_HTTP_DEFAULTS)
+        client = MlflowClient(tracking_uri=target)
+        run_id = header["run_id"]
+        try:
+            run = client.get_run(run_id)
+        except Exception as e:
+            if _is_http(target) and is_transient(e):
+                raise TrackingUnavailable(_unavailable_message(target, e)) from None
+            raise
+        stored: dict[str, set[int]] = {}  # key -> steps in the run, read once per key
+        counts = {"sent": 0, "skipped": 0}
+        for record in records:
+            record = _unsent_part(client, run, record, stored, counts)
+            if record is None:
+                continue
+            try:
+                deliver(client, run_id, [record])
+                counts["sent"] += 1
+            except Exception as e:
+                failed += 1
+                print(f"{path}: {record['kind']} record not delivered: {reason(e)}")
+        print(
+            f"run {run_id} at {target}: {counts['sent']} records delivered, "
+            f"{counts['skipped']} already there"
+        )
+    return failed
+
+
+def _unsent_part(
+    client: Any,
+    run: Any,
+    record: dict[str, Any],
+    stored: dict[str, set[int]],
+    counts: dict[str, int],
+) -> dict[str, Any] | None:
+    """``record`` less what the run already holds; None if it holds all of it."""
+    record = {k: v for k, v in record.items() if k != "error"}
+    kind, run_id = record["kind"], run.info.run_id
+    if kind == "metrics":
+        values = {}
+        for key, value in record["values"].items():
+            if key not in stored:
+                stored[key] = {m.step for m in client.get_metric_history(run_id, key)}
+            if record["step"] not in stored[key]:
+                values[key] = value
+                stored[key].add(record["step"])
+        if not values:
+            counts["skipped"] += 1
+            return None
+        return {**record, "values": values}
+    if kind == "params":
+        values = {k: v for k, v in record["values"].items() if k not in run.data.params}
+        if not values:
+            counts["skipped"] += 1
+            return None
+        return {**record, "values": values}
+    if kind == "artifact":
+        folder = record["artifact_path"]
+        there = {a.path for a in client.list_artifacts(run_id, folder)}
+        name = Path(record["path"]).name
+        if (f"{folder}/{name}" if folder else name) in there:
+            counts["skipped"] += 1
+            return None
+    return record  # tags and the status: setting them again changes nothing
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pipeline.tracking upload FILE [--uri URI]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline.tracking")
+    commands = parser.add_subparsers(dest="command", required=True)
+    up = commands.add_parser("upload", help="deliver an undelivered file to its MLflow run")
+    up.add_argument("file", help=f"a {UNDELIVERED_FILE} written when a run ended")
+    up.add_argument("--uri", help="tracking URI to use instead of the one in the file")
+    args = parser.parse_args(argv)
+    try:
+        failed = upload(args.file, args.uri)
+    except (TrackingUnavailable, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -92,8 +92,10 @@ def test_a_continued_run_appends_and_logs_each_step_once(cfg, tmp_path):
     for step in range(1, 6):
         first.log_metrics({"train/loss": float(step)}, step)
     first.log_metrics({"eval/map@r": 0.5}, 3)
-    # Killed here (no finish): the run stays RUNNING. A resume from a checkpoint at step 3
-    # recomputes steps 4-5 and then goes on to 8.
+    # Killed here (no finish): the run stays RUNNING. Logging is asynchronous; the flush
+    # stands for the records the killed process had delivered. A resume from a checkpoint
+    # at step 3 recomputes steps 4-5 and then goes on to 8.
+    assert first.flush(timeout_s=30)
     second = make_tracker(cfg, is_main=True, run_id=first.run_id)
     assert second.run_id == first.run_id
     second.log_params({"a": 1, "b": "x", "c": 2.5})  # same values again, one new param
@@ -112,9 +114,11 @@ def test_a_continued_run_appends_and_logs_each_step_once(cfg, tmp_path):
 def test_changed_params_on_resume_are_reported_and_tagged(cfg, capsys):
     first = make_tracker(cfg, is_main=True)
     first.log_params({"optim.lr": 1e-5})
+    assert first.flush(timeout_s=30)
     second = make_tracker(cfg, is_main=True, run_id=first.run_id)
     second.log_params({"optim.lr": 1e-4})
     assert "changed params" in capsys.readouterr().err
+    assert second.flush(timeout_s=30)
     from mlflow import MlflowClient
 
     run = MlflowClient(tracking_uri=cfg.uri).get_run(first.run_id)

@@ -76,7 +76,9 @@ def test_run_logged_over_http_and_continued(server, tmp_path):
     tracker.log_metrics({"train/loss": 0.8}, 2)
     (tmp_path / "config.yaml").write_text("optim: {lr: 1.0e-5}\n")
     tracker.log_artifact(tmp_path / "config.yaml")
-    # A resumed job continues the run (step 2 recomputed, logged once).
+    # A resumed job continues the run (step 2 recomputed, logged once); the flush stands for
+    # what the first job had delivered (logging is asynchronous).
+    assert tracker.flush(timeout_s=30)
     resumed = make_tracker(cfg, is_main=True, run_id=tracker.run_id)
     resumed.log_metrics({"train/loss": 0.8}, 2)
     resumed.log_metrics({"train/loss": 0.7}, 3)
