@@ -49,6 +49,38 @@ def export_distributed_env() -> dict[str, str]:
     return exported
 
 
+# What each rank records about its placement (see record_rank_env).
+RANK_ENV_NAMES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK")
+RANK_ENV_NAMES += ("MASTER_ADDR", "MASTER_PORT", "LOCAL_SIZE")
+
+
+def record_rank_env(run_dir: str | Path) -> Path:
+    """Write ``<run_dir>/launch/rank<R>.json``: the rank variables this task trains with, its
+    host and Slurm job; returns the file.
+
+    The variables are those ``pipeline.distributed.init`` exports (it is idempotent and is
+    called again by the training itself), so the record holds what DeepSpeed reads too,
+    LOCAL_SIZE included. Written before training, so a rank that fails still says where it
+    ran; a requeued job overwrites it. What a user reads when one host of a job misbehaves,
+    and what the multi-host tests assert on (issue 11).
+    """
+    from pipeline import distributed
+
+    env = distributed.read_env()
+    if env.world_size > 1:
+        distributed.export_env(env)
+    path = Path(run_dir) / "launch" / f"rank{env.rank}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "env": {k: os.environ.get(k) for k in RANK_ENV_NAMES},
+        "host": socket.gethostname(),
+        "job_id": os.environ.get("SLURM_JOB_ID"),
+        "restart": int(os.environ.get("SLURM_RESTART_COUNT", "0")),
+    }
+    path.write_text(json.dumps(record, indent=1))
+    return path
+
+
 def guard_requeue_signal() -> None:
     """Let only this process act on the requeue signal, not its forked children.
 
@@ -81,6 +113,7 @@ class TrainJob(submitit.helpers.Checkpointable):
     def __call__(self) -> dict:
         guard_requeue_signal()
         export_distributed_env()
+        record_rank_env(self.cfg.train.output_dir)
         # Imported in the job: submitting needs neither torch nor DeepSpeed.
         from pipeline import distributed
         from pipeline.train.trainer import train
