@@ -241,6 +241,7 @@ def _load_partitions(engine: Any, layout: SavedLayout) -> None:
             # The optimizer state covers the partition with its padding; the fp32 copy not.
             padded = fp32.numel() + sd[_GROUP_PADDINGS][group]
             sources = {"fp32": fp32}
+            # One flat partition per group, so the torch state's parameter index is the group.
             for key, value in state["state"].get(group, {}).items():
                 if torch.is_tensor(value) and value.shape == (padded,):
                     sources[key] = value
@@ -282,17 +283,21 @@ def _load_partitions(engine: Any, layout: SavedLayout) -> None:
     with torch.no_grad():
         for group, flat in enumerate(masters):
             flat.copy_(new[group].pop("fp32"))
-            base.state.pop(flat, None)
-            if new[group] or scalars[group]:
-                base.state[flat] = {
-                    **new[group],
-                    **{k: _clone(v) for k, v in scalars[group].items()},
-                }
-            base.param_groups[group].update(hyper[group])
-    # DeepSpeed links each parameter's view of the optimizer state once, at the first step;
-    # relink it to the new tensors (its safe_get_full_optimizer_state reads them).
-    zero._hp_optimizer_states_linked = False
-    zero._lazy_init_hp_params_optimizer_state()
+    # torch's own load puts each value where this optimizer wants it (e.g. fused Adam's step
+    # on the GPU) and takes the saved hyperparameters (lr, initial_lr, betas, ...).
+    base.load_state_dict(
+        {
+            "state": {
+                g: {**new[g], **scalars[g]} for g in range(len(masters)) if new[g] or scalars[g]
+            },
+            "param_groups": [{**h, "params": [g]} for g, h in enumerate(hyper)],
+        }
+    )
+    if all(base.state.get(flat) for flat in masters):
+        # DeepSpeed links each parameter's view of the optimizer state once, after the first
+        # group's step; relink it to the new tensors (safe_get_full_optimizer_state reads it).
+        zero._hp_optimizer_states_linked = False
+        zero._lazy_init_hp_params_optimizer_state()
     # All ranks participate (all-gather): the module weights from the restored masters.
     zero.update_lp_params()
 
