@@ -15,16 +15,29 @@ from pipeline.config import ConfigError
 from pipeline.train import elastic
 from tests.dist_helpers import run_distributed
 
-STAGES = (0, 1, 2)
+# (ZeRO stage, optimizer): every stage, and each optimizer's state (Adam/AdamW moments and
+# step, SGD momentum) through the ZeRO re-cut.
+CASES = ((0, "adam"), (1, "adamw"), (2, "adam"), (2, "sgd"))
 # An odd embedding size makes the head group's size odd, so ZeRO pads its partitions on 2 and
 # 4 ranks: the re-cut must skip the padding.
 EMBEDDING_DIM = 7
 
 
-def _engine(zero: int):
-    from tests.test_checkpoint import _engine as build
+def _engine(zero: int, optim: str = "adam"):
+    from pipeline.config import ModelConfig, OptimConfig, TrainConfig
+    from pipeline.model import build_model
+    from pipeline.train.checkpoint import install_safe_loading
+    from pipeline.train.engine import build_engine
+    from pipeline.train.optim import build_optimizer, build_scheduler
 
-    return build(zero, "fp32", embedding_dim=EMBEDDING_DIM)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone="test_byobnet", embedding_dim=EMBEDDING_DIM))
+    optim_cfg = OptimConfig(name=optim, lr=1e-2, scheduler="step", step_size=2, gamma=0.5)
+    opt = build_optimizer(model, optim_cfg, head_lr_mult=10.0)  # two parameter groups
+    train_cfg = TrainConfig(zero_stage=zero, precision="fp32", gradient_clipping=1.0)
+    engine = build_engine(model, opt, build_scheduler(opt, optim_cfg, 10), train_cfg, 8)
+    install_safe_loading(engine)
+    return engine
 
 
 def _train_steps(engine, rank: int, steps: int) -> None:
@@ -38,17 +51,17 @@ def _train_steps(engine, rank: int, steps: int) -> None:
         engine.step()
 
 
-def _folder(out: str, world: int, stage: int) -> Path:
-    return Path(out) / f"w{world}_z{stage}"
+def _folder(out: str, world: int, stage: int, optim: str) -> Path:
+    return Path(out) / f"w{world}_z{stage}_{optim}"
 
 
 def _save(rank: int, world: int, out: str) -> None:
     from pipeline.train import checkpoint
 
-    for stage in STAGES:
-        engine = _engine(stage)
+    for stage, optim in CASES:
+        engine = _engine(stage, optim)
         _train_steps(engine, rank, 3)  # the step schedule halves the LR at step 2
-        root = _folder(out, world, stage)
+        root = _folder(out, world, stage, optim)
         checkpoint.save(engine, root, 3, {"step": 3, "world_size": world}, keep=1)
         # All ranks participate.
         state = elastic.full_state(engine)
@@ -60,11 +73,11 @@ def _save(rank: int, world: int, out: str) -> None:
 def _load(rank: int, world: int, out: str, saved_world: int) -> None:
     from pipeline.train import checkpoint
 
-    for stage in STAGES:
-        root = _folder(out, saved_world, stage)
+    for stage, optim in CASES:
+        root = _folder(out, saved_world, stage, optim)
         before = checkpoint.safe_load(root / "before.pt")
-        where = f"ZeRO {stage}, {saved_world} -> {world} ranks"
-        engine = _engine(stage)
+        where = f"ZeRO {stage} {optim}, {saved_world} -> {world} ranks"
+        engine = _engine(stage, optim)
         # The comparison is not vacuous: a fresh engine differs.
         assert elastic.state_differences(before["state"], elastic.full_state(engine)), where
         client = elastic.load(engine, root, checkpoint.latest_tag(root))
@@ -83,7 +96,7 @@ def _load(rank: int, world: int, out: str, saved_world: int) -> None:
         assert engine.global_steps == 4
         if stage == 1:
             try:
-                elastic.load(_engine(2), root, checkpoint.latest_tag(root))
+                elastic.load(_engine(2, optim), root, checkpoint.latest_tag(root))
             except elastic.ElasticResumeError as e:
                 assert "set train.zero_stage=1" in str(e), e
             else:
@@ -102,7 +115,7 @@ def _worker(rank: int, world: int, out: str, save: bool, load_from: tuple[int, .
 
 @pytest.mark.distributed
 def test_resume_on_one_and_two_ranks_is_exact(tmp_path):
-    """ZeRO 0/1/2 x (1 -> 2, 2 -> 1): weights, fp32 masters, optimizer state and step, LR
+    """ZeRO 0/1/2 x (1 -> 2, 2 -> 1), Adam/AdamW/SGD: weights, fp32 masters, optimizer state and step, LR
     schedule and DeepSpeed's step counter equal to the state before saving."""
     out = str(tmp_path)
     run_distributed(_worker, 1, out, True, ())
