@@ -29,8 +29,8 @@ every checkpoint already on disk resumes elastically.
 Cost: each new rank reads the old partition files one at a time (peak memory: its own new
 partition plus one old file, e.g. 10 GB / N for a 10 GB state); the total bytes read are
 (new ranks) x (state size), once per resume. Robustness: the reader depends on five keys of
-DeepSpeed's ZeRO 1/2 file layout (``deepspeed.checkpoint.constants``, unchanged since 0.10 and
-what ``ds_to_universal`` itself reads) and on the engine's partition mapping
+DeepSpeed's ZeRO 1/2 file layout (``deepspeed.checkpoint.constants``, the entries
+``ds_to_universal`` itself reads) and on the engine's partition mapping
 (``_hp_mapping``, which DeepSpeed's public ``safe_get_full_*`` API is built on); a missing key
 fails with an error naming it, and tests/test_elastic.py checks exactness on every upgrade.
 """
