@@ -21,6 +21,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     ),
     "evaluate": ("pipeline.eval.evaluator", "extract embeddings and compute retrieval metrics"),
     "demo": ("pipeline.demo", "synthetic shards, 2-process CPU training, before/after table"),
+    "export": (
+        "pipeline.export",
+        "a trained model as ONNX / TorchScript (+ preprocessing JSON) or an MLflow model",
+    ),
 }
 
 
@@ -49,6 +53,7 @@ USER_ERRORS = (
     ("pipeline.train.checkpoint", "CheckpointError"),
     ("pipeline.data.converters", "LayoutError"),
     ("pipeline.data.writer", "ShardWriteError"),
+    ("pipeline.export", "ExportError"),
 )
 
 
