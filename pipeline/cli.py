@@ -25,6 +25,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "pipeline.export",
         "a trained model as ONNX / TorchScript (+ preprocessing JSON) or an MLflow model",
     ),
+    "index": ("pipeline.gallery", "embed a gallery (shards or image folder) into a FAISS index"),
+    "search": ("pipeline.search", "the nearest gallery items of query images"),
 }
 
 
@@ -54,6 +56,7 @@ USER_ERRORS = (
     ("pipeline.data.converters", "LayoutError"),
     ("pipeline.data.writer", "ShardWriteError"),
     ("pipeline.export", "ExportError"),
+    ("pipeline.gallery", "GalleryError"),
 )
 
 

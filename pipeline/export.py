@@ -32,6 +32,8 @@ from pipeline.config import DataConfig, RunConfig
 from pipeline.config_loader import load_config, split_checkpoint
 
 FORMATS = ("onnx", "torchscript")
+SPEC_FORMAT = "smoothap-preprocessing-v1"
+"""Also in ``pipeline.serving``, which imports nothing from the project (a test keeps them equal)."""
 INPUT_NAME = "images"
 OUTPUT_NAME = "embeddings"
 # Exported with batch 2: torch.export specialises a dimension of size 1 to a constant.
@@ -50,7 +52,6 @@ def preprocessing_spec(data_cfg: DataConfig, embedding_dim: int) -> dict[str, An
     [0, 1], ImageNet mean/std, NCHW float32.
     """
     from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD, draft_side
-    from pipeline.serving import SPEC_FORMAT
 
     side = data_cfg.image_size
     return {

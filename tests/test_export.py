@@ -116,7 +116,7 @@ def test_serving_preprocessing_equals_the_eval_transform(assets, tmp_path):
 
     model = load_trained_model(assets["weights"])
     onnx_file, spec_file = export_model(model, _data_cfg(), "onnx", tmp_path / "m.onnx")
-    spec = read_spec(spec_file)
+    spec = read_spec(spec_file)  # checks the format: serving's SPEC_FORMAT is export's
     want = _inputs(assets["files"])
     for i, f in enumerate(assets["files"]):
         np.testing.assert_allclose(to_array(f.read_bytes(), spec), want[i], atol=1e-5)
