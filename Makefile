@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip wheel setuptools
 	$(BIN)/pip install torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -e '.[cpu,dev]'
+	$(BIN)/pip install -e '.[cpu,dev,export]'
 	touch $(STAMP)
 
 venv: $(STAMP)

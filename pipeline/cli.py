@@ -21,6 +21,12 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     ),
     "evaluate": ("pipeline.eval.evaluator", "extract embeddings and compute retrieval metrics"),
     "demo": ("pipeline.demo", "synthetic shards, 2-process CPU training, before/after table"),
+    "export": (
+        "pipeline.export",
+        "a trained model as ONNX / TorchScript (+ preprocessing JSON) or an MLflow model",
+    ),
+    "index": ("pipeline.gallery", "embed a gallery (shards or image folder) into a FAISS index"),
+    "search": ("pipeline.search", "the nearest gallery items of query images"),
 }
 
 
@@ -51,6 +57,8 @@ USER_ERRORS = (
     ("pipeline.data.converters", "LayoutError"),
     ("pipeline.data.writer", "ShardWriteError"),
     ("pipeline.data.make_shards", "ShardArgumentError"),
+    ("pipeline.export", "ExportError"),
+    ("pipeline.gallery", "GalleryError"),
 )
 
 

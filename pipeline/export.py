@@ -1,0 +1,373 @@
+"""``pipeline export``: a trained model as ONNX or TorchScript, or as an MLflow pyfunc model.
+
+    pipeline export --config conf/demo.yaml checkpoint=runs/demo/model.safetensors \
+        --format onnx --out model.onnx
+    pipeline export --config conf/demo.yaml checkpoint=... --mlflow --register-model demo-embedder
+
+The exported graph is the whole :class:`pipeline.model.EmbeddingModel` (backbone, head and the
+L2 normalisation): float32 NCHW images of ``data.image_size`` in, unit-norm embeddings out, any
+batch size. Beside it goes ``<stem>.preprocessing.json`` (:func:`preprocessing_spec`): what a
+caller must do to an image first (the eval transform of ``pipeline.data.transforms``);
+``pipeline.serving`` implements it without torch.
+
+The MLflow model (:func:`log_mlflow_model`) holds the ONNX graph, the spec and
+``pipeline/serving.py`` as its code: encoded image bytes in, embeddings out, preprocessing
+inside, and it needs onnxruntime, NumPy and Pillow only (the requirements are given explicitly,
+so MLflow never resolves packages or downloads anything).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.config import DataConfig, RunConfig
+from pipeline.config_loader import load_config, split_checkpoint
+
+FORMATS = ("onnx", "torchscript")
+SPEC_FORMAT = "smoothap-preprocessing-v1"
+"""Also in ``pipeline.serving``, which imports nothing from the project (a test keeps them equal)."""
+INPUT_NAME = "images"
+OUTPUT_NAME = "embeddings"
+# Exported with batch 2: torch.export specialises a dimension of size 1 to a constant.
+_EXAMPLE_BATCH = 2
+
+
+class ExportError(ValueError):
+    """Bad export request; the message names the flag or file, the rule and the fix."""
+
+
+def preprocessing_spec(data_cfg: DataConfig, embedding_dim: int) -> dict[str, Any]:
+    """What an image must go through before the exported model (``pipeline.serving`` reads it).
+
+    The eval transform: decode to RGB, shorter side resized to ``data.resize_size`` (Pillow's
+    antialiased bilinear, longer side truncated), centre crop ``data.image_size``, scale to
+    [0, 1], ImageNet mean/std, NCHW float32.
+    """
+    from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD, draft_side
+
+    side = data_cfg.image_size
+    return {
+        "format": SPEC_FORMAT,
+        "input_name": INPUT_NAME,
+        "output_name": OUTPUT_NAME,
+        "layout": "NCHW",
+        "dtype": "float32",
+        "channel_order": "RGB",
+        "input_size": [side, side],
+        "resize_shorter_side": data_cfg.resize_size,
+        "resize_rule": (
+            "shorter side -> resize_shorter_side, longer side -> int(resize_shorter_side * "
+            "long / short); skipped when the image already has that size; then centre crop "
+            "input_size with top = round((h - crop_h) / 2), left = round((w - crop_w) / 2)"
+        ),
+        "interpolation": "bilinear (Pillow, antialiased)",
+        "crop": "center",
+        "scale": 1 / 255,
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        # Optional speed-up the project uses when decoding (JPEG only); without it results
+        # differ slightly for JPEGs more than twice this size.
+        "jpeg_draft_min_side": draft_side(data_cfg, train=False),
+        "embedding_dim": None if embedding_dim is None else int(embedding_dim),
+        "l2_normalised": True,
+    }
+
+
+def _example(model: torch.nn.Module, data_cfg: DataConfig) -> torch.Tensor:
+    side = data_cfg.image_size
+    return torch.randn(_EXAMPLE_BATCH, 3, side, side, generator=torch.Generator().manual_seed(0))
+
+
+def _cpu_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A float32 CPU copy in eval mode: the caller's model (e.g. on a GPU in bf16) is untouched."""
+    import copy
+
+    return copy.deepcopy(model).float().cpu().eval()
+
+
+def export_onnx(model: torch.nn.Module, data_cfg: DataConfig, out: str | Path) -> Path:
+    """Write ``model`` (CPU, float32, eval mode) as ONNX with a dynamic batch dimension."""
+    out = Path(out)
+    model = _cpu_copy(model)
+    batch = torch.export.Dim("batch")
+    with torch.no_grad():
+        program = torch.onnx.export(
+            model,
+            (_example(model, data_cfg),),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes=({0: batch},),
+            dynamo=True,
+            verbose=False,
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    program.save(str(out))
+    return out
+
+
+def export_torchscript(model: torch.nn.Module, data_cfg: DataConfig, out: str | Path) -> Path:
+    """Write ``model`` as a traced TorchScript module (any batch size; ``torch.jit.load``)."""
+    out = Path(out)
+    model = _cpu_copy(model)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, _example(model, data_cfg))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    traced.save(str(out))
+    return out
+
+
+def spec_path(out: str | Path) -> Path:
+    """Where the preprocessing spec of the model file ``out`` goes: ``<stem>.preprocessing.json``."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.preprocessing.json")
+
+
+def export_model(
+    model: Any, data_cfg: DataConfig, fmt: str, out: str | Path, *, force: bool = False
+) -> tuple[Path, Path]:
+    """Write the model in ``fmt`` to ``out`` and its preprocessing spec beside it.
+
+    Refuses (:class:`ExportError`) an unknown format and existing files unless ``force``.
+    """
+    import json
+
+    if fmt not in FORMATS:
+        raise ExportError(f"--format {fmt!r} is not supported; use one of {', '.join(FORMATS)}")
+    out = Path(out)
+    spec_file = spec_path(out)
+    if not force:
+        for f in (out, spec_file):
+            if f.exists():
+                raise ExportError(
+                    f"{f} exists; pipeline export does not overwrite files: pick another --out "
+                    "or pass --force"
+                )
+    (export_onnx if fmt == "onnx" else export_torchscript)(model, data_cfg, out)
+    spec = preprocessing_spec(data_cfg, model.head.out_features)
+    spec_file.write_text(json.dumps(spec, indent=2) + "\n")
+    return out, spec_file
+
+
+# ---------------------------------------------------------------------------- MLflow
+
+
+@dataclass
+class LoggedModel:
+    """Where :func:`log_mlflow_model` put the model."""
+
+    run_id: str
+    model_uri: str
+    """``models:/<logged model id>``: the model as logged in the run."""
+    registered_name: str | None
+    version: int | None
+    """The new version of ``registered_name`` (``models:/NAME/VERSION``), if registered."""
+
+
+@contextlib.contextmanager
+def _mlflow_uri(uri: str):
+    """Point MLflow's fluent API at ``uri`` (tracking and registry) for the duration only.
+
+    ``mlflow.set_tracking_uri``/``set_registry_uri`` also export MLFLOW_TRACKING_URI /
+    MLFLOW_REGISTRY_URI, and MLflow has no public way to go back to "unset"; so the module
+    state and the two variables are put back as they were, and a caller's own MLflow setup
+    (or an ``MlflowClient`` created later) is untouched.
+    """
+    import os
+
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    saved_env = {n: os.environ.get(n) for n in names}
+    saved = tracking_utils._tracking_uri, registry_utils._registry_uri
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved[0])
+        registry_utils._registry_uri = saved[1]
+        for n, v in saved_env.items():
+            if v is None:
+                os.environ.pop(n, None)
+            else:
+                os.environ[n] = v
+
+
+def _example_image(side: int) -> bytes:
+    """A small JPEG for the model's input example (a colour gradient)."""
+    import numpy as np
+    from PIL import Image
+
+    ramp = np.linspace(0, 255, side, dtype=np.float32)
+    pixels = np.stack(np.broadcast_arrays(ramp[None, :], ramp[:, None], 255 - ramp[None, :]), -1)
+    buf = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _requirements() -> list[str]:
+    """The serving model's packages, pinned to the versions here (no inference, no resolver)."""
+    from importlib.metadata import version
+
+    return [f"{p}=={version(p)}" for p in ("mlflow", "onnxruntime", "numpy", "pillow", "pandas")]
+
+
+def log_mlflow_model(
+    model: Any,
+    data_cfg: DataConfig,
+    *,
+    tracking_uri: str,
+    run_id: str,
+    registered_model_name: str | None = None,
+    name: str = "embedding_model",
+) -> LoggedModel:
+    """Log ``model`` into MLflow run ``run_id`` as a pyfunc model and register it.
+
+    Input: a DataFrame with a column ``image`` of encoded image bytes (signature and input
+    example included); output: float32 (N, D) L2-normalised embeddings, preprocessing inside.
+    With ``registered_model_name`` each call adds a new version of that registered model.
+    Only rank 0 calls this (the training loop: at the end, with the run's tracking URI).
+    """
+    import mlflow
+    import numpy as np
+    import pandas as pd
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema, TensorSpec
+
+    from pipeline import serving
+
+    dim = int(model.head.out_features)
+    with tempfile.TemporaryDirectory(prefix="smoothap-mlflow-") as tmp:
+        tmp = Path(tmp)
+        onnx_file, spec_file = export_model(model, data_cfg, "onnx", tmp / "model.onnx")
+        # Models from code: the model is serving.py plus the line that names its model
+        # object; no pickled class, so loading needs neither this project nor torch.
+        code = tmp / "embedding_model.py"
+        code.write_text(
+            Path(serving.__file__).read_text() + "\n\nmlflow.models.set_model(EmbeddingPyfunc())\n"
+        )
+        signature = ModelSignature(
+            inputs=Schema([ColSpec("binary", serving.IMAGE_COLUMN)]),
+            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, dim), "embedding")]),
+        )
+        example = pd.DataFrame({serving.IMAGE_COLUMN: [_example_image(data_cfg.image_size)]})
+        with _mlflow_uri(tracking_uri), mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name=name,
+                python_model=str(code),
+                artifacts={"onnx": str(onnx_file), "preprocessing": str(spec_file)},
+                signature=signature,
+                input_example=example,
+                pip_requirements=_requirements(),
+                registered_model_name=registered_model_name,
+            )
+    version = info.registered_model_version
+    return LoggedModel(
+        run_id=run_id,
+        model_uri=info.model_uri,
+        registered_name=registered_model_name,
+        version=None if version is None else int(version),
+    )
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, help="experiment YAML (e.g. conf/demo.yaml)")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="checkpoint=PATH (a run's model.safetensors or its checkpoints/ directory), then "
+        "config overrides (data.image_size, data.resize_size, tracking.uri, ...)",
+    )
+    parser.add_argument("--format", default=None, help=f"one of {', '.join(FORMATS)}")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="model file to write; the spec goes to <stem>.preprocessing.json",
+    )
+    parser.add_argument("--force", action="store_true", help="overwrite --out and its spec")
+    parser.add_argument(
+        "--mlflow",
+        action="store_true",
+        help="log the model as an MLflow pyfunc model in a new run (tracking.* settings)",
+    )
+    parser.add_argument(
+        "--register-model",
+        default=None,
+        metavar="NAME",
+        help="with --mlflow: register it under NAME (a new version per call)",
+    )
+
+
+def load_checkpoint_model(config: str | None, tokens: list[str]) -> tuple[Any, RunConfig, str]:
+    """The trained model of ``checkpoint=PATH`` in ``tokens``, the config and the path.
+
+    As in ``pipeline evaluate``: the file's recorded architecture is used unless the config
+    names a model, in which case the two must agree (``ModelLoadError`` otherwise).
+    """
+    from pipeline.model import load_trained_model
+
+    checkpoint, overrides = split_checkpoint(tokens)
+    cfg = load_config(config, overrides)
+    names_model = config is not None or any(o.startswith("model.") for o in overrides)
+    model = load_trained_model(checkpoint, cfg.model if names_model else None)
+    return model, cfg, checkpoint
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.register_model and not args.mlflow:
+        raise ExportError("--register-model needs --mlflow (it names the MLflow registered model)")
+    if (args.format is None) != (args.out is None):
+        raise ExportError(
+            "--format and --out go together: pass both, e.g. --format onnx --out m.onnx"
+        )
+    if not args.mlflow and (args.format is None or args.out is None):
+        raise ExportError(
+            "nothing to export to: pass --format onnx|torchscript and --out FILE, or --mlflow"
+        )
+    if args.format is not None and args.format not in FORMATS:
+        raise ExportError(
+            f"--format {args.format!r} is not supported; use one of {', '.join(FORMATS)}"
+        )
+    model, cfg, checkpoint = load_checkpoint_model(args.config, args.overrides)
+    if args.format is not None:
+        out, spec = export_model(model, cfg.data, args.format, args.out, force=args.force)
+        print(f"wrote {out} ({args.format}, batch dynamic, {cfg.data.image_size} px) and {spec}")
+    if args.mlflow:
+        from pipeline.tracking import MlflowTracker, ui_command
+
+        tracker = MlflowTracker(cfg.tracking)
+        tracker.set_tags({"kind": "export", "checkpoint": checkpoint})
+        try:
+            logged = log_mlflow_model(
+                model,
+                cfg.data,
+                tracking_uri=tracker.uri,
+                run_id=tracker.run_id,
+                registered_model_name=args.register_model,
+            )
+        except BaseException:
+            tracker.finish("FAILED")
+            raise
+        tracker.finish()
+        print(f"MLflow run {logged.run_id}: logged {logged.model_uri}")
+        if logged.registered_name:
+            print(
+                f"registered models:/{logged.registered_name}/{logged.version}; load it with "
+                f"mlflow.pyfunc.load_model('models:/{logged.registered_name}/{logged.version}')"
+            )
+        print(ui_command(tracker.uri))
+    return 0

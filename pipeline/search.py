@@ -1,0 +1,203 @@
+"""``pipeline search``: the nearest gallery items of query images, from an index directory.
+
+    pipeline search gallery/ query1.jpg query2.png --k 10 [--grid neighbours.png] [--json out.json]
+
+Queries are embedded with the checkpoint recorded in the index's manifest (or ``--checkpoint``)
+and the same decode and eval transform as the gallery; an exact index returns exactly the
+evaluation's kNN (``pipeline.eval.knn``: score-descending, ties by gallery row). The grid shows
+each query and its neighbours, framed green where the neighbour's class is the query's, red
+where not, grey where the query's class is unknown (a query's class is known when its parent
+folder is named like a gallery class, the ImageFolder convention).
+
+Shape legend: Q queries, k neighbours, D embedding dims.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.gallery import Gallery, GalleryError, embed_files, read_gallery, search_index
+
+THUMB = 96
+
+
+def load_query_model(gallery: Gallery, checkpoint: str | None = None):
+    """The gallery's model (manifest checkpoint, or ``checkpoint``); its architecture must be
+    the gallery's."""
+    from pipeline.model import load_trained_model
+
+    path = checkpoint or gallery.manifest["checkpoint"]
+    if not Path(path).exists():
+        raise GalleryError(
+            f"the checkpoint {path!r} recorded in {gallery.directory / 'manifest.json'} does not "
+            "exist; pass the model's weights with --checkpoint PATH"
+        )
+    model = load_trained_model(path)
+    if model.architecture != gallery.manifest["architecture"]:
+        raise GalleryError(
+            f"--checkpoint {path!r} is a {model.architecture} model but the gallery was embedded "
+            f"with {gallery.manifest['architecture']}; use the gallery's model"
+        )
+    return model
+
+
+def search_images(
+    gallery: Gallery, files: list[Path], k: int, *, checkpoint: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k (scores Q x k, gallery rows Q x k) of each query file."""
+    from pipeline.config import DataConfig
+
+    for f in files:
+        if not f.is_file():
+            raise GalleryError(f"query {str(f)!r} does not exist; pass image files")
+    model = load_query_model(gallery, checkpoint)
+    spec = gallery.manifest["preprocessing"]
+    data_cfg = DataConfig(
+        image_size=int(spec["input_size"][0]), resize_size=int(spec["resize_shorter_side"])
+    )
+    emb_QD, _, _ = embed_files(model, files, data_cfg)
+    return search_index(gallery.index, emb_QD, k)
+
+
+def query_classes(gallery: Gallery, files: list[Path]) -> list[str | None]:
+    """Each query's class: its parent folder's name when the gallery has a class of that name."""
+    known = {c for c in gallery.items["class_name"] if c is not None}
+    return [f.parent.name if f.parent.name in known else None for f in files]
+
+
+def _thumb(data_or_path: bytes | Path) -> np.ndarray:
+    from PIL import Image
+
+    from pipeline.data.transforms import decode_image
+
+    data = data_or_path.read_bytes() if isinstance(data_or_path, Path) else data_or_path
+    return np.asarray(decode_image(data).resize((THUMB, THUMB), Image.BILINEAR))
+
+
+def gallery_thumbnails(gallery: Gallery, rows: set[int]) -> dict[int, np.ndarray]:
+    """Thumbnails of gallery rows: read from their image files or back from their shards."""
+    from pipeline.data.stream import read_shard
+
+    items, source = gallery.items, gallery.manifest["source"]
+    out: dict[int, np.ndarray] = {}
+    if "images" in source:
+        return {r: _thumb(Path(items["source"][r])) for r in rows}
+    root = Path(source["shards"])
+    by_shard: dict[str, dict[str, int]] = {}
+    for r in rows:
+        by_shard.setdefault(items["source"][r], {})[items["key"][r]] = r
+    for shard, wanted in sorted(by_shard.items()):
+        for raw in read_shard(str(root / shard)):
+            if raw.key in wanted:
+                out[wanted[raw.key]] = _thumb(raw.data)
+    return out
+
+
+def grid_png(
+    queries: list[np.ndarray],
+    neighbours: list[list[np.ndarray]],
+    correct: list[list[bool | None]],
+    captions: list[list[str]],
+    titles: list[str],
+    path: Path,
+) -> Path:
+    """One row per query (black frame), its neighbours framed green (same class), red (other
+    class) or grey (query class unknown), each captioned (score, class)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on cluster nodes
+    import matplotlib.pyplot as plt
+
+    rows, cols = len(queries), 1 + max(len(n) for n in neighbours)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.7 * cols, 1.9 * rows), squeeze=False)
+    colour = {True: "tab:green", False: "tab:red", None: "0.6"}
+    for r in range(rows):
+        cells = [(queries[r], "black", titles[r])] + [
+            (img, colour[ok], cap) for img, ok, cap in zip(neighbours[r], correct[r], captions[r])
+        ]
+        for c in range(cols):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c >= len(cells):
+                ax.axis("off")
+                continue
+            img, edge, caption = cells[c]
+            ax.imshow(img)
+            ax.set_xlabel(caption, fontsize=6)
+            for spine in ax.spines.values():
+                spine.set_edgecolor(edge)
+                spine.set_linewidth(4)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("index_dir", help="a directory written by `pipeline index`")
+    parser.add_argument("images", nargs="+", help="query image files")
+    parser.add_argument("--k", type=int, default=10, help="neighbours per query")
+    parser.add_argument("--checkpoint", default=None, help="default: the manifest's checkpoint")
+    parser.add_argument("--grid", default=None, help="write a PNG grid of queries and neighbours")
+    parser.add_argument("--json", default=None, help="write the results as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.k < 1:
+        raise GalleryError(f"--k {args.k}: must be >= 1")
+    gallery = read_gallery(args.index_dir)
+    files = [Path(f) for f in args.images]
+    scores, rows = search_images(gallery, files, args.k, checkpoint=args.checkpoint)
+    items = gallery.items
+    classes = query_classes(gallery, files)
+    results: list[dict[str, Any]] = []
+    for f, cls, s_k, r_k in zip(files, classes, scores, rows):
+        print(f"query {f}" + (f"  (class {cls})" if cls else ""))
+        hits = []
+        for rank, (s, r) in enumerate(zip(s_k, r_k), 1):
+            if r < 0:
+                break
+            hit = {
+                "rank": rank,
+                "row": int(r),
+                "score": float(s),
+                "key": items["key"][r],
+                "class_name": items["class_name"][r],
+                "label": int(items["label"][r]),
+                "source": items["source"][r],
+            }
+            hits.append(hit)
+            mark = "" if cls is None else ("  +" if hit["class_name"] == cls else "  -")
+            print(f"  {rank:>3}  {s:.4f}  {hit['class_name'] or '-'}  {hit['key']}{mark}")
+        results.append({"query": str(f), "class_name": cls, "neighbours": hits})
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    if args.grid:
+        wanted = {h["row"] for res in results for h in res["neighbours"]}
+        thumbs = gallery_thumbnails(gallery, wanted)
+        grid_png(
+            [_thumb(f) for f in files],
+            [[thumbs[h["row"]] for h in res["neighbours"]] for res in results],
+            [
+                [
+                    None if res["class_name"] is None else h["class_name"] == res["class_name"]
+                    for h in res["neighbours"]
+                ]
+                for res in results
+            ],
+            [
+                [f"{h['score']:.3f} {h['class_name'] or ''}"[:18] for h in res["neighbours"]]
+                for res in results
+            ],
+            [f.name[:18] for f in files],
+            Path(args.grid),
+        )
+        print(f"wrote {args.grid}")
+    return 0
