@@ -156,6 +156,11 @@ class ModelConfig:
     """Local backbone weights file (state dict), for clusters without network."""
     freeze_bn: bool = True
     """Freeze every BatchNorm layer, statistics and affine (as the paper does)."""
+    sync_bn: bool = False
+    """With trainable BatchNorm on several GPUs: SyncBatchNorm (batch statistics over the
+    global batch; for small per-GPU batches; CUDA only). Off: each rank normalises with its
+    own batch and rank 0's running statistics are broadcast after every step, as torch's DDP
+    does, so every rank, checkpoint and evaluation holds one model."""
     head_lr_mult: float = 1.0
     """Learning-rate multiplier for the embedding head."""
 
@@ -256,9 +261,24 @@ class TrainConfig:
     deepspeed_config: str = ""
     """Extra DeepSpeed settings (YAML/JSON file, e.g. conf/deepspeed/zero2.yaml) merged into the
     generated config; may not contradict the train.* keys it is derived from."""
+    collective_timeout_s: float = 600.0
+    """How long a collective (gloo/nccl) may wait for the other ranks before the job fails.
+    Bounded so that a lost host ends the job (to be requeued and resumed) instead of hanging
+    it for gloo's default 30 minutes; long enough for the slowest step, evaluation or
+    checkpoint of a run."""
+    stop_grace_s: float = 300.0
+    """After SIGTERM/SIGUSR1 the run finishes its step, checkpoints and exits; if that has not
+    happened after this many seconds (e.g. a collective with a lost rank), it exits at once."""
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", self.epochs, "must be >= 1")
+        _check(
+            self.collective_timeout_s > 0,
+            "train.collective_timeout_s",
+            self.collective_timeout_s,
+            "must be > 0 seconds",
+        )
+        _check(self.stop_grace_s > 0, "train.stop_grace_s", self.stop_grace_s, "must be > 0")
         _check(self.zero_stage in (0, 1, 2), "train.zero_stage", self.zero_stage, "use 0, 1 or 2")
         _check(
             self.precision in ("auto", "bf16", "fp32"),
@@ -350,9 +370,22 @@ class TrackingConfig:
     """MLflow experiment (created if missing)."""
     run_name: str = ""
     """Display name of the run ('' : MLflow picks one)."""
+    register_model: str = ""
+    """At the end of training, log the model as an MLflow model (images in, L2-normalised
+    embeddings out) and register it under this name, a new version per run ('' : log the
+    weights file only)."""
+    system_metrics_interval_s: float = 10.0
+    """Each host's first rank samples CPU, memory (and GPU) into the run every this many
+    seconds, as system/<host>/... (0 : off)."""
 
     def __post_init__(self) -> None:
         _check(bool(self.experiment), "tracking.experiment", self.experiment, "must not be empty")
+        _check(
+            self.system_metrics_interval_s >= 0,
+            "tracking.system_metrics_interval_s",
+            self.system_metrics_interval_s,
+            "must be >= 0 seconds (0: off)",
+        )
 
 
 @dataclass

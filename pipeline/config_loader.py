@@ -293,6 +293,12 @@ def check(cfg: RunConfig) -> None:
             f"sampler.streams_per_rank to a multiple of {data.num_workers} (or 0: one stream "
             "per worker)"
         )
+    if model.sync_bn and model.freeze_bn:
+        raise ConfigError(
+            "model.sync_bn=true with model.freeze_bn=true: frozen BatchNorm has no batch "
+            "statistics to synchronise; set model.freeze_bn=false to train BatchNorm, or "
+            "model.sync_bn=false"
+        )
     batch = sampler.batch_size_per_gpu
     chunk = train.chunk_size
     # pipeline.train.gradcache cuts the local batch into chunks of train.chunk_size; a last

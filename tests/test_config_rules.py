@@ -133,3 +133,9 @@ def test_rule_errors_are_one_line():
     with pytest.raises(ConfigError) as info:
         load("train.chunk_size=9", "model.freeze_bn=false")
     assert "\n" not in str(info.value)
+
+
+def test_sync_bn_needs_trainable_batchnorm():
+    with pytest.raises(ConfigError, match=r"^model\.sync_bn=true with model\.freeze_bn=true"):
+        load_config(None, ["model.sync_bn=true", "model.freeze_bn=true"])
+    assert load_config(None, ["model.sync_bn=true", "model.freeze_bn=false"]).model.sync_bn
