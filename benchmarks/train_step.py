@@ -4,10 +4,10 @@
     python benchmarks/train_step.py --device cuda --backbone resnet50 --image-size 224 \\
         --precision bf16 --batch-sizes 64,128,256 --tensors      # GPU (benchmarks/gpu_smoke.sh)
 
-The step is the training loop's (pipeline.train.trainer): DeepSpeed engine, Smooth-AP across ranks,
-gradient clipping, optimizer. Each phase is timed between device synchronisations, so the split
-is exact and the sum is a little slower than an unsynchronised step; ``step_s`` (no
-synchronisation inside the step) gives images/s. The baseline in the same run is the step
+The step is the training loop's own (``pipeline.train.trainer.Trainer.train_step``): DeepSpeed
+engine, Smooth-AP across ranks, gradient clipping, the gradient norm it logs, optimizer. Each
+phase is timed between device synchronisations, so the split is exact and the sum is a little
+slower than an unsynchronised step; ``step_s`` gives images/s. The baseline in the same run is the step
 without the gradient cache vs with it (``--chunk``: the cache's extra forward).
 
 Runs in one process, or under torchrun (each rank times its own step; rank 0 prints).
@@ -20,6 +20,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -57,12 +58,8 @@ def _batches(args, cfg, batch: int, device: torch.device):
         epoch += 1
 
 
-def bench(args, batch: int, chunk: int) -> dict[str, float]:
-    from pipeline.loss import SmoothAPLoss
-    from pipeline.model import build_model
-    from pipeline.train.engine import build_engine
-    from pipeline.train.gradcache import forward_backward
-    from pipeline.train.optim import build_optimizer, build_scheduler
+def bench(args, batch: int, chunk: int, run_dir: str) -> dict[str, float]:
+    from pipeline.train.trainer import Trainer
 
     k = 4
     overrides = [
@@ -79,55 +76,41 @@ def bench(args, batch: int, chunk: int) -> dict[str, float]:
         f"sampler.shuffle_buffer_groups={max(batch // k, 64)}",
         f"train.precision={args.precision}",
         f"train.chunk_size={chunk}",
+        f"train.output_dir={run_dir}/batch{batch}_chunk{chunk}",
         "optim.lr=0.0001",
+        "tracking.enabled=false",
     ]
     cfg = load_config(None, overrides)
-    torch.manual_seed(0)
-    model = build_model(cfg.model)
-    opt = build_optimizer(model, cfg.optim)
-    engine = build_engine(model, opt, build_scheduler(opt, cfg.optim, 10**6), cfg.train, batch)
-    device = engine.device
-    loss_fn = SmoothAPLoss(cfg.loss.temperature)
+    # The training loop's own step: model, engine, loss and step as `pipeline train` runs them.
+    trainer = Trainer(cfg)
+    device = trainer.device
     data = _batches(args, cfg, batch, device)
+    marks: dict[str, float] = {}
+
+    def mark(phase: str) -> None:
+        _sync(device)
+        marks[phase] = time.perf_counter()
+
     phases: dict[str, list[float]] = {
         k: [] for k in ("data", "forward", "loss", "backward", "optimizer", "step_s")
     }
+    trainer.engine.train()
     for i in range(args.warmup + args.steps):
         _sync(device)
         t0 = time.perf_counter()
         images, labels = next(data)
         _sync(device)
         t1 = time.perf_counter()
-        if chunk:
-            # The gradient cache interleaves its phases; its split is (no-grad forward +
-            # loss + re-forward/backward) and shows as forward = all of it.
-            forward_backward(
-                engine,
-                images,
-                labels,
-                loss_fn,
-                chunk_size=chunk,
-                backward=engine.backward,
-                set_boundary=engine.set_gradient_accumulation_boundary,
-            )
-            _sync(device)
-            t2 = t3 = t4 = time.perf_counter()
-        else:
-            emb = engine(images)
-            _sync(device)
-            t2 = time.perf_counter()
-            loss = loss_fn(emb, labels)
-            _sync(device)
-            t3 = time.perf_counter()
-            engine.backward(loss)
-            _sync(device)
-            t4 = time.perf_counter()
-        engine.step()
-        _sync(device)
-        t5 = time.perf_counter()
+        marks.clear()
+        trainer.train_step(images, labels, on_phase=mark)
+        t4, t5 = marks["backward"], marks["optimizer"]
+        # The gradient cache interleaves its phases; its split is (no-grad forward + loss +
+        # re-forward/backward) and shows as forward = all of it.
+        t2, t3 = marks.get("forward", t4), marks.get("loss", t4)
         if i >= args.warmup:
             for key, value in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t5 - t0)):
                 phases[key].append(value)
+    trainer.close()
     med = {k: statistics.median(v) for k, v in phases.items()}
     world = distributed.get_world_size()
     med["images_per_s_per_rank"] = batch / med["step_s"]
@@ -152,9 +135,11 @@ def main() -> int:
     args = p.parse_args()
     distributed.init()
     rows = []
+    # Trainers need a run directory; nothing is saved into it (no checkpoint is due).
+    scratch = tempfile.TemporaryDirectory(prefix="train_step_bench_")
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         for chunk in [0] + ([args.chunk] if args.chunk else []):
-            r = bench(args, batch, chunk)
+            r = bench(args, batch, chunk, scratch.name)
             r.update(batch_per_rank=batch, chunk=chunk)
             rows.append(r)
             if distributed.is_main_process():

@@ -1,62 +1,30 @@
 """Large evaluations as a Slurm array job plus a dependent merge job (issue 6, part 2).
 
-Array task i embeds a contiguous range of the eval shards (with as many ranks as the task has)
-and writes ``<eval dir>/parts/part_{i:05d}.npz`` (embeddings, labels, global sample indices).
-The merge job, started by Slurm only when every array task succeeded (``afterok``), loads the
-parts, checks that every sample arrived exactly once, and computes the metrics with the same
-code as ``pipeline evaluate`` (``pipeline.eval.evaluator.compute_metrics`` and ``write_outputs``),
-logging them to MLflow. Both kinds are requeueable: a part already written from the same
-weights and shards is not recomputed; a part left by another evaluation in the same folder is
-never used.
-
-Sample indices are global (each sample's row in the split's ``index.parquet``, stored in the
-shard), so the parts can be merged in any order.
+The work is the library's (:mod:`pipeline.eval.parts`: planning, part files, fingerprints,
+merge and scoring); this module only wraps it in submitit jobs. Array task i embeds shard
+range i of the plan; the merge job, started by Slurm only when every array task succeeded
+(``afterok``), merges the parts and logs one evaluation run. Both are requeueable: a part
+already written from the same weights and shards is not recomputed.
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import submitit
 
 from launch.jobs import export_distributed_env, guard_requeue_signal
 from pipeline.config import RunConfig
-from pipeline.config_loader import eval_output_dir
-
-PARTS_DIR = "parts"
 
 
-def part_path(out: Path, part: int) -> Path:
-    return out / PARTS_DIR / f"part_{part:05d}.npz"
+def _start(cfg: RunConfig) -> None:
+    """What every evaluation task does first: rank environment, then rank-aware logging."""
+    guard_requeue_signal()
+    export_distributed_env()
+    from pipeline import distributed
+    from pipeline.rundir import eval_output_dir
 
-
-def plan_parts(eval_urls: str, parts: int) -> list[list[str]]:
-    """Split the eval shards into at most ``parts`` contiguous, balanced ranges (by count)."""
-    from pipeline.data.index import expand_urls
-
-    if parts < 1:
-        raise ValueError(f"--parts {parts}: must be >= 1")
-    urls = expand_urls(eval_urls)
-    n = min(parts, len(urls))
-    return [urls[i * len(urls) // n : (i + 1) * len(urls) // n] for i in range(n)]
-
-
-def fingerprint(checkpoint: str, urls: list[str]) -> str:
-    """What a part was computed from: the weights (path, size, mtime) and its shards. A part
-    with another fingerprint (an earlier evaluation in the same folder) is never reused."""
-    st = os.stat(checkpoint)
-    return f"{checkpoint}|{st.st_size}|{st.st_mtime_ns}|" + "::".join(urls)
-
-
-def _read_fingerprint(path: Path) -> str | None:
-    try:
-        with np.load(path) as f:
-            return str(f["fingerprint"])
-    except (OSError, KeyError, ValueError):
-        return None
+    distributed.setup_logging(eval_output_dir(cfg))
 
 
 class ExtractPartJob(submitit.helpers.Checkpointable):
@@ -66,98 +34,10 @@ class ExtractPartJob(submitit.helpers.Checkpointable):
         self.cfg, self.checkpoint, self.part, self.urls = cfg, checkpoint, part, urls
 
     def __call__(self) -> dict[str, Any]:
-        guard_requeue_signal()
-        export_distributed_env()
-        from pipeline import distributed
-        from pipeline.eval.extract import extract_embeddings
-        from pipeline.model import load_trained_model
+        _start(self.cfg)
+        from pipeline.eval.parts import extract_part
 
-        path = part_path(eval_output_dir(self.cfg), self.part)
-        stamp = fingerprint(self.checkpoint, self.urls)
-        if _read_fingerprint(path) == stamp:  # requeued or resubmitted: this part is done
-            with np.load(path) as f:
-                return {"part": self.part, "rows": int(f["index"].shape[0]), "path": str(path)}
-        distributed.init()
-        try:
-            device = distributed.device()
-            model = load_trained_model(self.checkpoint, self.cfg.model).to(device)
-            # All ranks participate: each embeds its share of these shards; all get every row.
-            e = extract_embeddings(
-                model,
-                "::".join(self.urls),
-                self.cfg.data,
-                device=device,
-                batch_size=self.cfg.eval.batch_size,
-                progress=False,
-            )
-            if distributed.is_main_process():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp.npz")
-                np.savez(tmp, emb=e.emb_ND, labels=e.labels_N, index=e.index_N, fingerprint=stamp)
-                os.replace(tmp, path)  # a part file is complete or absent
-            distributed.barrier()  # all ranks participate
-        finally:
-            distributed.destroy()
-        print(f"[evaluate] part {self.part}: {len(e.index_N)} samples from {len(self.urls)} shards")
-        return {"part": self.part, "rows": len(e.index_N), "path": str(path)}
-
-
-def merge_parts(
-    out: Path, parts: int, expected_rows: int | None, stamps: list[str] | None = None
-) -> Any:
-    """All parts as one ``pipeline.eval.evaluator.Embeddings`` sorted by global index.
-
-    ``stamps``: the fingerprint each part must carry. Raises ValueError naming a missing or
-    stale part, a sample seen twice, or a wrong total.
-    """
-    from pipeline.eval.extract import sort_by_index
-
-    missing = [str(part_path(out, i)) for i in range(parts) if not part_path(out, i).is_file()]
-    if missing:
-        raise ValueError(
-            f"{len(missing)} of {parts} evaluation parts are missing ({', '.join(missing[:3])}"
-            f"{', ...' if len(missing) > 3 else ''}): an array task failed; read its log in "
-            "the job folder, then resubmit (finished parts are kept)"
-        )
-    for i, stamp in enumerate(stamps or []):
-        if _read_fingerprint(part_path(out, i)) != stamp:
-            raise ValueError(
-                f"{part_path(out, i)} was computed from other weights or shards than this "
-                "evaluation: delete the parts folder (or use another eval.output_dir) and resubmit"
-            )
-    embs, labels, indices = [], [], []
-    for i in range(parts):
-        with np.load(part_path(out, i)) as f:
-            embs.append(f["emb"])
-            labels.append(f["labels"])
-            indices.append(f["index"])
-    e, repeated = sort_by_index(
-        np.concatenate(embs), np.concatenate(labels), np.concatenate(indices)
-    )
-    if len(repeated):
-        raise ValueError(
-            f"sample index {int(repeated[0])} appears in two parts under {out / PARTS_DIR}: "
-            "data.eval_urls lists a shard twice, or the parts come from different runs; "
-            "delete the parts folder and resubmit"
-        )
-    if expected_rows is not None and len(e.index_N) != expected_rows:
-        raise ValueError(
-            f"the parts under {out / PARTS_DIR} hold {len(e.index_N)} samples, the eval split's "
-            f"index.parquet lists {expected_rows}: delete the parts folder and resubmit"
-        )
-    return e
-
-
-def _expected_rows(eval_urls: str) -> int | None:
-    """Samples of the whole split when data.eval_urls is a split directory (else unknown)."""
-    from pipeline.data.index import read_index
-
-    if not os.path.isdir(eval_urls):
-        return None
-    try:
-        return read_index(eval_urls).num_rows
-    except FileNotFoundError:
-        return None
+        return extract_part(self.cfg, self.checkpoint, self.part, self.urls)
 
 
 class MergeEvalJob(submitit.helpers.Checkpointable):
@@ -169,37 +49,7 @@ class MergeEvalJob(submitit.helpers.Checkpointable):
 
     def __call__(self) -> dict[str, Any]:
         """Returns ``metrics``, ``run_id`` (MLflow; None off rank 0) and ``output_dir``."""
-        guard_requeue_signal()
-        export_distributed_env()
-        from pipeline import distributed
-        from pipeline.config import to_dict
-        from pipeline.config_loader import flatten
-        from pipeline.eval.evaluator import compute_metrics, write_outputs
-        from pipeline.tracking import make_tracker
+        _start(self.cfg)
+        from pipeline.eval.parts import merge_and_score
 
-        cfg = self.cfg
-        out = eval_output_dir(cfg)
-        run_id = None
-        stamps = [fingerprint(self.checkpoint, urls) for urls in self.plan]
-        e = merge_parts(out, self.parts, _expected_rows(cfg.data.eval_urls), stamps)
-        distributed.init()
-        try:
-            # All ranks participate (sharded kNN when the merge job has several).
-            metrics, extras = compute_metrics(e, cfg.data, cfg.eval, device=distributed.device())
-            if distributed.is_main_process():
-                files = write_outputs(out, e, metrics, extras, cfg.data, cfg.eval)
-                tracker = make_tracker(cfg.tracking, is_main=True)
-                tracker.log_params(
-                    {**flatten(to_dict(cfg)), "checkpoint": self.checkpoint, "parts": self.parts}
-                )
-                tracker.set_tags({"kind": "evaluate", "parts": str(self.parts)})
-                tracker.log_metrics(metrics, 0)
-                for f in files:
-                    tracker.log_artifact(f, "eval")
-                tracker.finish()
-                run_id = tracker.run_id
-                print(f"[evaluate] merged {self.parts} parts ({len(e.index_N)} samples): {metrics}")
-            distributed.barrier()  # all ranks participate
-        finally:
-            distributed.destroy()
-        return {"metrics": metrics, "run_id": run_id, "output_dir": str(out)}
+        return merge_and_score(self.cfg, self.checkpoint, self.plan)

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import socket
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,10 @@ import submitit
 from submitit.core.job_environment import JobEnvironment
 
 from pipeline.config import RunConfig
+
+# A child of the pipeline logger: the entry points' setup_logging routes it (rank 0 prints,
+# every rank writes <run dir>/logs/rank<R>.log).
+log = logging.getLogger("pipeline.launch.jobs")
 
 
 def export_distributed_env() -> dict[str, str]:
@@ -114,7 +118,8 @@ class TrainJob(submitit.helpers.Checkpointable):
         guard_requeue_signal()
         export_distributed_env()
         record_rank_env(self.cfg.train.output_dir)
-        # Imported in the job: submitting needs neither torch nor DeepSpeed.
+        # Imported in the job: submitting needs neither torch nor DeepSpeed. train() sets up
+        # the rank-aware logging into the run directory.
         from pipeline import distributed
         from pipeline.train.trainer import train
 
@@ -126,11 +131,7 @@ class TrainJob(submitit.helpers.Checkpointable):
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         # The same call again: train() finds the latest collective checkpoint in
         # train.output_dir and the MLflow run id stored in it.
-        print(
-            "[launch] requeue signal: resubmitting; the job resumes from the latest checkpoint",
-            file=sys.stderr,
-            flush=True,
-        )
+        log.warning("requeue signal: resubmitting; the job resumes from the latest checkpoint")
         return submitit.helpers.DelayedSubmission(TrainJob(self.cfg))
 
 
@@ -150,6 +151,7 @@ class EvaluateJob(submitit.helpers.Checkpointable):
         export_distributed_env()
         from pipeline.eval.evaluator import run
 
+        # run() sets up the rank-aware logging into the evaluation's directory.
         code = run(argparse.Namespace(config=self.config, overrides=list(self.overrides)))
         if code:
             raise RuntimeError(f"pipeline evaluate exited with {code}")

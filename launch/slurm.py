@@ -31,8 +31,9 @@ from launch.cluster import (
     tasks_per_node,
 )
 from pipeline.config import ConfigError, LaunchConfig, RunConfig
-from pipeline.config_loader import eval_output_dir, load_config
+from pipeline.config_loader import load_config
 from pipeline.config_loader import split_checkpoint as config_split_checkpoint
+from pipeline.rundir import eval_output_dir
 
 # flag -> LaunchConfig field
 FLAG_FIELDS = {
@@ -248,7 +249,8 @@ def submit(
 
 def _submit_parts(sub: Submission, checkpoint: str, parts: int) -> None:
     """The extraction array job, then the merge job that Slurm starts after it succeeded."""
-    from launch.evaluation import ExtractPartJob, MergeEvalJob, plan_parts
+    from launch.evaluation import ExtractPartJob, MergeEvalJob
+    from pipeline.eval.parts import plan_parts
 
     cfg = sub.cfg
     try:

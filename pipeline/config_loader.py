@@ -337,11 +337,6 @@ def _is_remote(url: str) -> bool:
     return "://" in url or url.startswith("pipe:")
 
 
-def eval_output_dir(cfg: RunConfig) -> Path:
-    """Where evaluation writes: ``eval.output_dir``, else ``<train.output_dir>/eval``."""
-    return Path(cfg.eval.output_dir or Path(cfg.train.output_dir) / "eval")
-
-
 def split_checkpoint(tokens: list[str] | tuple[str, ...]) -> tuple[str, list[str]]:
     """``checkpoint=PATH`` (made absolute) and the remaining config overrides.
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -23,8 +24,12 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from pipeline import distributed
 from pipeline.config import RunConfig
 from pipeline.config_loader import CONF_DIR, load_config
+from pipeline.rundir import RunDir
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = CONF_DIR / "demo.yaml"
 TABLE_METRICS = ("recall@1", "recall@4", "map@r")
@@ -55,9 +60,9 @@ def _write_shards(args: argparse.Namespace) -> None:
 
     data = Path(args.data)
     if (data / "train" / "index.parquet").is_file() and (data / "test" / "index.parquet").is_file():
-        print(f"[demo] using the synthetic shards in {data}")
+        log.info("using the synthetic shards in %s", data)
         return
-    print(f"[demo] writing synthetic shards to {data} ...", flush=True)
+    log.info("writing synthetic shards to %s ...", data)
     argv = [
         "make-shards",
         "synthetic",
@@ -103,36 +108,13 @@ def _table(before: dict[str, float], after: dict[str, float]) -> str:
     return "\n".join([head, *rows, gain])
 
 
-def run(args: argparse.Namespace) -> int:
-    from pipeline.tracking import make_tracker, ui_command
-    from pipeline.train.trainer import RESULT_FILE, RUN_ID_FILE
+class _TrainingFailed(RuntimeError):
+    pass
 
-    start = time.time()
-    data = Path(args.data)
-    out = Path(args.runs) / time.strftime("demo-%Y%m%d-%H%M%S")
-    overrides = [
-        f"data.train=[{{name: synthetic, urls: {data / 'train'}}}]",
-        f"data.eval_urls={data / 'test'}",
-        f"train.output_dir={out}",
-        *args.overrides,
-    ]
-    cfg = load_config(args.config, overrides)
-    _write_shards(args)
 
-    print("[demo] evaluating the untrained model on the held-out classes ...", flush=True)
-    before = _untrained_metrics(cfg)
-    # The run starts here, with the untrained evaluation at step 0; `pipeline train`
-    # continues it (it reads the run id from <output_dir>/mlflow_run.txt).
-    tracker = make_tracker(
-        replace(cfg.tracking, run_name=cfg.tracking.run_name or out.name), is_main=True
-    )
-    tracker.log_metrics({f"eval/{k}": v for k, v in before.items()}, 0)
-    tracker.set_tags({"demo": "true"})
-    out.mkdir(parents=True, exist_ok=True)
-    if tracker.run_id:
-        (out / RUN_ID_FILE).write_text(tracker.run_id)
-
-    print(f"[demo] training with {args.procs} processes (DeepSpeed on CPU, gloo) ...", flush=True)
+def _train(args: argparse.Namespace, overrides: list[str], uri: str, out: Path) -> dict:
+    """``pipeline train`` in ``args.procs`` processes (torchrun); returns its result."""
+    log.info("training with %d processes (DeepSpeed on CPU, gloo) ...", args.procs)
     cmd = [
         sys.executable,
         "-m",
@@ -145,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
         "--config",
         args.config,
         *overrides,
-        f"tracking.uri={tracker.uri}" if tracker.uri else "tracking.enabled=false",
+        f"tracking.uri={uri}" if uri else "tracking.enabled=false",
     ]
     cores = os.cpu_count() or 1
     env = dict(os.environ, OMP_NUM_THREADS=str(max(cores // args.procs, 1)))
@@ -155,11 +137,43 @@ def run(args: argparse.Namespace) -> int:
         # Naming DeepSpeed's CPU accelerator skips its GPU probe (and its warning).
         env.setdefault("DS_ACCELERATOR", "cpu")
     if subprocess.run(cmd, env=env).returncode != 0:
-        tracker.finish("FAILED")
-        raise SystemExit(f"[demo] training failed; its files are in {out}")
-    result = json.loads((out / RESULT_FILE).read_text())
+        raise _TrainingFailed(f"training failed; its files (and logs/) are in {out}")
+    return RunDir(out).read_result()
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipeline.eval.evaluator import tracked_metrics
+    from pipeline.tracking import run_page, tracking_session
+
+    start = time.time()
+    data = Path(args.data)
+    run_dir = RunDir(Path(args.runs) / time.strftime("demo-%Y%m%d-%H%M%S"))
+    overrides = [
+        f"data.train=[{{name: synthetic, urls: {data / 'train'}}}]",
+        f"data.eval_urls={data / 'test'}",
+        f"train.output_dir={run_dir.root}",
+        *args.overrides,
+    ]
+    cfg = load_config(args.config, overrides)
+    distributed.setup_logging(run_dir.root)
+    _write_shards(args)
+
+    log.info("evaluating the untrained model on the held-out classes ...")
+    before = _untrained_metrics(cfg)
+    # The run starts here, with the untrained evaluation at step 0; `pipeline train`
+    # continues it (the session writes the run id into the run directory, where it looks).
+    tracking = replace(cfg.tracking, run_name=cfg.tracking.run_name or run_dir.root.name)
+    try:
+        with tracking_session(
+            tracking, is_main=True, run_dir=run_dir.root, tags={"demo": "true"}
+        ) as tracker:
+            tracker.log_metrics(tracked_metrics(before), 0)
+            result = _train(args, overrides, tracker.uri, run_dir.root)
+    except _TrainingFailed as e:
+        raise SystemExit(f"[demo] {e}") from None
     after = result["metrics"]
 
+    # stdout: the demo's report (the table and where to look); progress went to the log.
     gain = after["map@r"] - before["map@r"]
     verdict = "met" if gain >= TARGET_GAIN else "NOT met"
     print()
@@ -168,10 +182,11 @@ def run(args: argparse.Namespace) -> int:
         f"\n[demo] mAP@R gain {gain:+.3f} (target +{TARGET_GAIN}: {verdict}); "
         f"{result['step']} steps; total {time.time() - start:.0f} s"
     )
-    print(f"[demo] run directory: {out}  (weights: {result['weights']})")
+    print(f"[demo] run directory: {run_dir.root}  (weights: {result['weights']})")
     if tracker.run_id:
-        print(f"[demo] MLflow run {tracker.run_id}; open it with:\n    {ui_command(tracker.uri)}")
-    (out / "demo.json").write_text(
+        page = run_page(tracker.uri, tracker.experiment_id, tracker.run_id)
+        print(f"[demo] MLflow run {tracker.run_id}; open it with:\n    {page}")
+    run_dir.demo.write_text(
         json.dumps(
             {"untrained": before, "trained": after, "seconds": time.time() - start}, indent=1
         )

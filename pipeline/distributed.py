@@ -389,8 +389,10 @@ _FORMAT = "%(asctime)s {host} rank{rank} %(levelname)s %(name)s: %(message)s"
 
 
 def log_file(run_dir: str | Path, rank: int) -> Path:
-    """The log file of ``rank`` in a run directory."""
-    return Path(run_dir) / "logs" / f"rank{rank}.log"
+    """The log file of ``rank`` in a run directory (its layout: pipeline.rundir)."""
+    from pipeline.rundir import RunDir
+
+    return RunDir(run_dir).log_file(rank)
 
 
 def setup_logging(run_dir: str | Path | None = None, *, level: int = logging.INFO) -> Path | None:

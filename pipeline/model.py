@@ -23,9 +23,6 @@ from pipeline.config import ModelConfig
 WEIGHTS_FORMAT = "smoothap-embedding-v1"
 """The ``format`` entry of a weights file's metadata."""
 
-# The model states file of a DeepSpeed checkpoint (ZeRO 0-2): the module's full state dict.
-DS_MODEL_STATES = "mp_rank_00_model_states.pt"
-
 
 class ModelLoadError(ValueError):
     """Weights do not fit the model; the message names the file, the mismatch and the fix."""
@@ -224,16 +221,16 @@ def save_weights(state: dict[str, torch.Tensor], architecture: dict, path: str |
 
 def _checkpoint_model_file(path: Path) -> Path:
     """The model states file of a DeepSpeed checkpoint directory (root or tag)."""
-    if (path / DS_MODEL_STATES).is_file():
-        return path / DS_MODEL_STATES
-    latest = path / "latest"
-    if latest.is_file():
-        return path / latest.read_text().strip() / DS_MODEL_STATES
-    raise ModelLoadError(
-        f"{str(path)!r} is a directory but neither a DeepSpeed checkpoint tag (no "
-        f"{DS_MODEL_STATES}) nor a checkpoint root (no 'latest' file); pass the run's "
-        "model.safetensors or its checkpoints/ directory"
-    )
+    from pipeline.train.checkpoint import MODEL_STATES, model_states_file
+
+    file = model_states_file(path)
+    if file is None:
+        raise ModelLoadError(
+            f"{str(path)!r} is a directory but neither a DeepSpeed checkpoint tag (no "
+            f"{MODEL_STATES}) nor a checkpoint root (no 'latest' file); pass the run's "
+            "model.safetensors or its checkpoints/ directory"
+        )
+    return file
 
 
 def load_trained_model(path: str | Path, model_cfg: ModelConfig | None = None) -> EmbeddingModel:

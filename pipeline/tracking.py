@@ -1,7 +1,9 @@
 """MLflow on rank 0, a do-nothing tracker on every other rank.
 
-The choice is made once, at setup (:func:`make_tracker`), so the training loop calls the
-tracker unconditionally. The real tracker talks to MLflow through an explicit
+The choice is made once, at setup (:func:`tracking_session`, or :func:`make_tracker` for a
+bare tracker), so the training loop calls the tracker unconditionally. A session also starts
+or continues the run, logs the flattened config and tags, records the run id in the run
+directory and ends the run with the status the block ended with (FINISHED, KILLED, FAILED). The real tracker talks to MLflow through an explicit
 ``MlflowClient`` (no global active run), so a library caller's own MLflow state is untouched.
 
 Resuming: given the id of an existing run, the tracker continues that run, and a metric is
@@ -19,14 +21,17 @@ to a file that ``python -m pipeline.tracking upload FILE`` delivers later, exact
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pipeline.config import TrackingConfig
 from pipeline.tracking_outbox import (
@@ -40,6 +45,8 @@ from pipeline.tracking_outbox import (
     reason,
     write_undelivered,
 )
+
+log = logging.getLogger(__name__)
 
 DEFAULT_DB = "mlflow.db"
 
@@ -123,15 +130,54 @@ def ui_command(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {uri} --port 5000   # then open http://127.0.0.1:5000"
 
 
+def run_page(uri: str, experiment_id: str | None, run_id: str) -> str:
+    """Where to see one run: its page on an MLflow server, or for a local store the
+    ``mlflow ui`` command and the run's path in that UI."""
+    path = f"#/experiments/{experiment_id}/runs/{run_id}"
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/{path}"
+    return f"{ui_command(uri)}/{path}"
+
+
 def metric_key(name: str) -> str:
     """A name MLflow accepts: ``recall@1`` -> ``recall_at_1``; other invalid chars -> ``_``."""
     return _INVALID_KEY_CHARS.sub("_", name.replace("@", "_at_"))
+
+
+class Tracker(Protocol):
+    """What the pipeline logs through: :class:`MlflowTracker` on rank 0, else
+    :class:`NullTracker`."""
+
+    run_id: str | None
+    experiment_id: str | None
+    uri: str
+
+    def log_params(self, params: dict[str, Any]) -> None: ...
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+
+    def metric_history(self, key: str) -> list[tuple[int, float]]: ...
+
+    def flush(self, timeout_s: float) -> bool: ...
+
+    def finish(
+        self,
+        status: str = "FINISHED",
+        *,
+        spool_dir: str | Path | None = None,
+        timeout_s: float | None = None,
+    ) -> Path | None: ...
 
 
 class NullTracker:
     """Every method does nothing: the tracker of ranks other than 0 (and of disabled runs)."""
 
     run_id: str | None = None
+    experiment_id: str | None = None
     uri: str = ""
 
     def log_params(self, params: dict[str, Any]) -> None:
@@ -149,8 +195,17 @@ class NullTracker:
     def metric_history(self, key: str) -> list[tuple[int, float]]:
         return []
 
-    def finish(self, status: str = "FINISHED") -> None:
-        pass
+    def flush(self, timeout_s: float) -> bool:
+        return True
+
+    def finish(
+        self,
+        status: str = "FINISHED",
+        *,
+        spool_dir: str | Path | None = None,
+        timeout_s: float | None = None,
+    ) -> Path | None:
+        return None
 
 
 class TrackingUnavailable(RuntimeError):
@@ -250,6 +305,7 @@ class MlflowTracker:
             experiment_id = experiment.experiment_id
         run = self.client.create_run(experiment_id, run_name=tracking_cfg.run_name or None)
         self.run_id = run.info.run_id
+        self.experiment_id = experiment_id
 
     def _continue(self, run_id: str) -> None:
         from mlflow.exceptions import MlflowException
@@ -266,6 +322,7 @@ class MlflowTracker:
                 "or train into a new train.output_dir"
             ) from e
         self.run_id = run_id
+        self.experiment_id = run.info.experiment_id
         for key in run.data.metrics:
             steps = [m.step for m in self.client.get_metric_history(run_id, key)]
             self._logged_through[key] = max(steps, default=-1)
@@ -284,10 +341,10 @@ class MlflowTracker:
             k: (existing[k], v) for k, v in values.items() if k in existing and existing[k] != v
         }
         if changed:
-            print(
-                f"[tracking] run {self.run_id} continues with changed params (MLflow keeps the "
-                f"first values): {changed}",
-                file=sys.stderr,
+            log.warning(
+                "run %s continues with changed params (MLflow keeps the first values): %s",
+                self.run_id,
+                changed,
             )
             self.set_tags({"resumed_with_changed_params": ",".join(sorted(changed))})
         new = {k: v for k, v in values.items() if k not in existing}
@@ -339,7 +396,7 @@ class MlflowTracker:
         except Exception as e:
             if not is_transient(e):
                 raise
-            print(f"[tracking] metric history of {key!r}: {reason(e)}", file=sys.stderr)
+            log.warning("metric history of %r: %s", key, reason(e))
         queued = [
             (r["step"], r["values"][key])
             for r in self._outbox.snapshot()
@@ -373,17 +430,13 @@ class MlflowTracker:
             return None
         directory = Path(spool_dir) if spool_dir is not None else self.spool_dir
         self.undelivered_path = write_undelivered(left, directory, self.uri, self.run_id)
-        print(
-            f"[tracking] {len(left)} records of MLflow run {self.run_id} did not reach "
-            f"{self.uri} within {timeout_s:g} s; kept in {self.undelivered_path}; deliver them "
-            f"when the store answers with: python -m pipeline.tracking upload "
-            f"{self.undelivered_path}",
-            file=sys.stderr,
+        log.warning(
+            "%d records of MLflow run %s did not reach %s within %g s; kept in %s; deliver them "
+            "when the store answers with: python -m pipeline.tracking upload %s",
+            *(len(left), self.run_id, self.uri, timeout_s, self.undelivered_path),
+            self.undelivered_path,
         )
         return self.undelivered_path
-
-
-Tracker = MlflowTracker | NullTracker
 
 
 def make_tracker(
@@ -396,6 +449,49 @@ def make_tracker(
     if not (is_main and tracking_cfg.enabled):
         return NullTracker()
     return MlflowTracker(tracking_cfg, run_id=run_id)
+
+
+@contextmanager
+def tracking_session(
+    tracking_cfg: TrackingConfig,
+    *,
+    is_main: bool,
+    run_dir: str | Path | None = None,
+    run_id: str | None = None,
+    params: dict[str, Any] | None = None,
+    tags: dict[str, str] | None = None,
+) -> Iterator[Tracker]:
+    """A run for the duration of a ``with`` block; yields its tracker.
+
+    On the main process with tracking enabled: creates the run, or continues ``run_id``;
+    logs ``params`` (nested mappings are flattened: ``{'optim': {'lr': 1}}`` -> ``optim.lr``)
+    and ``tags``; writes the run id into ``run_dir`` (pipeline.rundir) so that a later job
+    continues the run. Elsewhere the tracker does nothing. The run ends FINISHED when the
+    block ends normally, KILLED on KeyboardInterrupt or SystemExit, FAILED on any other
+    exception (which propagates).
+    """
+    from pipeline.config_loader import flatten
+
+    tracker = make_tracker(tracking_cfg, is_main=is_main, run_id=run_id)
+    status = "FAILED"
+    try:
+        if run_dir is not None and tracker.run_id:
+            from pipeline.rundir import RunDir
+
+            RunDir(run_dir).write_run_id(tracker.run_id)
+        if params:
+            tracker.log_params(flatten(params))
+        if tags:
+            tracker.set_tags(tags)
+        yield tracker
+        status = "FINISHED"
+    except (KeyboardInterrupt, SystemExit):
+        status = "KILLED"
+        raise
+    finally:
+        # Whatever the store did not take in time goes to the run directory, with the
+        # command that uploads it (pipeline.tracking_outbox).
+        tracker.finish(status, spool_dir=run_dir)
 
 
 def log_curves(tracker: Tracker, panels: dict[str, list[str]], path: str | Path) -> Path | None:

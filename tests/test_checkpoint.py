@@ -153,3 +153,42 @@ def test_restore_is_exact_and_bf16_keeps_fp32_weights(tmp_path):
     files = sorted(p.name for p in (root / "step_00000002").iterdir())
     assert "mp_rank_00_model_states.pt" in files
     assert any(f.startswith("zero_pp_rank_0") for f in files)
+
+
+def test_train_state_is_versioned_and_reads_the_previous_format(tmp_path):
+    state = checkpoint.TrainState(
+        step=12,
+        epoch=1,
+        step_in_epoch=4,
+        sampler_seed=3,
+        train_seed=0,
+        world_size=2,
+        architecture={"backbone": "resnet18", "feature_dim": 512, "embedding_dim": 16},
+        mlflow_run_id="abc",
+    )
+    entries = state.to_client_state()
+    assert entries["version"] == checkpoint.TRAIN_STATE_VERSION
+    assert checkpoint.TrainState.from_client_state(entries, "f") == state
+    # The untyped dict of the first format (version 1, the same entries) still loads.
+    legacy = {**entries, "version": 1}
+    assert checkpoint.TrainState.from_client_state(legacy, "f") == state
+    with pytest.raises(
+        checkpoint.CheckpointError,
+        match=r"^ckpt/x\.pt: train state version 99 is not one this code reads .*new train\.output_dir$",
+    ):
+        checkpoint.TrainState.from_client_state({**entries, "version": 99}, "ckpt/x.pt")
+    with pytest.raises(checkpoint.CheckpointError, match=r"lacks \['epoch'"):
+        checkpoint.TrainState.from_client_state({"version": 2, "step": 1}, "f")
+    # An architecture mismatch names both.
+    with pytest.raises(checkpoint.CheckpointError, match=r"resnet50.*config builds.*resnet18"):
+        checkpoint.check_architecture({"backbone": "resnet50"}, state.architecture, "f")
+
+
+def test_model_states_file_follows_latest(tmp_path):
+    assert checkpoint.model_states_file(tmp_path) is None
+    tag = tmp_path / checkpoint.tag_for(4)
+    tag.mkdir()
+    (tag / checkpoint.MODEL_STATES).write_bytes(b"")
+    assert checkpoint.model_states_file(tag) == tag / checkpoint.MODEL_STATES
+    checkpoint._write_latest(tmp_path, tag.name)
+    assert checkpoint.model_states_file(tmp_path) == tag / checkpoint.MODEL_STATES

@@ -59,10 +59,13 @@ def test_demo_runs_end_to_end(tmp_path):
         out, err = proc.communicate(timeout=30)
         pytest.fail(f"the demo took more than 300 s:\n{out[-2000:]}\n{err[-2000:]}")
     assert proc.returncode == 0, out[-3000:] + err[-3000:]
-    assert "writing synthetic shards" in out
+    assert "writing synthetic shards" in err  # progress is logged (stderr); the report is stdout
+    (run_dir,) = (tmp_path / "runs").glob("demo-*")
+    # Every process logs into the run directory: the demo and both training ranks.
+    assert "writing synthetic shards" in (run_dir / "logs" / "rank0.log").read_text()
+    assert "step 4/4: loss" in (run_dir / "logs" / "rank1.log").read_text()
     assert (tmp_path / "data" / "train" / "index.parquet").is_file()
 
-    (run_dir,) = (tmp_path / "runs").glob("demo-*")
     numbers = json.loads((run_dir / "demo.json").read_text())
     before, after = numbers["untrained"], numbers["trained"]
     # The printed table carries exactly these numbers.

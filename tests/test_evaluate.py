@@ -92,8 +92,11 @@ def test_cli_writes_embeddings_metrics_figure_and_mlflow_run(assets, tmp_path):
 
     client = MlflowClient(tracking_uri=uri)
     (run,) = client.search_runs(client.get_experiment_by_name("smoothap").experiment_id)
-    assert run.data.metrics["recall_at_1"] == pytest.approx(metrics["recall@1"])
-    assert run.data.metrics["map_at_r"] == pytest.approx(metrics["map@r"])
+    # The same names as training-time evaluation (pipeline.train.trainer): eval/<metric>.
+    assert run.data.metrics["eval/recall_at_1"] == pytest.approx(metrics["recall@1"])
+    assert run.data.metrics["eval/map_at_r"] == pytest.approx(metrics["map@r"])
+    assert all(k.startswith("eval/") for k in run.data.metrics)
+    assert run.info.status == "FINISHED"
     assert run.data.params["checkpoint"] == str(assets["weights"])
     files = {f.path for f in client.list_artifacts(run.info.run_id, "eval")}
     assert files == {"eval/metrics.json", "eval/retrieval_grid.png"}

@@ -245,7 +245,7 @@ def test_local_evaluate_runs_pipeline_evaluate_in_two_tasks(tmp_path):
 
 
 def test_plan_parts_is_contiguous_balanced_and_complete(tmp_path):
-    from launch.evaluation import plan_parts
+    from pipeline.eval.parts import plan_parts
 
     for i in range(7):
         (tmp_path / f"x-{i:06d}.tar").write_bytes(b"")
@@ -257,7 +257,7 @@ def test_plan_parts_is_contiguous_balanced_and_complete(tmp_path):
 
 
 def _write_part(out: Path, i: int, index: list[int], stamp: str) -> None:
-    from launch.evaluation import part_path
+    from pipeline.eval.parts import part_path
 
     path = part_path(out, i)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -267,7 +267,7 @@ def _write_part(out: Path, i: int, index: list[int], stamp: str) -> None:
 
 
 def test_merge_parts_orders_by_global_index(tmp_path):
-    from launch.evaluation import merge_parts
+    from pipeline.eval.parts import merge_parts
 
     _write_part(tmp_path, 0, [4, 0, 2], "a")
     _write_part(tmp_path, 1, [1, 5, 3], "b")
@@ -278,7 +278,7 @@ def test_merge_parts_orders_by_global_index(tmp_path):
 
 
 def test_merge_parts_refuses_missing_stale_duplicate_and_short(tmp_path):
-    from launch.evaluation import merge_parts
+    from pipeline.eval.parts import merge_parts
 
     _write_part(tmp_path, 0, [0, 1], "a")
     with pytest.raises(ValueError, match=r"1 of 2 evaluation parts are missing .*part_00001\.npz"):

@@ -264,4 +264,4 @@ def test_array_evaluation_matches_one_process(slurm_cluster, shards, tmp_path):
     run = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(merged["run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.tags["kind"] == "evaluate"
-    assert run.data.metrics["recall_at_1"] == pytest.approx(expected["recall@1"])
+    assert run.data.metrics["eval/recall_at_1"] == pytest.approx(expected["recall@1"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 
@@ -16,6 +17,8 @@ from pipeline.tracking import (
     make_tracker,
     metric_key,
     resolve_uri,
+    run_page,
+    tracking_session,
     ui_command,
 )
 
@@ -111,13 +114,14 @@ def test_a_continued_run_appends_and_logs_each_step_once(cfg, tmp_path):
     assert second.metric_history("train/loss") == [(s, float(s)) for s in range(1, 9)]
 
 
-def test_changed_params_on_resume_are_reported_and_tagged(cfg, capsys):
+def test_changed_params_on_resume_are_reported_and_tagged(cfg, caplog):
     first = make_tracker(cfg, is_main=True)
     first.log_params({"optim.lr": 1e-5})
     assert first.flush(timeout_s=30)
     second = make_tracker(cfg, is_main=True, run_id=first.run_id)
-    second.log_params({"optim.lr": 1e-4})
-    assert "changed params" in capsys.readouterr().err
+    with caplog.at_level(logging.WARNING, logger="pipeline.tracking"):
+        second.log_params({"optim.lr": 1e-4})
+    assert "changed params" in caplog.text
     assert second.flush(timeout_s=30)
     from mlflow import MlflowClient
 
@@ -145,3 +149,40 @@ def test_uri_resolution_and_names(monkeypatch, tmp_path):
     assert ui_command("sqlite:////x/mlflow.db").startswith(
         "mlflow ui --backend-store-uri sqlite:////x/mlflow.db"
     )
+
+
+def test_session_ends_the_run_finished_killed_or_failed(cfg, tmp_path):
+    from pipeline.rundir import RunDir
+
+    run_dir = tmp_path / "run"
+    params = {"optim": {"lr": 0.5}, "checkpoint": "w.safetensors"}
+    with tracking_session(
+        cfg, is_main=True, run_dir=run_dir, params=params, tags={"kind": "t"}
+    ) as tracker:
+        tracker.log_metrics({"eval/map@r": 0.25}, 0)
+    got = read_back(cfg.uri, tracker.run_id)
+    assert got["status"] == "FINISHED"
+    assert got["params"] == {"optim.lr": "0.5", "checkpoint": "w.safetensors"}
+    assert got["tags"]["kind"] == "t"
+    assert RunDir(run_dir).read_run_id() == tracker.run_id
+
+    # Continued by id, then stopped as Ctrl-C (or a requeue's SystemExit) stops it.
+    for error, status in ((KeyboardInterrupt, "KILLED"), (SystemExit, "KILLED")):
+        with pytest.raises(error), tracking_session(cfg, is_main=True, run_id=tracker.run_id):
+            raise error()
+        assert read_back(cfg.uri, tracker.run_id)["status"] == status
+    with pytest.raises(ValueError, match="boom"), tracking_session(cfg, is_main=True) as failed:
+        raise ValueError("boom")
+    assert read_back(cfg.uri, failed.run_id)["status"] == "FAILED"
+
+    # Off rank 0: a null tracker, no run, no file.
+    with tracking_session(cfg, is_main=False, run_dir=tmp_path / "other") as null:
+        assert isinstance(null, NullTracker) and null.run_id is None
+    assert not (tmp_path / "other").exists()
+
+
+def test_run_page_links_to_the_run():
+    assert run_page("http://host:5000/", "3", "abc") == "http://host:5000/#/experiments/3/runs/abc"
+    local = run_page("sqlite:////x/mlflow.db", "1", "abc")
+    assert local.startswith("mlflow ui --backend-store-uri sqlite:////x/mlflow.db")
+    assert local.endswith("http://127.0.0.1:5000/#/experiments/1/runs/abc")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,11 @@ import torch
 
 from pipeline import distributed
 from pipeline.config import DataConfig, EvalConfig, RunConfig, to_dict
-from pipeline.config_loader import eval_output_dir, flatten, load_config, split_checkpoint
+from pipeline.config_loader import load_config, split_checkpoint
 from pipeline.eval.extract import Embeddings, extract_embeddings
+from pipeline.rundir import eval_output_dir
+
+log = logging.getLogger(__name__)
 
 GRID_QUERIES = 8
 GRID_NEIGHBOURS = 5
@@ -110,6 +114,13 @@ def compute_metrics(
     return metrics, {}
 
 
+def tracked_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The MLflow names of evaluation metrics, the same for ``pipeline evaluate``, training
+    and the merge of array parts: ``eval/<metric>`` (``eval/map@r`` is stored as
+    ``eval/map_at_r``, pipeline.tracking.metric_key)."""
+    return {f"eval/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
 def evaluate_model(
     model: torch.nn.Module,
     data_cfg: DataConfig,
@@ -124,8 +135,8 @@ def evaluate_model(
     """Embed ``data_cfg.eval_urls`` with ``model`` and return the metrics (same on all ranks).
 
     All ranks participate. With ``output_dir``, rank 0 writes the embeddings, metrics.json and
-    the figure there; with ``tracker`` (pipeline.tracking), metrics and files go to MLflow at
-    ``step`` (the training loop logs its own metrics and passes neither).
+    the figure there; with ``tracker`` (pipeline.tracking), metrics (as
+    :func:`tracked_metrics`) and files go to MLflow at ``step``.
     """
     e = extract_embeddings(
         model,
@@ -139,11 +150,11 @@ def evaluate_model(
     if output_dir is not None and distributed.is_main_process():
         files = write_outputs(Path(output_dir), e, metrics, extras, data_cfg, eval_cfg)
         if tracker is not None:
-            tracker.log_metrics(metrics, step)
+            tracker.log_metrics(tracked_metrics(metrics), step)
             for f in files:
                 tracker.log_artifact(f, "eval")
     elif tracker is not None:
-        tracker.log_metrics(metrics, step)
+        tracker.log_metrics(tracked_metrics(metrics), step)
     distributed.barrier()  # all ranks participate: files exist when evaluate_model returns
     return metrics
 
@@ -226,11 +237,11 @@ def retrieval_grid(e: Embeddings, data_cfg: DataConfig, path: Path) -> Path | No
     try:
         images = _read_images(data_cfg, wanted)
     except (FileNotFoundError, ValueError, OSError) as err:
-        print(f"[evaluate] no retrieval grid: cannot read the eval images back ({err})")
+        log.warning("no retrieval grid: cannot read the eval images back (%s)", err)
         return None
     missing = wanted - images.keys()
     if missing:
-        print(f"[evaluate] no retrieval grid: {len(missing)} images not found in their shards")
+        log.warning("no retrieval grid: %d images not found in their shards", len(missing))
         return None
     return retrieval_grid_png(
         [images[int(e.index_N[q])] for q in q_rows],
@@ -257,10 +268,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pipeline.model import load_trained_model
-    from pipeline.tracking import make_tracker, ui_command
+    from pipeline.tracking import run_page, tracking_session
 
     checkpoint, overrides = split_checkpoint(args.overrides)
     cfg: RunConfig = load_config(args.config, overrides)
+    out = eval_output_dir(cfg)
+    distributed.setup_logging(out)
     distributed.init()
     try:
         # The checkpoint records its architecture; a config that names the model must agree.
@@ -268,29 +281,25 @@ def run(args: argparse.Namespace) -> int:
         model = load_trained_model(checkpoint, cfg.model if names_model else None)
         device = distributed.device()
         model.to(device)
-        out = eval_output_dir(cfg)
-        tracker = make_tracker(cfg.tracking, is_main=distributed.is_main_process())
-        tracker.log_params({**flatten(to_dict(cfg)), "checkpoint": checkpoint})
-        tracker.set_tags({"kind": "evaluate", "world_size": str(distributed.get_world_size())})
-        try:
+        is_main = distributed.is_main_process()
+        params = {**to_dict(cfg), "checkpoint": checkpoint}
+        tags = {"kind": "evaluate", "world_size": str(distributed.get_world_size())}
+        with tracking_session(cfg.tracking, is_main=is_main, params=params, tags=tags) as tracker:
+            # All ranks participate.
             metrics = evaluate_model(
                 model, cfg.data, cfg.eval, device=device, output_dir=out, tracker=tracker
             )
-        except BaseException:
-            tracker.finish("FAILED")
-            raise
-        tracker.finish()
-        if distributed.is_main_process():
+        if is_main:
+            # stdout carries the metrics table (the command's output); messages go to the log.
             width = max(len(k) for k in metrics)
             for k, v in metrics.items():
                 print(
-                    f"{k:<{width}}  {v:.4f}"
-                    if not k.startswith("num_")
-                    else f"{k:<{width}}  {v:.0f}"
+                    f"{k:<{width}}  {v:.0f}" if k.startswith("num_") else f"{k:<{width}}  {v:.4f}"
                 )
-            print(f"wrote {out}/metrics.json and embeddings.npy")
+            log.info("wrote %s/metrics.json and embeddings.npy", out)
             if tracker.run_id:
-                print(f"MLflow run {tracker.run_id}: {ui_command(tracker.uri)}")
+                page = run_page(tracker.uri, tracker.experiment_id, tracker.run_id)
+                log.info("MLflow run %s: %s", tracker.run_id, page)
     finally:
         distributed.destroy()
     return 0

@@ -11,6 +11,11 @@ their optimizer partitions; a kill at that moment would point ``latest`` at a ha
 checkpoint. Here ``latest`` is written only after the collective save has returned on every
 rank (its final barrier), with a rename, so it always names a complete checkpoint.
 
+Run state: :class:`TrainState` (step, data position, seeds, world size, architecture, MLflow
+run id) travels as DeepSpeed's client state, i.e. as top-level entries of the model states
+file, and carries a version; :func:`resume` checks the version and the architecture before
+DeepSpeed reads anything.
+
 Loading: DeepSpeed reads its files with ``torch.load(weights_only=False)``, which runs
 arbitrary pickled code. :class:`SafeTorchCheckpointEngine` replaces that with
 ``weights_only=True`` plus exactly three DeepSpeed classes that ZeRO optimizer files contain
@@ -20,9 +25,11 @@ ints; ``ZeroStageEnum``, an int enum); anything else in a file is refused.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +38,66 @@ import torch
 from pipeline import distributed
 
 LATEST = "latest"
+# The model states file of a DeepSpeed checkpoint tag (ZeRO 0-2): the module's full state
+# dict and the client state.
+MODEL_STATES = "mp_rank_00_model_states.pt"
 _TAG = re.compile(r"^step_(\d{8})$")
+
+TRAIN_STATE_VERSION = 2
+# Version 1: the same entries as an untyped dict (before TrainState); it reads unchanged.
+_READABLE_VERSIONS = (1, TRAIN_STATE_VERSION)
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be resumed from; the message names it and the fix."""
+
+
+@dataclass(frozen=True)
+class TrainState:
+    """What a checkpoint records about the run besides weights, optimizer and schedule."""
+
+    step: int
+    """Optimizer steps done."""
+    epoch: int
+    """Epoch of the next step (``step // sampler.steps_per_epoch``)."""
+    step_in_epoch: int
+    """Position in that epoch: the data stream restarts there."""
+    sampler_seed: int
+    """``sampler.seed``: with epoch, rank and world size it fixes the batches."""
+    train_seed: int
+    """``train.seed``: torch's generators are reseeded from (seed, rank, step) every step."""
+    world_size: int
+    """Ranks that trained: another count changes the data stream (reported on resume)."""
+    architecture: dict[str, Any] = field(default_factory=dict)
+    """``EmbeddingModel.architecture``: a checkpoint of another model is refused."""
+    mlflow_run_id: str = ""
+    """The MLflow run a resumed job continues ('' when tracking was off)."""
+    version: int = TRAIN_STATE_VERSION
+
+    def to_client_state(self) -> dict[str, Any]:
+        """Plain entries for DeepSpeed's ``client_state`` (weights-only loadable)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_client_state(cls, state: dict[str, Any], where: str | Path) -> TrainState:
+        """Read the entries back; an unknown version or a missing entry is a CheckpointError
+        naming ``where`` (the checkpoint file)."""
+        version = state.get("version")
+        if version not in _READABLE_VERSIONS:
+            raise CheckpointError(
+                f"{where}: train state version {version!r} is not one this code reads "
+                f"({', '.join(map(str, _READABLE_VERSIONS))}); resume it with the pipeline "
+                "version that wrote it, or train into a new train.output_dir"
+            )
+        names = [f.name for f in dataclasses.fields(cls) if f.name != "version"]
+        missing = [n for n in names if n not in state]
+        if missing:
+            raise CheckpointError(
+                f"{where}: the train state lacks {missing}; the checkpoint was not written by "
+                "`pipeline train`: train into a new train.output_dir"
+            )
+        values = {n: state[n] for n in names}
+        return cls(**values, version=TRAIN_STATE_VERSION)
 
 
 def tag_for(step: int) -> str:
@@ -91,7 +153,8 @@ def install_safe_loading(engine: Any) -> None:
 
 
 def latest_tag(root: str | Path) -> str | None:
-    """The tag ``latest`` names, or None when nothing was saved yet."""
+    """The tag ``latest`` names, or None when nothing was saved yet: the one reader of
+    ``latest``."""
     path = Path(root) / LATEST
     if not path.is_file():
         return None
@@ -139,17 +202,28 @@ def save(engine: Any, root: str | Path, step: int, client_state: dict, keep: int
     return tag
 
 
-def check_architecture(root: str | Path, tag: str, expected: dict) -> None:
-    """Refuse a checkpoint whose recorded model architecture differs from ``expected``."""
-    from pipeline.model import DS_MODEL_STATES
+def model_states_file(path: str | Path) -> Path | None:
+    """The model states file of a checkpoint tag directory, or of the tag ``latest`` names
+    in a checkpoint root; None when ``path`` is neither."""
+    path = Path(path)
+    if (path / MODEL_STATES).is_file():
+        return path / MODEL_STATES
+    tag = latest_tag(path)
+    return None if tag is None else path / tag / MODEL_STATES
 
-    file = Path(root) / tag / DS_MODEL_STATES
-    # mmap: only the small client-state entries are actually read.
+
+def read_client_state(file: str | Path) -> dict[str, Any]:
+    """The entries of a model states file other than the weights (no DeepSpeed needed)."""
+    # mmap: the module's tensors are mapped, not read; only the small entries are.
     states = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    found = states.get("architecture")
+    return {k: v for k, v in states.items() if k != "module"}
+
+
+def check_architecture(found: dict | None, expected: dict, where: str | Path) -> None:
+    """Refuse a checkpoint whose recorded model architecture differs from ``expected``."""
     if found is not None and found != expected:
         raise CheckpointError(
-            f"checkpoint {file} holds a model with {found}, but the config builds {expected}; "
+            f"checkpoint {where} holds a model with {found}, but the config builds {expected}; "
             "resume with the model settings it was trained with, or start a new "
             "train.output_dir"
         )
@@ -166,7 +240,8 @@ def load_latest(engine: Any, root: str | Path, architecture: dict | None = None)
     if tag is None:
         return None
     if architecture is not None:
-        check_architecture(root, tag, architecture)
+        file = root / tag / MODEL_STATES
+        check_architecture(read_client_state(file).get("architecture"), architecture, file)
     try:
         # All ranks participate (ZeRO partitions are read by their owners).
         path, client_state = engine.load_checkpoint(str(root), tag=tag)
@@ -179,3 +254,22 @@ def load_latest(engine: Any, root: str | Path, architecture: dict | None = None)
     if path is None:
         raise CheckpointError(f"DeepSpeed found no checkpoint in {root / tag}")
     return client_state
+
+
+def resume(engine: Any, root: str | Path, architecture: dict) -> TrainState | None:
+    """Restore ``engine`` from the latest checkpoint under ``root`` and return its
+    :class:`TrainState`, or None when there is none. The state's version and architecture are
+    checked before DeepSpeed reads anything. All ranks participate."""
+    file = model_states_file(root)
+    if file is None:
+        return None
+    state = TrainState.from_client_state(read_client_state(file), file)
+    check_architecture(state.architecture, architecture, file)
+    # All ranks participate (ZeRO partitions are read by their owners).
+    load_latest(engine, root)
+    return state
+
+
+def save_state(engine: Any, root: str | Path, state: TrainState, keep: int) -> str:
+    """:func:`save` with ``state`` as the client state. All ranks participate."""
+    return save(engine, root, state.step, state.to_client_state(), keep)

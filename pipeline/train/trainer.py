@@ -1,8 +1,14 @@
 """``pipeline train``: Smooth-AP training with DeepSpeed, one process, torchrun or srun.
 
-The same call resumes: :func:`train` restores the latest checkpoint of ``train.output_dir``
-(weights, optimizer, schedule, step and data position), continues its MLflow run and
-finishes the remaining steps; on a finished run it returns the recorded result.
+:class:`Trainer` holds a run: ``Trainer(cfg)`` builds the model, engine, loss, tracker and run
+state (resuming from the latest checkpoint of ``train.output_dir``); :meth:`Trainer.train`
+loops over :meth:`Trainer.train_step`, and three hooks each decide their own cadence: the
+:class:`MetricLogger` (``train.log_every``), the :class:`EvalHook` (``eval.every``) and the
+:class:`Checkpointer` (``train.checkpoint_every``); :meth:`Trainer.finish` evaluates once more
+and writes the weights, the result and the curves. :func:`train` is what entry points call.
+
+The same call resumes: weights, optimizer, schedule, step, data position and MLflow run come
+back from the checkpoint; on a finished run it returns the recorded result.
 
 Reproducibility: initial weights come from ``train.seed`` (DeepSpeed broadcasts rank 0's);
 the batches from (``sampler.seed``, epoch, rank, world size, step) (pipeline.data.stream);
@@ -16,12 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
-import sys
 import time
-import warnings
-from pathlib import Path
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, nullcontext
 from typing import Any
 
 import numpy as np
@@ -29,13 +35,12 @@ import torch
 
 from pipeline import distributed
 from pipeline.config import RunConfig, to_dict
-from pipeline.config_loader import eval_output_dir, flatten, load_config, save_config
+from pipeline.config_loader import load_config, save_config
+from pipeline.rundir import RunDir, eval_output_dir
 from pipeline.train import checkpoint
+from pipeline.train.checkpoint import TrainState
 
-RUN_ID_FILE = "mlflow_run.txt"
-RESULT_FILE = "result.json"
-WEIGHTS_FILE = "model.safetensors"
-CLIENT_STATE_VERSION = 1
+log = logging.getLogger(__name__)
 
 # Panels of the curves artifact: title -> metric keys.
 CURVES = {
@@ -58,9 +63,22 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     result = train(cfg)
     if distributed.is_main_process():
+        # stdout carries exactly this line (scripts parse it); messages go to the log.
         print(json.dumps({k: result[k] for k in ("step", "metrics", "weights", "run_id")}))
     distributed.destroy()
     return 0
+
+
+def train(cfg: RunConfig) -> dict[str, Any]:
+    """Train (or resume) the run ``cfg`` describes; returns its result on every rank.
+
+    Runs on every rank of the job (reads the rank environment through
+    ``pipeline.distributed.init``). The result: ``step``, ``run_id`` (MLflow, rank 0),
+    ``tracking_uri``, ``metrics`` (final evaluation), ``weights`` (fp32 ``.safetensors``),
+    ``resumed_from`` (step or None), ``output_dir``.
+    """
+    distributed.setup_logging(RunDir.of(cfg).root)
+    return Trainer(cfg).train()
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -84,279 +102,422 @@ def _check_chunking(model: torch.nn.Module, cfg: RunConfig) -> None:
     if chunk and chunk < cfg.sampler.batch_size_per_gpu and not cfg.model.freeze_bn:
         has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
         if has_bn:
-            warnings.warn(
-                f"train.chunk_size={chunk} with model.freeze_bn=false: BatchNorm normalises each "
+            log.warning(
+                "train.chunk_size=%d with model.freeze_bn=false: BatchNorm normalises each "
                 "chunk with its own statistics (and updates running statistics twice), so the "
                 "gradient cache is not exactly the full-batch gradient; set model.freeze_bn=true "
                 "for exact gradients",
-                stacklevel=2,
+                chunk,
             )
 
 
-def _read_run_id(out: Path) -> str | None:
-    path = out / RUN_ID_FILE
-    return path.read_text().strip() or None if path.is_file() else None
+def _then(fn: Callable, on_phase: Callable[[str], None], name: str) -> Callable:
+    """``fn`` followed by ``on_phase(name)`` (phase timing for benchmarks)."""
+
+    def call(*args: Any) -> Any:
+        out = fn(*args)
+        on_phase(name)
+        return out
+
+    return call
 
 
-class _Window:
-    """Timings since the last log: data wait, step time, images."""
+# ---------------------------------------------------------------------------- hooks
 
-    def __init__(self) -> None:
-        self.reset()
 
-    def reset(self) -> None:
+class MetricLogger:
+    """Training metrics: gathered every step, logged every ``train.log_every`` steps and at
+    the last one (MLflow, the progress bar, a line in the rank's log file)."""
+
+    def __init__(
+        self, tracker: Any, *, log_every: int, total_steps: int, start_step: int, show: bool
+    ) -> None:
+        from tqdm import tqdm
+
+        self.tracker, self.every, self.total = tracker, log_every, total_steps
+        self.progress = tqdm(
+            total=total_steps, initial=start_step, disable=not show, desc="train", mininterval=2.0
+        )
+        self._reset()
+
+    def _reset(self) -> None:
         self.data_s = self.total_s = 0.0
         self.steps = self.images = 0
 
-    def add(self, data_s: float, total_s: float, images: int) -> None:
-        self.data_s += data_s
-        self.total_s += total_s
+    def record(
+        self, loss: torch.Tensor, *, lr: float, grad_norm: float | None, images: int
+    ) -> None:
+        """What the step just done produced (called by :meth:`Trainer.train_step`)."""
+        self.loss, self.lr, self.grad_norm = loss, lr, grad_norm
         self.steps += 1
         self.images += images
+        self.progress.update(1)
 
-    def metrics(self) -> dict[str, float]:
+    def add_time(self, data_s: float, step_s: float) -> None:
+        self.data_s += data_s
+        self.total_s += step_s
+
+    def maybe_log(self, step: int) -> float | None:
+        """Log when due; returns the global batch's loss then. All ranks participate."""
+        if step % self.every and step != self.total:
+            return None
+        # All ranks participate: the mean of the ranks' losses is the loss of the global
+        # batch (pipeline.loss).
+        loss = float(distributed.all_reduce_sum(self.loss.float())) / distributed.get_world_size()
         total = max(self.total_s, 1e-9)
-        return {
+        metrics = {
+            "train/loss": loss,
+            "train/lr": self.lr,
             "train/images_per_s": self.images / total,
             "train/data_wait_frac": self.data_s / total,
             "train/step_time_s": total / max(self.steps, 1),
         }
-
-
-def _evaluate(
-    model: torch.nn.Module,
-    cfg: RunConfig,
-    device: torch.device,
-    *,
-    progress: bool,
-    output_dir: Path | None = None,
-) -> dict[str, float]:
-    """Retrieval metrics of ``model`` on ``data.eval_urls`` (pipeline.eval.evaluator); with
-    ``output_dir``, also the embeddings, metrics.json and figure there. All ranks participate."""
-    from pipeline.eval.evaluator import evaluate_model
-
-    was_training = model.training
-    model.eval()
-    try:
-        metrics = evaluate_model(
-            model, cfg.data, cfg.eval, device=device, output_dir=output_dir, progress=progress
+        if self.grad_norm is not None:
+            metrics["train/grad_norm"] = self.grad_norm
+        self.tracker.log_metrics(metrics, step)
+        img_s = metrics["train/images_per_s"]
+        self.progress.set_postfix(loss=f"{loss:.4f}", img_s=f"{img_s:.0f}", refresh=False)
+        log.info(
+            "step %d/%d: loss %.4f, lr %.3g, %.0f images/s, data wait %.0f%%",
+            *(step, self.total, loss, self.lr, img_s, 100 * metrics["train/data_wait_frac"]),
         )
-    finally:
-        model.train(was_training)
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-
-
-# ---------------------------------------------------------------------------- the loop
-
-
-def train(cfg: RunConfig) -> dict[str, Any]:
-    """Train (or resume) the run ``cfg`` describes; returns its result on every rank.
-
-    Runs on every rank of the job (reads the rank environment through
-    ``pipeline.distributed.init``). The result: ``step``, ``run_id`` (MLflow, rank 0),
-    ``tracking_uri``, ``metrics`` (final evaluation), ``weights`` (fp32 ``.safetensors``),
-    ``resumed_from`` (step or None), ``output_dir``.
-    """
-    from tqdm import tqdm
-
-    from pipeline.data.stream import train_loader
-    from pipeline.data.transforms import normalise_batch
-    from pipeline.loss import SmoothAPLoss
-    from pipeline.model import build_model, save_weights
-    from pipeline.tracking import log_curves, make_tracker, ui_command
-    from pipeline.train.engine import (
-        build_engine,
-        describe,
-        fp32_state_dict,
-        grad_norm,
-        reported_grad_norm,
-    )
-    from pipeline.train.gradcache import forward_backward
-    from pipeline.train.optim import build_optimizer, build_scheduler
-
-    tcfg = cfg.train
-    distributed.init()
-    _set_determinism(tcfg.deterministic)
-    rank, world = distributed.get_rank(), distributed.get_world_size()
-    is_main = rank == 0
-    say = print if is_main else (lambda *a, **k: None)  # rank-0 output, decided once
-    out = Path(tcfg.output_dir)
-    ckpt_root = out / "checkpoints"
-    spe = cfg.sampler.steps_per_epoch
-    total_steps = tcfg.epochs * spe
-    batch = cfg.sampler.batch_size_per_gpu
-
-    torch.manual_seed(tcfg.seed)
-    model = build_model(cfg.model)
-    _check_chunking(model, cfg)
-    optimizer = build_optimizer(model, cfg.optim, cfg.model.head_lr_mult)
-    scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
-    # All ranks participate (process group, weight broadcast).
-    engine = build_engine(model, optimizer, scheduler, tcfg, batch)
-    checkpoint.install_safe_loading(engine)
-    device = engine.device
-    on_gpu = torch.device(device).type == "cuda"
-
-    # All ranks participate: DeepSpeed loads every rank's partitions.
-    client = checkpoint.load_latest(engine, ckpt_root, model.architecture)
-    step = int(client["step"]) if client else 0
-    if client and int(client.get("world_size", world)) != world:
-        say(
-            f"warning: the checkpoint was written by {client['world_size']} ranks, this job has "
-            f"{world}: training continues, but the data stream differs from an uninterrupted run",
-            file=sys.stderr,
-        )
-    run_id = (client or {}).get("mlflow_run_id") or _read_run_id(out)
-    if step >= total_steps and (out / RESULT_FILE).is_file():
-        say(f"{out}: already trained ({step} steps); result in {out / RESULT_FILE}")
-        return json.loads((out / RESULT_FILE).read_text())
-
-    tracker = make_tracker(cfg.tracking, is_main=is_main, run_id=run_id)
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-        if tracker.run_id:
-            (out / RUN_ID_FILE).write_text(tracker.run_id)
-        tracker.log_params(flatten(to_dict(cfg)))
-        tracker.log_artifact(out / "config.yaml")
-    tracker.set_tags({"world_size": str(world), "engine": describe(engine)})
-    say(
-        f"training {total_steps} steps ({tcfg.epochs} epochs x {spe}), {world} ranks x {batch} "
-        f"images, {describe(engine)}"
-        + (f"; resumed at step {step} from {ckpt_root}" if client else "")
-    )
-    if tracker.run_id:
-        say(f"MLflow run {tracker.run_id}: {ui_command(tracker.uri)}")
-
-    loss_fn = SmoothAPLoss(
-        cfg.loss.temperature, cfg.loss.query_in_positives, cfg.loss.query_chunk_size
-    )
-    resumed_from = step if client else None
-    window = _Window()
-    progress = tqdm(
-        total=total_steps, initial=step, disable=not is_main, desc="train", mininterval=2.0
-    )
-    status = "FAILED"
-    try:
-        engine.train()
-        while step < total_steps:
-            epoch, start = divmod(step, spe)
-            batches = iter(
-                train_loader(
-                    cfg.data,
-                    cfg.sampler,
-                    rank=rank,
-                    world_size=world,
-                    epoch=epoch,
-                    start_step=start,
-                    # On a GPU the workers ship uint8 and the device normalises: a 4x
-                    # smaller batch through shared memory and over PCIe.
-                    normalise=not on_gpu,
-                )
+        if not math.isfinite(loss):
+            raise FloatingPointError(
+                f"loss is {loss} at step {step}: lower optim.lr, or check "
+                "train.gradient_clipping and the data"
             )
+        self._reset()
+        return loss
+
+    def close(self) -> None:
+        self.progress.close()
+
+
+class EvalHook:
+    """Retrieval metrics of the model during training: every ``eval.every`` steps (not at
+    the last, which :meth:`Trainer.finish` evaluates), logged as ``eval/<metric>``."""
+
+    def __init__(self, cfg: RunConfig, engine: Any, tracker: Any, *, total_steps: int) -> None:
+        self.cfg, self.engine, self.tracker, self.total = cfg, engine, tracker, total_steps
+
+    def maybe_evaluate(self, step: int) -> dict[str, float] | None:
+        every = self.cfg.eval.every
+        if not every or step % every or step >= self.total:
+            return None
+        metrics = self.evaluate(step)
+        log.info("step %d: %s", step, metrics)
+        return metrics
+
+    def evaluate(self, step: int, output_dir: Any = None) -> dict[str, float]:
+        """Evaluate now; with ``output_dir``, also write (and log) the evaluation files.
+        All ranks participate."""
+        from pipeline.eval.evaluator import evaluate_model
+
+        model = self.engine.module
+        was_training = model.training
+        model.eval()
+        try:
+            metrics = evaluate_model(
+                model,
+                self.cfg.data,
+                self.cfg.eval,
+                device=self.engine.device,
+                output_dir=output_dir,
+                tracker=self.tracker,
+                step=step,
+                progress=distributed.is_main_process(),
+            )
+        finally:
+            model.train(was_training)
+        return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+class Checkpointer:
+    """Collective checkpoints every ``train.checkpoint_every`` steps and at the last one."""
+
+    def __init__(
+        self,
+        engine: Any,
+        run_dir: RunDir,
+        *,
+        every: int,
+        keep: int,
+        total_steps: int,
+        state_at: Callable[[int], TrainState],
+    ) -> None:
+        self.engine, self.root, self.every, self.keep = engine, run_dir.checkpoints, every, keep
+        self.total, self.state_at = total_steps, state_at
+
+    def maybe_save(self, step: int) -> bool:
+        if step % self.every and step != self.total:
+            return False
+        # All ranks participate (collective save; 'latest' moves once all have written).
+        checkpoint.save_state(self.engine, self.root, self.state_at(step), self.keep)
+        return True
+
+
+# ---------------------------------------------------------------------------- the trainer
+
+
+class Trainer:
+    """One training run (see the module doc). Every method runs on every rank."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        from pipeline.loss import SmoothAPLoss
+
+        self.cfg = cfg
+        if not torch.distributed.is_initialized():
+            # Once per process: a second Trainer (benchmarks) reuses the group, including
+            # the one-process group DeepSpeed needs (pipeline.train.engine).
+            distributed.init()
+        _set_determinism(cfg.train.deterministic)
+        self.rank, self.world = distributed.get_rank(), distributed.get_world_size()
+        self.is_main = self.rank == 0
+        self.run_dir = RunDir.of(cfg)
+        self.steps_per_epoch = cfg.sampler.steps_per_epoch
+        self.total_steps = cfg.train.epochs * self.steps_per_epoch
+        self.batch_size = cfg.sampler.batch_size_per_gpu
+        self._build_engine()
+        self.loss_fn = SmoothAPLoss(
+            cfg.loss.temperature, cfg.loss.query_in_positives, cfg.loss.query_chunk_size
+        )
+        self._resume()
+        self.done = self.step >= self.total_steps and self.run_dir.result.is_file()
+        with ExitStack() as stack:
+            self.tracker = stack.enter_context(self._tracking_session())
+            self.metrics = MetricLogger(
+                self.tracker,
+                log_every=cfg.train.log_every,
+                total_steps=self.total_steps,
+                start_step=self.step,
+                show=self.is_main and not self.done,
+            )
+            stack.callback(self.metrics.close)
+            self.evaluator = EvalHook(cfg, self.engine, self.tracker, total_steps=self.total_steps)
+            self.checkpointer = Checkpointer(
+                self.engine,
+                self.run_dir,
+                every=cfg.train.checkpoint_every,
+                keep=cfg.train.keep_checkpoints,
+                total_steps=self.total_steps,
+                state_at=self.train_state,
+            )
+            # Closed by train() (or close()), with the status the run ended with.
+            self._session = stack.pop_all()
+
+    def _build_engine(self) -> None:
+        from pipeline.model import build_model
+        from pipeline.train.engine import build_engine
+        from pipeline.train.optim import build_optimizer, build_scheduler
+
+        cfg = self.cfg
+        torch.manual_seed(cfg.train.seed)
+        model = build_model(cfg.model)
+        _check_chunking(model, cfg)
+        optimizer = build_optimizer(model, cfg.optim, cfg.model.head_lr_mult)
+        self.scheduler = build_scheduler(optimizer, cfg.optim, self.total_steps)
+        # All ranks participate (process group, weight broadcast).
+        self.engine = build_engine(model, optimizer, self.scheduler, cfg.train, self.batch_size)
+        checkpoint.install_safe_loading(self.engine)
+        self.device = self.engine.device
+        self.on_gpu = torch.device(self.device).type == "cuda"
+        chunk = cfg.train.chunk_size
+        self.chunked = 0 < chunk < self.batch_size
+
+    def _resume(self) -> None:
+        # All ranks participate: DeepSpeed loads every rank's partitions.
+        root = self.run_dir.checkpoints
+        state = checkpoint.resume(self.engine, root, self.engine.module.architecture)
+        self.step = state.step if state else 0
+        self.resumed_from = self.step if state else None
+        self.run_id = (state.mlflow_run_id if state else "") or self.run_dir.read_run_id()
+        if state and state.world_size != self.world:
+            log.warning(
+                "the checkpoint %s was written by %d ranks, this job has %d: training "
+                "continues, but the data stream differs from an uninterrupted run",
+                *(root, state.world_size, self.world),
+            )
+
+    def _tracking_session(self) -> Any:
+        from pipeline.tracking import NullTracker, tracking_session
+        from pipeline.train.engine import describe
+
+        if self.done:  # nothing to train: no run to start or continue
+            return nullcontext(NullTracker())
+        tags = {"world_size": str(self.world), "engine": describe(self.engine)}
+        return tracking_session(
+            self.cfg.tracking,
+            is_main=self.is_main,
+            run_dir=self.run_dir.root,
+            run_id=self.run_id,
+            params=to_dict(self.cfg),
+            tags=tags,
+        )
+
+    def train_state(self, step: int) -> TrainState:
+        """What a checkpoint at ``step`` records besides weights and optimizer."""
+        return TrainState(
+            step=step,
+            epoch=step // self.steps_per_epoch,
+            step_in_epoch=step % self.steps_per_epoch,
+            sampler_seed=self.cfg.sampler.seed,
+            train_seed=self.cfg.train.seed,  # the RNG state: reseeded from (seed, rank, step)
+            world_size=self.world,
+            architecture=self.engine.module.architecture,
+            mlflow_run_id=self.tracker.run_id or self.run_id or "",
+        )
+
+    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's batches from the current step to the last, epoch by epoch."""
+        from pipeline.data.stream import train_loader
+
+        spe = self.steps_per_epoch
+        while self.step < self.total_steps:
+            epoch, start = divmod(self.step, spe)
+            loader = train_loader(
+                self.cfg.data,
+                self.cfg.sampler,
+                rank=self.rank,
+                world_size=self.world,
+                epoch=epoch,
+                start_step=start,
+                # On a GPU the workers ship uint8 and the device normalises: a 4x smaller
+                # batch through shared memory and over PCIe.
+                normalise=not self.on_gpu,
+            )
+            batches = iter(loader)
             for _ in range(start, spe):
-                t0 = time.perf_counter()
                 item = next(batches, None)
                 if item is None:
                     raise RuntimeError(
-                        f"the training stream of rank {rank} ended at step {step} of epoch "
-                        f"{epoch}, before sampler.steps_per_epoch={spe}: every rank must yield "
-                        "the same number of batches (pipeline.data.stream.train_loader)"
+                        f"the training stream of rank {self.rank} ended at step {self.step} of "
+                        f"epoch {epoch}, before sampler.steps_per_epoch={spe}: every rank must "
+                        "yield the same number of batches (pipeline.data.stream.train_loader)"
                     )
-                images, labels = item
-                t_data = time.perf_counter() - t0
-                # Per-step reseeding makes a resumed step draw the same random numbers.
-                torch.manual_seed(_step_seed(tcfg.seed, rank, step))
-                images = images.to(device, non_blocking=True)
-                if on_gpu:
-                    images = normalise_batch(images)
-                labels = labels.to(device, non_blocking=True)
-                # All ranks participate (the loss gathers; DeepSpeed reduces gradients).
-                loss = forward_backward(
-                    engine,
-                    images,
-                    labels,
-                    loss_fn,
-                    chunk_size=tcfg.chunk_size,
-                    backward=engine.backward,
-                    set_boundary=engine.set_gradient_accumulation_boundary,
-                )
-                norm_before = grad_norm(engine)
-                lr = scheduler.get_last_lr()[0]
-                engine.step()
-                step += 1
-                window.add(t_data, time.perf_counter() - t0, batch * world)
-                progress.update(1)
+                yield item
 
-                if step % tcfg.log_every == 0 or step == total_steps:
-                    # All ranks participate: the mean of the ranks' losses is the loss of
-                    # the global batch (pipeline.loss).
-                    mean_loss = float(distributed.all_reduce_sum(loss.float())) / world
-                    metrics = {"train/loss": mean_loss, "train/lr": lr, **window.metrics()}
-                    norm = reported_grad_norm(engine, norm_before)
-                    if norm is not None:
-                        metrics["train/grad_norm"] = norm
-                    tracker.log_metrics(metrics, step)
-                    progress.set_postfix(
-                        loss=f"{mean_loss:.4f}",
-                        img_s=f"{metrics['train/images_per_s']:.0f}",
-                        refresh=False,
-                    )
-                    if not math.isfinite(mean_loss):
-                        raise FloatingPointError(
-                            f"loss is {mean_loss} at step {step}: lower optim.lr, or check "
-                            "train.gradient_clipping and the data"
-                        )
-                    window.reset()
-                if cfg.eval.every and step % cfg.eval.every == 0 and step < total_steps:
-                    # All ranks participate in the evaluation.
-                    metrics = _evaluate(engine.module, cfg, device, progress=is_main)
-                    tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step)
-                    say(f"step {step}: {metrics}")
-                if step % tcfg.checkpoint_every == 0 or step == total_steps:
-                    client_state = {
-                        "version": CLIENT_STATE_VERSION,
-                        "step": step,
-                        "epoch": step // spe,
-                        "step_in_epoch": step % spe,
-                        "sampler_seed": cfg.sampler.seed,
-                        "train_seed": tcfg.seed,  # the RNG state: reseeded from (seed, rank, step)
-                        "world_size": world,
-                        "mlflow_run_id": tracker.run_id or run_id or "",
-                        "architecture": engine.module.architecture,
-                    }
-                    # All ranks participate (collective save).
-                    checkpoint.save(engine, ckpt_root, step, client_state, tcfg.keep_checkpoints)
-        progress.close()
+    def train_step(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        on_phase: Callable[[str], None] | None = None,
+    ) -> torch.Tensor:
+        """One optimizer step on this rank's batch; returns its local loss (detached).
+
+        ``on_phase(name)`` is called after 'forward' and 'loss' (not with the gradient cache,
+        whose phases interleave), 'backward' and 'optimizer'. All ranks participate.
+        """
+        from pipeline.data.transforms import normalise_batch
+        from pipeline.train.engine import grad_norm, reported_grad_norm
+        from pipeline.train.gradcache import forward_backward
+
+        engine = self.engine
+        # Per-step reseeding makes a resumed step draw the same random numbers.
+        torch.manual_seed(_step_seed(self.cfg.train.seed, self.rank, self.step))
+        images = images.to(self.device, non_blocking=True)
+        if self.on_gpu:
+            images = normalise_batch(images)
+        labels = labels.to(self.device, non_blocking=True)
+        model, loss_fn = engine, self.loss_fn
+        if on_phase is not None and not self.chunked:
+            model, loss_fn = _then(model, on_phase, "forward"), _then(loss_fn, on_phase, "loss")
+        # All ranks participate (the loss gathers; DeepSpeed reduces gradients).
+        loss = forward_backward(
+            model,
+            images,
+            labels,
+            loss_fn,
+            chunk_size=self.cfg.train.chunk_size,
+            backward=engine.backward,
+            set_boundary=engine.set_gradient_accumulation_boundary,
+        )
+        if on_phase is not None:
+            on_phase("backward")
+        norm_before = grad_norm(engine)
+        lr = self.scheduler.get_last_lr()[0]
+        engine.step()
+        if on_phase is not None:
+            on_phase("optimizer")
+        self.step += 1
+        norm = reported_grad_norm(engine, norm_before)
+        self.metrics.record(loss, lr=lr, grad_norm=norm, images=self.batch_size * self.world)
+        return loss
+
+    def train(self) -> dict[str, Any]:
+        """Train to the last step, then :meth:`finish`; returns the result on every rank."""
+        if self.done:
+            log.info(
+                "%s: already trained (%d steps); result in %s",
+                *(self.run_dir.root, self.step, self.run_dir.result),
+            )
+            return self.run_dir.read_result()
+        # Ends the MLflow run FINISHED, KILLED or FAILED with the way this block ends.
+        with self._session:
+            self._announce()
+            self.engine.train()
+            batches = self._batches()
+            while self.step < self.total_steps:
+                t0 = time.perf_counter()
+                images, labels = next(batches)
+                data_s = time.perf_counter() - t0
+                self.train_step(images, labels)
+                self.metrics.add_time(data_s, time.perf_counter() - t0)
+                self.metrics.maybe_log(self.step)
+                self.evaluator.maybe_evaluate(self.step)
+                self.checkpointer.maybe_save(self.step)
+            self.metrics.close()
+            result = self.finish()
+        # All ranks participate: nobody leaves before rank 0 has written the result.
+        distributed.barrier()
+        return result
+
+    def _announce(self) -> None:
+        from pipeline.tracking import run_page
+        from pipeline.train.engine import describe
+
+        if self.is_main:  # a file write; no collective in here
+            save_config(self.cfg, self.run_dir.config)
+        self.tracker.log_artifact(self.run_dir.config)
+        tcfg = self.cfg.train
+        resumed = self.resumed_from is not None
+        log.info(
+            "training %d steps (%d epochs x %d), %d ranks x %d images, %s%s",
+            *(self.total_steps, tcfg.epochs, self.steps_per_epoch, self.world, self.batch_size),
+            describe(self.engine),
+            f"; resumed at step {self.step} from {self.run_dir.checkpoints}" if resumed else "",
+        )
+        if self.tracker.run_id:
+            page = run_page(self.tracker.uri, self.tracker.experiment_id, self.tracker.run_id)
+            log.info("MLflow run %s: %s", self.tracker.run_id, page)
+
+    def finish(self) -> dict[str, Any]:
+        """Final evaluation (files in the eval directory), weights, result and curves;
+        returns the result. All ranks participate."""
+        from pipeline.model import save_weights
+        from pipeline.tracking import log_curves
+        from pipeline.train.engine import fp32_state_dict
 
         # All ranks participate in the final evaluation.
-        eval_dir = eval_output_dir(cfg)
-        final = _evaluate(engine.module, cfg, device, progress=is_main, output_dir=eval_dir)
-        tracker.log_metrics({f"eval/{k}": v for k, v in final.items()}, step)
-        for name in ("metrics.json", "retrieval_grid.png", "roc.png"):
-            if (eval_dir / name).is_file():
-                tracker.log_artifact(eval_dir / name, "eval")
-        say(f"final evaluation at step {step}: {final}")
-        state = fp32_state_dict(engine)
-        weights = out / WEIGHTS_FILE
+        final = self.evaluator.evaluate(self.step, output_dir=eval_output_dir(self.cfg))
+        log.info("final evaluation at step %d: %s", self.step, final)
+        state = fp32_state_dict(self.engine)
         result = {
-            "step": step,
-            "run_id": tracker.run_id or run_id,
-            "tracking_uri": tracker.uri,
+            "step": self.step,
+            "run_id": self.tracker.run_id or self.run_id,
+            "tracking_uri": self.tracker.uri,
             "metrics": final,
-            "weights": str(weights),
-            "resumed_from": resumed_from,
-            "output_dir": str(out),
+            "weights": str(self.run_dir.weights),
+            "resumed_from": self.resumed_from,
+            "output_dir": str(self.run_dir.root),
         }
-        if is_main:
-            save_weights(state, engine.module.architecture, weights)
-            tracker.log_artifact(weights)
-            log_curves(tracker, CURVES, out / "curves.png")
-            (out / RESULT_FILE).write_text(json.dumps(result, indent=1))
-        status = "FINISHED"
-    finally:
-        progress.close()
-        tracker.finish(status)
-    # All ranks participate: nobody leaves before rank 0 has written the result.
-    distributed.barrier()
-    return result
+        if self.is_main:  # files only; no collective in here
+            save_weights(state, self.engine.module.architecture, self.run_dir.weights)
+            self.tracker.log_artifact(self.run_dir.weights)
+            log_curves(self.tracker, CURVES, self.run_dir.curves)
+            self.run_dir.write_result(result)
+        return result
+
+    def close(self) -> None:
+        """End the MLflow run (FINISHED) without training, e.g. after benchmarking steps."""
+        self._session.close()

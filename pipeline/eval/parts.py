@@ -1,0 +1,191 @@
+"""Evaluation in parts: embed shard ranges separately, then merge and score (issue 6, part 2).
+
+Part i embeds a contiguous range of the eval shards (with as many ranks as its job has) and
+writes ``<eval dir>/parts/part_{i:05d}.npz`` (embeddings, labels, global sample indices and a
+fingerprint of what it was computed from). The merge loads the parts, checks that every sample
+arrived exactly once, and computes the metrics with the same code as ``pipeline evaluate``
+(:func:`pipeline.eval.evaluator.compute_metrics` and ``write_outputs``). A part already
+written from the same weights and shards is not recomputed; a part left by another evaluation
+in the same folder is never used.
+
+Sample indices are global (each sample's row in the split's ``index.parquet``, stored in the
+shard), so the parts can be merged in any order. ``launch.evaluation`` submits these as a
+Slurm array job and a dependent merge job.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import distributed
+from pipeline.config import RunConfig
+from pipeline.eval.extract import Embeddings
+from pipeline.rundir import eval_output_dir
+
+log = logging.getLogger(__name__)
+
+PARTS_DIR = "parts"
+
+
+def part_path(out: Path, part: int) -> Path:
+    return out / PARTS_DIR / f"part_{part:05d}.npz"
+
+
+def plan_parts(eval_urls: str, parts: int) -> list[list[str]]:
+    """Split the eval shards into at most ``parts`` contiguous, balanced ranges (by count)."""
+    from pipeline.data.index import expand_urls
+
+    if parts < 1:
+        raise ValueError(f"--parts {parts}: must be >= 1")
+    urls = expand_urls(eval_urls)
+    n = min(parts, len(urls))
+    return [urls[i * len(urls) // n : (i + 1) * len(urls) // n] for i in range(n)]
+
+
+def fingerprint(checkpoint: str, urls: list[str]) -> str:
+    """What a part was computed from: the weights (path, size, mtime) and its shards. A part
+    with another fingerprint (an earlier evaluation in the same folder) is never reused."""
+    st = os.stat(checkpoint)
+    return f"{checkpoint}|{st.st_size}|{st.st_mtime_ns}|" + "::".join(urls)
+
+
+def read_fingerprint(path: Path) -> str | None:
+    """The fingerprint stored in a part file, or None (absent or unreadable)."""
+    try:
+        with np.load(path) as f:
+            return str(f["fingerprint"])
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def extract_part(cfg: RunConfig, checkpoint: str, part: int, urls: list[str]) -> dict[str, Any]:
+    """Embed the shards ``urls`` with the weights ``checkpoint`` into part file ``part``
+    (rank 0 writes); a part already computed from the same inputs is kept. Joins and leaves
+    the process group itself. All ranks participate."""
+    from pipeline.eval.extract import extract_embeddings
+    from pipeline.model import load_trained_model
+
+    path = part_path(eval_output_dir(cfg), part)
+    stamp = fingerprint(checkpoint, urls)
+    if read_fingerprint(path) == stamp:  # requeued or resubmitted: this part is done
+        with np.load(path) as f:
+            return {"part": part, "rows": int(f["index"].shape[0]), "path": str(path)}
+    distributed.init()
+    try:
+        device = distributed.device()
+        model = load_trained_model(checkpoint, cfg.model).to(device)
+        # All ranks participate: each embeds its share of these shards; all get every row.
+        e = extract_embeddings(
+            model,
+            "::".join(urls),
+            cfg.data,
+            device=device,
+            batch_size=cfg.eval.batch_size,
+            progress=False,
+        )
+        if distributed.is_main_process():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp.npz")
+            np.savez(tmp, emb=e.emb_ND, labels=e.labels_N, index=e.index_N, fingerprint=stamp)
+            os.replace(tmp, path)  # a part file is complete or absent
+        distributed.barrier()  # all ranks participate
+    finally:
+        distributed.destroy()
+    log.info("part %d: %d samples from %d shards", part, len(e.index_N), len(urls))
+    return {"part": part, "rows": len(e.index_N), "path": str(path)}
+
+
+def merge_parts(
+    out: Path, parts: int, expected_rows: int | None, stamps: list[str] | None = None
+) -> Embeddings:
+    """All parts as one :class:`Embeddings` sorted by global index.
+
+    ``stamps``: the fingerprint each part must carry. Raises ValueError naming a missing or
+    stale part, a sample seen twice, or a wrong total.
+    """
+    from pipeline.eval.extract import sort_by_index
+
+    missing = [str(part_path(out, i)) for i in range(parts) if not part_path(out, i).is_file()]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} of {parts} evaluation parts are missing ({', '.join(missing[:3])}"
+            f"{', ...' if len(missing) > 3 else ''}): an array task failed; read its log in "
+            "the job folder, then resubmit (finished parts are kept)"
+        )
+    for i, stamp in enumerate(stamps or []):
+        if read_fingerprint(part_path(out, i)) != stamp:
+            raise ValueError(
+                f"{part_path(out, i)} was computed from other weights or shards than this "
+                "evaluation: delete the parts folder (or use another eval.output_dir) and resubmit"
+            )
+    embs, labels, indices = [], [], []
+    for i in range(parts):
+        with np.load(part_path(out, i)) as f:
+            embs.append(f["emb"])
+            labels.append(f["labels"])
+            indices.append(f["index"])
+    e, repeated = sort_by_index(
+        np.concatenate(embs), np.concatenate(labels), np.concatenate(indices)
+    )
+    if len(repeated):
+        raise ValueError(
+            f"sample index {int(repeated[0])} appears in two parts under {out / PARTS_DIR}: "
+            "data.eval_urls lists a shard twice, or the parts come from different runs; "
+            "delete the parts folder and resubmit"
+        )
+    if expected_rows is not None and len(e.index_N) != expected_rows:
+        raise ValueError(
+            f"the parts under {out / PARTS_DIR} hold {len(e.index_N)} samples, the eval split's "
+            f"index.parquet lists {expected_rows}: delete the parts folder and resubmit"
+        )
+    return e
+
+
+def expected_rows(eval_urls: str) -> int | None:
+    """Samples of the whole split when data.eval_urls is a split directory (else unknown)."""
+    from pipeline.data.index import read_index
+
+    if not os.path.isdir(eval_urls):
+        return None
+    try:
+        return read_index(eval_urls).num_rows
+    except FileNotFoundError:
+        return None
+
+
+def merge_and_score(cfg: RunConfig, checkpoint: str, plan: list[list[str]]) -> dict[str, Any]:
+    """Merge the parts of ``plan``, compute and write the metrics and log them to MLflow as
+    one evaluation run. Joins and leaves the process group itself. All ranks participate.
+
+    Returns ``metrics``, ``run_id`` (MLflow; None off rank 0) and ``output_dir``.
+    """
+    from pipeline.config import to_dict
+    from pipeline.eval.evaluator import compute_metrics, tracked_metrics, write_outputs
+    from pipeline.tracking import tracking_session
+
+    out = eval_output_dir(cfg)
+    stamps = [fingerprint(checkpoint, urls) for urls in plan]
+    e = merge_parts(out, len(plan), expected_rows(cfg.data.eval_urls), stamps)
+    distributed.init()
+    try:
+        is_main = distributed.is_main_process()
+        params = {**to_dict(cfg), "checkpoint": checkpoint, "parts": len(plan)}
+        tags = {"kind": "evaluate", "parts": str(len(plan))}
+        with tracking_session(cfg.tracking, is_main=is_main, params=params, tags=tags) as tracker:
+            # All ranks participate (sharded kNN when the merge job has several).
+            metrics, extras = compute_metrics(e, cfg.data, cfg.eval, device=distributed.device())
+            tracker.log_metrics(tracked_metrics(metrics), 0)
+            if is_main:  # files only; no collective in here
+                for f in write_outputs(out, e, metrics, extras, cfg.data, cfg.eval):
+                    tracker.log_artifact(f, "eval")
+            run_id = tracker.run_id
+        log.info("merged %d parts (%d samples): %s", len(plan), len(e.index_N), metrics)
+        distributed.barrier()  # all ranks participate: the files exist when any rank returns
+    finally:
+        distributed.destroy()
+    return {"metrics": metrics, "run_id": run_id, "output_dir": str(out)}

@@ -1,0 +1,139 @@
+"""``Trainer`` in this process (1 rank, no torchrun): a tiny model, tiny synthetic shards, 2
+steps; the run directory it leaves (checkpoint with its TrainState, result, weights, logs)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import distributed
+from pipeline.config_loader import load_config
+from pipeline.rundir import RunDir
+from pipeline.train import checkpoint
+
+STEPS = 2
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    from pipeline.cli import main
+
+    out = tmp_path_factory.mktemp("shards")
+    args = "make-shards synthetic --classes 8 --test-classes 4 --images-per-class 8"
+    args += " --image-size 32 --samples-per-shard 64 --workers 1 --no-progress --out"
+    assert main([*args.split(), str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def single_process():
+    """One process for the module (DeepSpeed keeps its group until the process ends, so the
+    group is made once); afterwards, no process group and the default logging again."""
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_STEP_ID")
+    saved = {k: os.environ.pop(k) for k in names if k in os.environ}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    distributed.destroy()  # the one-process group DeepSpeed needs (pipeline.train.engine)
+    os.environ.pop("LOCAL_RANK", None)  # set for DeepSpeed by pipeline.train.engine
+    os.environ.update(saved)
+    torch.set_num_threads(threads)
+    root = logging.getLogger(distributed.LOGGER)
+    for h in list(root.handlers):
+        root.removeHandler(h)
+        h.close()
+    root.propagate = True
+
+
+def _config(shards: Path, out: Path, *extra: str):
+    return load_config(
+        None,
+        [
+            f"data.train=[{{name: synthetic, urls: {shards / 'train'}}}]",
+            f"data.eval_urls={shards / 'test'}",
+            "data.image_size=32",
+            "data.resize_size=32",
+            "data.num_workers=0",
+            "sampler.classes_per_batch=4",
+            "sampler.samples_per_class=4",
+            f"sampler.steps_per_epoch={STEPS}",
+            "sampler.shuffle_buffer_groups=4",
+            "model.backbone=test_byobnet",
+            "model.embedding_dim=16",
+            "model.freeze_bn=true",
+            f"train.output_dir={out}",
+            "train.epochs=1",
+            "train.checkpoint_every=1",
+            "train.keep_checkpoints=1",
+            "train.log_every=1",
+            "eval.ks=[1,4]",
+            "eval.batch_size=64",
+            *extra,
+        ],
+    )
+
+
+def test_trainer_trains_checkpoints_and_records_the_run(shards, tmp_path, single_process):
+    from pipeline.train.trainer import Trainer, train
+
+    out = tmp_path / "run"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = _config(shards, out, f"tracking.uri={uri}")
+    result = train(cfg)
+    run = RunDir(out)
+
+    assert result["step"] == STEPS and result["resumed_from"] is None
+    assert run.read_result() == result
+    assert run.weights.is_file() and run.config.is_file() and run.curves.is_file()
+    assert run.read_run_id() == result["run_id"]
+    assert set(result["metrics"]) >= {"recall@1", "recall@4", "map@r"}
+    assert (run.eval / "metrics.json").is_file()
+
+    # The last checkpoint is the final step, and its client state is a TrainState.
+    assert checkpoint.latest_tag(run.checkpoints) == checkpoint.tag_for(STEPS)
+    file = checkpoint.model_states_file(run.checkpoints)
+    state = checkpoint.TrainState.from_client_state(checkpoint.read_client_state(file), file)
+    assert (state.step, state.epoch, state.step_in_epoch) == (STEPS, 1, 0)
+    assert state.world_size == 1 and state.mlflow_run_id == result["run_id"]
+    assert state.architecture == {
+        "backbone": "test_byobnet",
+        "feature_dim": 256,
+        "embedding_dim": 16,
+    }
+
+    # Every step logged, with a finite loss: to MLflow and to this rank's log file.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    losses = sorted(
+        (m.step, m.value) for m in client.get_metric_history(result["run_id"], "train/loss")
+    )
+    assert [s for s, _ in losses] == [1, 2] and all(math.isfinite(v) for _, v in losses)
+    assert client.get_run(result["run_id"]).info.status == "FINISHED"
+    log = run.log_file(0).read_text()
+    for step in range(1, STEPS + 1):
+        assert f"step {step}/{STEPS}: loss " in log
+    assert "final evaluation at step 2" in log
+
+    # The same run again: nothing to train, the recorded result.
+    again = Trainer(cfg)
+    assert again.done and again.step == STEPS
+    assert again.train() == result
+
+
+def test_train_step_returns_the_local_loss(shards, tmp_path, single_process):
+    from pipeline.train.trainer import Trainer
+
+    trainer = Trainer(_config(shards, tmp_path / "run", "tracking.enabled=false"))
+    images, labels = next(trainer._batches())
+    phases = []
+    loss = trainer.train_step(images, labels, on_phase=phases.append)
+    trainer.close()
+    assert loss.ndim == 0 and torch.isfinite(loss) and 0 <= float(loss) <= 1
+    assert trainer.step == 1 and phases == ["forward", "loss", "backward", "optimizer"]
+    assert not (tmp_path / "run" / "checkpoints").exists()  # a checkpoint is the loop's hook
