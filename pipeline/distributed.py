@@ -27,16 +27,20 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import pickle
 import re
 import socket
 import subprocess
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 SLURM_VARS = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NODEID")
@@ -380,6 +384,59 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
             n = b.numel()
             b.data.copy_(flat[offset : offset + n].view_as(b))
             offset += n
+
+
+def on_main(fn: Callable[[], T]) -> T:
+    """Run ``fn()`` on rank 0 only and give its result, or its exception, to every rank.
+
+    All ranks participate (one broadcast), so a failure on rank 0 cannot leave the others
+    waiting in a later collective. Every rank raises rank 0's exception itself (same class
+    and message, so a user error is one line everywhere); an exception that cannot be sent
+    becomes a RuntimeError naming it. The result must be picklable.
+    """
+    if not is_distributed():
+        return fn()
+    box: list[Any] = [None]
+    error: BaseException | None = None
+    if get_rank() == 0:
+        try:
+            box[0] = ("ok", fn())
+        except Exception as e:  # re-raised on every rank below
+            error = e
+            try:
+                pickle.loads(pickle.dumps(e))
+                box[0] = ("error", e)
+            except Exception:
+                box[0] = ("error", RuntimeError(f"rank 0 failed: {type(e).__name__}: {e}"))
+    dist.broadcast_object_list(box, src=0)
+    status, value = box[0]
+    if status == "error":
+        if error is not None:
+            raise error
+        raise value
+    return value
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any (all ranks participate)."""
+    if not is_distributed():
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def rank_hosts() -> dict[str, list[int]]:
+    """Host name -> the ranks on it, the same on every rank (all ranks participate)."""
+    host = socket.gethostname()
+    if not is_distributed():
+        return {host: [0]}
+    names: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(names, host)
+    table: dict[str, list[int]] = {}
+    for rank, name in enumerate(names):
+        table.setdefault(name, []).append(rank)
+    return table
 
 
 # ---------------------------------------------------------------------------- logging

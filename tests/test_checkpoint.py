@@ -110,7 +110,9 @@ def _restore_worker(rank: int, world_size: int, root: str) -> None:
     want_lr = engine.get_lr()
 
     fresh = _engine(zero=2, precision="fp32")
-    client = checkpoint.load_latest(fresh, root, arch)
+    # The save's last act: a manifest that verifies.
+    assert checkpoint.manifest.verify(f"{root}/step_00000002") is None
+    client = checkpoint.load_tag(fresh, root, checkpoint.latest_tag(root))
     assert client["step"] == 2 and client["note"] == "x"
     _step(fresh, 3)
     got = _params(fresh)
@@ -119,8 +121,10 @@ def _restore_worker(rank: int, world_size: int, root: str) -> None:
     assert fresh.get_lr() == want_lr
 
     other = _engine(zero=2, precision="fp32", embedding_dim=16)
+    file = checkpoint.model_states_file(root)
+    found = checkpoint.read_client_state(file)["architecture"]
     try:
-        checkpoint.load_latest(other, root, other.module.architecture)
+        checkpoint.check_architecture(found, other.module.architecture, file)
     except checkpoint.CheckpointError as e:
         assert "embedding_dim" in str(e) and "new train.output_dir" in str(e)
     else:
@@ -141,7 +145,9 @@ def _restore_worker(rank: int, world_size: int, root: str) -> None:
     assert all(v.dtype == torch.float32 for v in state.values())
     assert all(torch.equal(state[k], module[k].float()) for k in module)
     checkpoint.save(engine, root + "_bf16", 3, {"step": 3}, keep=1)
-    assert checkpoint.load_latest(_engine(zero=1, precision="bf16"), root + "_bf16")["step"] == 3
+    bf16_root = root + "_bf16"
+    client = checkpoint.load_tag(_engine(zero=1, precision="bf16"), bf16_root, "step_00000003")
+    assert client["step"] == 3
 
 
 @pytest.mark.slow
@@ -192,3 +198,69 @@ def test_model_states_file_follows_latest(tmp_path):
     assert checkpoint.model_states_file(tag) == tag / checkpoint.MODEL_STATES
     checkpoint._write_latest(tmp_path, tag.name)
     assert checkpoint.model_states_file(tmp_path) == tag / checkpoint.MODEL_STATES
+
+
+def _fake_checkpoint(root, step: int, complete: bool = True):
+    from pipeline.train import manifest
+
+    folder = root / checkpoint.tag_for(step)
+    folder.mkdir(parents=True)
+    (folder / checkpoint.MODEL_STATES).write_bytes(b"m" * 100)
+    (folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"o" * 300)
+    if complete:
+        manifest.write(folder, {"step": step})
+    return folder
+
+
+def test_resume_falls_back_to_the_newest_complete_checkpoint(tmp_path, caplog):
+    assert checkpoint.resumable_tag(tmp_path) is None
+    _fake_checkpoint(tmp_path, 4)
+    _fake_checkpoint(tmp_path, 8)
+    checkpoint._write_latest(tmp_path, "step_00000008")
+    assert checkpoint.resumable_tag(tmp_path) == "step_00000008"
+    # 'latest' names a truncated checkpoint: the intact previous one is used, with a warning
+    # that names the damaged file.
+    optim = tmp_path / "step_00000008" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    optim.write_bytes(b"o" * 120)
+    with caplog.at_level("WARNING", logger="pipeline.train.checkpoint"):
+        assert checkpoint.resumable_tag(tmp_path) == "step_00000004"
+    assert "step_00000008 (zero_pp_rank_0_mp_rank_00_optim_states.pt has 120 bytes" in caplog.text
+    # A newer folder without a manifest (its save never finished) is never used either.
+    _fake_checkpoint(tmp_path, 12, complete=False)
+    assert checkpoint.resumable_tag(tmp_path) == "step_00000004"
+    (tmp_path / "step_00000004" / checkpoint.MODEL_STATES).write_bytes(b"x" * 100)
+    with pytest.raises(
+        checkpoint.CheckpointError, match=r"^no complete checkpoint under .*SHA-256"
+    ):
+        checkpoint.resumable_tag(tmp_path)
+
+
+def _disk_full_worker(rank: int, world_size: int, root: str) -> None:
+    torch.set_num_threads(1)
+    engine = _engine(zero=0, precision="fp32")
+    _step(engine, 1)
+    try:
+        checkpoint.save(engine, root, 1, {"step": 1}, keep=2)
+    except checkpoint.CheckpointError as e:
+        message = str(e)
+    else:
+        raise AssertionError("a checkpoint larger than the disk was 'saved'")
+    assert message.startswith(
+        f"checkpoint step_00000001 cannot be written under {root}: the disk is full"
+    )
+    assert "no earlier checkpoint exists" in message
+    assert not (__import__("pathlib").Path(root) / "latest").exists()
+
+
+def test_a_full_disk_is_reported_as_such(tmp_path):
+    """A real, tiny tmpfs (root may mount one): the save is refused before DeepSpeed writes."""
+    import subprocess
+
+    root = tmp_path / "small"
+    root.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(root)]).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        run_distributed(_disk_full_worker, 1, str(root / "ckpt"))
+    finally:
+        subprocess.run(["umount", str(root)], check=True)

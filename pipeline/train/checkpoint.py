@@ -11,6 +11,15 @@ their optimizer partitions; a kill at that moment would point ``latest`` at a ha
 checkpoint. Here ``latest`` is written only after the collective save has returned on every
 rank (its final barrier), with a rename, so it always names a complete checkpoint.
 
+Completeness: the last act of a save is ``manifest.json`` in the tag's folder (every file,
+its size and SHA-256; pipeline.train.manifest), written before ``latest`` moves. A resume uses
+the newest checkpoint whose manifest verifies, ``latest``'s when it is intact, and names every
+damaged or unfinished one it passes over. Before a save, rank 0 compares the free space with
+the size of the previous checkpoint; a full disk is reported as such, naming the folder and
+the space needed, and ``latest`` keeps naming the previous checkpoint.
+
+World size: a checkpoint resumes on another number of ranks (pipeline.train.elastic).
+
 Run state: :class:`TrainState` (step, data position, seeds, world size, architecture, MLflow
 run id) travels as DeepSpeed's client state, i.e. as top-level entries of the model states
 file, and carries a version; :func:`resume` checks the version and the architecture before
@@ -26,6 +35,8 @@ ints; ``ZeroStageEnum``, an int enum); anything else in a file is refused.
 from __future__ import annotations
 
 import dataclasses
+import errno
+import logging
 import os
 import re
 import shutil
@@ -36,6 +47,9 @@ from typing import Any
 import torch
 
 from pipeline import distributed
+from pipeline.train import manifest
+
+log = logging.getLogger(__name__)
 
 LATEST = "latest"
 # The model states file of a DeepSpeed checkpoint tag (ZeRO 0-2): the module's full state
@@ -187,19 +201,123 @@ def prune(root: str | Path, keep: int) -> list[str]:
     return doomed
 
 
+def _bytes_needed(engine: Any, root: Path) -> int:
+    """What the next save will write: the size of the newest complete checkpoint, else an
+    estimate from the weights (model states plus two optimizer moments per parameter)."""
+    for tag in _tags_newest_first(root):
+        size = manifest.total_bytes(root / tag)
+        if size:
+            return size
+    n = sum(p.numel() for p in engine.module.parameters())
+    return 4 * n * 4  # fp32 weights, fp32 masters, two fp32 Adam moments
+
+
+def _check_space(engine: Any, root: Path, tag: str) -> None:
+    """Refuse a save that the disk cannot hold, before anything is written (rank 0 looks;
+    all ranks learn the answer: a rank failing alone inside DeepSpeed's save would leave the
+    others waiting in its barrier)."""
+
+    def look() -> str:
+        root.mkdir(parents=True, exist_ok=True)
+        need, free = _bytes_needed(engine, root), shutil.disk_usage(root).free
+        if free < need * 1.05:
+            return _disk_full_message(root, tag, need, free)
+        return ""
+
+    # All ranks participate (one broadcast).
+    message = distributed.on_main(look)
+    if message:
+        raise CheckpointError(message)
+
+
+def _disk_full_message(root: Path, tag: str, need: int, free: int) -> str:
+    latest = latest_tag(root) if (root / LATEST).is_file() else None
+    kept = f"'latest' still names {latest}" if latest else "no earlier checkpoint exists"
+    return (
+        f"checkpoint {tag} cannot be written under {root}: the disk is full (free "
+        f"{free / 2**20:.0f} MiB, this checkpoint needs about {need / 2**20:.0f} MiB); free "
+        f"space there (or lower train.keep_checkpoints), or train into a train.output_dir on "
+        f"another disk; {kept}, from which the run resumes"
+    )
+
+
 def save(engine: Any, root: str | Path, step: int, client_state: dict, keep: int) -> str:
-    """Save a checkpoint of ``engine`` at ``step``. All ranks participate."""
+    """Save a checkpoint of ``engine`` at ``step`` (manifest last, then ``latest``). All ranks
+    participate."""
     root = Path(root)
     tag = tag_for(step)
-    # All ranks participate: DeepSpeed's save is collective and ends with a barrier, so
-    # after it every rank's files are on disk.
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    # All ranks participate.
+    _check_space(engine, root, tag)
+    try:
+        # All ranks participate: DeepSpeed's save is collective and ends with a barrier, so
+        # after it every rank's files are on disk.
+        engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    except (OSError, RuntimeError) as e:
+        # torch's zip writer reports ENOSPC as "unexpected pos ..." or "file write failed".
+        text = str(e)
+        full = getattr(e, "errno", None) == errno.ENOSPC or any(
+            m in text for m in ("unexpected pos", "file write failed", "No space left")
+        )
+        if full and shutil.disk_usage(root).free < _bytes_needed(engine, root):
+            need = _bytes_needed(engine, root)
+            raise CheckpointError(
+                _disk_full_message(root, tag, need, shutil.disk_usage(root).free)
+            ) from e
+        raise
     if distributed.is_main_process():
+        # The manifest is the save's last act: a folder without one was never finished.
+        manifest.write(root / tag, {"step": step})
         _write_latest(root, tag)
         prune(root, keep)
     # All ranks participate: nobody resumes or saves again before 'latest' is in place.
     distributed.barrier()
     return tag
+
+
+def _tags_newest_first(root: Path) -> list[str]:
+    if not root.is_dir():
+        return []
+    return sorted(
+        (p.name for p in root.iterdir() if p.is_dir() and _TAG.match(p.name)), reverse=True
+    )
+
+
+def resumable_tag(root: str | Path) -> str | None:
+    """The checkpoint to resume from: ``latest``'s tag when its manifest verifies (sizes and
+    SHA-256), else the newest older tag that does, with a warning naming each damaged or
+    unfinished one passed over; None when nothing was saved. Reads every byte of the chosen
+    checkpoint once: call it on one rank (the trainer's rank 0)."""
+    root = Path(root)
+    try:
+        latest = latest_tag(root)
+    except CheckpointError as e:
+        log.warning("%s", e)
+        latest = None
+    candidates = _tags_newest_first(root)
+    if latest is None and not candidates:
+        return None
+    if latest in candidates:  # latest first, then the others newest first
+        candidates.remove(latest)
+        candidates.insert(0, latest)
+    damaged = []
+    for tag in candidates:
+        problem = manifest.verify(root / tag)
+        if problem is None:
+            if damaged:
+                log.warning(
+                    "resuming from %s: passed over %s",
+                    root / tag,
+                    "; ".join(f"{root / t} ({why})" for t, why in damaged),
+                )
+            return tag
+        damaged.append((tag, problem))
+    if not damaged:
+        return None
+    raise CheckpointError(
+        f"no complete checkpoint under {root}: "
+        + "; ".join(f"{t}: {why}" for t, why in damaged)
+        + "; restore one from a copy, or move the folder away to train from scratch"
+    )
 
 
 def model_states_file(path: str | Path) -> Path | None:
@@ -229,44 +347,42 @@ def check_architecture(found: dict | None, expected: dict, where: str | Path) ->
         )
 
 
-def load_latest(engine: Any, root: str | Path, architecture: dict | None = None) -> dict | None:
-    """Restore ``engine`` (weights, optimizer, scheduler) from the latest checkpoint under
-    ``root`` and return its client state, or None when there is none. All ranks participate.
+def load_tag(engine: Any, root: str | Path, tag: str) -> dict:
+    """Restore ``engine`` (weights, optimizer, scheduler) from ``root/tag``, written by any
+    number of ranks (pipeline.train.elastic), and return its client state. All ranks
+    participate."""
+    from pipeline.train import elastic
 
-    ``architecture``: what the checkpoint's recorded model must be (else CheckpointError).
-    """
     root = Path(root)
-    tag = latest_tag(root)
-    if tag is None:
-        return None
-    if architecture is not None:
-        file = root / tag / MODEL_STATES
-        check_architecture(read_client_state(file).get("architecture"), architecture, file)
     try:
         # All ranks participate (ZeRO partitions are read by their owners).
-        path, client_state = engine.load_checkpoint(str(root), tag=tag)
+        return elastic.load(engine, root, tag)
+    except elastic.ElasticResumeError as e:
+        raise CheckpointError(str(e)) from e
     except Exception as e:
         raise CheckpointError(
             f"cannot resume from {root / tag}: {type(e).__name__}: {e}. A checkpoint resumes "
-            "with the same model, ZeRO stage and (for ZeRO 1/2) the same number of ranks; "
-            "start a new train.output_dir to train from scratch"
+            "with the same model and ZeRO stage; start a new train.output_dir to train from "
+            "scratch"
         ) from e
-    if path is None:
-        raise CheckpointError(f"DeepSpeed found no checkpoint in {root / tag}")
-    return client_state
 
 
-def resume(engine: Any, root: str | Path, architecture: dict) -> TrainState | None:
-    """Restore ``engine`` from the latest checkpoint under ``root`` and return its
-    :class:`TrainState`, or None when there is none. The state's version and architecture are
-    checked before DeepSpeed reads anything. All ranks participate."""
-    file = model_states_file(root)
-    if file is None:
+def resume(
+    engine: Any, root: str | Path, architecture: dict, tag: str | None = None
+) -> TrainState | None:
+    """Restore ``engine`` from checkpoint ``tag`` under ``root`` (default: the tag ``latest``
+    names) and return its :class:`TrainState`, or None when there is none. The state's
+    version and architecture are checked before DeepSpeed reads anything. All ranks
+    participate."""
+    root = Path(root)
+    tag = tag or latest_tag(root)
+    if tag is None:
         return None
+    file = root / tag / MODEL_STATES
     state = TrainState.from_client_state(read_client_state(file), file)
     check_architecture(state.architecture, architecture, file)
-    # All ranks participate (ZeRO partitions are read by their owners).
-    load_latest(engine, root)
+    # All ranks participate.
+    load_tag(engine, root, tag)
     return state
 
 

@@ -28,6 +28,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, nullcontext
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -39,6 +40,7 @@ from pipeline.config_loader import load_config, save_config
 from pipeline.rundir import RunDir, eval_output_dir
 from pipeline.train import checkpoint
 from pipeline.train.checkpoint import TrainState
+from pipeline.train.guard import RunLock, StopRequest, exit_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -268,12 +270,22 @@ class Trainer:
         self.cfg = cfg
         if not torch.distributed.is_initialized():
             # Once per process: a second Trainer (benchmarks) reuses the group, including
-            # the one-process group DeepSpeed needs (pipeline.train.engine).
-            distributed.init()
+            # the one-process group DeepSpeed needs (pipeline.train.engine). The timeout
+            # bounds every collective: a lost host ends the job instead of hanging it.
+            distributed.init(timeout_s=cfg.train.collective_timeout_s)
         _set_determinism(cfg.train.deterministic)
         self.rank, self.world = distributed.get_rank(), distributed.get_world_size()
         self.is_main = self.rank == 0
+        if self.world > 1:
+            exit_with_parent()  # torchrun starts ranks in their own sessions (issue 10)
         self.run_dir = RunDir.of(cfg)
+        self._lock: RunLock | None = None
+        # All ranks participate: rank 0 checks what the config, the shards, the checkpoints
+        # and the tracking store can reveal in seconds, before DeepSpeed starts.
+        plan = distributed.on_main(self._plan)
+        self._adapt_to_world_size(plan)
+        cfg = self.cfg
+        self.hosts = distributed.rank_hosts()  # named when a rank or host is lost
         self.steps_per_epoch = cfg.sampler.steps_per_epoch
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
         self.batch_size = cfg.sampler.batch_size_per_gpu
@@ -281,7 +293,7 @@ class Trainer:
         self.loss_fn = SmoothAPLoss(
             cfg.loss.temperature, cfg.loss.query_in_positives, cfg.loss.query_chunk_size
         )
-        self._resume()
+        self._resume(plan["tag"])
         self.done = self.step >= self.total_steps and self.run_dir.result.is_file()
         with ExitStack() as stack:
             self.tracker = stack.enter_context(self._tracking_session())
@@ -305,6 +317,56 @@ class Trainer:
             # Closed by train() (or close()), with the status the run ended with.
             self._session = stack.pop_all()
 
+    def _plan(self) -> dict[str, Any]:
+        """Rank 0, before the engine: take the run directory's lock, choose the checkpoint
+        to resume from (the newest complete one), work out P per rank for a resume on another
+        world size, run the preflight checks of the config and shards, and check the
+        tracking store. Returns what every rank needs (see ``distributed.on_main``)."""
+        from pipeline.preflight import preflight
+        from pipeline.tracking import MlflowTracker
+        from pipeline.train import elastic
+
+        cfg, root = self.cfg, self.run_dir.checkpoints
+        self._lock = RunLock(self.run_dir.root).acquire()
+        try:
+            tag = checkpoint.resumable_tag(root)
+            per_rank = cfg.sampler.classes_per_batch
+            global_batch = None
+            if tag is not None:
+                layout = elastic.saved_layout(root / tag)
+                global_batch = layout.world_size * layout.batch_size_per_gpu
+                if layout.world_size != self.world:
+                    k = cfg.sampler.samples_per_class
+                    per_rank = elastic.classes_per_batch_for(
+                        layout.world_size, layout.classes_per_batch(k), self.world
+                    )
+            planned = replace(cfg, sampler=replace(cfg.sampler, classes_per_batch=per_rank))
+            if not self.run_dir.result.is_file():  # a finished run needs no data
+                report = preflight(planned, self.world, global_batch=global_batch)
+                log.info("preflight passed in %.2f s", report.seconds)
+            if cfg.tracking.enabled:
+                MlflowTracker.check(cfg.tracking)
+            if cfg.tracking.register_model:
+                import pipeline.export  # noqa: F401  (needs the export extra: fail now)
+        except BaseException:
+            self._lock.release()
+            raise
+        return {"tag": tag, "classes_per_batch": per_rank}
+
+    def _adapt_to_world_size(self, plan: dict[str, Any]) -> None:
+        """Resuming on another number of ranks keeps the global batch: P per rank changes
+        (pipeline.train.elastic); the rest of the interrupted epoch is drawn in another order."""
+        per_rank = plan["classes_per_batch"]
+        if per_rank != self.cfg.sampler.classes_per_batch:
+            log.warning(
+                "resuming %s on %d ranks: sampler.classes_per_batch %d -> %d keeps the "
+                "checkpoint's global batch; the rest of the interrupted epoch is drawn in "
+                "another order than on the old number of ranks",
+                *(plan["tag"], self.world, self.cfg.sampler.classes_per_batch, per_rank),
+            )
+            sampler = replace(self.cfg.sampler, classes_per_batch=per_rank)
+            self.cfg = replace(self.cfg, sampler=sampler)
+
     def _build_engine(self) -> None:
         from pipeline.model import build_model
         from pipeline.train.engine import build_engine
@@ -314,6 +376,22 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg.model)
         _check_chunking(model, cfg)
+        # One model on every rank (issue 10): trainable BatchNorm either normalises over the
+        # global batch (SyncBatchNorm, CUDA) or keeps rank 0's running statistics, broadcast
+        # after every step (as torch's DDP does by default).
+        trainable_bn = not cfg.model.freeze_bn and any(
+            isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()
+        )
+        if cfg.model.sync_bn and self.world > 1:
+            if not torch.cuda.is_available():
+                from pipeline.config import ConfigError
+
+                raise ConfigError(
+                    "model.sync_bn=true: SyncBatchNorm runs on CUDA devices only; on CPU set "
+                    "model.sync_bn=false (rank 0's statistics are then broadcast every step)"
+                )
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.sync_buffers = trainable_bn and not (cfg.model.sync_bn and self.world > 1)
         optimizer = build_optimizer(model, cfg.optim, cfg.model.head_lr_mult)
         self.scheduler = build_scheduler(optimizer, cfg.optim, self.total_steps)
         # All ranks participate (process group, weight broadcast).
@@ -324,19 +402,16 @@ class Trainer:
         chunk = cfg.train.chunk_size
         self.chunked = 0 < chunk < self.batch_size
 
-    def _resume(self) -> None:
+    def _resume(self, tag: str | None) -> None:
         # All ranks participate: DeepSpeed loads every rank's partitions.
         root = self.run_dir.checkpoints
-        state = checkpoint.resume(self.engine, root, self.engine.module.architecture)
+        state = checkpoint.resume(self.engine, root, self.engine.module.architecture, tag)
+        if self.sync_buffers:
+            # All ranks participate: a checkpoint holds rank 0's statistics only.
+            distributed.broadcast_buffers(self.engine.module)
         self.step = state.step if state else 0
         self.resumed_from = self.step if state else None
         self.run_id = (state.mlflow_run_id if state else "") or self.run_dir.read_run_id()
-        if state and state.world_size != self.world:
-            log.warning(
-                "the checkpoint %s was written by %d ranks, this job has %d: training "
-                "continues, but the data stream differs from an uninterrupted run",
-                *(root, state.world_size, self.world),
-            )
 
     def _tracking_session(self) -> Any:
         from pipeline.tracking import NullTracker, tracking_session
@@ -437,6 +512,9 @@ class Trainer:
         norm_before = grad_norm(engine)
         lr = self.scheduler.get_last_lr()[0]
         engine.step()
+        if self.sync_buffers:
+            # All ranks participate: every rank continues with rank 0's BatchNorm statistics.
+            distributed.broadcast_buffers(engine.module)
         if on_phase is not None:
             on_phase("optimizer")
         self.step += 1
@@ -451,26 +529,105 @@ class Trainer:
                 "%s: already trained (%d steps); result in %s",
                 *(self.run_dir.root, self.step, self.run_dir.result),
             )
+            self._release_lock()
             return self.run_dir.read_result()
-        # Ends the MLflow run FINISHED, KILLED or FAILED with the way this block ends.
-        with self._session:
-            self._announce()
-            self.engine.train()
-            batches = self._batches()
+        try:
+            # Ends the MLflow run FINISHED, KILLED or FAILED with the way this block ends.
+            with self._session, self._host_metrics():
+                self._announce()
+                self._loop()
+                self.metrics.close()
+                result = self.finish()
+            # All ranks participate: nobody leaves before rank 0 has written the result.
+            distributed.barrier()
+        finally:
+            self._release_lock()
+        return result
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _loop(self) -> None:
+        """Steps to the last one; a SIGTERM/SIGUSR1 on any rank ends it after a checkpoint
+        (pipeline.train.guard), a lost rank with an error naming the hosts."""
+        self.engine.train()
+        batches = self._batches()
+        with StopRequest(grace_s=self.cfg.train.stop_grace_s) as stop:
             while self.step < self.total_steps:
                 t0 = time.perf_counter()
                 images, labels = next(batches)
                 data_s = time.perf_counter() - t0
-                self.train_step(images, labels)
-                self.metrics.add_time(data_s, time.perf_counter() - t0)
-                self.metrics.maybe_log(self.step)
-                self.evaluator.maybe_evaluate(self.step)
-                self.checkpointer.maybe_save(self.step)
-            self.metrics.close()
-            result = self.finish()
-        # All ranks participate: nobody leaves before rank 0 has written the result.
-        distributed.barrier()
-        return result
+                try:
+                    self.train_step(images, labels)
+                    self.metrics.add_time(data_s, time.perf_counter() - t0)
+                    self.metrics.maybe_log(self.step)
+                    self.evaluator.maybe_evaluate(self.step)
+                    saved = self.checkpointer.maybe_save(self.step)
+                    # All ranks participate: the ranks receive a signal at different moments.
+                    stopping = distributed.any_rank(stop.requested)
+                except torch.distributed.DistError as e:
+                    raise self._lost_rank(e) from e
+                if stopping:
+                    self._stop(stop, saved)
+
+    def _stop(self, stop: StopRequest, saved: bool) -> None:
+        if not saved:
+            # All ranks participate (collective save).
+            checkpoint.save_state(
+                self.engine,
+                self.run_dir.checkpoints,
+                self.train_state(self.step),
+                self.cfg.train.keep_checkpoints,
+            )
+        log.warning(
+            "stopping at step %d on %s: checkpoint written; run the same command to resume",
+            self.step,
+            stop.name or "a signal to another rank",
+        )
+        raise SystemExit(128 + (stop.signum or 15))
+
+    def _lost_rank(self, error: Exception) -> RuntimeError:
+        hosts = ", ".join(f"{h}: ranks {r}" for h, r in self.hosts.items())
+        tag = checkpoint.latest_tag(self.run_dir.checkpoints)
+        return RuntimeError(
+            f"a collective failed at step {self.step} (rank {self.rank}; "
+            f"train.collective_timeout_s={self.cfg.train.collective_timeout_s:g}): "
+            f"{str(error).strip().splitlines()[-1]}; the job's hosts were {hosts}: a rank "
+            f"or host was lost. Requeue or rerun the same command: it resumes from "
+            f"{tag or 'the start'} in the same MLflow run"
+        )
+
+    def _host_metrics(self) -> Any:
+        """Each host's first rank samples CPU/memory/GPU into the run (pipeline.sysmetrics)."""
+        from contextlib import contextmanager
+
+        from pipeline import sysmetrics
+        from pipeline.tracking import resolve_uri
+
+        @contextmanager
+        def running() -> Iterator[None]:
+            # All ranks participate: only rank 0 knows the run id.
+            run_id = distributed.on_main(lambda: self.tracker.run_id)
+            uri = resolve_uri(self.cfg.tracking)
+            local_rank = distributed.get_local_rank()
+            # A SQLite file is written by rank 0's host only: several hosts writing one
+            # file over a network filesystem can corrupt it.
+            if not uri.startswith(("http://", "https://")) and not self.is_main:
+                local_rank = -1
+            handle = sysmetrics.start(
+                run_id,
+                tracking_uri=uri,
+                local_rank=local_rank,
+                interval_s=self.cfg.tracking.system_metrics_interval_s,
+            )
+            try:
+                yield
+            finally:
+                handle.stop()  # before the run ends: it writes the queued samples
+
+        return running()
 
     def _announce(self) -> None:
         from pipeline.tracking import run_page
@@ -515,9 +672,37 @@ class Trainer:
             save_weights(state, self.engine.module.architecture, self.run_dir.weights)
             self.tracker.log_artifact(self.run_dir.weights)
             log_curves(self.tracker, CURVES, self.run_dir.curves)
+            self._log_model()
             self.run_dir.write_result(result)
         return result
+
+    def _log_model(self) -> None:
+        """Rank 0: the model as an MLflow model, registered under tracking.register_model.
+        Tracking never stops training: a failure is reported with the command to redo it."""
+        name = self.cfg.tracking.register_model
+        if not (name and self.tracker.run_id):
+            return
+        from pipeline.export import log_mlflow_model
+
+        try:
+            logged = log_mlflow_model(
+                self.engine.module,
+                self.cfg.data,
+                tracking_uri=self.tracker.uri,
+                run_id=self.tracker.run_id,
+                registered_model_name=name,
+            )
+            log.info("MLflow model %s version %s: %s", name, logged.version, logged.model_uri)
+        except Exception as e:
+            log.error(
+                "could not log the model to MLflow (%s: %s); the weights are in %s: register "
+                "them later with `pipeline export --config %s checkpoint=%s --mlflow "
+                "--register-model %s`",
+                *(type(e).__name__, e, self.run_dir.weights, self.run_dir.config),
+                *(self.run_dir.weights, name),
+            )
 
     def close(self) -> None:
         """End the MLflow run (FINISHED) without training, e.g. after benchmarking steps."""
         self._session.close()
+        self._release_lock()
