@@ -59,6 +59,9 @@ USER_ERRORS = (
     ("pipeline.data.make_shards", "ShardArgumentError"),
     ("pipeline.export", "ExportError"),
     ("pipeline.gallery", "GalleryError"),
+    ("pipeline.train.guard", "RunLockError"),
+    ("pipeline.tracking", "TrackingUnavailable"),
+    ("pipeline.train.elastic", "ElasticResumeError"),
 )
 
 
