@@ -57,23 +57,39 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a list of {_type_name(item_tp)}, got {value!r}")
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin in (typing.Union, types.UnionType):
-        errors = []
-        for arm in typing.get_args(tp):
-            if arm is type(None) and value is None:
-                return None
-            try:
-                return _coerce(value, arm, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(f"{key}: {value!r} matches none of {tp}")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return _coerce_union(value, tp, key)
+    return _coerce_scalar(value, tp, key)
+
+
+def _coerce_union(value: Any, tp: Any, key: str) -> Any:
+    """``value`` as the first arm of the union ``tp`` that accepts it (``None`` for Optional)."""
+    for arm in typing.get_args(tp):
+        if arm is type(None) and value is None:
+            return None
+        try:
+            return _coerce(value, arm, key)
+        except ConfigError:
+            pass
+    raise ConfigError(f"{key}: {value!r} matches none of {tp}")
+
+
+def _is_number(value: Any) -> bool:
+    # bool is an int subclass, but ``true`` is no answer to an int or float field.
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _coerce_scalar(value: Any, tp: Any, key: str) -> Any:
+    """``value`` as bool, int, float, str or Any; no conversion between them except to float."""
+    if tp is Any:
+        return value
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp is int and _is_number(value) and isinstance(value, int):
+        return value
+    if tp is str and isinstance(value, str):
+        return value
+    if tp is float:
+        if _is_number(value):
             return float(value)
         # YAML 1.1 reads 1e-5 (no dot) as a string; accept what float() reads.
         if isinstance(value, str):
@@ -81,11 +97,6 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    elif tp is Any:
-        return value
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
 
 
