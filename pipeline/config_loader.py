@@ -11,6 +11,7 @@ checkout) can be named as ``conf/...`` from any directory, so a non-editable ins
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import types
 import typing
@@ -19,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import ConfigError, RunConfig, TrainConfig, to_dict
+from pipeline.config import ConfigError, ModelConfig, RunConfig, TrainConfig, to_dict
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 DEFAULTS_PATH = CONF_DIR / "defaults.yaml"
@@ -38,6 +39,20 @@ def resolve_conf_path(path: str | Path) -> Path:
         if shipped.exists():
             return shipped
     return p
+
+
+def read_yaml_mapping(
+    path: Path, name: str, must_hold: str, error: type[Exception] = ConfigError
+) -> dict:
+    """The mapping in the YAML file ``path`` ({} for an empty file). Raises ``error`` that
+    calls the file ``name`` when it is not valid YAML or holds no mapping (``must_hold``)."""
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise error(f"{name} is not valid YAML: {e}") from e
+    if not isinstance(loaded, dict):
+        raise error(f"{name} must hold {must_hold}")
+    return loaded
 
 
 def _type_name(tp: Any) -> str:
@@ -175,12 +190,9 @@ def load_config(
         source = resolve_conf_path(source)
         if not source.is_file():
             raise ConfigError(f"config file {str(source)!r} does not exist; pass an existing YAML")
-        try:
-            loaded = yaml.safe_load(source.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(source)!r} is not valid YAML: {e}") from e
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {str(source)!r} must hold a mapping at the top level")
+        loaded = read_yaml_mapping(
+            source, f"config file {str(source)!r}", "a mapping at the top level"
+        )
         # Validate the file's keys before merging, so an error names the file.
         try:
             _build(RunConfig, _merge(to_dict(RunConfig()), loaded), "")
@@ -366,6 +378,20 @@ def split_checkpoint(tokens: list[str] | tuple[str, ...]) -> tuple[str, list[str
     if not path.exists():
         raise ConfigError(f"checkpoint={found[0]!r} does not exist ({path})")
     return str(path), rest
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, overrides_help: str) -> None:
+    """``--config YAML`` (optional: the typed defaults without it) and the positional
+    ``KEY=VALUE`` overrides, as the commands that load a trained model take them."""
+    parser.add_argument("--config", default=None, help="experiment YAML (e.g. conf/demo.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=overrides_help)
+
+
+def named_model(config: str | None, overrides: list[str], cfg: RunConfig) -> ModelConfig | None:
+    """``cfg.model`` when the command line names a model (a config file or a ``model.*``
+    override), else None. A checkpoint records its architecture; a named one must agree."""
+    names_model = config is not None or any(o.startswith("model.") for o in overrides)
+    return cfg.model if names_model else None
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
