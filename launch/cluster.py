@@ -13,10 +13,8 @@ import subprocess
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-import yaml
-
 from pipeline.config import LaunchConfig
-from pipeline.config_loader import CONF_DIR
+from pipeline.config_loader import CONF_DIR, read_yaml_mapping
 
 CLUSTER_DIR = CONF_DIR / "cluster"
 
@@ -43,12 +41,9 @@ def cluster_file(name: str) -> Path:
 def cluster_overrides(name: str) -> list[str]:
     """The cluster file's keys as ``launch.KEY=VALUE`` overrides (JSON values are valid YAML)."""
     path = cluster_file(name)
-    try:
-        loaded = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise LaunchError(f"cluster file {path} is not valid YAML: {e}") from e
-    if not isinstance(loaded, dict):
-        raise LaunchError(f"cluster file {path} must hold a mapping of launch keys")
+    loaded = read_yaml_mapping(
+        path, f"cluster file {path}", "a mapping of launch keys", error=LaunchError
+    )
     if isinstance(loaded.get("launch"), dict):  # both `launch: {...}` and flat files are fine
         loaded = loaded["launch"]
     valid = [f.name for f in fields(LaunchConfig)]

@@ -11,6 +11,7 @@ checkout) can be named as ``conf/...`` from any directory, so a non-editable ins
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import types
 import typing
@@ -19,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import ConfigError, RunConfig, TrainConfig, to_dict
+from pipeline.config import ConfigError, ModelConfig, RunConfig, TrainConfig, to_dict
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 DEFAULTS_PATH = CONF_DIR / "defaults.yaml"
@@ -40,6 +41,20 @@ def resolve_conf_path(path: str | Path) -> Path:
     return p
 
 
+def read_yaml_mapping(
+    path: Path, name: str, must_hold: str, error: type[Exception] = ConfigError
+) -> dict:
+    """The mapping in the YAML file ``path`` ({} for an empty file). Raises ``error`` that
+    calls the file ``name`` when it is not valid YAML or holds no mapping (``must_hold``)."""
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise error(f"{name} is not valid YAML: {e}") from e
+    if not isinstance(loaded, dict):
+        raise error(f"{name} must hold {must_hold}")
+    return loaded
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
@@ -57,23 +72,39 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a list of {_type_name(item_tp)}, got {value!r}")
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin in (typing.Union, types.UnionType):
-        errors = []
-        for arm in typing.get_args(tp):
-            if arm is type(None) and value is None:
-                return None
-            try:
-                return _coerce(value, arm, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(f"{key}: {value!r} matches none of {tp}")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return _coerce_union(value, tp, key)
+    return _coerce_scalar(value, tp, key)
+
+
+def _coerce_union(value: Any, tp: Any, key: str) -> Any:
+    """``value`` as the first arm of the union ``tp`` that accepts it (``None`` for Optional)."""
+    for arm in typing.get_args(tp):
+        if arm is type(None) and value is None:
+            return None
+        try:
+            return _coerce(value, arm, key)
+        except ConfigError:
+            pass
+    raise ConfigError(f"{key}: {value!r} matches none of {tp}")
+
+
+def _is_number(value: Any) -> bool:
+    # bool is an int subclass, but ``true`` is no answer to an int or float field.
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _coerce_scalar(value: Any, tp: Any, key: str) -> Any:
+    """``value`` as bool, int, float, str or Any; no conversion between them except to float."""
+    if tp is Any:
+        return value
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp is int and _is_number(value) and isinstance(value, int):
+        return value
+    if tp is str and isinstance(value, str):
+        return value
+    if tp is float:
+        if _is_number(value):
             return float(value)
         # YAML 1.1 reads 1e-5 (no dot) as a string; accept what float() reads.
         if isinstance(value, str):
@@ -81,11 +112,6 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    elif tp is Any:
-        return value
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
 
 
@@ -164,12 +190,9 @@ def load_config(
         source = resolve_conf_path(source)
         if not source.is_file():
             raise ConfigError(f"config file {str(source)!r} does not exist; pass an existing YAML")
-        try:
-            loaded = yaml.safe_load(source.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(source)!r} is not valid YAML: {e}") from e
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {str(source)!r} must hold a mapping at the top level")
+        loaded = read_yaml_mapping(
+            source, f"config file {str(source)!r}", "a mapping at the top level"
+        )
         # Validate the file's keys before merging, so an error names the file.
         try:
             _build(RunConfig, _merge(to_dict(RunConfig()), loaded), "")
@@ -355,6 +378,20 @@ def split_checkpoint(tokens: list[str] | tuple[str, ...]) -> tuple[str, list[str
     if not path.exists():
         raise ConfigError(f"checkpoint={found[0]!r} does not exist ({path})")
     return str(path), rest
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, overrides_help: str) -> None:
+    """``--config YAML`` (optional: the typed defaults without it) and the positional
+    ``KEY=VALUE`` overrides, as the commands that load a trained model take them."""
+    parser.add_argument("--config", default=None, help="experiment YAML (e.g. conf/demo.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=overrides_help)
+
+
+def named_model(config: str | None, overrides: list[str], cfg: RunConfig) -> ModelConfig | None:
+    """``cfg.model`` when the command line names a model (a config file or a ``model.*``
+    override), else None. A checkpoint records its architecture; a named one must agree."""
+    names_model = config is not None or any(o.startswith("model.") for o in overrides)
+    return cfg.model if names_model else None
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:

@@ -29,7 +29,12 @@ from typing import Any
 import torch
 
 from pipeline.config import DataConfig, RunConfig
-from pipeline.config_loader import load_config, split_checkpoint
+from pipeline.config_loader import (
+    add_config_arguments,
+    load_config,
+    named_model,
+    split_checkpoint,
+)
 
 FORMATS = ("onnx", "torchscript")
 SPEC_FORMAT = "smoothap-preprocessing-v1"
@@ -284,12 +289,9 @@ def log_mlflow_model(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=None, help="experiment YAML (e.g. conf/demo.yaml)")
-    parser.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="KEY=VALUE",
-        help="checkpoint=PATH (a run's model.safetensors or its checkpoints/ directory), then "
+    add_config_arguments(
+        parser,
+        "checkpoint=PATH (a run's model.safetensors or its checkpoints/ directory), then "
         "config overrides (data.image_size, data.resize_size, tracking.uri, ...)",
     )
     parser.add_argument("--format", default=None, help=f"one of {', '.join(FORMATS)}")
@@ -322,8 +324,7 @@ def load_checkpoint_model(config: str | None, tokens: list[str]) -> tuple[Any, R
 
     checkpoint, overrides = split_checkpoint(tokens)
     cfg = load_config(config, overrides)
-    names_model = config is not None or any(o.startswith("model.") for o in overrides)
-    model = load_trained_model(checkpoint, cfg.model if names_model else None)
+    model = load_trained_model(checkpoint, named_model(config, overrides, cfg))
     return model, cfg, checkpoint
 
 

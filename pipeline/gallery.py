@@ -41,6 +41,7 @@ import torch
 
 from pipeline import distributed
 from pipeline.config import DataConfig
+from pipeline.config_loader import add_config_arguments
 
 INDEX_FILE = "index.faiss"
 ITEMS_FILE = "items.parquet"
@@ -357,12 +358,8 @@ def read_gallery(directory: str | Path) -> Gallery:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=None, help="experiment YAML (e.g. conf/demo.yaml)")
-    parser.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="KEY=VALUE",
-        help="checkpoint=PATH (required), then config overrides (data.image_size, ...)",
+    add_config_arguments(
+        parser, "checkpoint=PATH (required), then config overrides (data.image_size, ...)"
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--shards", default=None, help="a split of shards (directory or spec)")

@@ -108,36 +108,15 @@ def grid_png(
 ) -> Path:
     """One row per query (black frame), its neighbours framed green (same class), red (other
     class) or grey (query class unknown), each captioned (score, class)."""
-    import matplotlib
+    from pipeline.eval.plots import framed_image_grid, save_png
 
-    matplotlib.use("Agg")  # no display on cluster nodes
-    import matplotlib.pyplot as plt
-
-    rows, cols = len(queries), 1 + max(len(n) for n in neighbours)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.7 * cols, 1.9 * rows), squeeze=False)
     colour = {True: "tab:green", False: "tab:red", None: "0.6"}
-    for r in range(rows):
-        cells = [(queries[r], "black", titles[r])] + [
-            (img, colour[ok], cap) for img, ok, cap in zip(neighbours[r], correct[r], captions[r])
-        ]
-        for c in range(cols):
-            ax = axes[r][c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c >= len(cells):
-                ax.axis("off")
-                continue
-            img, edge, caption = cells[c]
-            ax.imshow(img)
-            ax.set_xlabel(caption, fontsize=6)
-            for spine in ax.spines.values():
-                spine.set_edgecolor(edge)
-                spine.set_linewidth(4)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    cells = [
+        [(query, "black", title)] + [(img, colour[ok], cap) for img, ok, cap in zip(row, oks, caps)]
+        for query, title, row, oks, caps in zip(queries, titles, neighbours, correct, captions)
+    ]
+    fig, _ = framed_image_grid(cells, cell_inches=(1.7, 1.9))
+    return save_png(fig, path, dpi=90)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -504,12 +504,11 @@ def log_curves(tracker: Tracker, panels: dict[str, list[str]], path: str | Path)
     histories = {t: hs for t, hs in histories.items() if hs}
     if not histories:
         return None
-    import matplotlib
+    from pipeline.eval.plots import pyplot, save_png
 
-    matplotlib.use("Agg")  # no display on cluster nodes
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(histories), figsize=(5 * len(histories), 3.5), squeeze=False)
+    fig, axes = pyplot().subplots(
+        1, len(histories), figsize=(5 * len(histories), 3.5), squeeze=False
+    )
     for ax, (title, series) in zip(axes[0], histories.items()):
         for key, points in series.items():
             steps, values = zip(*points)
@@ -518,11 +517,7 @@ def log_curves(tracker: Tracker, panels: dict[str, list[str]], path: str | Path)
         ax.set_xlabel("step")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    path = save_png(fig, path, dpi=100)
     tracker.log_artifact(path, "plots")
     return path
 

@@ -129,37 +129,17 @@ def _check_shard_star(args: tuple[str, dict]) -> tuple[list[str], list[str]]:
 def validate_split(directory: str | Path, workers: int = 1) -> tuple[int, list[str]]:
     """(samples read, problems) of one split directory."""
     directory = Path(directory)
-    problems: list[str] = []
     try:
         sizes = read_sizes(directory)
         table = read_index(str(directory / INDEX_FILE))
     except (FileNotFoundError, ValueError) as e:
         return 0, [f"{directory}: {e}"]
     rows_list = table.to_pylist()
-    rows: dict[str, dict] = {}
-    for i, row in enumerate(rows_list):
-        if row.get("index") != i:
-            problems.append(f"{INDEX_FILE} row {i}: index column is {row.get('index')!r}")
-        if row["key"] in rows:
-            problems.append(f"{INDEX_FILE} row {i}: key {row['key']!r} appears twice")
-        rows[row["key"]] = row
+    rows, problems = _rows_by_key(rows_list)
     on_disk = {p.name for p in directory.glob(f"*{SHARD_SUFFIX}")}
-    for extra in sorted(on_disk - set(sizes)):
-        problems.append(f"{extra}: not listed in {SIZES_FILE}")
-    jobs = []
-    for shard in sizes:
-        if shard not in on_disk:
-            problems.append(f"{shard}: listed in {SIZES_FILE} but missing")
-        else:
-            shard_rows = {k: r for k, r in rows.items() if r["shard"] == shard}
-            jobs.append((str(directory / shard), shard_rows))
-    if workers > 1 and len(jobs) > 1:
-        with mp.get_context("fork").Pool(min(workers, len(jobs))) as pool:
-            results = pool.map(_check_shard_star, jobs)
-    else:
-        results = [check_shard(*job) for job in jobs]
+    jobs = _shard_jobs(directory, sizes, rows, on_disk, problems)
     seen: set[str] = set()
-    for (path, _), (keys, shard_problems) in zip(jobs, results):
+    for (path, _), (keys, shard_problems) in zip(jobs, _check_shards(jobs, workers)):
         shard = Path(path).name
         problems.extend(shard_problems)
         if len(keys) != sizes[shard]:
@@ -172,6 +152,57 @@ def validate_split(directory: str | Path, workers: int = 1) -> tuple[int, list[s
         problems.append(
             f"{SIZES_FILE} counts {sum(sizes.values())} samples, {INDEX_FILE} has {len(rows_list)}"
         )
+    problems.extend(_class_contiguity_problems(rows_list))
+    return len(seen), problems
+
+
+def _rows_by_key(rows_list: list[dict]) -> tuple[dict[str, dict], list[str]]:
+    """(index rows by key, problems): the index column counts rows, keys are unique."""
+    problems: list[str] = []
+    rows: dict[str, dict] = {}
+    for i, row in enumerate(rows_list):
+        if row.get("index") != i:
+            problems.append(f"{INDEX_FILE} row {i}: index column is {row.get('index')!r}")
+        if row["key"] in rows:
+            problems.append(f"{INDEX_FILE} row {i}: key {row['key']!r} appears twice")
+        rows[row["key"]] = row
+    return rows, problems
+
+
+def _shard_jobs(
+    directory: Path,
+    sizes: dict[str, int],
+    rows: dict[str, dict],
+    on_disk: set[str],
+    problems: list[str],
+) -> list[tuple[str, dict[str, dict]]]:
+    """(shard path, its index rows) of each listed shard on disk; shards on disk but not listed
+    and listed but missing go to ``problems``."""
+    for extra in sorted(on_disk - set(sizes)):
+        problems.append(f"{extra}: not listed in {SIZES_FILE}")
+    jobs = []
+    for shard in sizes:
+        if shard not in on_disk:
+            problems.append(f"{shard}: listed in {SIZES_FILE} but missing")
+        else:
+            shard_rows = {k: r for k, r in rows.items() if r["shard"] == shard}
+            jobs.append((str(directory / shard), shard_rows))
+    return jobs
+
+
+def _check_shards(
+    jobs: list[tuple[str, dict[str, dict]]], workers: int
+) -> list[tuple[list[str], list[str]]]:
+    """:func:`check_shard` of each job, in order, in up to ``workers`` processes."""
+    if workers > 1 and len(jobs) > 1:
+        with mp.get_context("fork").Pool(min(workers, len(jobs))) as pool:
+            return pool.map(_check_shard_star, jobs)
+    return [check_shard(*job) for job in jobs]
+
+
+def _class_contiguity_problems(rows_list: list[dict]) -> list[str]:
+    """One problem per class whose rows are not one contiguous run (the P x K batching of
+    :mod:`pipeline.data.pk` reads a class-contiguous stream)."""
     first: dict[int, int] = {}
     count: dict[int, int] = {}
     last: dict[int, int] = {}
@@ -179,13 +210,12 @@ def validate_split(directory: str | Path, workers: int = 1) -> tuple[int, list[s
         first.setdefault(row["label"], i)
         last[row["label"]] = i
         count[row["label"]] = count.get(row["label"], 0) + 1
-    for label in first:
-        if last[label] - first[label] + 1 != count[label]:
-            problems.append(
-                f"{INDEX_FILE}: class {label} is not contiguous (rows {first[label]}..."
-                f"{last[label]} hold {count[label]} of its samples); rewrite with make-shards"
-            )
-    return len(seen), problems
+    return [
+        f"{INDEX_FILE}: class {label} is not contiguous (rows {first[label]}..."
+        f"{last[label]} hold {count[label]} of its samples); rewrite with make-shards"
+        for label in first
+        if last[label] - first[label] + 1 != count[label]
+    ]
 
 
 def split_dirs(path: str | Path) -> list[Path]:

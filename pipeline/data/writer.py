@@ -246,17 +246,7 @@ def write_split(
     written split fails validation (in these two cases the partial folder is kept for
     inspection and named in the message). Any old split is left as it was on every failure.
     """
-    check_name("dataset name", name)
-    check_name("split", split)
-    if samples_per_shard < 1:
-        raise ValueError(f"samples_per_shard={samples_per_shard}: must be >= 1")
-    if not 1 <= quality <= 100:
-        raise ValueError(f"quality={quality}: JPEG quality must be in 1..100")
-    if not items:
-        raise ShardWriteError(f"split {split!r} of {name!r} lists no images; check --root")
-    unknown = sorted(set(extra_files or {}) - set(WRITTEN_FILES))
-    if unknown:
-        raise ValueError(f"extra file {unknown[0]!r}: use one of {', '.join(WRITTEN_FILES)}")
+    _check_request(items, name, split, samples_per_shard, quality, extra_files)
     check_output(out, split, overwrite=overwrite, inputs=inputs)
     partial_dir = make_partial(out, split)
     try:
@@ -279,15 +269,9 @@ def write_split(
         if isinstance(e, OSError):
             raise write_error(e, out) from None
         raise
-    try:
-        # Failures from here on keep the complete partial folder for inspection (named).
-        _check_written(written, partial_dir, split, max_skipped_fraction, workers)
-        left = swap_in(partial_dir, out, split, overwrite=overwrite)
-    except ShardWriteError as e:
-        kept = "" if str(partial_dir) in str(e) else f" (the new output is kept in {partial_dir})"
-        raise ShardWriteError(f"{e}{kept}") from None
-    except OSError as e:
-        raise write_error(e, out) from None
+    left = _check_and_swap_in(
+        written, partial_dir, out, split, overwrite, max_skipped_fraction, workers
+    )
     if left:
         warnings.warn(
             f"{len(left)} file(s) appeared in the old split while writing and were left in "
@@ -307,6 +291,50 @@ def write_split(
     )
 
 
+def _check_request(
+    items: list[SourceItem],
+    name: str,
+    split: str,
+    samples_per_shard: int,
+    quality: int,
+    extra_files: dict[str, Callable[[Path], None]] | None,
+) -> None:
+    """Refuse :func:`write_split`'s arguments that cannot make a split, before anything is
+    written (ValueError; ShardWriteError for an empty listing)."""
+    check_name("dataset name", name)
+    check_name("split", split)
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard={samples_per_shard}: must be >= 1")
+    if not 1 <= quality <= 100:
+        raise ValueError(f"quality={quality}: JPEG quality must be in 1..100")
+    if not items:
+        raise ShardWriteError(f"split {split!r} of {name!r} lists no images; check --root")
+    unknown = sorted(set(extra_files or {}) - set(WRITTEN_FILES))
+    if unknown:
+        raise ValueError(f"extra file {unknown[0]!r}: use one of {', '.join(WRITTEN_FILES)}")
+
+
+def _check_and_swap_in(
+    written: tuple,
+    partial_dir: Path,
+    out: str | Path,
+    split: str,
+    overwrite: bool,
+    max_skipped_fraction: float,
+    workers: int,
+) -> list[str]:
+    """Check the complete partial folder and swap it in as ``<out>/<split>``; return the files
+    ``swap_in`` left behind. A failure keeps the partial folder and names it."""
+    try:
+        _check_written(written, partial_dir, split, max_skipped_fraction, workers)
+        return swap_in(partial_dir, out, split, overwrite=overwrite)
+    except ShardWriteError as e:
+        kept = "" if str(partial_dir) in str(e) else f" (the new output is kept in {partial_dir})"
+        raise ShardWriteError(f"{e}{kept}") from None
+    except OSError as e:
+        raise write_error(e, out) from None
+
+
 def _write_files(
     items: list[SourceItem],
     partial_dir: Path,
@@ -323,23 +351,14 @@ def _write_files(
 ) -> tuple[list[dict[str, Any]], list[str], list[str], int]:
     """Write shards, skipped.txt, index.parquet, sizes.json and the extra files into
     ``partial_dir``; return (index rows, shard names, skipped lines, total image bytes)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import webdataset as wds
     from tqdm import tqdm
 
     ordered, labels = class_order(items, seed)
     class_sizes: dict[str, int] = {}
     for item in ordered:
         class_sizes[item.class_name] = class_sizes.get(item.class_name, 0) + 1
-
-    shard_names: list[str] = []
-    sizes: dict[str, int] = {}
-    rows: list[dict[str, Any]] = []
+    sink = _ShardSink(partial_dir, name, split, samples_per_shard, labels, class_sizes)
     skipped: list[str] = []
-    total_bytes = 0
-    writer = None
-    current_class = None
     bar = tqdm(
         total=len(ordered),
         desc=f"{name}/{split}",
@@ -360,81 +379,124 @@ def _write_files(
             if status == "bad":
                 skipped.append(f"{item.path or item.source}\t{payload}")
                 continue
-            data, width, height = payload
-            if writer is None:
-                writer = wds.ShardWriter(
-                    shard_pattern(partial_dir, name, split),
-                    maxcount=sys.maxsize,
-                    maxsize=float("inf"),
-                    verbose=0,
-                    # An int mtime: reproducible bytes, and no PAX header per member (a float
-                    # mtime forces one), which halves the header parsing of every reader.
-                    mtime=0,
-                    post=lambda fname: shard_names.append(os.path.basename(fname)),
-                )
-            elif item.class_name != current_class:
-                # Close the shard rather than split a class that would not fit into it.
-                if writer.count and writer.count + class_sizes[item.class_name] > samples_per_shard:
-                    writer.next_stream()
-            elif writer.count >= samples_per_shard:  # a class larger than a shard
-                writer.next_stream()
-            current_class = item.class_name
-            index = len(rows)
-            key = f"{index:09d}"
-            shard = os.path.basename(writer.fname)
-            meta = {
-                "dataset": name,
-                "class_name": item.class_name,
-                "source": item.source,
-                "split": split,
-                "index": index,
-                **item.meta,
-            }
-            writer.write(
-                {
-                    "__key__": key,
-                    "jpg": data,
-                    "cls": str(labels[item.class_name]).encode("ascii"),
-                    "json": json.dumps(meta, sort_keys=True).encode("utf-8"),
-                }
-            )
-            rows.append(
-                {
-                    "index": index,
-                    "key": key,
-                    "shard": shard,
-                    "position": writer.count - 1,
-                    "label": labels[item.class_name],
-                    "class_name": item.class_name,
-                    "split": split,
-                    "bytes": len(data),
-                    "width": width,
-                    "height": height,
-                    "source": item.source,
-                    **item.meta,
-                }
-            )
-            sizes[shard] = sizes.get(shard, 0) + 1
-            total_bytes += len(data)
+            sink.add(item, *payload)
     finally:
         bar.close()
-        if writer is not None:
-            writer.close()
+        sink.close()
 
     (partial_dir / SKIPPED_FILE).write_text("".join(line + "\n" for line in skipped))
-    if not rows:
-        return rows, shard_names, skipped, total_bytes  # refused by _check_written
+    if sink.rows:  # else refused by _check_written
+        _write_tables(partial_dir, items, sink, extra_files)
+    return sink.rows, sink.shard_names, skipped, sink.total_bytes
+
+
+@dataclass
+class _ShardSink:
+    """The shards of one split being written, class-contiguous, and their index rows."""
+
+    partial_dir: Path
+    name: str
+    split: str
+    samples_per_shard: int
+    labels: dict[str, int]  # class name -> label
+    class_sizes: dict[str, int]  # class name -> samples to write
+    shard_names: list[str] = field(default_factory=list)  # closed shards, in write order
+    sizes: dict[str, int] = field(default_factory=dict)  # shard name -> samples
+    rows: list[dict[str, Any]] = field(default_factory=list)  # index rows, in write order
+    total_bytes: int = 0
+    writer: Any = None  # the webdataset ShardWriter, opened with the first sample
+    current_class: str | None = None
+
+    def add(self, item: SourceItem, data: bytes, width: int, height: int) -> None:
+        """Write one prepared image as the next sample and record its index row."""
+        self._place(item.class_name)
+        index = len(self.rows)
+        key = f"{index:09d}"
+        shard = os.path.basename(self.writer.fname)
+        meta = {
+            "dataset": self.name,
+            "class_name": item.class_name,
+            "source": item.source,
+            "split": self.split,
+            "index": index,
+            **item.meta,
+        }
+        self.writer.write(
+            {
+                "__key__": key,
+                "jpg": data,
+                "cls": str(self.labels[item.class_name]).encode("ascii"),
+                "json": json.dumps(meta, sort_keys=True).encode("utf-8"),
+            }
+        )
+        self.rows.append(
+            {
+                "index": index,
+                "key": key,
+                "shard": shard,
+                "position": self.writer.count - 1,
+                "label": self.labels[item.class_name],
+                "class_name": item.class_name,
+                "split": self.split,
+                "bytes": len(data),
+                "width": width,
+                "height": height,
+                "source": item.source,
+                **item.meta,
+            }
+        )
+        self.sizes[shard] = self.sizes.get(shard, 0) + 1
+        self.total_bytes += len(data)
+
+    def _place(self, class_name: str) -> None:
+        """Open the first shard, or start the next one where this sample must not go into the
+        current one."""
+        if self.writer is None:
+            import webdataset as wds
+
+            self.writer = wds.ShardWriter(
+                shard_pattern(self.partial_dir, self.name, self.split),
+                maxcount=sys.maxsize,
+                maxsize=float("inf"),
+                verbose=0,
+                # An int mtime: reproducible bytes, and no PAX header per member (a float
+                # mtime forces one), which halves the header parsing of every reader.
+                mtime=0,
+                post=lambda fname: self.shard_names.append(os.path.basename(fname)),
+            )
+        elif class_name != self.current_class:
+            # Close the shard rather than split a class that would not fit into it.
+            count = self.writer.count
+            if count and count + self.class_sizes[class_name] > self.samples_per_shard:
+                self.writer.next_stream()
+        elif self.writer.count >= self.samples_per_shard:  # a class larger than a shard
+            self.writer.next_stream()
+        self.current_class = class_name
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _write_tables(
+    partial_dir: Path,
+    items: list[SourceItem],
+    sink: _ShardSink,
+    extra_files: dict[str, Callable[[Path], None]] | None,
+) -> None:
+    """Write index.parquet, sizes.json and the extra files of the written shards."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     meta_keys = sorted({k for item in items for k in item.meta} - set(INDEX_COLUMNS))
-    columns = {c: [r.get(c) for r in rows] for c in (*INDEX_COLUMNS, *meta_keys)}
+    columns = {c: [r.get(c) for r in sink.rows] for c in (*INDEX_COLUMNS, *meta_keys)}
     table = pa.table(columns)
     pq.write_table(table, partial_dir / INDEX_FILE)
     # Shard order = write order, so sizes.json also lists the shards in global-index order.
-    assert list(sizes) == shard_names, (list(sizes), shard_names)
-    (partial_dir / SIZES_FILE).write_text(json.dumps(sizes, indent=1) + "\n")
+    assert list(sink.sizes) == sink.shard_names, (list(sink.sizes), sink.shard_names)
+    (partial_dir / SIZES_FILE).write_text(json.dumps(sink.sizes, indent=1) + "\n")
     for fname, write in (extra_files or {}).items():
         write(partial_dir / fname)
-
-    return rows, shard_names, skipped, total_bytes
 
 
 def _check_written(

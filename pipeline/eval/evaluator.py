@@ -26,7 +26,12 @@ import torch
 
 from pipeline import distributed
 from pipeline.config import DataConfig, EvalConfig, RunConfig, to_dict
-from pipeline.config_loader import load_config, split_checkpoint
+from pipeline.config_loader import (
+    add_config_arguments,
+    load_config,
+    named_model,
+    split_checkpoint,
+)
 from pipeline.eval.extract import Embeddings, extract_embeddings
 from pipeline.rundir import eval_output_dir
 
@@ -256,13 +261,10 @@ def retrieval_grid(e: Embeddings, data_cfg: DataConfig, path: Path) -> Path | No
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=None, help="experiment YAML (e.g. conf/demo.yaml)")
-    parser.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="KEY=VALUE",
-        help="checkpoint=PATH (required: a run's model.safetensors or its checkpoints/ "
-        "directory), then config overrides such as eval.protocol=ijbc data.eval_urls=DIR",
+    add_config_arguments(
+        parser,
+        "checkpoint=PATH (required: a run's model.safetensors or its checkpoints/ directory), "
+        "then config overrides such as eval.protocol=ijbc data.eval_urls=DIR",
     )
 
 
@@ -285,9 +287,7 @@ def run(args: argparse.Namespace) -> int:
     distributed.setup_logging(out)
     distributed.init()
     try:
-        # The checkpoint records its architecture; a config that names the model must agree.
-        names_model = args.config is not None or any(o.startswith("model.") for o in overrides)
-        model = load_trained_model(checkpoint, cfg.model if names_model else None)
+        model = load_trained_model(checkpoint, named_model(args.config, overrides, cfg))
         # All ranks participate: the eval shards and the tracking store are checked in
         # seconds, before anything is embedded.
         distributed.on_main(lambda: _preflight(cfg))

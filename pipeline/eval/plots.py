@@ -1,14 +1,17 @@
-"""Evaluation figures: the IJB-C ROC curve and a retrieval example grid (PNG files)."""
+"""Evaluation figures: the IJB-C ROC curve and a retrieval example grid (PNG files); the framed
+image grid is shared with ``pipeline search``."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on cluster nodes
@@ -21,7 +24,7 @@ def roc_png(
     fpr: np.ndarray, tpr: np.ndarray, tar_at_far: dict[float, float], path: str | Path
 ) -> Path:
     """TAR against FAR (log scale), with the reported TAR@FAR points marked."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 4))
     keep = fpr > 0  # log axis
     ax.plot(fpr[keep], tpr[keep], lw=1.5, label="ROC")
@@ -43,12 +46,7 @@ def roc_png(
     ax.set_title("IJB-C 1:1 verification")
     ax.grid(alpha=0.3, which="both")
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_png(fig, path, dpi=110)
 
 
 def retrieval_grid_png(
@@ -60,33 +58,56 @@ def retrieval_grid_png(
 ) -> Path:
     """One row per query: the query (black frame), then its neighbours framed green where they
     share its label and red where not. Images are HxWx3 uint8 arrays."""
-    plt = _pyplot()
-    rows = len(queries)
-    cols = 1 + max((len(n) for n in neighbours), default=0)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.7 * rows), squeeze=False)
-    for r in range(rows):
-        cells = [(queries[r], "black")] + [
-            (img, "tab:green" if ok else "tab:red") for img, ok in zip(neighbours[r], correct[r])
-        ]
+    cells = [
+        [(query, "black", None)]
+        + [(img, "tab:green" if ok else "tab:red", None) for img, ok in zip(row, oks)]
+        for query, row, oks in zip(queries, neighbours, correct)
+    ]
+    fig, axes = framed_image_grid(cells, cell_inches=(1.6, 1.7))
+    for r in range(len(queries)):
+        axes[r][0].set_ylabel(titles[r] if titles else f"query {r}", fontsize=7)
+    for c in range(1, len(axes[0])):
+        axes[0][c].set_title(f"#{c}", fontsize=8)
+    axes[0][0].set_title("query", fontsize=8)
+    return save_png(fig, path, dpi=90)
+
+
+def framed_image_grid(
+    cells: Sequence[Sequence[tuple[np.ndarray, str, str | None]]],
+    cell_inches: tuple[float, float],
+) -> tuple[Any, Any]:
+    """A figure with one row of images per entry of ``cells``, each (image, frame colour,
+    caption or None) framed in its colour and captioned below; cells past the end of a shorter
+    row stay blank. Returns (figure, axes indexed [row][column])."""
+    plt = pyplot()
+    rows = len(cells)
+    cols = max((len(row) for row in cells), default=1)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(cell_inches[0] * cols, cell_inches[1] * rows), squeeze=False
+    )
+    for r, row in enumerate(cells):
         for c in range(cols):
             ax = axes[r][c]
             ax.set_xticks([])
             ax.set_yticks([])
-            if c >= len(cells):
+            if c >= len(row):
                 ax.axis("off")
                 continue
-            img, colour = cells[c]
+            img, colour, caption = row[c]
             ax.imshow(img)
+            if caption is not None:
+                ax.set_xlabel(caption, fontsize=6)
             for spine in ax.spines.values():
                 spine.set_edgecolor(colour)
                 spine.set_linewidth(4)
-        axes[r][0].set_ylabel(titles[r] if titles else f"query {r}", fontsize=7)
-    for c in range(1, cols):
-        axes[0][c].set_title(f"#{c}", fontsize=8)
-    axes[0][0].set_title("query", fontsize=8)
+    return fig, axes
+
+
+def save_png(fig: Any, path: str | Path, dpi: int) -> Path:
+    """Lay out ``fig``, write it to ``path`` (creating its folder) and close it."""
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
     return path

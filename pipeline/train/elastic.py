@@ -203,83 +203,121 @@ def _load_file(path: Path) -> dict:
     return sd
 
 
-def _load_partitions(engine: Any, layout: SavedLayout) -> None:
-    """Re-cut the old ranks' ZeRO 1/2 partitions into this rank's partitions."""
-    zero = engine.optimizer
-    base = zero.optimizer  # the torch optimizer over this rank's flat fp32 partitions
-    masters = zero.single_partition_of_fp32_groups
-    names = {p: n for n, p in engine.module.named_parameters()}
+@dataclass
+class _Recut:
+    """This rank's new ZeRO 1/2 partitions, filled one old rank's file at a time."""
+
+    masters: list[torch.Tensor]  # this rank's flat fp32 partition of each group
     # Where each parameter of this rank's partition lives: its elements [lp, lp + numel)
     # sit at [hp, hp + numel) of the group's flat partition (DeepSpeed's own mapping).
-    wanted: dict[str, tuple[int, int, int, int]] = {}
-    numels: dict[str, int] = {}
-    for group, params in enumerate(zero.bit16_groups):
-        for p in params:
-            numels[names[p]] = p.numel()
-            m = p._hp_mapping
-            if m is not None:
-                lp, hp = m.lp_fragment_address, m.hp_fragment_address
-                wanted[names[p]] = (group, lp.start, hp.start, lp.numel)
+    wanted: dict[str, tuple[int, int, int, int]]  # name -> (group, lp, hp, numel)
+    numels: dict[str, int]  # name -> elements of the whole parameter
+    new: list[dict[str, torch.Tensor]]  # per group: "fp32" and each per-element state key
+    scalars: list[dict[str, Any]]  # per group: state that is not split (e.g. Adam's step)
+    hyper: list[dict]  # per group: the saved hyperparameters (lr, betas, ...)
+    seen: dict[str, int]  # elements of each parameter in earlier partitions
 
-    new: list[dict[str, torch.Tensor]] = [{"fp32": torch.zeros_like(t)} for t in masters]
-    scalars: list[dict[str, Any]] = [{} for _ in masters]
-    hyper: list[dict] = []
-    seen: dict[str, int] = defaultdict(int)  # elements of each parameter in earlier partitions
-    for rank in range(layout.world_size):
-        path = layout.folder / optimizer_partition_file(rank)
-        sd = _load_file(path)
-        state = sd[_BASE_OPTIMIZER_STATE]
-        if len(sd[_SLICE_MAPPINGS]) != len(masters):
-            raise ElasticResumeError(
-                f"{path} has {len(sd[_SLICE_MAPPINGS])} parameter groups, this model "
-                f"{len(masters)}; resume with the optimizer settings it was trained with"
-            )
-        if rank == 0:
-            hyper = [{k: v for k, v in g.items() if k != "params"} for g in state["param_groups"]]
-        for group, mapping in enumerate(sd[_SLICE_MAPPINGS]):
-            fp32 = sd[_FP32_PARTITIONS][group]
-            # The optimizer state covers the partition with its padding; the fp32 copy not.
-            padded = fp32.numel() + sd[_GROUP_PADDINGS][group]
-            sources = {"fp32": fp32}
-            # One flat partition per group, so the torch state's parameter index is the group.
-            for key, value in state["state"].get(group, {}).items():
-                if torch.is_tensor(value) and value.shape == (padded,):
-                    sources[key] = value
-                    new[group].setdefault(key, torch.zeros_like(masters[group]))
-                elif rank == 0:
-                    scalars[group][key] = value  # e.g. Adam's step: one per group, not split
-            for name, frag in mapping.items():
-                if name not in numels:
-                    raise ElasticResumeError(
-                        f"{path} holds parameter {name!r}, which this model does not have; "
-                        "resume with the model settings it was trained with"
-                    )
-                start = seen[name]
-                seen[name] += frag.numel
-                if name not in wanted:
-                    continue
-                g, lp, hp, n = wanted[name]
-                lo, hi = max(start, lp), min(start + frag.numel, lp + n)
-                if g != group:
-                    raise ElasticResumeError(
-                        f"{path}: parameter {name!r} is in group {group}, in this model in "
-                        f"group {g}; resume with the optimizer settings it was trained with"
-                    )
-                if lo >= hi:
-                    continue
-                for key, src in sources.items():
-                    dst = new[group][key]
-                    dst[hp + lo - lp : hp + hi - lp] = src[
-                        frag.start + lo - start : frag.start + hi - start
-                    ]
-        del sd, state
-    short = sorted(n for n, numel in numels.items() if seen[n] != numel)
-    if short:
-        raise ElasticResumeError(
-            f"{layout.folder}: the optimizer partitions hold {seen[short[0]]} of the "
-            f"{numels[short[0]]} elements of {short[0]!r}; resume from a complete checkpoint"
+    @classmethod
+    def for_engine(cls, engine: Any) -> _Recut:
+        zero = engine.optimizer
+        masters = zero.single_partition_of_fp32_groups
+        names = {p: n for n, p in engine.module.named_parameters()}
+        wanted: dict[str, tuple[int, int, int, int]] = {}
+        numels: dict[str, int] = {}
+        for group, params in enumerate(zero.bit16_groups):
+            for p in params:
+                numels[names[p]] = p.numel()
+                m = p._hp_mapping
+                if m is not None:
+                    lp, hp = m.lp_fragment_address, m.hp_fragment_address
+                    wanted[names[p]] = (group, lp.start, hp.start, lp.numel)
+        return cls(
+            masters=masters,
+            wanted=wanted,
+            numels=numels,
+            new=[{"fp32": torch.zeros_like(t)} for t in masters],
+            scalars=[{} for _ in masters],
+            hyper=[],
+            seen=defaultdict(int),
         )
 
+
+def _load_partitions(engine: Any, layout: SavedLayout) -> None:
+    """Re-cut the old ranks' ZeRO 1/2 partitions into this rank's partitions."""
+    recut = _Recut.for_engine(engine)
+    for rank in range(layout.world_size):
+        # One old file in memory at a time: it is freed when _recut_file returns.
+        _recut_file(recut, layout.folder / optimizer_partition_file(rank), rank)
+    short = sorted(n for n, numel in recut.numels.items() if recut.seen[n] != numel)
+    if short:
+        raise ElasticResumeError(
+            f"{layout.folder}: the optimizer partitions hold {recut.seen[short[0]]} of the "
+            f"{recut.numels[short[0]]} elements of {short[0]!r}; resume from a complete "
+            "checkpoint"
+        )
+    _install(engine.optimizer, recut)
+
+
+def _recut_file(recut: _Recut, path: Path, rank: int) -> None:
+    """Copy into ``recut`` the parts of the old rank ``rank``'s partitions (``path``) that fall
+    in this rank's partitions."""
+    sd = _load_file(path)
+    state = sd[_BASE_OPTIMIZER_STATE]
+    if len(sd[_SLICE_MAPPINGS]) != len(recut.masters):
+        raise ElasticResumeError(
+            f"{path} has {len(sd[_SLICE_MAPPINGS])} parameter groups, this model "
+            f"{len(recut.masters)}; resume with the optimizer settings it was trained with"
+        )
+    if rank == 0:
+        recut.hyper = [{k: v for k, v in g.items() if k != "params"} for g in state["param_groups"]]
+    for group, mapping in enumerate(sd[_SLICE_MAPPINGS]):
+        fp32 = sd[_FP32_PARTITIONS][group]
+        # The optimizer state covers the partition with its padding; the fp32 copy not.
+        padded = fp32.numel() + sd[_GROUP_PADDINGS][group]
+        sources = {"fp32": fp32}
+        # One flat partition per group, so the torch state's parameter index is the group.
+        for key, value in state["state"].get(group, {}).items():
+            if torch.is_tensor(value) and value.shape == (padded,):
+                sources[key] = value
+                recut.new[group].setdefault(key, torch.zeros_like(recut.masters[group]))
+            elif rank == 0:
+                recut.scalars[group][key] = value  # e.g. Adam's step: one per group, not split
+        for name, frag in mapping.items():
+            _copy_fragment(recut, path, group, name, frag, sources)
+
+
+def _copy_fragment(
+    recut: _Recut, path: Path, group: int, name: str, frag: Any, sources: dict
+) -> None:
+    """Copy the part of the old fragment ``frag`` of parameter ``name`` (group ``group`` of
+    ``path``) that falls in this rank's partition, for fp32 and every state key."""
+    if name not in recut.numels:
+        raise ElasticResumeError(
+            f"{path} holds parameter {name!r}, which this model does not have; "
+            "resume with the model settings it was trained with"
+        )
+    start = recut.seen[name]
+    recut.seen[name] += frag.numel
+    if name not in recut.wanted:
+        return
+    g, lp, hp, n = recut.wanted[name]
+    lo, hi = max(start, lp), min(start + frag.numel, lp + n)
+    if g != group:
+        raise ElasticResumeError(
+            f"{path}: parameter {name!r} is in group {group}, in this model in "
+            f"group {g}; resume with the optimizer settings it was trained with"
+        )
+    if lo >= hi:
+        return
+    for key, src in sources.items():
+        dst = recut.new[group][key]
+        dst[hp + lo - lp : hp + hi - lp] = src[frag.start + lo - start : frag.start + hi - start]
+
+
+def _install(zero: Any, recut: _Recut) -> None:
+    """Put the re-cut partitions into the engine's ZeRO optimizer and its module weights."""
+    masters, new, scalars = recut.masters, recut.new, recut.scalars
+    base = zero.optimizer  # the torch optimizer over this rank's flat fp32 partitions
     with torch.no_grad():
         for group, flat in enumerate(masters):
             flat.copy_(new[group].pop("fp32"))
@@ -290,7 +328,7 @@ def _load_partitions(engine: Any, layout: SavedLayout) -> None:
             "state": {
                 g: {**new[g], **scalars[g]} for g in range(len(masters)) if new[g] or scalars[g]
             },
-            "param_groups": [{**h, "params": [g]} for g, h in enumerate(hyper)],
+            "param_groups": [{**h, "params": [g]} for g, h in enumerate(recut.hyper)],
         }
     )
     if all(base.state.get(flat) for flat in masters):
