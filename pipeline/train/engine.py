@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -115,18 +114,6 @@ def _merge_user_config(config: dict, path: Path, train_cfg: TrainConfig) -> None
             config[name] = value
 
 
-def ensure_process_group() -> None:
-    """Give DeepSpeed the process group it needs, also for a single process.
-
-    ``pipeline.distributed.init`` creates no group for one process; DeepSpeed requires one
-    (and the LOCAL_RANK variable, which ``srun`` does not set).
-    """
-    os.environ.setdefault("LOCAL_RANK", str(distributed.get_local_rank()))
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-
-
 def build_engine(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -136,7 +123,7 @@ def build_engine(
 ) -> Any:
     """A DeepSpeed engine around ``model`` (moved to this rank's device). All ranks
     participate (DeepSpeed broadcasts rank 0's initial weights)."""
-    ensure_process_group()
+    distributed.ensure_process_group()
     import deepspeed
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
