@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --upgrade pip wheel setuptools
 	$(BIN)/pip install torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -e '.[cpu,dev]'
+	# DeepSpeed's CPU comm op, compiled once into this venv (pipeline.train.engine.build_cpu_ops)
+	# so that no rank compiles it while another loads it.
+	$(BIN)/python -c 'from pipeline.train.engine import build_cpu_ops; build_cpu_ops()'
 	touch $(STAMP)
 
 venv: $(STAMP)
