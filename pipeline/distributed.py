@@ -137,9 +137,10 @@ def read_env(env: dict | None = None) -> DistEnv:
 
 
 DEFAULT_TIMEOUT_S = 1800.0
-"""Collective timeout when an entry point gives none: torch's own default (30 minutes), long
-enough for rank 0's slowest solo work (IJB-C metrics, checkpoint writes) while the others wait.
-A job that must notice a lost host sooner passes a shorter ``timeout_s``."""
+"""Collective timeout when an entry point gives none: 30 minutes, as before (torch's default for
+gloo; nccl's own is 10), long enough for rank 0's slowest solo work (IJB-C metrics, checkpoint
+writes) while the others wait. A job that must notice a lost host sooner passes a shorter
+``timeout_s``."""
 
 
 # Whether ensure_process_group exported LOCAL_RANK (destroy() takes it back).
