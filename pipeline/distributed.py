@@ -24,6 +24,7 @@ on every rank: what a user reads when rank 5 on host 2 died.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
@@ -32,11 +33,12 @@ import re
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -46,6 +48,8 @@ TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT
 SLURM_VARS = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NODEID")
 # Tasks per node, most specific first: the step's own layout, the job's, the uniform request.
 SLURM_LAYOUT_VARS = ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE")
+
+T = TypeVar("T")
 
 
 class DistributedEnvError(RuntimeError):
@@ -246,20 +250,56 @@ def export_env(e: DistEnv, environ: MutableMapping[str, str] | None = None) -> N
         environ["LOCAL_SIZE"] = str(e.local_world_size)
 
 
-def init(timeout_s: float = 1800.0) -> DistEnv:
+DEFAULT_TIMEOUT_S = 1800.0
+"""Collective timeout when an entry point gives none: 30 minutes, as before (torch's default for
+gloo; nccl's own is 10), long enough for rank 0's slowest solo work (IJB-C metrics, checkpoint
+writes) while the others wait. A job that must notice a lost host sooner passes a shorter
+``timeout_s``."""
+
+
+# Whether ensure_process_group exported LOCAL_RANK (destroy() takes it back).
+_exported_local_rank = False
+
+
+def _timedelta(timeout_s: float) -> datetime.timedelta:
+    if not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
+        raise ValueError(
+            f"timeout_s={timeout_s!r}: a collective timeout must be a positive number of seconds"
+        )
+    return datetime.timedelta(seconds=float(timeout_s))
+
+
+def _launch_env() -> DistEnv:
+    """:func:`read_env` of the launcher's environment, without the LOCAL_RANK that
+    :func:`ensure_process_group` exported for DeepSpeed (alone it reads as a partial
+    torchrun environment)."""
+    env = dict(os.environ)
+    if _exported_local_rank:
+        env.pop("LOCAL_RANK", None)
+    return read_env(env)
+
+
+def _backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init(timeout_s: float = DEFAULT_TIMEOUT_S) -> DistEnv:
     """Join the process group when there are several processes (idempotent).
 
     nccl when CUDA is available (and the process is pinned to ``cuda:LOCAL_RANK``),
-    gloo otherwise. With one process nothing is initialised.
+    gloo otherwise. With one process nothing is initialised. ``timeout_s`` bounds every
+    collective of the group: a rank that waits longer for a peer (a lost host) fails
+    instead of hanging.
     """
-    env = read_env()
+    timeout = _timedelta(timeout_s)
+    env = _launch_env()
     if env.world_size > 1:
         export_env(env)
     if env.world_size == 1 or dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
         return env
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = _backend()
     if backend == "nccl":
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
     dist.init_process_group(
@@ -267,14 +307,63 @@ def init(timeout_s: float = 1800.0) -> DistEnv:
         init_method=f"tcp://{env.master_addr}:{env.master_port}",
         rank=env.rank,
         world_size=env.world_size,
-        timeout=datetime.timedelta(seconds=timeout_s),
+        timeout=timeout,
     )
     return env
 
 
+def ensure_process_group(timeout_s: float = DEFAULT_TIMEOUT_S) -> DistEnv:
+    """:func:`init`, and for one process a group of one: DeepSpeed needs a group even alone.
+
+    The group of one lives on an in-memory store (no port to pick, no peer to wait for); it
+    is the only group this module builds besides :func:`init`'s. Also exports LOCAL_RANK,
+    which DeepSpeed reads and ``srun`` (or a single process) does not set; :func:`destroy`
+    removes it again, since a stray LOCAL_RANK is a partial torchrun environment to the next
+    :func:`read_env` in this process.
+    """
+    global _exported_local_rank
+    env = init(timeout_s)
+    if "LOCAL_RANK" not in os.environ:
+        os.environ["LOCAL_RANK"] = str(env.local_rank)
+        _exported_local_rank = True
+    if not dist.is_initialized():
+        dist.init_process_group(
+            _backend(),
+            store=dist.HashStore(),
+            rank=0,
+            world_size=1,
+            timeout=_timedelta(timeout_s),
+        )
+    return env
+
+
 def destroy() -> None:
+    """Leave and destroy the process group, if there is one (idempotent)."""
+    global _exported_local_rank
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    if _exported_local_rank:
+        os.environ.pop("LOCAL_RANK", None)
+        _exported_local_rank = False
+
+
+@contextlib.contextmanager
+def process_group(timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[DistEnv]:
+    """An entry point's process group: ``with distributed.process_group(timeout_s=...) as env:``.
+
+    Joins the job's group on entry (:func:`init`: none for one process) and destroys
+    whatever group exists on exit, normal or not, including the group of one that
+    :func:`ensure_process_group` builds for DeepSpeed inside the block. A group that already
+    existed on entry belongs to an outer owner (a test harness, an enclosing entry point) and
+    is left to it, so entry points nest.
+    """
+    owner = not (dist.is_available() and dist.is_initialized())
+    env = init(timeout_s)
+    try:
+        yield env
+    finally:
+        if owner:
+            destroy()
 
 
 def is_distributed() -> bool:
@@ -290,7 +379,7 @@ def get_world_size() -> int:
 
 
 def get_local_rank() -> int:
-    return read_env().local_rank if is_distributed() else 0
+    return _launch_env().local_rank if is_distributed() else 0
 
 
 def is_main_process() -> bool:
@@ -308,6 +397,11 @@ def device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------- collectives
+# Every collective of the pipeline is here. Each is called by all ranks in the same order,
+# never under a rank-0 branch, and returns its input (or runs alone) with one process.
 
 
 def all_gather_nograd(tensor: torch.Tensor) -> torch.Tensor:
@@ -386,6 +480,42 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
             offset += n
 
 
+def all_gather_rows(local: np.ndarray) -> np.ndarray:
+    """Concatenate every rank's rows in rank order; the row counts may differ, even be 0.
+
+    All ranks participate. Every rank passes the same dtype and the same shape after the
+    first axis (a rank with no rows still passes ``(0, *row_shape)``).
+    """
+    if get_world_size() == 1:
+        return local
+    dev = device()  # NCCL only moves CUDA tensors
+    n = torch.tensor([local.shape[0]], dtype=torch.int64, device=dev)
+    counts = all_gather_nograd(n).tolist()
+    # all_gather needs equal shapes, hence the padding to the largest count.
+    step = max(counts)
+    padded = np.zeros((step, *local.shape[1:]), dtype=local.dtype)
+    padded[: local.shape[0]] = local
+    gathered = all_gather_nograd(torch.from_numpy(padded).to(dev)).cpu().numpy()
+    return np.concatenate([gathered[r * step : r * step + c] for r, c in enumerate(counts)])
+
+
+def all_gather_topk(
+    scores_Bk: np.ndarray, ids_Bk: np.ndarray
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Every rank's top-k lists (scores, ids) for the same query block, in rank order.
+
+    All ranks participate, each with the same (B, k) shapes (its own gallery slice's top-k).
+    """
+    if get_world_size() == 1:
+        return [scores_Bk], [ids_Bk]
+    dev = device()  # NCCL only moves CUDA tensors
+    # A leading axis of 1 makes the gathered tensor (world, B, k): one slab per rank.
+    s = all_gather_nograd(torch.from_numpy(np.ascontiguousarray(scores_Bk))[None].to(dev))
+    i = all_gather_nograd(torch.from_numpy(np.ascontiguousarray(ids_Bk))[None].to(dev))
+    s, i = s.cpu().numpy(), i.cpu().numpy()
+    return list(s), list(i)
+
+
 def on_main(fn: Callable[[], T]) -> T:
     """Run ``fn()`` on rank 0 only and give its result, or its exception, to every rank.
 
@@ -460,7 +590,7 @@ def setup_logging(run_dir: str | Path | None = None, *, level: int = logging.INF
     appends everything to ``run_dir/logs/rank<R>.log`` (timestamp, host, rank, module). Safe
     to call again (e.g. once the run directory is known): handlers are replaced, not added.
     """
-    rank = get_rank() if is_distributed() else read_env().rank
+    rank = get_rank() if is_distributed() else _launch_env().rank
     host = socket.gethostname()
     root = logging.getLogger(LOGGER)
     root.setLevel(level)

@@ -239,7 +239,7 @@ def _folder_gallery(
     model: torch.nn.Module, folder: Path, data_cfg: DataConfig, device: Any, batch_size: int
 ) -> tuple[np.ndarray, dict[str, list], list[tuple[Path, str]]]:
     """Embed an image folder, its files dealt to the ranks (all ranks participate)."""
-    from pipeline.eval.extract import _gather_rows, sort_by_index
+    from pipeline.eval.extract import sort_by_index
 
     files = list_images(folder)
     rank, world = distributed.get_rank(), distributed.get_world_size()
@@ -253,7 +253,10 @@ def _folder_gallery(
         skip_bad=True,
     )
     index = np.asarray([mine[i] for i in kept], np.int64)
-    emb, index = _gather_rows(emb), _gather_rows(index)  # all ranks participate
+    emb, index = (
+        distributed.all_gather_rows(emb),
+        distributed.all_gather_rows(index),
+    )  # all ranks participate
     if world > 1:
         every: list[Any] = [None] * world
         torch.distributed.all_gather_object(every, skipped)  # all ranks participate

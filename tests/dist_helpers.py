@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-import warnings
 from collections.abc import Callable
 
 import torch.multiprocessing as mp
@@ -18,7 +17,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple) -> None:
+def _entry(
+    rank: int, world_size: int, port: int, timeout_s: float, fn: Callable, args: tuple
+) -> None:
     os.environ.update(
         RANK=str(rank),
         WORLD_SIZE=str(world_size),
@@ -28,32 +29,25 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple) -> 
     )
     from pipeline import distributed
 
-    distributed.init(timeout_s=120)
-    try:
+    with distributed.process_group(timeout_s=timeout_s):
         fn(rank, world_size, *args)
-    finally:
-        distributed.destroy()
 
 
-def run_distributed(fn: Callable, world_size: int, *args, retries_on_abort: int = 0) -> None:
+def run_distributed(fn: Callable, world_size: int, *args, timeout_s: float = 120) -> None:
     """Call ``fn(rank, world_size, *args)`` in ``world_size`` processes joined by gloo.
 
     ``fn`` must be a module-level function (it is pickled); results travel through
     files the caller names in ``args``. A failure in any process fails the call.
-    ``retries_on_abort`` reruns all processes when one was killed by SIGABRT (never on a
-    Python exception, so a failed check inside ``fn`` still fails at once).
+    ``timeout_s`` bounds each collective, so a test that leaves a rank behind fails
+    instead of hanging.
     """
     saved = {k: os.environ.pop(k) for k in _ENV if k in os.environ}
     try:
-        for attempt in range(retries_on_abort + 1):
-            try:
-                mp.spawn(
-                    _entry, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True
-                )
-                return
-            except mp.ProcessExitedException as e:
-                if e.signal_name != "SIGABRT" or attempt == retries_on_abort:
-                    raise
-                warnings.warn(f"rerunning {fn.__name__}: {e}", stacklevel=2)
+        mp.spawn(
+            _entry,
+            args=(world_size, free_port(), timeout_s, fn, args),
+            nprocs=world_size,
+            join=True,
+        )
     finally:
         os.environ.update(saved)

@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import pytest
+
 
 def test_pipeline_help_lists_subcommands():
     out = subprocess.run(
@@ -17,6 +19,7 @@ def test_importing_pipeline_does_nothing():
     assert out.stdout.strip() == "False"
 
 
+@pytest.mark.slow  # end to end: one CLI process per bad input
 def test_bad_input_is_one_line_without_traceback(tmp_path):
     cmd = [sys.executable, "-m", "pipeline.cli", "train", "--config"]
     proc = subprocess.run([*cmd, str(tmp_path / "nope.yaml")], capture_output=True, text=True)

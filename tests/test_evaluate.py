@@ -57,6 +57,7 @@ def _embed_directly(weights: Path, split: Path) -> dict[int, np.ndarray]:
     return out
 
 
+@pytest.mark.slow  # end to end: the real CLI and an MLflow run
 def test_cli_writes_embeddings_metrics_figure_and_mlflow_run(assets, tmp_path):
     from mlflow import MlflowClient
 

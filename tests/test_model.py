@@ -142,6 +142,7 @@ def test_pretrained_path_of_another_backbone_is_refused(tmp_path):
         build_model(ModelConfig(**TINY, pretrained_path=str(tmp_path / "missing.pth")))
 
 
+@pytest.mark.slow  # a fresh interpreter, timm and torch
 def test_pretrained_without_network_or_cache_points_to_pretrained_path(tmp_path):
     # A fresh, offline Hugging Face cache: what a cluster node without network sees.
     code = (

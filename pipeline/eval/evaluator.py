@@ -44,29 +44,6 @@ GRID_NEIGHBOURS = 5
 # ---------------------------------------------------------------------------- metrics
 
 
-def _on_main(fn: Any) -> Any:
-    """Run ``fn()`` on rank 0 and give its result (or its error) to every rank.
-
-    All ranks participate (one broadcast), so a failure on rank 0 cannot leave the others
-    waiting in a later collective.
-    """
-    if distributed.get_world_size() == 1:
-        return fn()
-    box: list[Any] = [None]
-    if distributed.get_rank() == 0:
-        try:
-            box[0] = ("ok", fn())
-        except Exception as e:  # re-raised on every rank below
-            box[0] = ("error", f"{type(e).__name__}: {e}")
-            torch.distributed.broadcast_object_list(box, src=0)
-            raise
-    torch.distributed.broadcast_object_list(box, src=0)
-    status, value = box[0]
-    if status == "error":
-        raise RuntimeError(f"evaluation failed on rank 0: {value}")
-    return value
-
-
 def _ijbc_ids(data_cfg: DataConfig, index_N: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Template and media id of each extracted sample, from the split's index.parquet."""
     from pipeline.data.index import read_index
@@ -105,7 +82,7 @@ def compute_metrics(
             return ijbc_metrics(e.emb_ND, templates, media, protocol)
 
         # Plain NumPy on one process: pooling + 15.6M pairs take ~30 s on 2 cores.
-        return _on_main(ijbc)
+        return distributed.on_main(ijbc)  # all ranks participate
     from pipeline.eval.metrics import retrieval_metrics
 
     metrics = retrieval_metrics(

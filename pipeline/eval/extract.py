@@ -26,21 +26,6 @@ class Embeddings:
     index_N: np.ndarray
 
 
-def _gather_rows(local: np.ndarray) -> np.ndarray:
-    """Concatenate every rank's rows (counts may differ; all ranks participate)."""
-    if distributed.get_world_size() == 1:
-        return local
-    dev = distributed.device()  # NCCL only moves CUDA tensors
-    n = torch.tensor([local.shape[0]], dtype=torch.int64, device=dev)
-    counts = distributed.all_gather_nograd(n).tolist()
-    padded = np.zeros((max(counts), *local.shape[1:]), dtype=local.dtype)
-    padded[: local.shape[0]] = local
-    # all_gather_nograd needs equal shapes, hence the padding to the largest count.
-    gathered = distributed.all_gather_nograd(torch.from_numpy(padded).to(dev)).cpu().numpy()
-    step = max(counts)
-    return np.concatenate([gathered[r * step : r * step + c] for r, c in enumerate(counts)])
-
-
 def extract_embeddings(
     model: torch.nn.Module,
     urls: str,
@@ -83,7 +68,8 @@ def extract_embeddings(
     emb = np.concatenate(embs) if embs else np.zeros((0, dim), np.float32)
     lab = np.concatenate(labels) if labels else np.zeros(0, np.int64)
     idx = np.concatenate(indices) if indices else np.zeros(0, np.int64)
-    emb, lab, idx = _gather_rows(emb), _gather_rows(lab), _gather_rows(idx)
+    # All ranks participate, a rank without samples too.
+    emb, lab, idx = (distributed.all_gather_rows(a) for a in (emb, lab, idx))
     if len(idx) == 0:
         raise ValueError(f"eval shards {urls!r} hold no samples; check data.eval_urls")
     e, repeated = sort_by_index(emb, lab, idx)

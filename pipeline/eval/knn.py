@@ -219,24 +219,6 @@ def gallery_slice(n: int, rank: int, world_size: int) -> tuple[int, int]:
     return lo, lo + base + (1 if rank < extra else 0)
 
 
-def _gather_topk(scores_Bk: np.ndarray, ids_Bk: np.ndarray) -> tuple[list, list]:
-    """All ranks' top-k lists for the same query block (all ranks participate)."""
-    import torch
-
-    from pipeline import distributed
-
-    world = distributed.get_world_size()
-    if world == 1:
-        return [scores_Bk], [ids_Bk]
-    dev = distributed.device()  # NCCL only moves CUDA tensors
-    s = distributed.all_gather_nograd(
-        torch.from_numpy(np.ascontiguousarray(scores_Bk))[None].to(dev)
-    )
-    i = distributed.all_gather_nograd(torch.from_numpy(np.ascontiguousarray(ids_Bk))[None].to(dev))
-    s, i = s.cpu().numpy(), i.cpu().numpy()
-    return [s[r] for r in range(world)], [i[r] for r in range(world)]
-
-
 def iter_sharded_knn(
     queries_ND: np.ndarray,
     index: ExactIPIndex,
@@ -249,11 +231,13 @@ def iter_sharded_knn(
     via ``id_offset``); all ranks participate in each block and all receive the merged top-k of
     the whole gallery. With one process this is a blocked search of ``index``.
     """
+    from pipeline import distributed  # lazily, like torch: importing knn stays light
+
     if query_block < 1:
         raise ValueError(f"query_block={query_block}: must be >= 1")
     for start in range(0, queries_ND.shape[0], query_block):
         s_loc, i_loc = index.search(queries_ND[start : start + query_block], k)
-        s_all, i_all = _gather_topk(s_loc, i_loc)  # all ranks participate
+        s_all, i_all = distributed.all_gather_topk(s_loc, i_loc)  # all ranks participate
         if len(s_all) == 1:
             yield start, s_all[0], i_all[0]
         else:

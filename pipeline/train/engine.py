@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from typing import Any
 
 import torch
@@ -77,16 +78,35 @@ def _merge_user_config(config: dict, train_cfg: TrainConfig) -> None:
             config[name] = value
 
 
-def ensure_process_group() -> None:
-    """Give DeepSpeed the process group it needs, also for a single process.
+def use_private_extension_dir() -> None:
+    """Keep DeepSpeed's JIT-compiled ops inside this Python environment (TORCH_EXTENSIONS_DIR),
+    unless the user chose a directory.
 
-    ``pipeline.distributed.init`` creates no group for one process; DeepSpeed requires one
-    (and the LOCAL_RANK variable, which ``srun`` does not set).
+    On the CPU accelerator every DeepSpeed start-up loads ``deepspeed_shm_comm``, compiled on
+    first use into torch's extension cache, by default one directory per user
+    (``~/.cache/torch_extensions/py311_<variant>/deepspeed_shm_comm``) shared by every
+    checkout. Its build file records the environment's absolute paths, so two checkouts with
+    different virtual environments (a CI clone beside a working copy) rebuild the same .so in
+    turn, and GNU ld rewrites it in place (same inode): a rank that loads it meanwhile fails
+    with ``ImportError: ... file too short`` or ``invalid ELF header`` (reproduced with a
+    relink loop beside the 2-process DeepSpeed test, issue 9). One directory per environment
+    makes the build deterministic: it is compiled once (``make venv`` does it, see
+    :func:`build_cpu_ops`) and never rewritten by another checkout.
     """
-    os.environ.setdefault("LOCAL_RANK", str(distributed.get_local_rank()))
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    if "TORCH_EXTENSIONS_DIR" in os.environ or not os.access(sys.prefix, os.W_OK):
+        return
+    os.environ["TORCH_EXTENSIONS_DIR"] = os.path.join(sys.prefix, "torch_extensions")
+
+
+def build_cpu_ops() -> None:
+    """Compile (or find) DeepSpeed's CPU communication op now, in one process, so that ranks
+    only load it at run time; ``make venv`` calls it. Nothing to do on a GPU machine."""
+    use_private_extension_dir()
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None and get_accelerator().device_name() == "cpu":
+        builder.load(verbose=False)
 
 
 def build_engine(
@@ -98,7 +118,8 @@ def build_engine(
 ) -> Any:
     """A DeepSpeed engine around ``model`` (moved to this rank's device). All ranks
     participate (DeepSpeed broadcasts rank 0's initial weights)."""
-    ensure_process_group()
+    distributed.ensure_process_group()
+    use_private_extension_dir()  # before DeepSpeed loads its CPU comm op
     import deepspeed
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
