@@ -262,14 +262,36 @@ def init(timeout_s: float = 1800.0) -> DistEnv:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+    timeout = datetime.timedelta(seconds=timeout_s)
     dist.init_process_group(
         backend=backend,
         init_method=f"tcp://{env.master_addr}:{env.master_port}",
         rank=env.rank,
         world_size=env.world_size,
-        timeout=datetime.timedelta(seconds=timeout_s),
+        timeout=timeout,
     )
+    # Groups made later with new_group(timeout=None) take torch's module default (30 min),
+    # not this group's: DeepSpeed's data-parallel group (deepspeed.utils.groups
+    # ._clone_world_group, which ZeRO reduces gradients over) is one, so a host lost during a
+    # backward hung the job for 30 minutes (tests/test_multinode.py, lost host).
+    c10d = dist.distributed_c10d
+    c10d.default_pg_timeout = timeout
+    if hasattr(c10d, "default_pg_nccl_timeout"):
+        c10d.default_pg_nccl_timeout = timeout
     return env
+
+
+def is_collective_error(error: BaseException) -> bool:
+    """``error`` is a collective that failed because a peer is gone or too late: torch's
+    ``DistError`` (NCCL, the store), or the plain ``RuntimeError`` gloo's transport raises
+    (torch 2.14 does not wrap it: "Timed out waiting 30000ms for recv operation", "Application
+    timeout caused pair closure", "Connection closed by peer [addr]:port")."""
+    if isinstance(error, dist.DistError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(
+        s in text for s in ("gloo/transport", "pair closure", "closed by peer", "reset by peer")
+    )
 
 
 def destroy() -> None:
