@@ -309,6 +309,14 @@ def init(timeout_s: float = DEFAULT_TIMEOUT_S) -> DistEnv:
         world_size=env.world_size,
         timeout=timeout,
     )
+    # Groups made later with new_group(timeout=None) take torch's module default (30 min),
+    # not this group's: DeepSpeed's data-parallel group (deepspeed.utils.groups
+    # ._clone_world_group, which ZeRO reduces gradients over) is one, so a host lost during a
+    # backward hung the job for 30 minutes (tests/test_multinode.py, lost host).
+    c10d = dist.distributed_c10d
+    c10d.default_pg_timeout = timeout
+    if hasattr(c10d, "default_pg_nccl_timeout"):
+        c10d.default_pg_nccl_timeout = timeout
     return env
 
 
@@ -335,6 +343,19 @@ def ensure_process_group(timeout_s: float = DEFAULT_TIMEOUT_S) -> DistEnv:
             timeout=_timedelta(timeout_s),
         )
     return env
+
+
+def is_collective_error(error: BaseException) -> bool:
+    """``error`` is a collective that failed because a peer is gone or too late: torch's
+    ``DistError`` (NCCL, the store), or the plain ``RuntimeError`` gloo's transport raises
+    (torch 2.14 does not wrap it: "Timed out waiting 30000ms for recv operation", "Application
+    timeout caused pair closure", "Connection closed by peer [addr]:port")."""
+    if isinstance(error, dist.DistError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(
+        s in text for s in ("gloo/transport", "pair closure", "closed by peer", "reset by peer")
+    )
 
 
 def destroy() -> None:

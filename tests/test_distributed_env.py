@@ -240,3 +240,49 @@ def test_helpers_work_with_one_process():
     assert distributed.all_gather_with_grad(t) is t
     assert distributed.all_gather_nograd(t) is t
     distributed.barrier()
+
+
+def _later_group_times_out(rank: int, world: int, out: str) -> None:
+    import datetime
+    import time
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    distributed.destroy()  # run_distributed's group has 120 s; rejoin with 3 s
+    distributed.init(timeout_s=3)
+    group = dist.new_group(list(range(world)))  # as DeepSpeed makes its data-parallel group
+    if rank == 0:
+        t0 = time.monotonic()
+        try:
+            dist.all_reduce(torch.ones(1), group=group)  # rank 1 never joins
+        except RuntimeError as e:  # gloo raises a plain RuntimeError, not DistError
+            assert distributed.is_collective_error(e), e
+            Path(out).write_text(str(time.monotonic() - t0))
+    else:  # wait (without a collective) until rank 0 is done
+        deadline = time.monotonic() + 60
+        while not Path(out).exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert datetime.timedelta(seconds=3) == dist.distributed_c10d.default_pg_timeout
+
+
+@pytest.mark.distributed
+def test_collective_timeout_bounds_groups_made_later(tmp_path):
+    """A group made after init (DeepSpeed's data-parallel group) fails a collective whose peer
+    never comes within init's timeout, not torch's 30-minute default; the error is recognised
+    as a failed collective (the trainer then names the job's hosts). Measured: ~10 s."""
+    from tests.dist_helpers import run_distributed
+
+    out = tmp_path / "waited_s"
+    run_distributed(_later_group_times_out, 2, str(out))
+    assert out.is_file(), "the all-reduce on the later group did not time out"
+    assert 2.5 <= float(out.read_text()) < 15
+
+
+def test_collective_errors_are_recognised():
+    gloo = "[/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting"
+    assert distributed.is_collective_error(RuntimeError(gloo))
+    assert distributed.is_collective_error(RuntimeError("Application timeout caused pair closure"))
+    assert distributed.is_collective_error(torch.distributed.DistError("store timeout"))
+    assert not distributed.is_collective_error(RuntimeError("mat1 and mat2 shapes cannot be"))
+    assert not distributed.is_collective_error(ValueError("gloo/transport"))

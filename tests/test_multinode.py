@@ -4,9 +4,11 @@ none answers (as root; packages are installed if missing) and stops it at the en
 test fails; on a cluster started by hand only this module's jobs are cancelled. An `mlflow
 server` on the head's bridge address serves the module's runs (stopped at the end).
 
-Module cost, measured on the shared 2-core machine: 6 min at load ~15, 7 min at load ~20
+Module cost, measured on the shared 2-core machine: 9.8 min at load ~10-15 on a running
+cluster, ~11 min with its start
 (52-58 s setup: cluster start with MariaDB initialised, shards, server; 17 s rank
-environment; 222-277 s training on three layouts; 28-30 s evaluation; 27-29 s teardown). Run it alone with
+environment; 222-277 s training on three layouts; 175-237 s losing a host and resuming; 28-30 s
+evaluation; 27-29 s teardown). Run it alone with
 `pytest -m multinode tests/test_multinode.py` (as root)."""
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -227,8 +230,36 @@ def _max_weight_diff(a: Path, b: Path) -> float:
 # ---------------------------------------------------------------------------- training
 
 
+@pytest.fixture(scope="module")
+def two_hosts(cluster, shards, mlflow_server, tmp_path_factory) -> tuple[Path, float]:
+    """The launcher's 4-rank job on 2 hosts (3 steps, uninterrupted): its run directory and
+    how long it took. Checked by the next test; the reference of the lost-host test."""
+    tmp = tmp_path_factory.mktemp("launcher")
+    t0 = time.time()
+    cfg = _config(tmp, shards, "two_hosts", mlflow_server)
+    launch = ["--nodes", "2", "--tasks-per-node", "2", "--gpus-per-node", "0"]
+    launch += ["--cpus-per-task", "1", "--partition", "debug", "--time", "10"]
+    launch += ["--folder", str(tmp / "submitit" / "%j"), "--wait"]
+    launch += [f"launch.job_name={JOB_NAME}"]
+    try:
+        proc = subprocess.run(
+            [python(), "-m", "launch.slurm", "train", "--config", str(cfg), *launch],
+            env=cluster.env(OMP_NUM_THREADS="1"),
+            capture_output=True,
+            text=True,
+            timeout=420,
+            cwd=REPO,
+        )
+    except subprocess.TimeoutExpired:
+        cluster.cancel_jobs()
+        raise
+    logs = "\n".join(p.read_text()[-1500:] for p in (tmp / "submitit").rglob("*_0_log.*"))
+    assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}\n{logs}"
+    return tmp / "two_hosts", time.time() - t0
+
+
 def test_launcher_on_two_hosts_trains_like_one_host_and_one_process(
-    cluster, shards, mlflow_server, tmp_path
+    cluster, shards, mlflow_server, two_hosts, tmp_path
 ):
     """`python -m launch.slurm train --nodes 2 --tasks-per-node 2` (submitit, 4 ranks on 2
     hosts, gloo across the bridge, MLflow over http to the head) against the same global batch
@@ -253,31 +284,11 @@ def test_launcher_on_two_hosts_trains_like_one_host_and_one_process(
     whole_cfg = _config(tmp_path, shards, "one_process", mlflow_server)
     _run([python(), "-m", "tests.cluster.whole_batch_train", str(RANKS), str(whole_cfg)], env, 300)
     t2 = time.time()
-
-    cfg = _config(tmp_path, shards, "two_hosts", mlflow_server)
-    launch = ["--nodes", "2", "--tasks-per-node", "2", "--gpus-per-node", "0"]
-    launch += ["--cpus-per-task", "1", "--partition", "debug", "--time", "10"]
-    launch += ["--folder", str(tmp_path / "submitit" / "%j"), "--wait"]
-    launch += [f"launch.job_name={JOB_NAME}"]
-    try:
-        proc = subprocess.run(
-            [python(), "-m", "launch.slurm", "train", "--config", str(cfg), *launch],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=420,
-            cwd=REPO,
-        )
-    except subprocess.TimeoutExpired:
-        cluster.cancel_jobs()
-        raise
-    logs = "\n".join(p.read_text()[-1500:] for p in (tmp_path / "submitit").rglob("*_0_log.*"))
-    assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}\n{logs}"
-    t3 = time.time()
-    print(f"torchrun {t1 - t0:.0f} s, one process {t2 - t1:.0f} s, launcher {t3 - t2:.0f} s")
+    out, launcher_s = two_hosts  # the launcher's job (the module fixture above)
+    cfg = out.parent / "two_hosts.yaml"
+    print(f"torchrun {t1 - t0:.0f} s, one process {t2 - t1:.0f} s, launcher {launcher_s:.0f} s")
 
     # Where every rank ran, as the job recorded it before training.
-    out = tmp_path / "two_hosts"
     ranks = [json.loads((out / "launch" / f"rank{r}.json").read_text()) for r in range(RANKS)]
     for rank, rec in enumerate(ranks):
         node, local = divmod(rank, 2)  # Slurm's block distribution: ranks 0, 1 on host 1
@@ -297,10 +308,9 @@ def test_launcher_on_two_hosts_trains_like_one_host_and_one_process(
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_sapnode1_{port}_*"))
 
     # Same training on all three layouts.
-    results = {
-        n: json.loads((tmp_path / n / "result.json").read_text())
-        for n in ("two_hosts", "one_host", "one_process")
-    }
+    runs = {"two_hosts": out, "one_host": tmp_path / "one_host"}
+    runs["one_process"] = tmp_path / "one_process"
+    results = {n: json.loads((d / "result.json").read_text()) for n, d in runs.items()}
     assert {r["step"] for r in results.values()} == {STEPS}
     losses = {n: _losses(mlflow_server, r["run_id"]) for n, r in results.items()}
     loss_diff = {
@@ -352,6 +362,155 @@ def test_launcher_on_two_hosts_trains_like_one_host_and_one_process(
     assert run.info.status == "FINISHED"
     assert run.data.tags["world_size"] == str(RANKS)
     assert run.data.params["train.zero_stage"] == "2"
+
+
+# ---------------------------------------------------------------------------- a lost host
+
+COLLECTIVE_TIMEOUT_S = 30  # above the slowest collective of this tiny run at load ~20
+LOST = "sapnode2"  # ranks 2 and 3
+
+
+def _trainer_pids(host: str) -> list[int]:
+    """The training processes in ``host``'s network namespace."""
+    out = subprocess.run(["ip", "netns", "pids", host], capture_output=True, text=True)
+    pids = []
+    for pid in out.stdout.split():
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue  # ended meanwhile
+        if b"pipeline.cli" in cmdline:
+            pids.append(int(pid))
+    return pids
+
+
+def _rejoin(cluster: NamespaceCluster, host: str) -> None:
+    """Link ``host`` again and return it to service (Slurm sets it DOWN once its slurmd has
+    not answered for SlurmdTimeout); waits until every host is idle again."""
+    subprocess.run(["ip", "link", "set", f"sapv{host.removeprefix('sapnode')}", "up"], check=True)
+    deadline = time.time() + 120
+    while not cluster.answering():
+        scontrol = ["scontrol", "update", f"nodename={host}", "state=resume"]
+        subprocess.run(scontrol, env=cluster.env(), capture_output=True, timeout=30)
+        if time.time() > deadline:
+            raise TimeoutError(f"{host} did not come back: {cluster.log_tail('slurmctld')}")
+        time.sleep(2)
+
+
+def test_lost_host_fails_in_bounded_time_then_the_same_command_resumes_exactly(
+    cluster, shards, mlflow_server, two_hosts, tmp_path
+):
+    """`srun -N2 --ntasks-per-node=2 python -m pipeline.cli train` with
+    train.collective_timeout_s=30 and a checkpoint every step; once the first checkpoint is
+    `latest`, host sapnode2 is cut off like a power loss: its link into the bridge goes down
+    and its two ranks are killed (no FIN reaches the survivors, so only the timeout can end
+    their wait; its slurmd lives on, unreachable). Then a half-written checkpoint is left
+    beside the last one, as a save interrupted by the loss leaves it (the survivors' files, no
+    manifest).
+
+    Asserted: the ranks on sapnode1 exit by themselves within the timeout + 45 s (measured:
+    33 s to the failed collective, 40-43 s to their exit) with the trainer's message naming the step, the rank, the timeout,
+    the hosts -> ranks table and the checkpoint it resumes from; the same srun command then
+    resumes from the last complete checkpoint (never the half-written one), continues the same
+    MLflow run, logs each of the 3 steps once with the losses of the uninterrupted launcher job
+    (`two_hosts`), and ends with its weights (same 4 ranks, same gloo sums: bitwise, asserted
+    within TOL_SAME_WORLD; measured: 0 and 0). Slurm's own requeue is not used: the lost node is marked DOWN only
+    after SlurmdTimeout (60 s), after the survivors have already failed; the rerun is the
+    resubmission of the same command. Measured: 175-237 s (load 10-15): 54-62 s to the first
+    checkpoint, 40-43 s to the survivors' exit, 10-60 s until srun returns after the host
+    rejoins, 60-79 s resumed run."""
+    from pipeline.train import checkpoint
+
+    cfg = _config(tmp_path, shards, "lost_host", mlflow_server)
+    overrides = ["train.checkpoint_every=1", f"train.collective_timeout_s={COLLECTIVE_TIMEOUT_S}"]
+    train = [python(), "-m", "pipeline.cli", "train", "--config", str(cfg), *overrides]
+    srun = ["srun", "-J", JOB_NAME, "--time=5", "-N2", "--ntasks-per-node=2", *train]
+    env = cluster.env(OMP_NUM_THREADS="1")
+    out = tmp_path / "lost_host"
+    ckpt = out / "checkpoints"
+    err = tmp_path / "first.err"
+
+    t0 = time.time()
+    with open(tmp_path / "first.out", "w") as o, open(err, "w") as e:
+        first = subprocess.Popen(srun, env=env, stdout=o, stderr=e, cwd=REPO)
+    cut = None
+    try:
+        while not (ckpt / "latest").is_file():
+            assert first.poll() is None, f"the job ended before a checkpoint: {err.read_text()}"
+            assert time.time() - t0 < 240, "no checkpoint after 240 s"
+            time.sleep(0.1)
+        subprocess.run(["ip", "link", "set", "sapv2", "down"], check=True)
+        cut = time.time()
+        for pid in _trainer_pids(LOST):
+            os.kill(pid, signal.SIGKILL)
+        # The survivors must end by themselves: nothing else ends them before SlurmdTimeout.
+        while _trainer_pids("sapnode1"):
+            assert time.time() - cut < COLLECTIVE_TIMEOUT_S + 45, (
+                f"the ranks on sapnode1 still run {time.time() - cut:.0f} s after the cut"
+            )
+            time.sleep(0.2)
+        failed_after = time.time() - cut
+    finally:
+        if cut is not None:
+            _rejoin(cluster, LOST)
+        try:
+            first.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            cluster.cancel_jobs()
+            first.kill()
+            first.wait()
+    stderr = err.read_text()
+    messages = re.findall(r"RuntimeError: (a collective failed at step .*)", stderr)
+    print(
+        f"first checkpoint after {cut - t0:.0f} s; survivors ended {failed_after:.1f} s after "
+        f"the cut\n" + "\n".join(sorted(set(messages)))
+    )
+    assert {m.split("(rank ")[1].split(";")[0] for m in messages} == {"0", "1"}, stderr[-3000:]
+    complete = checkpoint.resumable_tag(ckpt)
+    for m in messages:
+        assert f"train.collective_timeout_s={COLLECTIVE_TIMEOUT_S}" in m
+        assert "the job's hosts were sapnode1: ranks [0, 1], sapnode2: ranks [2, 3]" in m
+        assert f"it resumes from {checkpoint.latest_tag(ckpt)} in the same MLflow run" in m
+    assert not (out / "result.json").exists()
+    done = int(complete.removeprefix("step_"))
+    assert 1 <= done < STEPS
+
+    # What a save interrupted by the loss leaves: the survivors' files, no manifest.
+    partial = ckpt / checkpoint.tag_for(done + 1)
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    for name in (
+        "mp_rank_00_model_states.pt",
+        *(f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)),
+    ):
+        shutil.copy(ckpt / complete / name, partial / name)
+
+    t1 = time.time()
+    proc = subprocess.run(srun, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    print(f"resumed run {time.time() - t1:.0f} s")
+    result = json.loads((out / "result.json").read_text())
+    ref_out, _ = two_hosts
+    reference = json.loads((ref_out / "result.json").read_text())
+    assert result["step"] == STEPS and result["resumed_from"] == done
+    assert result["run_id"] == json.loads(proc.stdout.strip().splitlines()[-1])["run_id"]
+    losses, ref_losses = (
+        _losses(mlflow_server, result["run_id"]),
+        _losses(mlflow_server, reference["run_id"]),
+    )
+    from mlflow import MlflowClient
+
+    runs = MlflowClient(mlflow_server).search_runs(
+        [MlflowClient(mlflow_server).get_experiment_by_name("multinode-lost_host").experiment_id]
+    )
+    assert [r.info.run_id for r in runs] == [result["run_id"]]  # continued, not a second run
+    assert runs[0].info.status == "FINISHED"
+    loss_diff = max(abs(losses[s] - ref_losses[s]) for s in ref_losses)
+    weight_diff = _max_weight_diff(out / "model.safetensors", ref_out / "model.safetensors")
+    print(
+        f"resumed from {complete}: max loss diff {loss_diff:.3g}, max weight diff {weight_diff:.3g}"
+    )
+    assert loss_diff <= TOL_SAME_WORLD and weight_diff <= TOL_SAME_WORLD
 
 
 # ---------------------------------------------------------------------------- evaluation

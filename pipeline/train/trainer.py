@@ -567,7 +567,9 @@ class Trainer:
                     saved = self.checkpointer.maybe_save(self.step)
                     # All ranks participate: the ranks receive a signal at different moments.
                     stopping = distributed.any_rank(stop.requested)
-                except torch.distributed.DistError as e:
+                except Exception as e:  # gloo's timeouts are plain RuntimeErrors
+                    if not distributed.is_collective_error(e):
+                        raise
                     raise self._lost_rank(e) from e
                 if stopping:
                     self._stop(stop, saved)
