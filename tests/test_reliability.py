@@ -618,3 +618,67 @@ def test_bad_input_fails_in_seconds_before_the_engine(shards, tmp_path, override
     assert seconds < 120
     assert not (tmp_path / "run" / "checkpoints").exists()
     assert not (tmp_path / "run" / "mlflow.db").exists()
+
+
+_CHILD = """
+import os, sys, time
+from pipeline.train.guard import StopRequest, exit_with_parent
+out = open(sys.argv[1], "a", buffering=1)
+exit_with_parent()
+with StopRequest(grace_s=60) as stop:
+    out.write("ready\\n")
+    while not stop.requested:
+        time.sleep(0.01)
+    out.write(f"stop requested, parent {os.getppid()}\\n")
+    time.sleep(2)  # the step and the checkpoint
+    out.write("checkpoint written\\n")
+raise SystemExit(128 + stop.signum)
+"""
+
+_PARENT = """
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2]], start_new_session=True)
+print(child.pid, flush=True)
+sys.stdin.readline()  # the test says when the launcher dies
+"""
+
+
+def test_the_launchers_repeated_death_signal_is_one_stop(tmp_path):
+    """Linux sends the parent-death signal once per exiting thread of a dying launcher, so a
+    rank of a SIGKILLed torchrun may get SIGTERM twice; that is still one graceful stop, not
+    "the user insists" (it was: the ranks exited at once, without their checkpoint, in about
+    one run in three of test_killing_only_torchrun...). Measured: 3 s."""
+    out = tmp_path / "child.txt"
+    out.touch()
+    parent = subprocess.Popen(
+        [sys.executable, "-c", _PARENT, _CHILD, str(out)],
+        cwd=ROOT,
+        env=_env(),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    job = Job(out)
+    job.procs.append(parent)
+    JOBS.append(job)
+    child = int(parent.stdout.readline())
+    job.rank_pids.add(child)
+    _until("the child's handlers", lambda: "ready" in out.read_text(errors="replace"), job)
+    parent.stdin.close()  # the launcher exits: the kernel sends the child SIGTERM
+    assert parent.wait(timeout=60) == 0
+    job.procs.remove(parent)
+    _until(
+        "the stop request",
+        lambda: "stop requested" in out.read_text() or not _alive(child),
+        job,
+        timeout=60,
+    )
+    assert "stop requested" in out.read_text()
+    os.kill(child, signal.SIGTERM)  # the repeat, as from the launcher's next exiting thread
+    deadline = time.monotonic() + 60
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child)
+    text = out.read_text()
+    assert f"parent {parent.pid}" not in text  # the stop came with the launcher's death
+    assert "checkpoint written" in text, text
