@@ -47,7 +47,8 @@ class StopRequest:
     Use as a context manager around the training loop; the previous handlers come back at
     exit. ``grace_s``: after the first signal, the process exits by itself (code 128+signal)
     if it is still running this many seconds later, e.g. blocked in a collective with a lost
-    rank.
+    rank. A second signal ends the process at once, except a repeat of the first once the
+    parent has died (the parent-death signal of :func:`exit_with_parent`, which Linux repeats).
     """
 
     def __init__(self, signals: tuple[int, ...] = STOP_SIGNALS, grace_s: float = 300.0) -> None:
@@ -56,6 +57,7 @@ class StopRequest:
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
         self._timer: threading.Timer | None = None
+        self._parent = os.getppid()
 
     @property
     def requested(self) -> bool:
@@ -67,6 +69,12 @@ class StopRequest:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.signum is not None:
+            if signum == self.signum and os.getppid() != self._parent:
+                # The launcher died: Linux sends the parent-death signal again each time this
+                # process is handed to another of the dying launcher's threads (issue 10:
+                # torchrun SIGKILLed, the ranks exited without their checkpoint). One stop;
+                # grace_s still bounds it.
+                return
             # A second signal: the user or the scheduler insists.
             os._exit(128 + signum)
         self.signum = signum
@@ -75,6 +83,7 @@ class StopRequest:
         self._timer.start()
 
     def __enter__(self) -> StopRequest:
+        self._parent = os.getppid()
         if threading.current_thread() is threading.main_thread():
             for sig in self.signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
