@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from pipeline import distributed
+from pipeline.config import DataConfig
 from pipeline.config_loader import load_config
 from pipeline.rundir import RunDir
 from pipeline.train import checkpoint
@@ -62,7 +63,9 @@ def test_trainer_trains_checkpoints_and_records_the_run(
 
     out = tmp_path / "run"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = _config(tiny_config, shards, f"tracking.uri={uri}")
+    cfg = _config(
+        tiny_config, shards, f"tracking.uri={uri}", "tracking.register_model=tiny-embedder"
+    )
     result = train(cfg)
     run = RunDir(out)
 
@@ -94,6 +97,11 @@ def test_trainer_trains_checkpoints_and_records_the_run(
     )
     assert [s for s, _ in losses] == [1, 2] and all(math.isfinite(v) for _, v in losses)
     assert client.get_run(result["run_id"]).info.status == "FINISHED"
+    # The run's model, registered under tracking.register_model (issue 12): version 1 comes
+    # from this run and embeds images as the saved weights do.
+    versions = client.search_model_versions("name='tiny-embedder'")
+    assert [(int(v.version), v.run_id) for v in versions] == [(1, result["run_id"])]
+    _registered_model_embeds_like_the_weights(uri, run.weights, cfg.data)
     log = run.log_file(0).read_text()
     for step in range(1, STEPS + 1):
         assert f"step {step}/{STEPS}: loss " in log
@@ -116,3 +124,35 @@ def test_train_step_returns_the_local_loss(shards, tmp_path, tiny_config, single
     assert loss.ndim == 0 and torch.isfinite(loss) and 0 <= float(loss) <= 1
     assert trainer.step == 1 and phases == ["forward", "loss", "backward", "optimizer"]
     assert not (tmp_path / "run" / "checkpoints").exists()  # a checkpoint is the loop's hook
+
+
+def _registered_model_embeds_like_the_weights(uri: str, weights: Path, data: DataConfig) -> None:
+    import io
+
+    import mlflow
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    from pipeline.data.transforms import eval_transform
+    from pipeline.model import load_trained_model
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (40, 48, 3), dtype=np.uint8) for _ in range(3)]
+    encoded = []
+    for a in images:
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format="PNG")
+        encoded.append(buf.getvalue())
+    mlflow.set_tracking_uri(uri)
+    try:
+        got = mlflow.pyfunc.load_model("models:/tiny-embedder/1").predict(
+            pd.DataFrame({"image": encoded})
+        )
+    finally:
+        mlflow.set_tracking_uri(None)
+    transform = eval_transform(data)
+    model = load_trained_model(weights).eval()
+    with torch.no_grad():
+        want = model(torch.stack([transform(Image.fromarray(a)) for a in images])).numpy()
+    assert np.abs(np.asarray(got) - want).max() < 1e-5

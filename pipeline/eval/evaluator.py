@@ -266,6 +266,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _preflight(cfg: RunConfig) -> None:
+    from pipeline.preflight import preflight
+    from pipeline.tracking import MlflowTracker
+
+    preflight(cfg, distributed.get_world_size(), train=False)
+    if cfg.tracking.enabled:
+        MlflowTracker.check(cfg.tracking)
+
+
 def run(args: argparse.Namespace) -> int:
     from pipeline.model import load_trained_model
     from pipeline.tracking import run_page, tracking_session
@@ -279,6 +288,9 @@ def run(args: argparse.Namespace) -> int:
         # The checkpoint records its architecture; a config that names the model must agree.
         names_model = args.config is not None or any(o.startswith("model.") for o in overrides)
         model = load_trained_model(checkpoint, cfg.model if names_model else None)
+        # All ranks participate: the eval shards and the tracking store are checked in
+        # seconds, before anything is embedded.
+        distributed.on_main(lambda: _preflight(cfg))
         device = distributed.device()
         model.to(device)
         is_main = distributed.is_main_process()
