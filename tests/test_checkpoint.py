@@ -7,10 +7,11 @@ import pickle
 import pytest
 import torch
 
-from pipeline.config import ConfigError, ModelConfig, OptimConfig, TrainConfig
+from pipeline.config import ConfigError, OptimConfig, TrainConfig
 from pipeline.train import checkpoint
 from pipeline.train.engine import deepspeed_config
 from tests.dist_helpers import run_distributed
+from tests.tiny import tiny_model_config
 
 
 class _Payload:
@@ -74,7 +75,7 @@ def _engine(zero: int, precision: str, embedding_dim: int = 8):
     from pipeline.train.optim import build_optimizer, build_scheduler
 
     torch.manual_seed(0)
-    model = build_model(ModelConfig(backbone="test_byobnet", embedding_dim=embedding_dim))
+    model = build_model(tiny_model_config(embedding_dim=embedding_dim))
     optim_cfg = OptimConfig(lr=1e-2, scheduler="step", step_size=2, gamma=0.5)
     opt = build_optimizer(model, optim_cfg)
     train_cfg = TrainConfig(zero_stage=zero, precision=precision, gradient_clipping=1.0)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipeline.data.stream import TrainStream, train_loader
-from tests.data_helpers import cfgs, tiny_split
+from tests.data_helpers import cfgs
 from tests.dist_helpers import run_distributed
 
 STEPS = 6
@@ -39,8 +39,8 @@ def _worker(rank: int, world_size: int, split: str, out: str) -> None:
 
 
 @pytest.mark.distributed
-def test_two_processes_two_workers_match_single_process(tmp_path):
-    split = tiny_split(tmp_path / "d", classes=16, per_class=4, samples_per_shard=8)
+def test_two_processes_two_workers_match_single_process(tmp_path, synthetic_split):
+    split = synthetic_split(classes=16, per_class=4, samples_per_shard=8)
     run_distributed(_worker, 2, str(split), str(tmp_path))
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     assert [r["steps"].tolist() for r in results] == [[STEPS, STEPS]] * 2

@@ -19,12 +19,12 @@ from pipeline.data.transforms import (
     train_geometry,
     train_transform,
 )
-from tests.data_helpers import jpeg_bytes, tiny_split
+from tests.data_helpers import jpeg_bytes
 
 
 @pytest.fixture(scope="module")
-def split(tmp_path_factory):
-    return tiny_split(tmp_path_factory.mktemp("i"), classes=4, per_class=3, samples_per_shard=6)
+def split(synthetic_split):
+    return synthetic_split(classes=4, per_class=3, samples_per_shard=6)
 
 
 def test_shard_specs_expand_the_same_way(split, tmp_path):

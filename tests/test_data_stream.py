@@ -21,21 +21,20 @@ from pipeline.data.stream import (
     train_loader,
 )
 from pipeline.data.transforms import eval_transform
-from tests.data_helpers import cfgs, tiny_split
+from tests.data_helpers import cfgs
 
 
 @pytest.fixture(scope="module")
-def split(tmp_path_factory):
+def split(synthetic_split):
     """24 classes x 5 images, 3 whole classes a shard: 8 shards."""
-    return tiny_split(tmp_path_factory.mktemp("a"), classes=24, per_class=5, samples_per_shard=15)
+    return synthetic_split(classes=24, per_class=5, samples_per_shard=15)
 
 
 @pytest.fixture(scope="module")
-def uneven(tmp_path_factory):
+def uneven(synthetic_split):
     """8 shards of different sizes, classes of 2..9 images."""
     sizes = [2 + (3 * c) % 8 for c in range(14)]
-    return tiny_split(
-        tmp_path_factory.mktemp("b"),
+    return synthetic_split(
         classes=14,
         per_class_sizes=sizes,
         samples_per_shard=14,

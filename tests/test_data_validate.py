@@ -12,12 +12,11 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.data.validate import validate_split
-from tests.data_helpers import tiny_split
 
 
 @pytest.fixture(scope="module")
-def good(tmp_path_factory) -> Path:
-    return tiny_split(tmp_path_factory.mktemp("v"), classes=6, per_class=4, samples_per_shard=8)
+def good(synthetic_split) -> Path:
+    return synthetic_split(classes=6, per_class=4, samples_per_shard=8)
 
 
 def _copy(good: Path, tmp_path: Path) -> Path:

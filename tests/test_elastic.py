@@ -14,6 +14,7 @@ import torch
 from pipeline.config import ConfigError
 from pipeline.train import elastic
 from tests.dist_helpers import run_distributed
+from tests.tiny import tiny_model_config
 
 # (ZeRO stage, optimizer): every stage, and each optimizer's state (Adam/AdamW moments and
 # step, SGD momentum) through the ZeRO re-cut.
@@ -24,14 +25,14 @@ EMBEDDING_DIM = 7
 
 
 def _engine(zero: int, optim: str = "adam"):
-    from pipeline.config import ModelConfig, OptimConfig, TrainConfig
+    from pipeline.config import OptimConfig, TrainConfig
     from pipeline.model import build_model
     from pipeline.train.checkpoint import install_safe_loading
     from pipeline.train.engine import build_engine
     from pipeline.train.optim import build_optimizer, build_scheduler
 
     torch.manual_seed(0)
-    model = build_model(ModelConfig(backbone="test_byobnet", embedding_dim=EMBEDDING_DIM))
+    model = build_model(tiny_model_config(embedding_dim=EMBEDDING_DIM))
     optim_cfg = OptimConfig(name=optim, lr=1e-2, scheduler="step", step_size=2, gamma=0.5)
     opt = build_optimizer(model, optim_cfg, head_lr_mult=10.0)  # two parameter groups
     train_cfg = TrainConfig(zero_stage=zero, precision="fp32", gradient_clipping=1.0)

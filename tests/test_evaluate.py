@@ -16,18 +16,16 @@ from pipeline.config import ConfigError, DataConfig, EvalConfig, ModelConfig
 from pipeline.config_loader import split_checkpoint
 from pipeline.eval.evaluator import evaluate_model
 from pipeline.model import build_model, load_trained_model, save_weights
-from tests.data_helpers import jpeg_bytes, tiny_split
+from tests.data_helpers import jpeg_bytes
 from tests.dist_helpers import run_distributed
 
 SIZE = 32
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory) -> dict[str, Path]:
+def assets(tmp_path_factory, synthetic_split) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("eval")
-    split = tiny_split(
-        root / "data", split="test", classes=8, per_class=5, samples_per_shard=12, size=SIZE
-    )
+    split = synthetic_split(split="test", classes=8, per_class=5, samples_per_shard=12, size=SIZE)
     torch.manual_seed(0)
     model = build_model(ModelConfig(backbone="resnet18", embedding_dim=16))
     weights = save_weights(model.state_dict(), model.architecture, root / "model.safetensors")

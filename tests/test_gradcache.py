@@ -7,13 +7,14 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.config import ModelConfig, OptimConfig, TrainConfig
+from pipeline.config import OptimConfig, TrainConfig
 from pipeline.loss import SmoothAPLoss
 from pipeline.model import build_model
 from pipeline.train.gradcache import forward_backward
 from tests.dist_helpers import run_distributed
+from tests.tiny import tiny_model_config
 
-TINY = ModelConfig(backbone="test_byobnet", embedding_dim=8, freeze_bn=True)
+TINY = tiny_model_config(embedding_dim=8, freeze_bn=True)
 LOSS = SmoothAPLoss(temperature=0.05)
 LR = 1024.0
 

@@ -215,10 +215,10 @@ def test_cli_reports_errors_and_submits_nothing(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_local_evaluate_runs_pipeline_evaluate_in_two_tasks(tmp_path):
-    from tests.slurm.tiny_run import launcher_cli, make_shards, random_weights, tiny_config
+def test_local_evaluate_runs_pipeline_evaluate_in_two_tasks(tmp_path, synthetic_shards):
+    from tests.slurm.tiny_run import SHARDS, launcher_cli, random_weights, tiny_config
 
-    shards = make_shards(tmp_path / "shards")
+    shards = synthetic_shards(**SHARDS)
     config = tiny_config(tmp_path / "run.yaml", shards, tmp_path, steps=2, ckpt_every=2)
     weights = random_weights(config, tmp_path / "w.safetensors")
     proc = launcher_cli(

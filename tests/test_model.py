@@ -17,8 +17,7 @@ from pipeline.model import (
     read_state_dict,
     save_weights,
 )
-
-TINY = dict(backbone="test_byobnet", embedding_dim=8)
+from tests.tiny import tiny_model_config
 
 
 def _images(n: int = 6, seed: int = 0) -> torch.Tensor:
@@ -27,7 +26,7 @@ def _images(n: int = 6, seed: int = 0) -> torch.Tensor:
 
 def test_output_is_l2_normalised_with_the_configured_dimension():
     torch.manual_seed(0)
-    model = build_model(ModelConfig(**TINY)).eval()
+    model = build_model(tiny_model_config(embedding_dim=8)).eval()
     emb = model(_images())
     assert emb.shape == (6, 8)
     torch.testing.assert_close(emb.norm(dim=1), torch.ones(6), atol=1e-6, rtol=0)
@@ -37,7 +36,7 @@ def test_output_is_l2_normalised_with_the_configured_dimension():
 
 def test_frozen_batchnorm_keeps_statistics_and_affine_fixed():
     torch.manual_seed(0)
-    model = build_model(ModelConfig(**TINY, freeze_bn=True))
+    model = build_model(tiny_model_config(embedding_dim=8, freeze_bn=True))
     model.train()
     bns = model.batchnorm_layers()
     assert bns, "test_byobnet has BatchNorm layers"
@@ -56,7 +55,7 @@ def test_frozen_batchnorm_keeps_statistics_and_affine_fixed():
 
 def test_unfrozen_batchnorm_trains():
     torch.manual_seed(0)
-    model = build_model(ModelConfig(**TINY, freeze_bn=False)).train()
+    model = build_model(tiny_model_config(embedding_dim=8, freeze_bn=False)).train()
     assert all(bn.training for bn in model.batchnorm_layers())
     assert all(p.requires_grad for bn in model.batchnorm_layers() for p in bn.parameters())
 
@@ -68,19 +67,21 @@ def test_unknown_backbone_is_a_clear_error():
 
 def test_weights_file_round_trip_and_architecture_metadata(tmp_path):
     torch.manual_seed(0)
-    model = build_model(ModelConfig(**TINY)).eval()
+    model = build_model(tiny_model_config(embedding_dim=8)).eval()
     path = save_weights(model.state_dict(), model.architecture, tmp_path / "w.safetensors")
     loaded = load_trained_model(path)  # architecture from the file's metadata
     x = _images()
     torch.testing.assert_close(loaded(x), model(x), atol=0, rtol=0)
     assert loaded.architecture == model.architecture
     # With a matching config too.
-    torch.testing.assert_close(load_trained_model(path, ModelConfig(**TINY))(x), model(x))
+    torch.testing.assert_close(
+        load_trained_model(path, tiny_model_config(embedding_dim=8))(x), model(x)
+    )
 
 
 def test_weights_of_another_architecture_are_refused_with_the_fix(tmp_path):
     torch.manual_seed(0)
-    model = build_model(ModelConfig(**TINY))
+    model = build_model(tiny_model_config(embedding_dim=8))
     path = save_weights(model.state_dict(), model.architecture, tmp_path / "w.safetensors")
     with pytest.raises(
         ModelLoadError,
@@ -88,13 +89,11 @@ def test_weights_of_another_architecture_are_refused_with_the_fix(tmp_path):
     ):
         load_trained_model(path, ModelConfig(backbone="resnet18", embedding_dim=8))
     with pytest.raises(ModelLoadError, match=r"embedding_dim=8.*model.embedding_dim=16"):
-        load_trained_model(path, ModelConfig(backbone="test_byobnet", embedding_dim=16))
+        load_trained_model(path, tiny_model_config(embedding_dim=16))
     # A plain state dict without metadata: the shapes are checked.
     torch.save(model.state_dict(), tmp_path / "plain.pt")
     with pytest.raises(ModelLoadError, match=r"other shapes.*another architecture"):
-        load_trained_model(
-            tmp_path / "plain.pt", ModelConfig(backbone="test_byobnet", embedding_dim=16)
-        )
+        load_trained_model(tmp_path / "plain.pt", tiny_model_config(embedding_dim=16))
     with pytest.raises(ModelLoadError, match="does not record its architecture"):
         load_trained_model(tmp_path / "plain.pt")
 
@@ -119,13 +118,15 @@ def test_torch_files_are_read_without_unpickling_objects(tmp_path):
 
 def test_pretrained_path_loads_the_backbone_and_ignores_a_classifier(tmp_path):
     torch.manual_seed(1)
-    source = build_model(ModelConfig(**TINY))
+    source = build_model(tiny_model_config(embedding_dim=8))
     state = dict(source.backbone.state_dict())
     state["fc.weight"] = torch.zeros(10, 256)  # an ImageNet classifier the backbone lacks
     state["fc.bias"] = torch.zeros(10)
     torch.save(state, tmp_path / "backbone.pth")
     torch.manual_seed(2)  # different init: the file must win
-    model = build_model(ModelConfig(**TINY, pretrained_path=str(tmp_path / "backbone.pth")))
+    model = build_model(
+        tiny_model_config(embedding_dim=8, pretrained_path=str(tmp_path / "backbone.pth"))
+    )
     for k, v in source.backbone.state_dict().items():
         assert torch.equal(model.backbone.state_dict()[k], v), k
 
@@ -137,9 +138,11 @@ def test_pretrained_path_of_another_backbone_is_refused(tmp_path):
     with pytest.raises(
         ModelLoadError, match=r"model.pretrained_path=.*(other shapes|does not fit)"
     ):
-        build_model(ModelConfig(**TINY, pretrained_path=str(tmp_path / "other.pth")))
+        build_model(tiny_model_config(embedding_dim=8, pretrained_path=str(tmp_path / "other.pth")))
     with pytest.raises(ModelLoadError, match="does not exist"):
-        build_model(ModelConfig(**TINY, pretrained_path=str(tmp_path / "missing.pth")))
+        build_model(
+            tiny_model_config(embedding_dim=8, pretrained_path=str(tmp_path / "missing.pth"))
+        )
 
 
 @pytest.mark.slow  # a fresh interpreter, timm and torch

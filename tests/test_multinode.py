@@ -25,12 +25,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from safetensors.torch import load_file
 
 from tests.cluster.cluster import JOB_NAME, REPO, NamespaceCluster, python
 from tests.dist_helpers import free_port
 from tests.slurm.tiny_run import random_weights
+from tests.tiny import tiny_run_config, write_config
 
 pytestmark = [pytest.mark.multinode, pytest.mark.slow]
 
@@ -104,22 +104,11 @@ TOL_WEIGHT = 5e-5
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
+def shards(synthetic_shards) -> Path:
     """16 train classes of 8 images in 4 shards of 32 (one shard per rank of 4), 8 test
     classes in 2 shards. With 4 classes x 2 images per rank and a shuffle buffer of 4 groups,
     3 steps read 24 of each rank's 32 samples, none twice (checked below, not assumed)."""
-    out = tmp_path_factory.mktemp("shards")
-    sizes = ["--classes", "16", "--test-classes", "8", "--images-per-class", "8"]
-    shape = ["--image-size", "32", "--samples-per-shard", "32", "--workers", "1"]
-    command = [python(), "-m", "pipeline.cli", "make-shards", "synthetic", "--out", str(out)]
-    subprocess.run(
-        [*command, *sizes, *shape, "--no-progress"],
-        check=True,
-        capture_output=True,
-        cwd=REPO,
-        timeout=300,
-    )
-    return out
+    return synthetic_shards(classes=16, test_classes=8, images_per_class=8, samples_per_shard=32)
 
 
 @pytest.fixture(scope="module")
@@ -169,36 +158,22 @@ def _config(tmp: Path, shards: Path, name: str, uri: str) -> Path:
     """Tiny and deterministic: test_byobnet at 32 px, 4 classes x 2 images per rank, frozen
     BatchNorm (per-rank batch statistics would make the layouts differ), ZeRO 2 (every rank
     writes its own optimizer partition into each checkpoint), checkpoints at steps 2 and 3."""
-    cfg = {
-        "data": {
-            "train": [{"name": "synthetic", "urls": str(shards / "train")}],
-            "eval_urls": str(shards / "test"),
-            "image_size": 32,
-            "resize_size": 32,
-            "num_workers": 0,
-        },
-        "sampler": {
-            "classes_per_batch": 4,
-            "samples_per_class": 2,
-            "steps_per_epoch": STEPS,
-            "shuffle_buffer_groups": 4,
-        },
-        "model": {"backbone": "test_byobnet", "embedding_dim": 16, "freeze_bn": True},
-        "optim": {"lr": 1e-3},
-        "train": {
-            "output_dir": str(tmp / name),
+    cfg = tiny_run_config(
+        shards,
+        tmp / name,
+        sampler={"steps_per_epoch": STEPS, "shuffle_buffer_groups": 4},
+        optim={"lr": 1e-3},
+        train={
             "epochs": 1,
             "checkpoint_every": 2,
             "log_every": 1,
             "deterministic": True,
             "zero_stage": 2,
         },
-        "eval": {"batch_size": 16, "ks": [1, 2]},
-        "tracking": {"uri": uri, "experiment": f"multinode-{name}"},
-    }
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+        eval={"batch_size": 16, "ks": [1, 2]},
+        tracking={"uri": uri, "experiment": f"multinode-{name}"},
+    )
+    return write_config(tmp / f"{name}.yaml", cfg)
 
 
 def _run(command: list[str], env: dict, timeout_s: float) -> subprocess.CompletedProcess:

@@ -13,11 +13,10 @@ from tests.data_helpers import cfgs, tiny_split
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shards")
+def shards(synthetic_split):
     # 12 classes x 6 images, <= 20 per shard, classes never split: 4 shards of 3 classes.
-    train = tiny_split(root, "train", classes=12, per_class=6, samples_per_shard=20)
-    test = tiny_split(root, "test", classes=5, per_class=4, samples_per_shard=10, seed=1)
+    train = synthetic_split(split="train", classes=12, per_class=6, samples_per_shard=20)
+    test = synthetic_split(split="test", classes=5, per_class=4, samples_per_shard=10, seed=1)
     return train, test
 
 

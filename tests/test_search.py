@@ -18,18 +18,16 @@ import torch
 from pipeline.cli import main
 from pipeline.config import DataConfig, ModelConfig
 from pipeline.model import build_model, load_trained_model, save_weights
-from tests.data_helpers import tiny_split, write_image
+from tests.data_helpers import write_image
 
 SIZE, K = 32, 6
 CFG = [f"data.image_size={SIZE}", f"data.resize_size={SIZE}", "data.num_workers=0"]
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory) -> dict:
+def assets(tmp_path_factory, synthetic_split) -> dict:
     root = tmp_path_factory.mktemp("search")
-    split = tiny_split(
-        root / "data", split="test", classes=6, per_class=5, samples_per_shard=8, size=SIZE
-    )
+    split = synthetic_split(split="test", classes=6, per_class=5, samples_per_shard=8, size=SIZE)
     torch.manual_seed(0)
     model = build_model(ModelConfig(backbone="resnet18", embedding_dim=16))
     weights = save_weights(model.state_dict(), model.architecture, root / "model.safetensors")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.slurm.local_cluster import TERMINAL_STATES, LocalSlurm, job_state, wait_state
-from tests.slurm.tiny_run import REPO, launcher_cli, make_shards, random_weights, tiny_config
+from tests.slurm.tiny_run import REPO, SHARDS, launcher_cli, random_weights, tiny_config
 
 pytestmark = pytest.mark.slurm
 
@@ -70,8 +70,8 @@ def test_plain_function_runs_and_completes(slurm_cluster, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    return make_shards(tmp_path_factory.mktemp("shards"))
+def shards(synthetic_shards) -> Path:
+    return synthetic_shards(**SHARDS)
 
 
 def next_job_id() -> int:

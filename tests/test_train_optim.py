@@ -7,10 +7,11 @@ import math
 import pytest
 import torch
 
-from pipeline.config import ConfigError, ModelConfig, OptimConfig
+from pipeline.config import ConfigError, OptimConfig
 from pipeline.config_loader import load_config
 from pipeline.model import build_model
 from pipeline.train.optim import build_optimizer, build_scheduler, lr_factor
+from tests.tiny import tiny_model_config
 
 
 def _reference_lr(
@@ -50,7 +51,7 @@ def test_scheduler_follows_the_definition(sched, warmup):
 
 def test_head_gets_its_learning_rate_multiplier_and_frozen_bn_is_left_out():
     torch.manual_seed(0)
-    model = build_model(ModelConfig(backbone="test_byobnet", embedding_dim=8, head_lr_mult=10.0))
+    model = build_model(tiny_model_config(embedding_dim=8, head_lr_mult=10.0))
     opt = build_optimizer(model, OptimConfig(lr=1e-4, weight_decay=4e-4), head_lr_mult=10.0)
     groups = {g["name"]: g for g in opt.param_groups}
     assert groups["backbone"]["lr"] == pytest.approx(1e-4)

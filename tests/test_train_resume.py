@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from tests.dist_helpers import free_port
+from tests.tiny import tiny_run_config, write_config
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -25,31 +25,18 @@ CHECKPOINT_EVERY = 3
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    from pipeline.cli import main
-
-    out = tmp_path_factory.mktemp("shards")
-    args = "make-shards synthetic --classes 16 --test-classes 8 --images-per-class 8"
-    args += " --image-size 32 --samples-per-shard 32 --workers 1 --no-progress --out"
-    assert main([*args.split(), str(out)]) == 0
-    return out
+def shards(synthetic_shards) -> Path:
+    return synthetic_shards(classes=16, test_classes=8, images_per_class=8, samples_per_shard=32)
 
 
 def _config(tmp: Path, shards: Path, name: str) -> Path:
-    cfg = {
-        "data": {
-            "train": [{"name": "synthetic", "urls": str(shards / "train")}],
-            "eval_urls": str(shards / "test"),
-            "image_size": 32,
-            "resize_size": 32,
-            "num_workers": 0,
-        },
-        "sampler": {"classes_per_batch": 4, "samples_per_class": 4, "steps_per_epoch": 8},
-        "model": {"backbone": "test_byobnet", "embedding_dim": 16, "freeze_bn": True},
-        "optim": {"lr": 1e-3, "scheduler": "step", "step_size": 5, "gamma": 0.5},
-        "loss": {"temperature": 0.05},
-        "train": {
-            "output_dir": str(tmp / name),
+    cfg = tiny_run_config(
+        shards,
+        tmp / name,
+        sampler={"samples_per_class": 4, "steps_per_epoch": 8},
+        optim={"lr": 1e-3, "scheduler": "step", "step_size": 5, "gamma": 0.5},
+        loss={"temperature": 0.05},
+        train={
             "epochs": 2,
             "checkpoint_every": CHECKPOINT_EVERY,
             "keep_checkpoints": 2,
@@ -57,12 +44,10 @@ def _config(tmp: Path, shards: Path, name: str) -> Path:
             "deterministic": True,
             "chunk_size": 6,  # the gradient cache on the way
         },
-        "eval": {"every": 8, "ks": [1, 4], "batch_size": 64},
-        "tracking": {"uri": f"sqlite:///{tmp / name / 'mlflow.db'}", "experiment": "resume"},
-    }
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+        eval={"every": 8, "ks": [1, 4], "batch_size": 64},
+        tracking={"uri": f"sqlite:///{tmp / name / 'mlflow.db'}", "experiment": "resume"},
+    )
+    return write_config(tmp / f"{name}.yaml", cfg)
 
 
 def _launch(config: Path, log: Path) -> list[subprocess.Popen]:

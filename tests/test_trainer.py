@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from pipeline import distributed
+from pipeline.config import DataConfig
 from pipeline.config_loader import load_config
 from pipeline.rundir import RunDir
 from pipeline.train import checkpoint
@@ -20,14 +21,8 @@ STEPS = 2
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    from pipeline.cli import main
-
-    out = tmp_path_factory.mktemp("shards")
-    args = "make-shards synthetic --classes 8 --test-classes 4 --images-per-class 8"
-    args += " --image-size 32 --samples-per-shard 64 --workers 1 --no-progress --out"
-    assert main([*args.split(), str(out)]) == 0
-    return out
+def shards(synthetic_shards) -> Path:
+    return synthetic_shards(classes=8, test_classes=4, images_per_class=8, samples_per_shard=64)
 
 
 @pytest.fixture(scope="module")
@@ -50,40 +45,27 @@ def single_process():
     root.propagate = True
 
 
-def _config(shards: Path, out: Path, *extra: str):
-    return load_config(
-        None,
-        [
-            f"data.train=[{{name: synthetic, urls: {shards / 'train'}}}]",
-            f"data.eval_urls={shards / 'test'}",
-            "data.image_size=32",
-            "data.resize_size=32",
-            "data.num_workers=0",
-            "sampler.classes_per_batch=4",
-            "sampler.samples_per_class=4",
-            f"sampler.steps_per_epoch={STEPS}",
-            "sampler.shuffle_buffer_groups=4",
-            "model.backbone=test_byobnet",
-            "model.embedding_dim=16",
-            "model.freeze_bn=true",
-            f"train.output_dir={out}",
-            "train.epochs=1",
-            "train.checkpoint_every=1",
-            "train.keep_checkpoints=1",
-            "train.log_every=1",
-            "eval.ks=[1,4]",
-            "eval.batch_size=64",
-            *extra,
-        ],
+def _config(tiny_config, shards: Path, *extra: str):
+    """The tiny run into ``tmp_path/run``, checkpointing and logging every step."""
+    path = tiny_config(
+        shards,
+        sampler={"samples_per_class": 4, "steps_per_epoch": STEPS, "shuffle_buffer_groups": 4},
+        train={"epochs": 1, "checkpoint_every": 1, "keep_checkpoints": 1, "log_every": 1},
+        eval={"ks": [1, 4], "batch_size": 64},
     )
+    return load_config(path, list(extra))
 
 
-def test_trainer_trains_checkpoints_and_records_the_run(shards, tmp_path, single_process):
+def test_trainer_trains_checkpoints_and_records_the_run(
+    shards, tmp_path, tiny_config, single_process
+):
     from pipeline.train.trainer import Trainer, train
 
     out = tmp_path / "run"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = _config(shards, out, f"tracking.uri={uri}", "tracking.register_model=tiny-embedder")
+    cfg = _config(
+        tiny_config, shards, f"tracking.uri={uri}", "tracking.register_model=tiny-embedder"
+    )
     result = train(cfg)
     run = RunDir(out)
 
@@ -119,7 +101,7 @@ def test_trainer_trains_checkpoints_and_records_the_run(shards, tmp_path, single
     # from this run and embeds images as the saved weights do.
     versions = client.search_model_versions("name='tiny-embedder'")
     assert [(int(v.version), v.run_id) for v in versions] == [(1, result["run_id"])]
-    _registered_model_embeds_like_the_weights(uri, run.weights, shards)
+    _registered_model_embeds_like_the_weights(uri, run.weights, cfg.data)
     log = run.log_file(0).read_text()
     for step in range(1, STEPS + 1):
         assert f"step {step}/{STEPS}: loss " in log
@@ -131,10 +113,10 @@ def test_trainer_trains_checkpoints_and_records_the_run(shards, tmp_path, single
     assert again.train() == result
 
 
-def test_train_step_returns_the_local_loss(shards, tmp_path, single_process):
+def test_train_step_returns_the_local_loss(shards, tmp_path, tiny_config, single_process):
     from pipeline.train.trainer import Trainer
 
-    trainer = Trainer(_config(shards, tmp_path / "run", "tracking.enabled=false"))
+    trainer = Trainer(_config(tiny_config, shards, "tracking.enabled=false"))
     images, labels = next(trainer._batches())
     phases = []
     loss = trainer.train_step(images, labels, on_phase=phases.append)
@@ -144,7 +126,7 @@ def test_train_step_returns_the_local_loss(shards, tmp_path, single_process):
     assert not (tmp_path / "run" / "checkpoints").exists()  # a checkpoint is the loop's hook
 
 
-def _registered_model_embeds_like_the_weights(uri: str, weights: Path, shards: Path) -> None:
+def _registered_model_embeds_like_the_weights(uri: str, weights: Path, data: DataConfig) -> None:
     import io
 
     import mlflow
@@ -169,8 +151,7 @@ def _registered_model_embeds_like_the_weights(uri: str, weights: Path, shards: P
         )
     finally:
         mlflow.set_tracking_uri(None)
-    cfg = _config(shards, Path("unused"))
-    transform = eval_transform(cfg.data)
+    transform = eval_transform(data)
     model = load_trained_model(weights).eval()
     with torch.no_grad():
         want = model(torch.stack([transform(Image.fromarray(a)) for a in images])).numpy()

@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny synthetic shards written once per session, and the tiny run config as
+a YAML file. The builders themselves live in tests/tiny.py and tests/data_helpers (importable
+from spawned processes, where fixtures do not reach)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.data_helpers import tiny_split
+from tests.tiny import make_synthetic_shards, tiny_run_config, write_config
+
+
+def _key(kwargs: dict) -> tuple:
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in kwargs.items()))
+
+
+@pytest.fixture(scope="session")
+def synthetic_shards(tmp_path_factory) -> Callable[..., Path]:
+    """``synthetic_shards(classes=, test_classes=, images_per_class=, samples_per_shard=,
+    image_size=32)``: a directory holding ``train/`` and ``test/`` written by the real
+    ``pipeline make-shards synthetic``, once per session for each set of sizes. Shared: read
+    it, never change it (copy it first)."""
+    made: dict[tuple, Path] = {}
+
+    def get(**sizes) -> Path:
+        key = _key(sizes)
+        if key not in made:
+            made[key] = make_synthetic_shards(tmp_path_factory.mktemp("shards"), **sizes)
+        return made[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def synthetic_split(tmp_path_factory) -> Callable[..., Path]:
+    """``synthetic_split(**kwargs)``: one split written by ``write_split`` (the keywords of
+    ``tests.data_helpers.tiny_split``), once per session for each set of keywords. Shared:
+    read it, never change it (copy it first)."""
+    made: dict[tuple, Path] = {}
+
+    def get(**kwargs) -> Path:
+        key = _key(kwargs)
+        if key not in made:
+            made[key] = tiny_split(tmp_path_factory.mktemp("split"), **kwargs)
+        return made[key]
+
+    return get
+
+
+@pytest.fixture
+def tiny_config(tmp_path) -> Callable[..., Path]:
+    """``tiny_config(shards, name="run", **sections)``: ``tests.tiny.tiny_run_config`` written
+    to ``tmp_path/<name>.yaml``, training into ``tmp_path/<name>``; ``sections`` deep-merge
+    over it (``sampler={"steps_per_epoch": 8}``)."""
+
+    def write(shards: Path, name: str = "run", **sections: dict) -> Path:
+        cfg = tiny_run_config(shards, tmp_path / name, **sections)
+        return write_config(tmp_path / f"{name}.yaml", cfg)
+
+    return write
