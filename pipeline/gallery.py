@@ -403,8 +403,8 @@ def run(args: argparse.Namespace) -> int:
         )
     model, cfg, checkpoint = load_checkpoint_model(args.config, args.overrides)
     batch_size = args.batch_size or cfg.eval.batch_size
-    distributed.init()
-    try:
+    # Joins the job's group (none for one process) and always leaves it.
+    with distributed.process_group():
         device = distributed.device()
         model.to(device)
         start = time.perf_counter()
@@ -423,8 +423,6 @@ def run(args: argparse.Namespace) -> int:
                 out, emb, items, skipped, params, model, cfg, checkpoint, args, embed_s
             )
         distributed.barrier()  # all ranks participate: the index exists when every rank returns
-    finally:
-        distributed.destroy()
     return 0
 
 

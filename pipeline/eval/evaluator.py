@@ -262,8 +262,8 @@ def run(args: argparse.Namespace) -> int:
     cfg: RunConfig = load_config(args.config, overrides)
     out = eval_output_dir(cfg)
     distributed.setup_logging(out)
-    distributed.init()
-    try:
+    # Joins the job's group (none for one process) and always leaves it.
+    with distributed.process_group():
         model = load_trained_model(checkpoint, named_model(args.config, overrides, cfg))
         # All ranks participate: the eval shards and the tracking store are checked in
         # seconds, before anything is embedded.
@@ -289,6 +289,4 @@ def run(args: argparse.Namespace) -> int:
             if tracker.run_id:
                 page = run_page(tracker.uri, tracker.experiment_id, tracker.run_id)
                 log.info("MLflow run %s: %s", tracker.run_id, page)
-    finally:
-        distributed.destroy()
     return 0

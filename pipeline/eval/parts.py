@@ -75,8 +75,8 @@ def extract_part(cfg: RunConfig, checkpoint: str, part: int, urls: list[str]) ->
     if read_fingerprint(path) == stamp:  # requeued or resubmitted: this part is done
         with np.load(path) as f:
             return {"part": part, "rows": int(f["index"].shape[0]), "path": str(path)}
-    distributed.init()
-    try:
+    # Joins the job's group (none for one process) and always leaves it.
+    with distributed.process_group():
         device = distributed.device()
         model = load_trained_model(checkpoint, cfg.model).to(device)
         # All ranks participate: each embeds its share of these shards; all get every row.
@@ -94,8 +94,6 @@ def extract_part(cfg: RunConfig, checkpoint: str, part: int, urls: list[str]) ->
             np.savez(tmp, emb=e.emb_ND, labels=e.labels_N, index=e.index_N, fingerprint=stamp)
             os.replace(tmp, path)  # a part file is complete or absent
         distributed.barrier()  # all ranks participate
-    finally:
-        distributed.destroy()
     log.info("part %d: %d samples from %d shards", part, len(e.index_N), len(urls))
     return {"part": part, "rows": len(e.index_N), "path": str(path)}
 
@@ -171,8 +169,8 @@ def merge_and_score(cfg: RunConfig, checkpoint: str, plan: list[list[str]]) -> d
     out = eval_output_dir(cfg)
     stamps = [fingerprint(checkpoint, urls) for urls in plan]
     e = merge_parts(out, len(plan), expected_rows(cfg.data.eval_urls), stamps)
-    distributed.init()
-    try:
+    # Joins the job's group (none for one process) and always leaves it.
+    with distributed.process_group():
         is_main = distributed.is_main_process()
         params = {**to_dict(cfg), "checkpoint": checkpoint, "parts": len(plan)}
         tags = {"kind": "evaluate", "parts": str(len(plan))}
@@ -186,6 +184,4 @@ def merge_and_score(cfg: RunConfig, checkpoint: str, plan: list[list[str]]) -> d
             run_id = tracker.run_id
         log.info("merged %d parts (%d samples): %s", len(plan), len(e.index_N), metrics)
         distributed.barrier()  # all ranks participate: the files exist when any rank returns
-    finally:
-        distributed.destroy()
     return {"metrics": metrics, "run_id": run_id, "output_dir": str(out)}

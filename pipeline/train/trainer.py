@@ -63,11 +63,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    result = train(cfg)
-    if distributed.is_main_process():
-        # stdout carries exactly this line (scripts parse it); messages go to the log.
-        print(json.dumps({k: result[k] for k in ("step", "metrics", "weights", "run_id")}))
-    distributed.destroy()
+    # Joins the job's group with the run's collective timeout and always leaves it.
+    with distributed.process_group(timeout_s=cfg.train.collective_timeout_s):
+        result = train(cfg)
+        if distributed.is_main_process():
+            # stdout carries exactly this line (scripts parse it); messages go to the log.
+            print(json.dumps({k: result[k] for k in ("step", "metrics", "weights", "run_id")}))
     return 0
 
 
