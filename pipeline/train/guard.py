@@ -34,6 +34,9 @@ from types import FrameType
 log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# A repeat of the same signal within this many seconds is the kernel's burst of parent-death
+# signals, not a person or a scheduler insisting (who take longer than that).
+_BURST_S = 2.0
 _PR_SET_PDEATHSIG = 1
 
 
@@ -69,15 +72,19 @@ class StopRequest:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.signum is not None:
-            if signum == self.signum and os.getppid() != self._parent:
+            repeated = signum == self.signum and (
+                os.getppid() != self._parent or time.monotonic() - self._since < _BURST_S
+            )
+            if repeated:
                 # The launcher died: Linux sends the parent-death signal again each time this
-                # process is handed to another of the dying launcher's threads (issue 10:
-                # torchrun SIGKILLed, the ranks exited without their checkpoint). One stop;
-                # grace_s still bounds it.
+                # process is handed to another of the dying launcher's threads, in a burst
+                # and often before the process is reparented (issue 10: torchrun SIGKILLed,
+                # the ranks exited without their checkpoint). One stop; grace_s bounds it.
                 return
             # A second signal: the user or the scheduler insists.
             os._exit(128 + signum)
         self.signum = signum
+        self._since = time.monotonic()
         self._timer = threading.Timer(self.grace_s, os._exit, args=(128 + signum,))
         self._timer.daemon = True
         self._timer.start()
