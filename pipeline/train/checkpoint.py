@@ -258,11 +258,10 @@ def save(engine: Any, root: str | Path, step: int, client_state: dict, keep: int
         full = getattr(e, "errno", None) == errno.ENOSPC or any(
             m in text for m in ("unexpected pos", "file write failed", "No space left")
         )
-        if full and shutil.disk_usage(root).free < _bytes_needed(engine, root):
-            need = _bytes_needed(engine, root)
-            raise CheckpointError(
-                _disk_full_message(root, tag, need, shutil.disk_usage(root).free)
-            ) from e
+        if full:
+            need, free = _bytes_needed(engine, root), shutil.disk_usage(root).free
+            if free < need:
+                raise CheckpointError(_disk_full_message(root, tag, need, free)) from e
         raise
     if distributed.is_main_process():
         # The manifest is the save's last act: a folder without one was never finished.

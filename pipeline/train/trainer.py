@@ -27,7 +27,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import replace
 from typing import Any
 
@@ -602,35 +602,30 @@ class Trainer:
             f"{tag or 'the start'} in the same MLflow run"
         )
 
-    def _host_metrics(self) -> Any:
+    @contextmanager
+    def _host_metrics(self) -> Iterator[None]:
         """Each host's first rank samples CPU/memory/GPU into the run (pipeline.sysmetrics)."""
-        from contextlib import contextmanager
-
         from pipeline import sysmetrics
         from pipeline.tracking import resolve_uri
 
-        @contextmanager
-        def running() -> Iterator[None]:
-            # All ranks participate: only rank 0 knows the run id.
-            run_id = distributed.on_main(lambda: self.tracker.run_id)
-            uri = resolve_uri(self.cfg.tracking)
-            local_rank = distributed.get_local_rank()
-            # A SQLite file is written by rank 0's host only: several hosts writing one
-            # file over a network filesystem can corrupt it.
-            if not uri.startswith(("http://", "https://")) and not self.is_main:
-                local_rank = -1
-            handle = sysmetrics.start(
-                run_id,
-                tracking_uri=uri,
-                local_rank=local_rank,
-                interval_s=self.cfg.tracking.system_metrics_interval_s,
-            )
-            try:
-                yield
-            finally:
-                handle.stop()  # before the run ends: it writes the queued samples
-
-        return running()
+        # All ranks participate: only rank 0 knows the run id.
+        run_id = distributed.on_main(lambda: self.tracker.run_id)
+        uri = resolve_uri(self.cfg.tracking)
+        local_rank = distributed.get_local_rank()
+        # A SQLite file is written by rank 0's host only: several hosts writing one file over
+        # a network filesystem can corrupt it.
+        if not uri.startswith(("http://", "https://")) and not self.is_main:
+            local_rank = -1
+        handle = sysmetrics.start(
+            run_id,
+            tracking_uri=uri,
+            local_rank=local_rank,
+            interval_s=self.cfg.tracking.system_metrics_interval_s,
+        )
+        try:
+            yield
+        finally:
+            handle.stop()  # before the run ends: it writes the queued samples
 
     def _announce(self) -> None:
         from pipeline.tracking import run_page
