@@ -59,14 +59,9 @@ EXPERIMENT = "reliability"
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    from pipeline.cli import main
-
-    out = tmp_path_factory.mktemp("shards")
-    args = "make-shards synthetic --classes 16 --test-classes 8 --images-per-class 8"
-    args += " --image-size 32 --samples-per-shard 32 --workers 1 --no-progress --out"
-    assert main([*args.split(), str(out)]) == 0
-    return out
+def shards(synthetic_shards) -> Path:
+    # The session's shards of these sizes (tests/conftest.py): read only.
+    return synthetic_shards(classes=16, test_classes=8, images_per_class=8, samples_per_shard=32)
 
 
 def _config(tmp: Path, shards: Path, name: str) -> Path:
