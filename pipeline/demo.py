@@ -81,9 +81,8 @@ def _write_shards(args: argparse.Namespace) -> None:
         "--workers",
         str(max(os.cpu_count() or 1, 1)),
         "--no-progress",
-        # A split left by an interrupted demo is the demo's own synthetic output; the writer
-        # replaces only files it wrote (pipeline.data.outdir).
-        "--overwrite",
+        # No --overwrite: --data may name a folder with the user's own shards in it; a split
+        # already there is refused in one line (pipeline.data.outdir), never replaced.
     ]
     if cli(argv) != 0:
         raise SystemExit("[demo] writing the synthetic shards failed (see above)")
