@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.config import ConfigError, RunConfig
-from pipeline.data.dealing import rank_shards, stream_shards
+from pipeline.data.dealing import rank_shards, stream_shards, streams_per_rank
 from pipeline.data.index import INDEX_FILE, SIZES_FILE, _is_remote, expand_urls, read_sizes
 
 TAR_BLOCK = 512
@@ -146,15 +146,12 @@ def _hint(spec: str) -> str:
 
 
 def _check_train(cfg: RunConfig, world_size: int, report: PreflightReport) -> None:
-    sampler, workers = cfg.sampler, cfg.data.num_workers
+    sampler = cfg.sampler
     p, k = sampler.classes_per_batch, sampler.samples_per_class
-    num_streams = sampler.streams_per_rank or max(1, workers)
-    if workers and num_streams % workers:
-        raise PreflightError(
-            f"sampler.streams_per_rank={num_streams} is not a multiple of data.num_workers="
-            f"{workers}: each worker must own whole streams; use a multiple (or 0 for one "
-            "stream per worker)"
-        )
+    try:  # the stream's own rule (pipeline.data.dealing)
+        num_streams = streams_per_rank(cfg.data, sampler)
+    except ValueError as e:
+        raise PreflightError(str(e)) from None
     for d, source in enumerate(cfg.data.train):
         key = f"data.train[{d}].urls"
         what = f"data.train[{d}] ({source.name})"
