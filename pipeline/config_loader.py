@@ -304,18 +304,14 @@ def check(cfg: RunConfig) -> None:
         cfg.eval,
         cfg.launch,
     )
-    # pipeline.data.stream: each DataLoader worker owns whole P x K streams.
-    if (
-        sampler.streams_per_rank
-        and data.num_workers
-        and sampler.streams_per_rank % data.num_workers
-    ):
-        raise ConfigError(
-            f"sampler.streams_per_rank={sampler.streams_per_rank} is not a multiple of "
-            f"data.num_workers={data.num_workers}: each data worker must own whole streams; set "
-            f"sampler.streams_per_rank to a multiple of {data.num_workers} (or 0: one stream "
-            "per worker)"
-        )
+    # pipeline.data.stream: each DataLoader worker owns whole P x K streams (the rule lives
+    # with the dealing of shards to streams).
+    from pipeline.data.dealing import streams_per_rank
+
+    try:
+        streams_per_rank(data, sampler)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if model.sync_bn and model.freeze_bn:
         raise ConfigError(
             "model.sync_bn=true with model.freeze_bn=true: frozen BatchNorm has no batch "

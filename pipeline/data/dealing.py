@@ -26,8 +26,9 @@ def streams_per_rank(data_cfg: DataConfig, sampler_cfg: SamplerConfig) -> int:
     if data_cfg.num_workers > 0 and v % data_cfg.num_workers:
         raise ValueError(
             f"sampler.streams_per_rank={v} is not a multiple of data.num_workers="
-            f"{data_cfg.num_workers}: each worker must own whole streams; use a multiple "
-            "(or 0 for one stream per worker)"
+            f"{data_cfg.num_workers}: each data worker must own whole streams; set "
+            f"sampler.streams_per_rank to a multiple of {data_cfg.num_workers} (or 0: one "
+            "stream per worker)"
         )
     return v
 
