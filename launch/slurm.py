@@ -121,11 +121,17 @@ def make_executor(launch: LaunchConfig, *, local: bool, name: str) -> Any:
     """A submitit AutoExecutor ('slurm' or 'local') with the job's resources."""
     import submitit
 
+    from launch.task import PYTHON
+
     executor = submitit.AutoExecutor(
         folder=launch.folder,
         cluster="local" if local else "slurm",
         slurm_max_num_timeout=launch.max_timeouts,
         local_max_num_timeout=launch.max_timeouts,
+        # Each task runs submitit's job runner through launch.task, which ends the process
+        # without the interpreter's teardown (a gloo thread can abort a rank there).
+        slurm_python=PYTHON,
+        local_python=PYTHON,
     )
     params: dict[str, Any] = {
         "name": launch.job_name or name,

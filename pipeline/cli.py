@@ -10,6 +10,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
+from collections.abc import Callable
+from typing import NoReturn
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -86,5 +89,39 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def exit_code(run: Callable[[], int | None]) -> int:
+    """``run()``'s exit code as Python's own exit computes it, from its return value or the
+    exception it ended with (printed, as Python prints it): SystemExit's code, 130 for
+    KeyboardInterrupt, 1 for any other exception."""
+    try:
+        return int(run() or 0)
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            return int(e.code or 0)
+        print(e.code, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        traceback.print_exc()
+        return 130
+    except BaseException:
+        traceback.print_exc()
+        return 1
+
+
+def end(code: int) -> NoReturn:
+    """End the process with ``code``: through ``pipeline.distributed.exit_process`` when this
+    process has loaded the collectives (so a rank's gloo threads cannot abort it in the
+    interpreter's teardown, see there), else a plain exit."""
+    distributed = sys.modules.get("pipeline.distributed")
+    if distributed is None:
+        sys.exit(code)
+    distributed.exit_process(code)
+
+
+def console(argv: list[str] | None = None) -> NoReturn:
+    """The ``pipeline`` command (and ``python -m pipeline.cli``): :func:`main`, then :func:`end`."""
+    end(exit_code(lambda: main(argv)))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

@@ -24,6 +24,7 @@ on every rank: what a user reads when rank 5 on host 2 died.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import logging
@@ -33,10 +34,11 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import numpy as np
 import torch
@@ -48,8 +50,6 @@ TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT
 SLURM_VARS = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NODEID")
 # Tasks per node, most specific first: the step's own layout, the job's, the uniform request.
 SLURM_LAYOUT_VARS = ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE")
-
-T = TypeVar("T")
 
 
 class DistributedEnvError(RuntimeError):
@@ -366,6 +366,43 @@ def destroy() -> None:
     if _exported_local_rank:
         os.environ.pop("LOCAL_RANK", None)
         _exported_local_rank = False
+
+
+def exit_process(code: int) -> NoReturn:
+    """End this process with ``code``: Python's own exit, without the interpreter's teardown.
+
+    Entry points of processes that may join a process group end with this (``pipeline`` and
+    ``launch.task``, the command of every Slurm task), and so do the tests' spawned ranks.
+
+    Why: a gloo worker thread (C++) drops its reference to a finished collective's tensors
+    *after* the collective has returned to Python, and that release takes the GIL. If the
+    interpreter is tearing down by then, CPython ends the thread with ``pthread_exit``, whose
+    unwinding through the C++ destructor calls ``std::terminate``: a rank that finished its
+    work aborts ("terminate called without an active exception", exit -6) instead of exiting
+    with its code. ``destroy_process_group`` does not join those threads, and DeepSpeed
+    holds its groups until its modules are torn down. Issue 9: 1 full test run in 2 lost a
+    rank this way; a core dump shows ``ProcessGroupGloo::runLoop`` -> ``~AsyncWork`` ->
+    ``TensorImpl::decref_pyobject`` -> ``take_gil`` -> ``pthread_exit`` -> ``std::terminate``
+    (``tests/test_exit.py`` reproduces it with a plain exit).
+
+    So: leave the group, then do what a normal exit does while the interpreter is intact (join
+    the non-daemon threads, run the ``atexit`` functions: logging, MLflow, multiprocessing's
+    children), flush the standard streams, and end the process with ``os._exit``. What is
+    skipped is only the teardown (freeing modules and objects); files are closed by then.
+    """
+    code = int(code)
+    try:
+        destroy()
+    except Exception as e:  # the group is already broken (a peer is gone): exit anyway
+        print(f"leaving the process group at exit: {e}", file=sys.stderr)
+    shutdown_threads = getattr(threading, "_shutdown", None)  # what Py_FinalizeEx calls first
+    if shutdown_threads is not None and threading.current_thread() is threading.main_thread():
+        shutdown_threads()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code & 0xFF)
 
 
 @contextlib.contextmanager

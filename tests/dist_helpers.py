@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-import warnings
 from collections.abc import Callable
 
 import torch.multiprocessing as mp
@@ -32,15 +31,10 @@ def _entry(
 
     with distributed.process_group(timeout_s=timeout_s):
         fn(rank, world_size, *args)
-
-
-# A known, unsolved fault (issue 9): now and then one mp.spawn'ed worker that runs DeepSpeed
-# aborts ("terminate called without an active exception", SIGABRT) seconds after start-up.
-# Building DeepSpeed's CPU op once per venv did not cure it: it came back in a fresh CI clone
-# whose op was prebuilt (tests/test_elastic.py, 1 run in 2). It was never seen in torchrun-
-# launched runs. Until its cause is found, a run killed by SIGABRT (only that: a failed check
-# raises a Python exception and fails at once) is rerun, with a warning that names it.
-ABORT_RETRIES = 2
+    # As a real rank ends (pipeline.cli.end): a plain return would exit through the
+    # interpreter's teardown, where a gloo thread can abort the process (issue 9). A failure
+    # raises instead, so mp.spawn reports the worker's traceback.
+    distributed.exit_process(0)
 
 
 def run_distributed(fn: Callable, world_size: int, *args, timeout_s: float = 120) -> None:
@@ -49,22 +43,15 @@ def run_distributed(fn: Callable, world_size: int, *args, timeout_s: float = 120
     ``fn`` must be a module-level function (it is pickled); results travel through
     files the caller names in ``args``. A failure in any process fails the call.
     ``timeout_s`` bounds each collective, so a test that leaves a rank behind fails
-    instead of hanging. See ABORT_RETRIES for the one fault that is rerun.
+    instead of hanging.
     """
     saved = {k: os.environ.pop(k) for k in _ENV if k in os.environ}
     try:
-        for attempt in range(ABORT_RETRIES + 1):
-            try:
-                mp.spawn(
-                    _entry,
-                    args=(world_size, free_port(), timeout_s, fn, args),
-                    nprocs=world_size,
-                    join=True,
-                )
-                return
-            except mp.ProcessExitedException as e:
-                if e.signal_name != "SIGABRT" or attempt == ABORT_RETRIES:
-                    raise
-                warnings.warn(f"rerunning {fn.__name__} after a worker abort: {e}", stacklevel=2)
+        mp.spawn(
+            _entry,
+            args=(world_size, free_port(), timeout_s, fn, args),
+            nprocs=world_size,
+            join=True,
+        )
     finally:
         os.environ.update(saved)

@@ -63,4 +63,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pipeline.cli import end, exit_code
+
+    end(exit_code(main))  # as the pipeline command ends a rank

@@ -179,10 +179,14 @@ def rank_sum_job() -> dict:
 def test_local_executor_runs_two_ranks_that_rendezvous(tmp_path):
     import submitit
 
-    executor = submitit.AutoExecutor(folder=tmp_path / "%j", cluster="local")
+    from launch.task import PYTHON
+
+    # Each task runs launch.task, as in jobs launch.slurm submits (make_executor).
+    executor = submitit.AutoExecutor(folder=tmp_path / "%j", cluster="local", local_python=PYTHON)
     executor.update_parameters(tasks_per_node=2, timeout_min=2, gpus_per_node=0)
     job = executor.submit(rank_sum_job)
     results = job.results()
+    assert job.state == "FINISHED"
     assert sorted(r["rank"] for r in results) == [0, 1]
     assert all(r["world"] == 2 and r["sum"] == 3.0 for r in results)
     assert {r["env"]["LOCAL_RANK"] for r in results} == {"0", "1"}
