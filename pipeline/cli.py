@@ -14,6 +14,8 @@ import traceback
 from collections.abc import Callable
 from typing import NoReturn
 
+from pipeline.errors import UserError
+
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "make-shards": ("pipeline.data.make_shards", "convert a dataset into WebDataset shards"),
@@ -49,42 +51,13 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
-# Errors that describe bad input (they name the file, key or value and the fix): shown as one
-# line, without a traceback. (module, class); a module not imported cannot have raised it.
-USER_ERRORS = (
-    ("pipeline.config", "ConfigError"),
-    ("pipeline.preflight", "PreflightError"),  # a ConfigError too; listed for the reader
-    ("pipeline.distributed", "DistributedEnvError"),
-    ("pipeline.model", "ModelLoadError"),
-    ("pipeline.train.checkpoint", "CheckpointError"),
-    ("pipeline.data.converters", "LayoutError"),
-    ("pipeline.data.writer", "ShardWriteError"),
-    ("pipeline.data.make_shards", "ShardArgumentError"),
-    ("pipeline.export", "ExportError"),
-    ("pipeline.gallery", "GalleryError"),
-    ("pipeline.train.guard", "RunLockError"),
-    ("pipeline.tracking", "TrackingUnavailable"),
-    ("pipeline.train.elastic", "ElasticResumeError"),
-)
-
-
-def _is_user_error(error: BaseException) -> bool:
-    for module, name in USER_ERRORS:
-        cls = getattr(sys.modules.get(module), name, None)
-        if cls is not None and isinstance(error, cls):
-            return True
-    return False
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
         return int(args._run(args) or 0)
-    except Exception as e:
-        if not _is_user_error(e):
-            raise
+    except UserError as e:  # bad input, explained in one line; anything else keeps its traceback
         print(f"pipeline {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -13,8 +13,10 @@ from typing import Any
 
 import yaml
 
+from pipeline.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config file or override broke a rule; the message names the key and the fix."""
 
 

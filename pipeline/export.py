@@ -35,6 +35,7 @@ from pipeline.config_loader import (
     named_model,
     split_checkpoint,
 )
+from pipeline.errors import UserError
 
 FORMATS = ("onnx", "torchscript")
 SPEC_FORMAT = "smoothap-preprocessing-v1"
@@ -45,7 +46,7 @@ OUTPUT_NAME = "embeddings"
 _EXAMPLE_BATCH = 2
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """Bad export request; the message names the flag or file, the rule and the fix."""
 
 

@@ -42,6 +42,7 @@ import torch
 from pipeline import distributed
 from pipeline.config import DataConfig
 from pipeline.config_loader import add_config_arguments
+from pipeline.errors import UserError
 
 INDEX_FILE = "index.faiss"
 ITEMS_FILE = "items.parquet"
@@ -54,7 +55,7 @@ RECALL_K = 10
 RECALL_QUERIES = 1000
 
 
-class GalleryError(ValueError):
+class GalleryError(UserError, ValueError):
     """Bad gallery input (folder, index directory, query image); names the file and the fix."""
 
 

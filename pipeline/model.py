@@ -19,12 +19,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import ModelConfig
+from pipeline.errors import UserError
 
 WEIGHTS_FORMAT = "smoothap-embedding-v1"
 """The ``format`` entry of a weights file's metadata."""
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(UserError, ValueError):
     """Weights do not fit the model; the message names the file, the mismatch and the fix."""
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pipeline.config import TrackingConfig
+from pipeline.errors import UserError
 from pipeline.tracking_outbox import (
     MAX_QUEUED,
     RETRY_MAX_S,
@@ -208,7 +209,7 @@ class NullTracker:
         return None
 
 
-class TrackingUnavailable(RuntimeError):
+class TrackingUnavailable(UserError, RuntimeError):
     """The tracking server does not answer when the run starts (a user error, reported in
     one line before the engine is built)."""
 

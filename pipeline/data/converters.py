@@ -15,9 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.data.writer import SourceItem
+from pipeline.errors import UserError
 
 
-class LayoutError(ValueError):
+class LayoutError(UserError, ValueError):
     """A dataset directory does not have the expected layout; the message says what is expected."""
 
 

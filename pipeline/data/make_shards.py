@@ -21,6 +21,7 @@ from pathlib import Path
 from pipeline.data.index import check_name
 from pipeline.data.outdir import check_output
 from pipeline.data.writer import DEFAULT_MAX_SKIPPED_FRACTION, ShardWriteError, write_split
+from pipeline.errors import UserError
 
 FORMATS = ("vggface2", "inaturalist", "sop", "ijbc", "imagefolder", "synthetic")
 DEFAULT_SPLITS = {
@@ -34,7 +35,7 @@ DEFAULT_SPLITS = {
 DEFAULT_NAMES = {"inaturalist": "inat"}
 
 
-class ShardArgumentError(ValueError):
+class ShardArgumentError(UserError, ValueError):
     """A make-shards argument out of its range; the message names the flag, value and rule."""
 
 

@@ -24,9 +24,10 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from pipeline.data.index import WRITTEN_FILES, is_shard_name
+from pipeline.errors import UserError
 
 
-class ShardWriteError(RuntimeError):
+class ShardWriteError(UserError, RuntimeError):
     """Writing a split failed or was refused; the message names the file and the fix."""
 
 

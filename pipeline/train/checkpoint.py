@@ -47,6 +47,7 @@ from typing import Any
 import torch
 
 from pipeline import distributed
+from pipeline.errors import UserError
 from pipeline.train import manifest
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ TRAIN_STATE_VERSION = 2
 _READABLE_VERSIONS = (1, TRAIN_STATE_VERSION)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint cannot be resumed from; the message names it and the fix."""
 
 

@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.config import ConfigError
+from pipeline.errors import UserError
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 
@@ -59,7 +60,7 @@ _SLICE_MAPPINGS = "param_slice_mappings"
 _GROUP_PADDINGS = "group_paddings"
 
 
-class ElasticResumeError(RuntimeError):
+class ElasticResumeError(UserError, RuntimeError):
     """A checkpoint cannot be resumed on this world size; the message names it and the fix."""
 
 

@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from types import FrameType
 
+from pipeline.errors import UserError
+
 log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -40,7 +42,7 @@ _BURST_S = 2.0
 _PR_SET_PDEATHSIG = 1
 
 
-class RunLockError(RuntimeError):
+class RunLockError(UserError, RuntimeError):
     """Another live job holds the run directory; the message names it and the fix."""
 
 
