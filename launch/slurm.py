@@ -105,7 +105,7 @@ def split_checkpoint(overrides: Sequence[str]) -> tuple[str, list[str]]:
 def _absolute_paths(cfg: RunConfig) -> RunConfig:
     # Jobs start in the submission directory, but absolute paths make the printed locations
     # and the saved config unambiguous.
-    from pipeline.tracking import resolve_uri
+    from pipeline.tracking.mlflow import resolve_uri
 
     train = replace(cfg.train, output_dir=str(Path(cfg.train.output_dir).resolve()))
     evaluation = replace(
@@ -286,7 +286,7 @@ def _submit_parts(sub: Submission, checkpoint: str, parts: int) -> None:
 
 def describe(sub: Submission) -> str:
     """The lines printed after submission: job id, logs, checkpoints, how to follow MLflow."""
-    from pipeline.tracking import ui_command
+    from pipeline.tracking.mlflow import ui_command
 
     cfg, job = sub.cfg, sub.job
     launch = cfg.launch

@@ -145,7 +145,8 @@ def _train(args: argparse.Namespace, overrides: list[str], uri: str, out: Path) 
 
 def run(args: argparse.Namespace) -> int:
     from pipeline.eval.evaluator import tracked_metrics
-    from pipeline.tracking import run_page, tracking_session
+    from pipeline.tracking.mlflow import run_page
+    from pipeline.tracking.session import tracking_session
 
     start = time.time()
     data = Path(args.data)

@@ -349,7 +349,7 @@ def run(args: argparse.Namespace) -> int:
         out, spec = export_model(model, cfg.data, args.format, args.out, force=args.force)
         print(f"wrote {out} ({args.format}, batch dynamic, {cfg.data.image_size} px) and {spec}")
     if args.mlflow:
-        from pipeline.tracking import MlflowTracker, ui_command
+        from pipeline.tracking.mlflow import MlflowTracker, ui_command
 
         tracker = MlflowTracker(cfg.tracking)
         tracker.set_tags({"kind": "export", "checkpoint": checkpoint})

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import TrackingConfig
-from pipeline.tracking import make_tracker
+from pipeline.tracking.session import make_tracker
 from tests.dist_helpers import free_port
 
 pytestmark = [pytest.mark.mlflow_server, pytest.mark.slow]

@@ -99,7 +99,7 @@ def compute_metrics(
 def tracked_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     """The MLflow names of evaluation metrics, the same for ``pipeline evaluate``, training
     and the merge of array parts: ``eval/<metric>`` (``eval/map@r`` is stored as
-    ``eval/map_at_r``, pipeline.tracking.metric_key)."""
+    ``eval/map_at_r``, pipeline.tracking.base.metric_key)."""
     return {f"eval/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
@@ -247,7 +247,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _preflight(cfg: RunConfig) -> None:
     from pipeline.preflight import preflight
-    from pipeline.tracking import MlflowTracker
+    from pipeline.tracking.mlflow import MlflowTracker
 
     preflight(cfg, distributed.get_world_size(), train=False)
     if cfg.tracking.enabled:
@@ -256,7 +256,8 @@ def _preflight(cfg: RunConfig) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pipeline.model import load_trained_model
-    from pipeline.tracking import run_page, tracking_session
+    from pipeline.tracking.mlflow import run_page
+    from pipeline.tracking.session import tracking_session
 
     checkpoint, overrides = split_checkpoint(args.overrides)
     cfg: RunConfig = load_config(args.config, overrides)

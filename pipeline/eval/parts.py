@@ -164,7 +164,7 @@ def merge_and_score(cfg: RunConfig, checkpoint: str, plan: list[list[str]]) -> d
     """
     from pipeline.config import to_dict
     from pipeline.eval.evaluator import compute_metrics, tracked_metrics, write_outputs
-    from pipeline.tracking import tracking_session
+    from pipeline.tracking.session import tracking_session
 
     out = eval_output_dir(cfg)
     stamps = [fingerprint(checkpoint, urls) for urls in plan]

@@ -324,7 +324,7 @@ class Trainer:
         world size, run the preflight checks of the config and shards, and check the
         tracking store. Returns what every rank needs (see ``distributed.on_main``)."""
         from pipeline.preflight import preflight
-        from pipeline.tracking import MlflowTracker
+        from pipeline.tracking.mlflow import MlflowTracker
         from pipeline.train import elastic
 
         cfg, root = self.cfg, self.run_dir.checkpoints
@@ -415,7 +415,8 @@ class Trainer:
         self.run_id = (state.mlflow_run_id if state else "") or self.run_dir.read_run_id()
 
     def _tracking_session(self) -> Any:
-        from pipeline.tracking import NullTracker, tracking_session
+        from pipeline.tracking.base import NullTracker
+        from pipeline.tracking.session import tracking_session
         from pipeline.train.engine import describe
 
         if self.done:  # nothing to train: no run to start or continue
@@ -605,8 +606,8 @@ class Trainer:
     @contextmanager
     def _host_metrics(self) -> Iterator[None]:
         """Each host's first rank samples CPU/memory/GPU into the run (pipeline.sysmetrics)."""
-        from pipeline import sysmetrics
-        from pipeline.tracking import resolve_uri
+        from pipeline.tracking import sysmetrics
+        from pipeline.tracking.mlflow import resolve_uri
 
         # All ranks participate: only rank 0 knows the run id.
         run_id = distributed.on_main(lambda: self.tracker.run_id)
@@ -628,7 +629,7 @@ class Trainer:
             handle.stop()  # before the run ends: it writes the queued samples
 
     def _announce(self) -> None:
-        from pipeline.tracking import run_page
+        from pipeline.tracking.mlflow import run_page
         from pipeline.train.engine import describe
 
         if self.is_main:  # a file write; no collective in here
@@ -650,7 +651,7 @@ class Trainer:
         """Final evaluation (files in the eval directory), weights, result and curves;
         returns the result. All ranks participate."""
         from pipeline.model import save_weights
-        from pipeline.tracking import log_curves
+        from pipeline.tracking.session import log_curves
         from pipeline.train.engine import fp32_state_dict
 
         # All ranks participate in the final evaluation.

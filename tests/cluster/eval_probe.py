@@ -7,7 +7,7 @@ Every rank (one process, or every task of ``srun``) embeds its share of ``data.e
 with the rank-sharded ``pipeline.eval.knn.knn_search`` (all ranks participate in both). Rank 0
 writes OUT_DIR/knn.npz (embeddings, global index, scores, ids); every rank writes
 OUT_DIR/rank<R>.json (host, gallery slice). With TRACKING_URI and RUN_ID, each host's local
-rank 0 samples its system metrics into that run meanwhile (pipeline.sysmetrics).
+rank 0 samples its system metrics into that run meanwhile (pipeline.tracking.sysmetrics).
 """
 
 from __future__ import annotations
@@ -20,11 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import distributed, sysmetrics
+from pipeline import distributed
 from pipeline.config_loader import load_config
 from pipeline.eval.extract import extract_embeddings
 from pipeline.eval.knn import gallery_slice, knn_search
 from pipeline.model import load_trained_model
+from pipeline.tracking import sysmetrics
 
 
 def main(config: str, weights: str, out_dir: str, k: int, uri: str = "", run_id: str = "") -> None:

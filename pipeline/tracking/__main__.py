@@ -1,0 +1,7 @@
+"""``python -m pipeline.tracking upload FILE [--uri URI]`` (see :mod:`pipeline.tracking.upload`)."""
+
+import sys
+
+from pipeline.tracking.upload import main
+
+sys.exit(main())
