@@ -21,10 +21,12 @@ def _start(cfg: RunConfig) -> None:
     """What every evaluation task does first: rank environment, then rank-aware logging."""
     guard_requeue_signal()
     export_distributed_env()
-    from pipeline import distributed
-    from pipeline.rundir import eval_output_dir
+    from pipeline import logs
+    from pipeline.distributed import group
+    from pipeline.rundir import RunDir, eval_output_dir
 
-    distributed.setup_logging(eval_output_dir(cfg))
+    rank = group.process_rank()
+    logs.setup_logging(RunDir(eval_output_dir(cfg)).log_file(rank), rank=rank)
 
 
 class ExtractPartJob(submitit.helpers.Checkpointable):

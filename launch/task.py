@@ -5,7 +5,7 @@ or, with ``--local``, its own process). :func:`launch.slurm.make_executor` sets 
 to :data:`PYTHON`, so the task runs ``<interpreter> -u -m launch.task -u -m
 submitit.core._submit <folder>``: this module runs the same job (``process_job``: load the
 pickled call, run it, write its result or error, requeue on a timeout) and then ends the
-process through ``pipeline.distributed.exit_process``, as the ``pipeline`` command does. A
+process through ``pipeline.distributed.group.exit_process``, as the ``pipeline`` command does. A
 task that trained or evaluated in a gloo group could otherwise abort in the interpreter's
 teardown after its result was written (see ``exit_process``); the job's exit code would
 then say "aborted" instead of what happened.

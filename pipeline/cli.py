@@ -82,13 +82,13 @@ def exit_code(run: Callable[[], int | None]) -> int:
 
 
 def end(code: int) -> NoReturn:
-    """End the process with ``code``: through ``pipeline.distributed.exit_process`` when this
-    process has loaded the collectives (so a rank's gloo threads cannot abort it in the
+    """End the process with ``code``: through ``pipeline.distributed.group.exit_process`` when this
+    process has loaded the process group's module (so a rank's gloo threads cannot abort it in the
     interpreter's teardown, see there), else a plain exit."""
-    distributed = sys.modules.get("pipeline.distributed")
-    if distributed is None:
+    group = sys.modules.get("pipeline.distributed.group")
+    if group is None:
         sys.exit(code)
-    distributed.exit_process(code)
+    group.exit_process(code)
 
 
 def console(argv: list[str] | None = None) -> NoReturn:

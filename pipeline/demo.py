@@ -24,9 +24,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from pipeline import distributed
+from pipeline import logs
 from pipeline.config import RunConfig
 from pipeline.config_loader import CONF_DIR, load_config
+from pipeline.distributed import group
 from pipeline.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -158,7 +159,8 @@ def run(args: argparse.Namespace) -> int:
         *args.overrides,
     ]
     cfg = load_config(args.config, overrides)
-    distributed.setup_logging(run_dir.root)
+    rank = group.process_rank()
+    logs.setup_logging(run_dir.log_file(rank), rank=rank)
     _write_shards(args)
 
     log.info("evaluating the untrained model on the held-out classes ...")

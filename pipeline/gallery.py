@@ -39,9 +39,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import distributed
 from pipeline.config import DataConfig
 from pipeline.config_loader import add_config_arguments
+from pipeline.distributed import collectives, group
 from pipeline.errors import UserError
 
 INDEX_FILE = "index.faiss"
@@ -243,7 +243,7 @@ def _folder_gallery(
     from pipeline.eval.extract import sort_by_index
 
     files = list_images(folder)
-    rank, world = distributed.get_rank(), distributed.get_world_size()
+    rank, world = group.get_rank(), group.get_world_size()
     mine = list(range(rank, len(files), world))
     emb, kept, skipped = embed_files(
         model,
@@ -255,8 +255,8 @@ def _folder_gallery(
     )
     index = np.asarray([mine[i] for i in kept], np.int64)
     emb, index = (
-        distributed.all_gather_rows(emb),
-        distributed.all_gather_rows(index),
+        collectives.all_gather_rows(emb),
+        collectives.all_gather_rows(index),
     )  # all ranks participate
     if world > 1:
         every: list[Any] = [None] * world
@@ -405,8 +405,8 @@ def run(args: argparse.Namespace) -> int:
     model, cfg, checkpoint = load_checkpoint_model(args.config, args.overrides)
     batch_size = args.batch_size or cfg.eval.batch_size
     # Joins the job's group (none for one process) and always leaves it.
-    with distributed.process_group():
-        device = distributed.device()
+    with group.process_group():
+        device = group.device()
         model.to(device)
         start = time.perf_counter()
         skipped: list[tuple[Path, str]] = []
@@ -419,11 +419,11 @@ def run(args: argparse.Namespace) -> int:
         embed_s = time.perf_counter() - start
         if len(emb) == 0:  # the same on every rank (gathered)
             raise GalleryError(f"no image of {args.shards or args.images!r} could be embedded")
-        if distributed.is_main_process():
+        if group.is_main_process():
             _build_and_write(
                 out, emb, items, skipped, params, model, cfg, checkpoint, args, embed_s
             )
-        distributed.barrier()  # all ranks participate: the index exists when every rank returns
+        collectives.barrier()  # all ranks participate: the index exists when every rank returns
     return 0
 
 

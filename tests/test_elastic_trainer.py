@@ -161,22 +161,24 @@ def test_two_ranks_resume_in_one_process_and_back(tmp_path, shards, zero):
 def main(config: str, states: str, overrides: list[str]) -> None:
     """``pipeline.train.trainer.train``, plus rank 0 saving ``elastic.full_state`` right
     after the resume (``resumed.pt``) and at the end (``end.pt``)."""
-    from pipeline import distributed
+    from pipeline import logs
     from pipeline.config_loader import load_config
+    from pipeline.distributed import group
     from pipeline.rundir import RunDir
     from pipeline.train import elastic
     from pipeline.train.trainer import Trainer
 
     cfg = load_config(config, overrides)
-    distributed.setup_logging(RunDir.of(cfg).root)
+    rank = group.process_rank()
+    logs.setup_logging(RunDir.of(cfg).log_file(rank), rank=rank)
     trainer = Trainer(cfg)
     for name, when in (("resumed.pt", "start"), ("end.pt", "end")):
         if when == "end":
             trainer.train()
         state = elastic.full_state(trainer.engine)  # all ranks participate
-        if distributed.is_main_process():
+        if group.is_main_process():
             torch.save(state, Path(states) / name)
-    distributed.destroy()
+    group.destroy()
 
 
 if __name__ == "__main__":

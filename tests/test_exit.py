@@ -1,4 +1,4 @@
-"""How a process that used a process group ends (pipeline.distributed.exit_process, issue 9).
+"""How a process that used a process group ends (pipeline.distributed.group.exit_process, issue 9).
 
 A gloo worker thread releases a finished collective's tensors after the collective has
 returned to Python, and that release takes the GIL. During the interpreter's teardown,
@@ -189,7 +189,7 @@ def test_a_rank_ends_through_exit_process(tmp_path, monkeypatch):
     from pipeline.config import LaunchConfig
 
     calls = []
-    monkeypatch.setattr("pipeline.distributed.exit_process", calls.append)
+    monkeypatch.setattr("pipeline.distributed.group.exit_process", calls.append)
     cli.end(5)
     assert calls == [5]
 

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import distributed
+from pipeline import logs
 from pipeline.config import DataConfig
 from pipeline.config_loader import load_config
+from pipeline.distributed import group
 from pipeline.rundir import RunDir
 from pipeline.train import checkpoint
 
@@ -34,11 +35,11 @@ def single_process():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
-    distributed.destroy()  # the one-process group DeepSpeed needs (pipeline.train.engine)
+    group.destroy()  # the one-process group DeepSpeed needs (pipeline.train.engine)
     os.environ.pop("LOCAL_RANK", None)  # set for DeepSpeed by pipeline.train.engine
     os.environ.update(saved)
     torch.set_num_threads(threads)
-    root = logging.getLogger(distributed.LOGGER)
+    root = logging.getLogger(logs.LOGGER)
     for h in list(root.handlers):
         root.removeHandler(h)
         h.close()

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import distributed
+from pipeline import logs
 from pipeline.config import DataConfig, EvalConfig, RunConfig, to_dict
 from pipeline.config_loader import (
     add_config_arguments,
@@ -32,8 +32,9 @@ from pipeline.config_loader import (
     named_model,
     split_checkpoint,
 )
+from pipeline.distributed import collectives, group
 from pipeline.eval.extract import Embeddings, extract_embeddings
-from pipeline.rundir import eval_output_dir
+from pipeline.rundir import RunDir, eval_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ def compute_metrics(
             return ijbc_metrics(e.emb_ND, templates, media, protocol)
 
         # Plain NumPy on one process: pooling + 15.6M pairs take ~30 s on 2 cores.
-        return distributed.on_main(ijbc)  # all ranks participate
+        return collectives.on_main(ijbc)  # all ranks participate
     from pipeline.eval.metrics import retrieval_metrics
 
     metrics = retrieval_metrics(
@@ -129,7 +130,7 @@ def evaluate_model(
         progress=progress,
     )
     metrics, extras = compute_metrics(e, data_cfg, eval_cfg, device=device)
-    if output_dir is not None and distributed.is_main_process():
+    if output_dir is not None and group.is_main_process():
         files = write_outputs(Path(output_dir), e, metrics, extras, data_cfg, eval_cfg)
         if tracker is not None:
             tracker.log_metrics(tracked_metrics(metrics), step)
@@ -137,7 +138,7 @@ def evaluate_model(
                 tracker.log_artifact(f, "eval")
     elif tracker is not None:
         tracker.log_metrics(tracked_metrics(metrics), step)
-    distributed.barrier()  # all ranks participate: files exist when evaluate_model returns
+    collectives.barrier()  # all ranks participate: files exist when evaluate_model returns
     return metrics
 
 
@@ -249,7 +250,7 @@ def _preflight(cfg: RunConfig) -> None:
     from pipeline.preflight import preflight
     from pipeline.tracking.mlflow import MlflowTracker
 
-    preflight(cfg, distributed.get_world_size(), train=False)
+    preflight(cfg, group.get_world_size(), train=False)
     if cfg.tracking.enabled:
         MlflowTracker.check(cfg.tracking)
 
@@ -262,18 +263,19 @@ def run(args: argparse.Namespace) -> int:
     checkpoint, overrides = split_checkpoint(args.overrides)
     cfg: RunConfig = load_config(args.config, overrides)
     out = eval_output_dir(cfg)
-    distributed.setup_logging(out)
+    rank = group.process_rank()
+    logs.setup_logging(RunDir(out).log_file(rank), rank=rank)
     # Joins the job's group (none for one process) and always leaves it.
-    with distributed.process_group():
+    with group.process_group():
         model = load_trained_model(checkpoint, named_model(args.config, overrides, cfg))
         # All ranks participate: the eval shards and the tracking store are checked in
         # seconds, before anything is embedded.
-        distributed.on_main(lambda: _preflight(cfg))
-        device = distributed.device()
+        collectives.on_main(lambda: _preflight(cfg))
+        device = group.device()
         model.to(device)
-        is_main = distributed.is_main_process()
+        is_main = group.is_main_process()
         params = {**to_dict(cfg), "checkpoint": checkpoint}
-        tags = {"kind": "evaluate", "world_size": str(distributed.get_world_size())}
+        tags = {"kind": "evaluate", "world_size": str(group.get_world_size())}
         with tracking_session(cfg.tracking, is_main=is_main, params=params, tags=tags) as tracker:
             # All ranks participate.
             metrics = evaluate_model(

@@ -185,7 +185,7 @@ def full_ranking_ap(
     """
     import torch
 
-    from pipeline import distributed
+    from pipeline.distributed import collectives, group
 
     N = emb_ND.shape[0]
     emb = torch.from_numpy(emb_ND).to(device)
@@ -214,9 +214,9 @@ def full_ranking_ap(
         pos = torch.full(member.shape, -torch.inf, device=device)
         rows = in_slice.nonzero()
         pos[rows[:, 0], rows[:, 1]] = S[rows[:, 0], member[rows[:, 0], rows[:, 1]] - lo]
-        if distributed.get_world_size() > 1:
+        if group.get_world_size() > 1:
             # All ranks participate: each positive's score lives on exactly one rank.
-            pos_c = pos.to(distributed.device())  # NCCL only moves CUDA tensors
+            pos_c = pos.to(group.device())  # NCCL only moves CUDA tensors
             torch.distributed.all_reduce(pos_c, op=torch.distributed.ReduceOp.MAX)
             pos = pos_c.to(device)
         pos[~is_pos] = torch.inf  # padding sorts last and no finite score reaches it
@@ -226,9 +226,9 @@ def full_ranking_ap(
         a = a[:, : max(1, int(R.max()))].contiguous()
         ge = _count_at_least(S, a)  # items of my slice scoring >= a_j
         del S
-        if distributed.get_world_size() > 1:
+        if group.get_world_size() > 1:
             # All ranks participate.
-            ge = distributed.all_reduce_sum(ge.to(distributed.device())).to(device)
+            ge = collectives.all_reduce_sum(ge.to(group.device())).to(device)
         first_tied = torch.searchsorted(a, a, right=False)
         pos_ge = (R[:, None] - first_tied).double()
         valid = torch.arange(a.shape[1], device=device)[None, :] < R[:, None]
@@ -258,7 +258,7 @@ def retrieval_metrics(
     ``num_queries`` (used) and ``num_queries_without_positive`` (left out: no other item of
     their label). ``device`` is where the full-ranking mAP pass multiplies (``cuda`` on GPUs).
     """
-    from pipeline import distributed
+    from pipeline.distributed import group
 
     ks = [int(k) for k in ks]
     if not ks or min(ks) < 1:
@@ -277,7 +277,7 @@ def retrieval_metrics(
     # that items tied at the list's end rank > K (see _list_ranks).
     K = min(max(max(ks), int(sizes.max()) - 1), N - 1)
     k_search = min(K + 2, N)
-    rank, world = distributed.get_rank(), distributed.get_world_size()
+    rank, world = group.get_rank(), group.get_world_size()
     lo, hi = gallery_slice(N, rank, world)
     index = ExactIPIndex(emb[lo:hi], lo, gpus=_resolve_gpus(gpus))
     per_query: dict[str, np.ndarray] = {}

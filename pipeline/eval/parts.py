@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import distributed
 from pipeline.config import RunConfig
+from pipeline.distributed import collectives, group
 from pipeline.eval.extract import Embeddings
 from pipeline.rundir import eval_output_dir
 
@@ -76,8 +76,8 @@ def extract_part(cfg: RunConfig, checkpoint: str, part: int, urls: list[str]) ->
         with np.load(path) as f:
             return {"part": part, "rows": int(f["index"].shape[0]), "path": str(path)}
     # Joins the job's group (none for one process) and always leaves it.
-    with distributed.process_group():
-        device = distributed.device()
+    with group.process_group():
+        device = group.device()
         model = load_trained_model(checkpoint, cfg.model).to(device)
         # All ranks participate: each embeds its share of these shards; all get every row.
         e = extract_embeddings(
@@ -88,12 +88,12 @@ def extract_part(cfg: RunConfig, checkpoint: str, part: int, urls: list[str]) ->
             batch_size=cfg.eval.batch_size,
             progress=False,
         )
-        if distributed.is_main_process():
+        if group.is_main_process():
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp.npz")
             np.savez(tmp, emb=e.emb_ND, labels=e.labels_N, index=e.index_N, fingerprint=stamp)
             os.replace(tmp, path)  # a part file is complete or absent
-        distributed.barrier()  # all ranks participate
+        collectives.barrier()  # all ranks participate
     log.info("part %d: %d samples from %d shards", part, len(e.index_N), len(urls))
     return {"part": part, "rows": len(e.index_N), "path": str(path)}
 
@@ -170,18 +170,18 @@ def merge_and_score(cfg: RunConfig, checkpoint: str, plan: list[list[str]]) -> d
     stamps = [fingerprint(checkpoint, urls) for urls in plan]
     e = merge_parts(out, len(plan), expected_rows(cfg.data.eval_urls), stamps)
     # Joins the job's group (none for one process) and always leaves it.
-    with distributed.process_group():
-        is_main = distributed.is_main_process()
+    with group.process_group():
+        is_main = group.is_main_process()
         params = {**to_dict(cfg), "checkpoint": checkpoint, "parts": len(plan)}
         tags = {"kind": "evaluate", "parts": str(len(plan))}
         with tracking_session(cfg.tracking, is_main=is_main, params=params, tags=tags) as tracker:
             # All ranks participate (sharded kNN when the merge job has several).
-            metrics, extras = compute_metrics(e, cfg.data, cfg.eval, device=distributed.device())
+            metrics, extras = compute_metrics(e, cfg.data, cfg.eval, device=group.device())
             tracker.log_metrics(tracked_metrics(metrics), 0)
             if is_main:  # files only; no collective in here
                 for f in write_outputs(out, e, metrics, extras, cfg.data, cfg.eval):
                     tracker.log_artifact(f, "eval")
             run_id = tracker.run_id
         log.info("merged %d parts (%d samples): %s", len(plan), len(e.index_N), metrics)
-        distributed.barrier()  # all ranks participate: the files exist when any rank returns
+        collectives.barrier()  # all ranks participate: the files exist when any rank returns
     return {"metrics": metrics, "run_id": run_id, "output_dir": str(out)}

@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from pipeline import distributed
+from pipeline.distributed import collectives, group
 from pipeline.errors import UserError
 from pipeline.train import manifest
 
@@ -226,7 +226,7 @@ def _check_space(engine: Any, root: Path, tag: str) -> None:
         return ""
 
     # All ranks participate (one broadcast).
-    message = distributed.on_main(look)
+    message = collectives.on_main(look)
     if message:
         raise CheckpointError(message)
 
@@ -264,13 +264,13 @@ def save(engine: Any, root: str | Path, step: int, client_state: dict, keep: int
             if free < need:
                 raise CheckpointError(_disk_full_message(root, tag, need, free)) from e
         raise
-    if distributed.is_main_process():
+    if group.is_main_process():
         # The manifest is the save's last act: a folder without one was never finished.
         manifest.write(root / tag, {"step": step})
         _write_latest(root, tag)
         prune(root, keep)
     # All ranks participate: nobody resumes or saves again before 'latest' is in place.
-    distributed.barrier()
+    collectives.barrier()
     return tag
 
 

@@ -34,9 +34,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import distributed
+from pipeline import logs
 from pipeline.config import RunConfig, to_dict
 from pipeline.config_loader import load_config, save_config
+from pipeline.distributed import collectives, group
 from pipeline.rundir import RunDir, eval_output_dir
 from pipeline.train import checkpoint
 from pipeline.train.checkpoint import TrainState
@@ -64,9 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     # Joins the job's group with the run's collective timeout and always leaves it.
-    with distributed.process_group(timeout_s=cfg.train.collective_timeout_s):
+    with group.process_group(timeout_s=cfg.train.collective_timeout_s):
         result = train(cfg)
-        if distributed.is_main_process():
+        if group.is_main_process():
             # stdout carries exactly this line (scripts parse it); messages go to the log.
             print(json.dumps({k: result[k] for k in ("step", "metrics", "weights", "run_id")}))
     return 0
@@ -80,7 +81,8 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     ``tracking_uri``, ``metrics`` (final evaluation), ``weights`` (fp32 ``.safetensors``),
     ``resumed_from`` (step or None), ``output_dir``.
     """
-    distributed.setup_logging(RunDir.of(cfg).root)
+    rank = group.process_rank()
+    logs.setup_logging(RunDir.of(cfg).log_file(rank), rank=rank)
     return Trainer(cfg).train()
 
 
@@ -166,7 +168,7 @@ class MetricLogger:
             return None
         # All ranks participate: the mean of the ranks' losses is the loss of the global
         # batch (pipeline.loss).
-        loss = float(distributed.all_reduce_sum(self.loss.float())) / distributed.get_world_size()
+        loss = float(collectives.all_reduce_sum(self.loss.float())) / group.get_world_size()
         total = max(self.total_s, 1e-9)
         metrics = {
             "train/loss": loss,
@@ -228,7 +230,7 @@ class EvalHook:
                 output_dir=output_dir,
                 tracker=self.tracker,
                 step=step,
-                progress=distributed.is_main_process(),
+                progress=group.is_main_process(),
             )
         finally:
             model.train(was_training)
@@ -273,9 +275,9 @@ class Trainer:
             # Once per process: a second Trainer (benchmarks) reuses the group, including
             # the one-process group DeepSpeed needs (pipeline.train.engine). The timeout
             # bounds every collective: a lost host ends the job instead of hanging it.
-            distributed.init(timeout_s=cfg.train.collective_timeout_s)
+            group.init(timeout_s=cfg.train.collective_timeout_s)
         _set_determinism(cfg.train.deterministic)
-        self.rank, self.world = distributed.get_rank(), distributed.get_world_size()
+        self.rank, self.world = group.get_rank(), group.get_world_size()
         self.is_main = self.rank == 0
         if self.world > 1:
             exit_with_parent()  # torchrun starts ranks in their own sessions (issue 10)
@@ -283,10 +285,10 @@ class Trainer:
         self._lock: RunLock | None = None
         # All ranks participate: rank 0 checks what the config, the shards, the checkpoints
         # and the tracking store can reveal in seconds, before DeepSpeed starts.
-        plan = distributed.on_main(self._plan)
+        plan = collectives.on_main(self._plan)
         self._adapt_to_world_size(plan)
         cfg = self.cfg
-        self.hosts = distributed.rank_hosts()  # named when a rank or host is lost
+        self.hosts = collectives.rank_hosts()  # named when a rank or host is lost
         self.steps_per_epoch = cfg.sampler.steps_per_epoch
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
         self.batch_size = cfg.sampler.batch_size_per_gpu
@@ -322,7 +324,7 @@ class Trainer:
         """Rank 0, before the engine: take the run directory's lock, choose the checkpoint
         to resume from (the newest complete one), work out P per rank for a resume on another
         world size, run the preflight checks of the config and shards, and check the
-        tracking store. Returns what every rank needs (see ``distributed.on_main``)."""
+        tracking store. Returns what every rank needs (see ``collectives.on_main``)."""
         from pipeline.preflight import preflight
         from pipeline.tracking.mlflow import MlflowTracker
         from pipeline.train import elastic
@@ -409,7 +411,7 @@ class Trainer:
         state = checkpoint.resume(self.engine, root, self.engine.module.architecture, tag)
         if self.sync_buffers:
             # All ranks participate: a checkpoint holds rank 0's statistics only.
-            distributed.broadcast_buffers(self.engine.module)
+            collectives.broadcast_buffers(self.engine.module)
         self.step = state.step if state else 0
         self.resumed_from = self.step if state else None
         self.run_id = (state.mlflow_run_id if state else "") or self.run_dir.read_run_id()
@@ -516,7 +518,7 @@ class Trainer:
         engine.step()
         if self.sync_buffers:
             # All ranks participate: every rank continues with rank 0's BatchNorm statistics.
-            distributed.broadcast_buffers(engine.module)
+            collectives.broadcast_buffers(engine.module)
         if on_phase is not None:
             on_phase("optimizer")
         self.step += 1
@@ -541,7 +543,7 @@ class Trainer:
                 self.metrics.close()
                 result = self.finish()
             # All ranks participate: nobody leaves before rank 0 has written the result.
-            distributed.barrier()
+            collectives.barrier()
         finally:
             self._release_lock()
         return result
@@ -568,9 +570,9 @@ class Trainer:
                     self.evaluator.maybe_evaluate(self.step)
                     saved = self.checkpointer.maybe_save(self.step)
                     # All ranks participate: the ranks receive a signal at different moments.
-                    stopping = distributed.any_rank(stop.requested)
+                    stopping = collectives.any_rank(stop.requested)
                 except Exception as e:  # gloo's timeouts are plain RuntimeErrors
-                    if not distributed.is_collective_error(e):
+                    if not group.is_collective_error(e):
                         raise
                     raise self._lost_rank(e) from e
                 if stopping:
@@ -610,9 +612,9 @@ class Trainer:
         from pipeline.tracking.mlflow import resolve_uri
 
         # All ranks participate: only rank 0 knows the run id.
-        run_id = distributed.on_main(lambda: self.tracker.run_id)
+        run_id = collectives.on_main(lambda: self.tracker.run_id)
         uri = resolve_uri(self.cfg.tracking)
-        local_rank = distributed.get_local_rank()
+        local_rank = group.get_local_rank()
         # A SQLite file is written by rank 0's host only: several hosts writing one file over
         # a network filesystem can corrupt it.
         if not uri.startswith(("http://", "https://")) and not self.is_main:

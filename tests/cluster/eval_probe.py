@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import distributed
 from pipeline.config_loader import load_config
+from pipeline.distributed import collectives, group
 from pipeline.eval.extract import extract_embeddings
 from pipeline.eval.knn import gallery_slice, knn_search
 from pipeline.model import load_trained_model
@@ -30,7 +30,7 @@ from pipeline.tracking import sysmetrics
 
 def main(config: str, weights: str, out_dir: str, k: int, uri: str = "", run_id: str = "") -> None:
     torch.set_num_threads(1)
-    env = distributed.init(timeout_s=120)
+    env = group.init(timeout_s=120)
     monitor = sysmetrics.start(
         run_id or None, tracking_uri=uri, local_rank=env.local_rank, interval_s=0.2
     )
@@ -44,14 +44,14 @@ def main(config: str, weights: str, out_dir: str, k: int, uri: str = "", run_id:
     finally:
         monitor.stop()
     out = Path(out_dir)
-    rank, world = distributed.get_rank(), distributed.get_world_size()
+    rank, world = group.get_rank(), group.get_world_size()
     lo, hi = gallery_slice(len(e.index_N), rank, world)
     facts = {"host": socket.gethostname(), "world": world, "slice": [lo, hi]}
     (out / f"rank{rank}.json").write_text(json.dumps(facts))
     if rank == 0:
         np.savez(out / "knn.npz", emb=e.emb_ND, index=e.index_N, scores=scores, ids=ids)
-    distributed.barrier()  # all ranks participate: the files exist when the step ends
-    distributed.destroy()
+    collectives.barrier()  # all ranks participate: the files exist when the step ends
+    group.destroy()
 
 
 if __name__ == "__main__":
