@@ -38,7 +38,7 @@ def main() -> None:
     import onnxruntime as ort
     import torch
 
-    from pipeline.config import DataConfig, ModelConfig
+    from pipeline.config.schema import DataConfig, ModelConfig
     from pipeline.export import export_onnx
     from pipeline.model import build_model, load_trained_model, save_weights
 

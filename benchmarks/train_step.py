@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config_loader import load_config
+from pipeline.config.load import load_config
 from pipeline.distributed import group
 
 

@@ -13,8 +13,8 @@ import subprocess
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from pipeline.config import LaunchConfig
-from pipeline.config_loader import CONF_DIR, read_yaml_mapping
+from pipeline.config.load import CONF_DIR, read_yaml_mapping
+from pipeline.config.schema import LaunchConfig
 
 CLUSTER_DIR = CONF_DIR / "cluster"
 

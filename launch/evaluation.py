@@ -14,7 +14,7 @@ from typing import Any
 import submitit
 
 from launch.jobs import export_distributed_env, guard_requeue_signal
-from pipeline.config import RunConfig
+from pipeline.config.schema import RunConfig
 
 
 def _start(cfg: RunConfig) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 import submitit
 from submitit.core.job_environment import JobEnvironment
 
-from pipeline.config import RunConfig
+from pipeline.config.schema import RunConfig
 
 # A child of the pipeline logger: the entry points' setup_logging routes it (rank 0 prints,
 # every rank writes <run dir>/logs/rank<R>.log).

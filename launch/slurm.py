@@ -30,9 +30,9 @@ from launch.cluster import (
     cluster_overrides,
     tasks_per_node,
 )
-from pipeline.config import ConfigError, LaunchConfig, RunConfig
-from pipeline.config_loader import load_config
-from pipeline.config_loader import split_checkpoint as config_split_checkpoint
+from pipeline.config.load import load_config
+from pipeline.config.load import split_checkpoint as config_split_checkpoint
+from pipeline.config.schema import ConfigError, LaunchConfig, RunConfig
 from pipeline.rundir import eval_output_dir
 
 # flag -> LaunchConfig field

@@ -25,8 +25,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from pipeline import logs
-from pipeline.config import RunConfig
-from pipeline.config_loader import CONF_DIR, load_config
+from pipeline.config.load import CONF_DIR, load_config
+from pipeline.config.schema import RunConfig
 from pipeline.distributed import group
 from pipeline.rundir import RunDir
 

@@ -28,13 +28,8 @@ from typing import Any
 
 import torch
 
-from pipeline.config import DataConfig, RunConfig
-from pipeline.config_loader import (
-    add_config_arguments,
-    load_config,
-    named_model,
-    split_checkpoint,
-)
+from pipeline.config.load import add_config_arguments, load_config, named_model, split_checkpoint
+from pipeline.config.schema import DataConfig, RunConfig
 from pipeline.errors import UserError
 
 FORMATS = ("onnx", "torchscript")

@@ -39,8 +39,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.config import DataConfig
-from pipeline.config_loader import add_config_arguments
+from pipeline.config.load import add_config_arguments
+from pipeline.config.schema import DataConfig
 from pipeline.distributed import collectives, group
 from pipeline.errors import UserError
 

@@ -28,7 +28,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.config import ConfigError, RunConfig
+from pipeline.config.schema import ConfigError, RunConfig
 from pipeline.data.dealing import rank_shards, stream_shards, streams_per_rank
 from pipeline.data.index import INDEX_FILE, SIZES_FILE, _is_remote, expand_urls, read_sizes
 

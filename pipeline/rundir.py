@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import RunConfig
+from pipeline.config.schema import RunConfig
 
 
 class RunDir:

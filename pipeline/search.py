@@ -50,7 +50,7 @@ def search_images(
     gallery: Gallery, files: list[Path], k: int, *, checkpoint: str | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k (scores Q x k, gallery rows Q x k) of each query file."""
-    from pipeline.config import DataConfig
+    from pipeline.config.schema import DataConfig
 
     for f in files:
         if not f.is_file():

@@ -7,7 +7,7 @@ import pickle
 import pytest
 import torch
 
-from pipeline.config import ConfigError, OptimConfig, TrainConfig
+from pipeline.config.schema import ConfigError, OptimConfig, TrainConfig
 from pipeline.train import checkpoint
 from pipeline.train.engine import deepspeed_config
 from tests.dist_helpers import run_distributed

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import DataConfig
+from pipeline.config.schema import DataConfig
 from pipeline.data.index import expand_urls, read_index, read_sizes, split_dir
 from pipeline.data.synthetic import render, render_jpeg, synthetic_items
 from pipeline.data.transforms import (

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import ConfigError
+from pipeline.config.schema import ConfigError
 from pipeline.train import elastic
 from tests.dist_helpers import run_distributed
 from tests.tiny import tiny_model_config
@@ -25,7 +25,7 @@ EMBEDDING_DIM = 7
 
 
 def _engine(zero: int, optim: str = "adam"):
-    from pipeline.config import OptimConfig, TrainConfig
+    from pipeline.config.schema import OptimConfig, TrainConfig
     from pipeline.model import build_model
     from pipeline.train.checkpoint import install_safe_loading
     from pipeline.train.engine import build_engine

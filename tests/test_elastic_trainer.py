@@ -162,7 +162,7 @@ def main(config: str, states: str, overrides: list[str]) -> None:
     """``pipeline.train.trainer.train``, plus rank 0 saving ``elastic.full_state`` right
     after the resume (``resumed.pt``) and at the end (``end.pt``)."""
     from pipeline import logs
-    from pipeline.config_loader import load_config
+    from pipeline.config.load import load_config
     from pipeline.distributed import group
     from pipeline.rundir import RunDir
     from pipeline.train import elastic

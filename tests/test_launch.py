@@ -17,7 +17,7 @@ import yaml
 from launch import cluster as cluster_mod
 from launch import slurm
 from launch.cluster import LaunchError, _gpu_count, cluster_overrides, tasks_per_node
-from pipeline.config import ConfigError, LaunchConfig
+from pipeline.config.schema import ConfigError, LaunchConfig
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -302,7 +302,7 @@ def test_launcher_on_two_hosts_trains_like_one_host_and_one_process(
 
     # No sample read twice: the job's streams are TrainStream(seed, epoch, rank, world 4) (the
     # one-process run trained on exactly these batches and ended with the same weights).
-    from pipeline.config_loader import load_config
+    from pipeline.config.load import load_config
     from pipeline.data.stream import TrainStream
 
     c = load_config(cfg)

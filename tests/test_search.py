@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from pipeline.cli import main
-from pipeline.config import DataConfig, ModelConfig
+from pipeline.config.schema import DataConfig, ModelConfig
 from pipeline.model import build_model, load_trained_model, save_weights
 from tests.data_helpers import write_image
 

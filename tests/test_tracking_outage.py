@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import TrackingConfig
+from pipeline.config.schema import TrackingConfig
 from pipeline.tracking.base import TrackingUnavailable
 from pipeline.tracking.mlflow import MlflowTracker
 from pipeline.tracking.outbox import UNDELIVERED_FILE, Outbox, write_undelivered

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import TrackingConfig
+from pipeline.config.schema import TrackingConfig
 from pipeline.tracking.session import make_tracker
 from tests.dist_helpers import free_port
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from pipeline import logs
-from pipeline.config import DataConfig
-from pipeline.config_loader import load_config
+from pipeline.config.load import load_config
+from pipeline.config.schema import DataConfig
 from pipeline.distributed import group
 from pipeline.rundir import RunDir
 from pipeline.train import checkpoint

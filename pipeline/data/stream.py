@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.config import DataConfig, SamplerConfig
+from pipeline.config.schema import DataConfig, SamplerConfig
 from pipeline.data.dealing import (
     AUG,
     MIX,

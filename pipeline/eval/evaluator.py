@@ -25,13 +25,8 @@ import numpy as np
 import torch
 
 from pipeline import logs
-from pipeline.config import DataConfig, EvalConfig, RunConfig, to_dict
-from pipeline.config_loader import (
-    add_config_arguments,
-    load_config,
-    named_model,
-    split_checkpoint,
-)
+from pipeline.config.load import add_config_arguments, load_config, named_model, split_checkpoint
+from pipeline.config.schema import DataConfig, EvalConfig, RunConfig, to_dict
 from pipeline.distributed import collectives, group
 from pipeline.eval.extract import Embeddings, extract_embeddings
 from pipeline.rundir import RunDir, eval_output_dir

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.config import DataConfig
+from pipeline.config.schema import DataConfig
 from pipeline.distributed import collectives, group
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import RunConfig
+from pipeline.config.schema import RunConfig
 from pipeline.distributed import collectives, group
 from pipeline.eval.extract import Embeddings
 from pipeline.rundir import eval_output_dir
@@ -162,7 +162,7 @@ def merge_and_score(cfg: RunConfig, checkpoint: str, plan: list[list[str]]) -> d
 
     Returns ``metrics``, ``run_id`` (MLflow; None off rank 0) and ``output_dir``.
     """
-    from pipeline.config import to_dict
+    from pipeline.config.schema import to_dict
     from pipeline.eval.evaluator import compute_metrics, tracked_metrics, write_outputs
     from pipeline.tracking.session import tracking_session
 

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import TrackingConfig
+from pipeline.config.schema import TrackingConfig
 from pipeline.tracking.base import NullTracker, Tracker
 from pipeline.tracking.mlflow import MlflowTracker
 
@@ -45,7 +45,7 @@ def tracking_session(
     block ends normally, KILLED on KeyboardInterrupt or SystemExit, FAILED on any other
     exception (which propagates).
     """
-    from pipeline.config_loader import flatten
+    from pipeline.config.load import flatten
 
     tracker = make_tracker(tracking_cfg, is_main=is_main, run_id=run_id)
     status = "FAILED"

@@ -46,7 +46,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pipeline.config import ConfigError
+from pipeline.config.schema import ConfigError
 from pipeline.errors import UserError
 
 MODEL_STATES = "mp_rank_00_model_states.pt"

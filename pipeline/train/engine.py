@@ -25,8 +25,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipeline.config import ConfigError, TrainConfig
-from pipeline.config_loader import read_deepspeed_file
+from pipeline.config.deepspeed import read_deepspeed_file
+from pipeline.config.schema import ConfigError, TrainConfig
 from pipeline.distributed import group
 
 
@@ -63,7 +63,7 @@ def deepspeed_config(train_cfg: TrainConfig, batch_size_per_gpu: int, world_size
 
 
 def _merge_user_config(config: dict, train_cfg: TrainConfig) -> None:
-    """Merge ``train.deepspeed_config`` (checked by pipeline.config_loader) into ``config``."""
+    """Merge ``train.deepspeed_config`` (checked by pipeline.config.deepspeed) into ``config``."""
     extra = read_deepspeed_file(train_cfg)
     if "torch_autocast" in extra and "torch_autocast" not in config:
         raise ConfigError(

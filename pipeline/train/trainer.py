@@ -35,8 +35,8 @@ import numpy as np
 import torch
 
 from pipeline import logs
-from pipeline.config import RunConfig, to_dict
-from pipeline.config_loader import load_config, save_config
+from pipeline.config.load import load_config, save_config
+from pipeline.config.schema import RunConfig, to_dict
 from pipeline.distributed import collectives, group
 from pipeline.rundir import RunDir, eval_output_dir
 from pipeline.train import checkpoint
@@ -387,7 +387,7 @@ class Trainer:
         )
         if cfg.model.sync_bn and self.world > 1:
             if not torch.cuda.is_available():
-                from pipeline.config import ConfigError
+                from pipeline.config.schema import ConfigError
 
                 raise ConfigError(
                     "model.sync_bn=true: SyncBatchNorm runs on CUDA devices only; on CPU set "

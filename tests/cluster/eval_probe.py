@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.config_loader import load_config
+from pipeline.config.load import load_config
 from pipeline.distributed import collectives, group
 from pipeline.eval.extract import extract_embeddings
 from pipeline.eval.knn import gallery_slice, knn_search
