@@ -27,11 +27,14 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("pipeline.eval.evaluator", "extract embeddings and compute retrieval metrics"),
     "demo": ("pipeline.demo", "synthetic shards, 2-process CPU training, before/after table"),
     "export": (
-        "pipeline.export",
+        "pipeline.serve.export",
         "a trained model as ONNX / TorchScript (+ preprocessing JSON) or an MLflow model",
     ),
-    "index": ("pipeline.gallery", "embed a gallery (shards or image folder) into a FAISS index"),
-    "search": ("pipeline.search", "the nearest gallery items of query images"),
+    "index": (
+        "pipeline.serve.gallery",
+        "embed a gallery (shards or image folder) into a FAISS index",
+    ),
+    "search": ("pipeline.serve.search", "the nearest gallery items of query images"),
 }
 
 

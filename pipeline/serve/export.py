@@ -8,10 +8,10 @@ The exported graph is the whole :class:`pipeline.model.EmbeddingModel` (backbone
 L2 normalisation): float32 NCHW images of ``data.image_size`` in, unit-norm embeddings out, any
 batch size. Beside it goes ``<stem>.preprocessing.json`` (:func:`preprocessing_spec`): what a
 caller must do to an image first (the eval transform of ``pipeline.data.transforms``);
-``pipeline.serving`` implements it without torch.
+``pipeline.serve.runtime`` implements it without torch.
 
 The MLflow model (:func:`log_mlflow_model`) holds the ONNX graph, the spec and
-``pipeline/serving.py`` as its code: encoded image bytes in, embeddings out, preprocessing
+``pipeline/serve/runtime.py`` as its code: encoded image bytes in, embeddings out, preprocessing
 inside, and it needs onnxruntime, NumPy and Pillow only (the requirements are given explicitly,
 so MLflow never resolves packages or downloads anything).
 """
@@ -34,7 +34,7 @@ from pipeline.errors import UserError
 
 FORMATS = ("onnx", "torchscript")
 SPEC_FORMAT = "smoothap-preprocessing-v1"
-"""Also in ``pipeline.serving``, which imports nothing from the project (a test keeps them equal)."""
+"""Also in ``pipeline.serve.runtime``, which imports nothing from the project (a test keeps them equal)."""
 INPUT_NAME = "images"
 OUTPUT_NAME = "embeddings"
 # Exported with batch 2: torch.export specialises a dimension of size 1 to a constant.
@@ -46,7 +46,7 @@ class ExportError(UserError, ValueError):
 
 
 def preprocessing_spec(data_cfg: DataConfig, embedding_dim: int) -> dict[str, Any]:
-    """What an image must go through before the exported model (``pipeline.serving`` reads it).
+    """What an image must go through before the exported model (``pipeline.serve.runtime`` reads it).
 
     The eval transform: decode to RGB, shorter side resized to ``data.resize_size`` (Pillow's
     antialiased bilinear, longer side truncated), centre crop ``data.image_size``, scale to
@@ -245,23 +245,23 @@ def log_mlflow_model(
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema, TensorSpec
 
-    from pipeline import serving
+    from pipeline.serve import runtime
 
     dim = int(model.head.out_features)
     with tempfile.TemporaryDirectory(prefix="smoothap-mlflow-") as tmp:
         tmp = Path(tmp)
         onnx_file, spec_file = export_model(model, data_cfg, "onnx", tmp / "model.onnx")
-        # Models from code: the model is serving.py plus the line that names its model
+        # Models from code: the model is runtime.py plus the line that names its model
         # object; no pickled class, so loading needs neither this project nor torch.
         code = tmp / "embedding_model.py"
         code.write_text(
-            Path(serving.__file__).read_text() + "\n\nmlflow.models.set_model(EmbeddingPyfunc())\n"
+            Path(runtime.__file__).read_text() + "\n\nmlflow.models.set_model(EmbeddingPyfunc())\n"
         )
         signature = ModelSignature(
-            inputs=Schema([ColSpec("binary", serving.IMAGE_COLUMN)]),
+            inputs=Schema([ColSpec("binary", runtime.IMAGE_COLUMN)]),
             outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, dim), "embedding")]),
         )
-        example = pd.DataFrame({serving.IMAGE_COLUMN: [_example_image(data_cfg.image_size)]})
+        example = pd.DataFrame({runtime.IMAGE_COLUMN: [_example_image(data_cfg.image_size)]})
         with _mlflow_uri(tracking_uri), mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name=name,
