@@ -39,8 +39,9 @@ def main() -> None:
     import torch
 
     from pipeline.config.schema import DataConfig, ModelConfig
-    from pipeline.model import build_model, load_trained_model, save_weights
+    from pipeline.model import build_model, load_trained_model
     from pipeline.serve.export import export_onnx
+    from pipeline.weights import save_weights
 
     torch.set_num_threads(args.threads)
     data_cfg = DataConfig(image_size=args.size, resize_size=args.size)

@@ -153,7 +153,8 @@ def main() -> None:
     parser.add_argument("--dir", help="work directory (default: a temporary one)")
     args = parser.parse_args()
 
-    from pipeline.data.writer import SourceItem, write_split
+    from pipeline.data.items import SourceItem
+    from pipeline.data.writer import write_split
 
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         tmp = Path(tmp)

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.config.schema import ConfigError, RunConfig
+from pipeline.data.catalog import INDEX_FILE, SIZES_FILE, _is_remote, expand_urls, read_sizes
 from pipeline.data.dealing import rank_shards, stream_shards, streams_per_rank
-from pipeline.data.index import INDEX_FILE, SIZES_FILE, _is_remote, expand_urls, read_sizes
 
 TAR_BLOCK = 512
 """A tar member is a 512-byte header plus its data padded to 512 bytes."""

@@ -85,14 +85,15 @@ def _train(config: Path, states: Path, ranks: int, epochs: int) -> str:
 
 
 def _resumed_exactly(before: Path, after: Path) -> None:
-    from pipeline.train import checkpoint, elastic
+    from pipeline.train import elastic
+    from pipeline.train.safe_load import safe_load
 
-    saved = checkpoint.safe_load(before / "end.pt")
-    resumed = checkpoint.safe_load(after / "resumed.pt")
+    saved = safe_load(before / "end.pt")
+    resumed = safe_load(after / "resumed.pt")
     assert saved["optimizer"] and saved["global_steps"] > 0
     assert not elastic.state_differences(saved, resumed)
     # Not vacuous: the state moved on after the resume.
-    assert elastic.state_differences(resumed, checkpoint.safe_load(after / "end.pt"))
+    assert elastic.state_differences(resumed, safe_load(after / "end.pt"))
 
 
 def _history(tmp: Path) -> tuple[list, list[int]]:

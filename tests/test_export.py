@@ -22,7 +22,8 @@ import torch
 from pipeline.cli import main
 from pipeline.config.schema import DataConfig, ModelConfig
 from pipeline.data.transforms import decode_image, draft_side, eval_transform
-from pipeline.model import build_model, load_trained_model, save_weights
+from pipeline.model import build_model, load_trained_model
+from pipeline.weights import save_weights
 from tests.data_helpers import write_image
 
 SIZE, RESIZE = 32, 36

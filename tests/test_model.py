@@ -10,13 +10,8 @@ import pytest
 import torch
 
 from pipeline.config.schema import ModelConfig
-from pipeline.model import (
-    ModelLoadError,
-    build_model,
-    load_trained_model,
-    read_state_dict,
-    save_weights,
-)
+from pipeline.model import build_model, load_trained_model
+from pipeline.weights import ModelLoadError, read_state_dict, save_weights
 from tests.tiny import tiny_model_config
 
 

@@ -17,7 +17,8 @@ import torch
 
 from pipeline.cli import main
 from pipeline.config.schema import DataConfig, ModelConfig
-from pipeline.model import build_model, load_trained_model, save_weights
+from pipeline.model import build_model, load_trained_model
+from pipeline.weights import save_weights
 from tests.data_helpers import write_image
 
 SIZE, K = 32, 6

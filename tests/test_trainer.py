@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import logs
+from pipeline import logs, weights
 from pipeline.config.load import load_config
 from pipeline.config.schema import DataConfig
 from pipeline.distributed import group
@@ -78,9 +78,9 @@ def test_trainer_trains_checkpoints_and_records_the_run(
     assert (run.eval / "metrics.json").is_file()
 
     # The last checkpoint is the final step, and its client state is a TrainState.
-    assert checkpoint.latest_tag(run.checkpoints) == checkpoint.tag_for(STEPS)
-    file = checkpoint.model_states_file(run.checkpoints)
-    state = checkpoint.TrainState.from_client_state(checkpoint.read_client_state(file), file)
+    assert weights.latest_tag(run.checkpoints) == checkpoint.tag_for(STEPS)
+    file = weights.model_states_file(run.checkpoints)
+    state = checkpoint.TrainState.from_client_state(weights.read_client_state(file), file)
     assert (state.step, state.epoch, state.step_in_epoch) == (STEPS, 1, 0)
     assert state.world_size == 1 and state.mlflow_run_id == result["run_id"]
     assert state.architecture == {

@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.data.writer import SourceItem
+from pipeline.data.items import SourceItem
 from pipeline.errors import UserError
 
 

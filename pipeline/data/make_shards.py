@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.data.index import check_name
+from pipeline.data.catalog import check_name
 from pipeline.data.outdir import check_output
 from pipeline.data.writer import DEFAULT_MAX_SKIPPED_FRACTION, ShardWriteError, write_split
 from pipeline.errors import UserError

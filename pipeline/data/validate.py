@@ -21,7 +21,7 @@ import sys
 import tarfile
 from pathlib import Path
 
-from pipeline.data.index import INDEX_FILE, SHARD_SUFFIX, SIZES_FILE, read_index, read_sizes
+from pipeline.data.catalog import INDEX_FILE, SHARD_SUFFIX, SIZES_FILE, read_index, read_sizes
 
 MEMBERS = {"jpg", "cls", "json"}
 MAX_PRINTED = 200

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.data.index import (
+from pipeline.data.catalog import (
     INDEX_FILE,
     SIZES_FILE,
     SKIPPED_FILE,
@@ -40,6 +40,7 @@ from pipeline.data.index import (
     check_name,
     shard_pattern,
 )
+from pipeline.data.items import SourceItem, encode_jpeg
 from pipeline.data.outdir import (
     ShardWriteError,  # defined beside the output checks; callers catch it from here
     check_output,
@@ -69,24 +70,6 @@ INDEX_COLUMNS = (
 
 
 @dataclass
-class SourceItem:
-    """One image to write: where it comes from and what it is."""
-
-    class_name: str
-    """The class (identity, species, product); labels are assigned from the sorted names."""
-    source: str
-    """Recorded in the metadata: the path as the dataset lists it (relative to its root)."""
-    path: str = ""
-    """The file to read; empty when the image is rendered (synthetic)."""
-    origin: str = ""
-    """Where the item was listed (``Ebay_train.txt:12``), for error messages."""
-    meta: dict[str, Any] = field(default_factory=dict)
-    """Dataset-specific ids (template_id, media_id, supercategory, ...): json + index columns."""
-    render: tuple = ()
-    """Synthetic only: the arguments of ``synthetic.render_jpeg``."""
-
-
-@dataclass
 class WriteSummary:
     """What a split's writing produced (printed by make-shards)."""
 
@@ -108,16 +91,6 @@ class WriteSummary:
 
 
 # ---------------------------------------------------------------------------- image preparation
-
-
-def encode_jpeg(image, quality: int) -> bytes:
-    """JPEG bytes of a PIL image, fixed settings so output is reproducible. A non-RGB image is
-    converted by ``imagemode.to_rgb``'s rules, never by PIL's clipping ``convert("RGB")``."""
-    from pipeline.data.imagemode import to_rgb
-
-    buf = io.BytesIO()
-    to_rgb(image).save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
 
 
 KEPT_JPEG_MODES = ("RGB", "L")

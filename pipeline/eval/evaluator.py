@@ -42,7 +42,7 @@ GRID_NEIGHBOURS = 5
 
 def _ijbc_ids(data_cfg: DataConfig, index_N: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Template and media id of each extracted sample, from the split's index.parquet."""
-    from pipeline.data.index import read_index
+    from pipeline.data.catalog import read_index
 
     table = read_index(data_cfg.eval_urls)
     missing = [c for c in ("template_id", "media_id") if c not in table.column_names]
@@ -69,7 +69,7 @@ def compute_metrics(
     All ranks participate and return the same values.
     """
     if eval_cfg.protocol == "ijbc":
-        from pipeline.data.index import split_dir
+        from pipeline.data.catalog import split_dir
         from pipeline.eval.ijbc import ijbc_metrics, load_protocol
 
         def ijbc() -> tuple[dict[str, float], dict[str, Any]]:
@@ -157,7 +157,7 @@ def write_outputs(
     files = [out / "metrics.json"]
     files[0].write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     if eval_cfg.protocol == "ijbc":
-        from pipeline.eval.plots import roc_png
+        from pipeline.plots import roc_png
 
         tar = {
             float(k.split("=", 1)[1]): v for k, v in metrics.items() if k.startswith("ijbc_tar@")
@@ -181,7 +181,7 @@ def _read_images(data_cfg: DataConfig, index: set[int], side: int = 96) -> dict[
     """Thumbnails of the samples with these global indices, read from their shards."""
     from PIL import Image
 
-    from pipeline.data.index import read_index, split_dir
+    from pipeline.data.catalog import read_index, split_dir
     from pipeline.data.stream import read_shard
     from pipeline.data.transforms import decode_image
 
@@ -203,7 +203,7 @@ def retrieval_grid(e: Embeddings, data_cfg: DataConfig, path: Path) -> Path | No
     """Queries with their top-5 neighbours (green: same label, red: not), or None (and a
     printed reason) when the images cannot be read back (remote shards)."""
     from pipeline.eval.metrics import l2_normalize
-    from pipeline.eval.plots import retrieval_grid_png
+    from pipeline.plots import retrieval_grid_png
 
     q_rows = _grid_queries(e.labels_N, GRID_QUERIES)
     emb = l2_normalize(e.emb_ND)

@@ -38,7 +38,7 @@ def part_path(out: Path, part: int) -> Path:
 
 def plan_parts(eval_urls: str, parts: int) -> list[list[str]]:
     """Split the eval shards into at most ``parts`` contiguous, balanced ranges (by count)."""
-    from pipeline.data.index import expand_urls
+    from pipeline.data.catalog import expand_urls
 
     if parts < 1:
         raise ValueError(f"--parts {parts}: must be >= 1")
@@ -146,7 +146,7 @@ def merge_parts(
 
 def expected_rows(eval_urls: str) -> int | None:
     """Samples of the whole split when data.eval_urls is a split directory (else unknown)."""
-    from pipeline.data.index import read_index
+    from pipeline.data.catalog import read_index
 
     if not os.path.isdir(eval_urls):
         return None

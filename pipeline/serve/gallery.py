@@ -280,7 +280,7 @@ def _shard_gallery(
     model: torch.nn.Module, shards: str, data_cfg: DataConfig, device: Any, batch_size: int
 ) -> tuple[np.ndarray, dict[str, list]]:
     """Embed a split of shards with the evaluation's extraction (all ranks participate)."""
-    from pipeline.data.index import read_index
+    from pipeline.data.catalog import read_index
     from pipeline.eval.extract import extract_embeddings
 
     e = extract_embeddings(model, shards, data_cfg, device=device, batch_size=batch_size)
@@ -430,7 +430,7 @@ def run(args: argparse.Namespace) -> int:
 def _build_and_write(
     out, emb, items, skipped, params, model, cfg, checkpoint, args, embed_s
 ) -> None:
-    from pipeline.data.index import split_dir
+    from pipeline.data.catalog import split_dir
     from pipeline.serve.export import preprocessing_spec
 
     start = time.perf_counter()

@@ -108,7 +108,7 @@ def grid_png(
 ) -> Path:
     """One row per query (black frame), its neighbours framed green (same class), red (other
     class) or grey (query class unknown), each captioned (score, class)."""
-    from pipeline.eval.plots import framed_image_grid, save_png
+    from pipeline.plots import framed_image_grid, save_png
 
     colour = {True: "tab:green", False: "tab:red", None: "0.6"}
     cells = [

@@ -79,7 +79,7 @@ def log_curves(tracker: Tracker, panels: dict[str, list[str]], path: str | Path)
     histories = {t: hs for t, hs in histories.items() if hs}
     if not histories:
         return None
-    from pipeline.eval.plots import pyplot, save_png
+    from pipeline.plots import pyplot, save_png
 
     fig, axes = pyplot().subplots(
         1, len(histories), figsize=(5 * len(histories), 3.5), squeeze=False

@@ -652,9 +652,9 @@ class Trainer:
     def finish(self) -> dict[str, Any]:
         """Final evaluation (files in the eval directory), weights, result and curves;
         returns the result. All ranks participate."""
-        from pipeline.model import save_weights
         from pipeline.tracking.session import log_curves
         from pipeline.train.engine import fp32_state_dict
+        from pipeline.weights import save_weights
 
         # All ranks participate in the final evaluation.
         final = self.evaluator.evaluate(self.step, output_dir=eval_output_dir(self.cfg))

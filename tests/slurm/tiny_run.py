@@ -48,7 +48,8 @@ def random_weights(config: Path, path: Path) -> Path:
     import torch
 
     from pipeline.config.load import load_config
-    from pipeline.model import build_model, save_weights
+    from pipeline.model import build_model
+    from pipeline.weights import save_weights
 
     torch.manual_seed(0)
     model = build_model(load_config(config).model)
