@@ -26,6 +26,10 @@ import submitit
 from submitit.core.job_environment import JobEnvironment
 
 from pipeline.config.schema import RunConfig
+from pipeline.distributed import group
+from pipeline.distributed.env import export_env, read_env
+from pipeline.eval.evaluator import run
+from pipeline.train.trainer import train
 
 # A child of the pipeline logger: the entry points' setup_logging routes it (rank 0 prints,
 # every rank writes <run dir>/logs/rank<R>.log).
@@ -68,8 +72,6 @@ def record_rank_env(run_dir: str | Path) -> Path:
     ran; a requeued job overwrites it. What a user reads when one host of a job misbehaves,
     and what the multi-host tests assert on (issue 11).
     """
-    from pipeline.distributed.env import export_env, read_env
-
     env = read_env()
     if env.world_size > 1:
         export_env(env)
@@ -120,8 +122,6 @@ class TrainJob(submitit.helpers.Checkpointable):
         record_rank_env(self.cfg.train.output_dir)
         # Imported in the job: submitting needs neither torch nor DeepSpeed. train() sets up
         # the rank-aware logging into the run directory.
-        from pipeline.distributed import group
-        from pipeline.train.trainer import train
 
         try:
             return train(self.cfg)
@@ -149,7 +149,6 @@ class EvaluateJob(submitit.helpers.Checkpointable):
     def __call__(self) -> dict:
         guard_requeue_signal()
         export_distributed_env()
-        from pipeline.eval.evaluator import run
 
         # run() sets up the rank-aware logging into the evaluation's directory.
         code = run(argparse.Namespace(config=self.config, overrides=list(self.overrides)))

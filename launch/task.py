@@ -17,21 +17,22 @@ import shlex
 import sys
 from typing import NoReturn
 
+from submitit.core.submission import process_job
+
+from pipeline.cli import end, exit_code
+
 # The "python" submitit puts in front of "-u -m submitit.core._submit <folder>".
 PYTHON = f"{shlex.quote(sys.executable)} -u -m launch.task"
 EXPECTED = ["-u", "-m", "submitit.core._submit"]
 
 
 def main(argv: list[str]) -> NoReturn:
-    from pipeline.cli import end, exit_code
-
     if len(argv) != len(EXPECTED) + 1 or argv[:-1] != EXPECTED:
         sys.exit(
             f"launch.task: arguments {argv!r}: expected {' '.join(EXPECTED)} <job folder>, "
             "the command submitit builds around launch.task.PYTHON; submit jobs with "
             "python -m launch.slurm"
         )
-    from submitit.core.submission import process_job
 
     end(exit_code(lambda: process_job(argv[-1])))
 

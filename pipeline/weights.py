@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from pipeline.errors import UserError
 
@@ -37,8 +39,6 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     if not path.is_file():
         raise ModelLoadError(f"weights file {str(path)!r} does not exist")
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 names = f.keys()  # a safe_open handle is not iterable
@@ -70,8 +70,6 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
 def save_weights(state: dict[str, torch.Tensor], architecture: dict, path: str | Path) -> Path:
     """Write a model's state dict as fp32 ``.safetensors``, with ``architecture``
     (``EmbeddingModel.architecture``) as metadata."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}

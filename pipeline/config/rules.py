@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pipeline.config.deepspeed import read_deepspeed_file
 from pipeline.config.schema import ConfigError, RunConfig
+from pipeline.data.dealing import streams_per_rank
 
 
 def check(cfg: RunConfig) -> None:
@@ -23,7 +24,6 @@ def check(cfg: RunConfig) -> None:
     )
     # pipeline.data.stream: each DataLoader worker owns whole P x K streams (the rule lives
     # with the dealing of shards to streams).
-    from pipeline.data.dealing import streams_per_rank
 
     try:
         streams_per_rank(data, sampler)

@@ -7,6 +7,8 @@ import io
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.data.imagemode import to_rgb
+
 
 @dataclass
 class SourceItem:
@@ -29,8 +31,6 @@ class SourceItem:
 def encode_jpeg(image, quality: int) -> bytes:
     """JPEG bytes of a PIL image, fixed settings so output is reproducible. A non-RGB image is
     converted by ``imagemode.to_rgb``'s rules, never by PIL's clipping ``convert("RGB")``."""
-    from pipeline.data.imagemode import to_rgb
-
     buf = io.BytesIO()
     to_rgb(image).save(buf, format="JPEG", quality=quality)
     return buf.getvalue()

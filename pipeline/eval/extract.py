@@ -12,8 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from pipeline.config.schema import DataConfig
+from pipeline.data.stream import eval_loader
 from pipeline.distributed import collectives, group
 
 
@@ -40,10 +42,6 @@ def extract_embeddings(
     All ranks participate. Raises ValueError if a sample index arrives twice (shards listed
     twice in ``urls``) or the set is empty.
     """
-    from tqdm import tqdm
-
-    from pipeline.data.stream import eval_loader
-
     rank, world = group.get_rank(), group.get_world_size()
     loader = eval_loader(urls, data_cfg, rank=rank, world_size=world, batch_size=batch_size)
     dtype = next(model.parameters()).dtype  # bf16 under a DeepSpeed bf16 engine

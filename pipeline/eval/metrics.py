@@ -23,10 +23,13 @@ Shape legend: N items, D dims, B query block, k list depth, C = largest class si
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+import torch
 
+from pipeline.distributed import collectives, group
 from pipeline.eval.knn import ExactIPIndex, as_float32_matrix, gallery_slice, iter_sharded_knn
 from pipeline.eval.knn import resolve_gpus as _resolve_gpus
 
@@ -138,12 +141,8 @@ compare pass each (~1.5 ns an item); beyond, one batched binary search (~6 ns an
 
 def _count_at_least(S_Bn: Any, a_BC: Any) -> Any:
     """``ge[b, j]`` = #{i: S[b, i] >= a[b, j]} (int64, B x C); ``a`` sorted ascending per row."""
-    import torch
-
     B, C = a_BC.shape
     if S_Bn.device.type == "cpu" and C <= COMPARE_PASSES_MAX:
-        from concurrent.futures import ThreadPoolExecutor
-
         S, a = S_Bn.numpy(), a_BC.cpu().numpy()
         ge = np.zeros((B, C), dtype=np.int64)
 
@@ -183,10 +182,6 @@ def full_ranking_ap(
     ranks. Every positive's score is read from the matrix that also counts it, so an item always
     counts itself.
     """
-    import torch
-
-    from pipeline.distributed import collectives, group
-
     N = emb_ND.shape[0]
     emb = torch.from_numpy(emb_ND).to(device)
     gal = emb[lo:hi]
@@ -258,8 +253,6 @@ def retrieval_metrics(
     ``num_queries`` (used) and ``num_queries_without_positive`` (left out: no other item of
     their label). ``device`` is where the full-ranking mAP pass multiplies (``cuda`` on GPUs).
     """
-    from pipeline.distributed import group
-
     ks = [int(k) for k in ks]
     if not ks or min(ks) < 1:
         raise ValueError(f"ks={ks}: give a non-empty list of positive cut-offs (e.g. [1, 10, 100])")

@@ -22,10 +22,14 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config.schema import RunConfig
+from pipeline.config.schema import RunConfig, to_dict
+from pipeline.data.catalog import expand_urls, read_index
 from pipeline.distributed import collectives, group
-from pipeline.eval.extract import Embeddings
+from pipeline.eval.evaluator import compute_metrics, tracked_metrics, write_outputs
+from pipeline.eval.extract import Embeddings, extract_embeddings, sort_by_index
+from pipeline.model import load_trained_model
 from pipeline.rundir import eval_output_dir
+from pipeline.tracking.session import tracking_session
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +42,6 @@ def part_path(out: Path, part: int) -> Path:
 
 def plan_parts(eval_urls: str, parts: int) -> list[list[str]]:
     """Split the eval shards into at most ``parts`` contiguous, balanced ranges (by count)."""
-    from pipeline.data.catalog import expand_urls
-
     if parts < 1:
         raise ValueError(f"--parts {parts}: must be >= 1")
     urls = expand_urls(eval_urls)
@@ -67,9 +69,6 @@ def extract_part(cfg: RunConfig, checkpoint: str, part: int, urls: list[str]) ->
     """Embed the shards ``urls`` with the weights ``checkpoint`` into part file ``part``
     (rank 0 writes); a part already computed from the same inputs is kept. Joins and leaves
     the process group itself. All ranks participate."""
-    from pipeline.eval.extract import extract_embeddings
-    from pipeline.model import load_trained_model
-
     path = part_path(eval_output_dir(cfg), part)
     stamp = fingerprint(checkpoint, urls)
     if read_fingerprint(path) == stamp:  # requeued or resubmitted: this part is done
@@ -106,8 +105,6 @@ def merge_parts(
     ``stamps``: the fingerprint each part must carry. Raises ValueError naming a missing or
     stale part, a sample seen twice, or a wrong total.
     """
-    from pipeline.eval.extract import sort_by_index
-
     missing = [str(part_path(out, i)) for i in range(parts) if not part_path(out, i).is_file()]
     if missing:
         raise ValueError(
@@ -146,8 +143,6 @@ def merge_parts(
 
 def expected_rows(eval_urls: str) -> int | None:
     """Samples of the whole split when data.eval_urls is a split directory (else unknown)."""
-    from pipeline.data.catalog import read_index
-
     if not os.path.isdir(eval_urls):
         return None
     try:
@@ -162,10 +157,6 @@ def merge_and_score(cfg: RunConfig, checkpoint: str, plan: list[list[str]]) -> d
 
     Returns ``metrics``, ``run_id`` (MLflow; None off rank 0) and ``output_dir``.
     """
-    from pipeline.config.schema import to_dict
-    from pipeline.eval.evaluator import compute_metrics, tracked_metrics, write_outputs
-    from pipeline.tracking.session import tracking_session
-
     out = eval_output_dir(cfg)
     stamps = [fingerprint(checkpoint, urls) for urls in plan]
     e = merge_parts(out, len(plan), expected_rows(cfg.data.eval_urls), stamps)

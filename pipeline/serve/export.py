@@ -20,17 +20,27 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import io
+import json
+import os
 import tempfile
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 
 from pipeline.config.load import add_config_arguments, load_config, named_model, split_checkpoint
 from pipeline.config.schema import DataConfig, RunConfig
+from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD, draft_side
 from pipeline.errors import UserError
+from pipeline.model import load_trained_model
+from pipeline.serve import runtime
+from pipeline.tracking.mlflow import MlflowTracker, ui_command
 
 FORMATS = ("onnx", "torchscript")
 SPEC_FORMAT = "smoothap-preprocessing-v1"
@@ -52,8 +62,6 @@ def preprocessing_spec(data_cfg: DataConfig, embedding_dim: int) -> dict[str, An
     antialiased bilinear, longer side truncated), centre crop ``data.image_size``, scale to
     [0, 1], ImageNet mean/std, NCHW float32.
     """
-    from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD, draft_side
-
     side = data_cfg.image_size
     return {
         "format": SPEC_FORMAT,
@@ -89,8 +97,6 @@ def _example(model: torch.nn.Module, data_cfg: DataConfig) -> torch.Tensor:
 
 def _cpu_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A float32 CPU copy in eval mode: the caller's model (e.g. on a GPU in bf16) is untouched."""
-    import copy
-
     return copy.deepcopy(model).float().cpu().eval()
 
 
@@ -138,8 +144,6 @@ def export_model(
 
     Refuses (:class:`ExportError`) an unknown format and existing files unless ``force``.
     """
-    import json
-
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r} is not supported; use one of {', '.join(FORMATS)}")
     out = Path(out)
@@ -181,8 +185,6 @@ def _mlflow_uri(uri: str):
     state and the two variables are put back as they were, and a caller's own MLflow setup
     (or an ``MlflowClient`` created later) is untouched.
     """
-    import os
-
     import mlflow
     from mlflow.tracking._model_registry import utils as registry_utils
     from mlflow.tracking._tracking_service import utils as tracking_utils
@@ -206,9 +208,6 @@ def _mlflow_uri(uri: str):
 
 def _example_image(side: int) -> bytes:
     """A small JPEG for the model's input example (a colour gradient)."""
-    import numpy as np
-    from PIL import Image
-
     ramp = np.linspace(0, 255, side, dtype=np.float32)
     pixels = np.stack(np.broadcast_arrays(ramp[None, :], ramp[:, None], 255 - ramp[None, :]), -1)
     buf = io.BytesIO()
@@ -218,8 +217,6 @@ def _example_image(side: int) -> bytes:
 
 def _requirements() -> list[str]:
     """The serving model's packages, pinned to the versions here (no inference, no resolver)."""
-    from importlib.metadata import version
-
     return [f"{p}=={version(p)}" for p in ("mlflow", "onnxruntime", "numpy", "pillow", "pandas")]
 
 
@@ -240,12 +237,9 @@ def log_mlflow_model(
     Only rank 0 calls this (the training loop: at the end, with the run's tracking URI).
     """
     import mlflow
-    import numpy as np
     import pandas as pd
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema, TensorSpec
-
-    from pipeline.serve import runtime
 
     dim = int(model.head.out_features)
     with tempfile.TemporaryDirectory(prefix="smoothap-mlflow-") as tmp:
@@ -316,8 +310,6 @@ def load_checkpoint_model(config: str | None, tokens: list[str]) -> tuple[Any, R
     As in ``pipeline evaluate``: the file's recorded architecture is used unless the config
     names a model, in which case the two must agree (``ModelLoadError`` otherwise).
     """
-    from pipeline.model import load_trained_model
-
     checkpoint, overrides = split_checkpoint(tokens)
     cfg = load_config(config, overrides)
     model = load_trained_model(checkpoint, named_model(config, overrides, cfg))
@@ -344,8 +336,6 @@ def run(args: argparse.Namespace) -> int:
         out, spec = export_model(model, cfg.data, args.format, args.out, force=args.force)
         print(f"wrote {out} ({args.format}, batch dynamic, {cfg.data.image_size} px) and {spec}")
     if args.mlflow:
-        from pipeline.tracking.mlflow import MlflowTracker, ui_command
-
         tracker = MlflowTracker(cfg.tracking)
         tracker.set_tags({"kind": "export", "checkpoint": checkpoint})
         try:

@@ -9,7 +9,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from pipeline.config.load import flatten
 from pipeline.config.schema import TrackingConfig
+from pipeline.plots import pyplot, save_png
+from pipeline.rundir import RunDir
 from pipeline.tracking.base import NullTracker, Tracker
 from pipeline.tracking.mlflow import MlflowTracker
 
@@ -45,14 +48,10 @@ def tracking_session(
     block ends normally, KILLED on KeyboardInterrupt or SystemExit, FAILED on any other
     exception (which propagates).
     """
-    from pipeline.config.load import flatten
-
     tracker = make_tracker(tracking_cfg, is_main=is_main, run_id=run_id)
     status = "FAILED"
     try:
         if run_dir is not None and tracker.run_id:
-            from pipeline.rundir import RunDir
-
             RunDir(run_dir).write_run_id(tracker.run_id)
         if params:
             tracker.log_params(flatten(params))
@@ -79,7 +78,6 @@ def log_curves(tracker: Tracker, panels: dict[str, list[str]], path: str | Path)
     histories = {t: hs for t, hs in histories.items() if hs}
     if not histories:
         return None
-    from pipeline.plots import pyplot, save_png
 
     fig, axes = pyplot().subplots(
         1, len(histories), figsize=(5 * len(histories), 3.5), squeeze=False

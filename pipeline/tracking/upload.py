@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -115,8 +116,6 @@ def _unsent_part(
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m pipeline.tracking upload FILE [--uri URI]``."""
-    import argparse
-
     parser = argparse.ArgumentParser(prog="python -m pipeline.tracking")
     commands = parser.add_subparsers(dest="command", required=True)
     up = commands.add_parser("upload", help="deliver an undelivered file to its MLflow run")

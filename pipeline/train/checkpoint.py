@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.distributed import collectives, group
-from pipeline.train import manifest
+from pipeline.train import elastic, manifest
 from pipeline.train.safe_load import safe_load
 from pipeline.weights import LATEST, MODEL_STATES, CheckpointError, latest_tag, read_client_state
 
@@ -293,8 +293,6 @@ def load_tag(engine: Any, root: str | Path, tag: str) -> dict:
     """Restore ``engine`` (weights, optimizer, scheduler) from ``root/tag``, written by any
     number of ranks (pipeline.train.elastic), and return its client state. All ranks
     participate."""
-    from pipeline.train import elastic
-
     root = Path(root)
     try:
         # All ranks participate (ZeRO partitions are read by their owners).

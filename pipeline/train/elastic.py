@@ -48,6 +48,7 @@ import torch.distributed as dist
 
 from pipeline.config.schema import ConfigError
 from pipeline.errors import UserError
+from pipeline.train.safe_load import safe_load
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 
@@ -188,7 +189,6 @@ def load(engine: Any, root: str | Path, tag: str) -> dict:
 
 def _load_file(path: Path) -> dict:
     # Imported here: checkpoint.py calls this module from its load path.
-    from pipeline.train.safe_load import safe_load
 
     states = safe_load(path, map_location="cpu")
     try:

@@ -33,15 +33,37 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from pipeline import logs
 from pipeline.config.load import load_config, save_config
-from pipeline.config.schema import RunConfig, to_dict
+from pipeline.config.schema import ConfigError, RunConfig, to_dict
+from pipeline.data.stream import train_loader
+from pipeline.data.transforms import normalise_batch
 from pipeline.distributed import collectives, group
+from pipeline.eval.evaluator import evaluate_model
+from pipeline.loss import SmoothAPLoss
+from pipeline.model import build_model
+from pipeline.preflight import preflight
 from pipeline.rundir import RunDir, eval_output_dir
-from pipeline.train import checkpoint
+from pipeline.serve.export import log_mlflow_model
+from pipeline.tracking import sysmetrics
+from pipeline.tracking.base import NullTracker
+from pipeline.tracking.mlflow import MlflowTracker, resolve_uri, run_page
+from pipeline.tracking.session import log_curves, tracking_session
+from pipeline.train import checkpoint, elastic
 from pipeline.train.checkpoint import TrainState
+from pipeline.train.engine import (
+    build_engine,
+    describe,
+    fp32_state_dict,
+    grad_norm,
+    reported_grad_norm,
+)
+from pipeline.train.gradcache import forward_backward
 from pipeline.train.guard import RunLock, StopRequest, exit_with_parent
+from pipeline.train.optim import build_optimizer, build_scheduler
+from pipeline.weights import save_weights
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +159,6 @@ class MetricLogger:
     def __init__(
         self, tracker: Any, *, log_every: int, total_steps: int, start_step: int, show: bool
     ) -> None:
-        from tqdm import tqdm
-
         self.tracker, self.every, self.total = tracker, log_every, total_steps
         self.progress = tqdm(
             total=total_steps, initial=start_step, disable=not show, desc="train", mininterval=2.0
@@ -216,8 +236,6 @@ class EvalHook:
     def evaluate(self, step: int, output_dir: Any = None) -> dict[str, float]:
         """Evaluate now; with ``output_dir``, also write (and log) the evaluation files.
         All ranks participate."""
-        from pipeline.eval.evaluator import evaluate_model
-
         model = self.engine.module
         was_training = model.training
         model.eval()
@@ -268,8 +286,6 @@ class Trainer:
     """One training run (see the module doc). Every method runs on every rank."""
 
     def __init__(self, cfg: RunConfig) -> None:
-        from pipeline.loss import SmoothAPLoss
-
         self.cfg = cfg
         if not torch.distributed.is_initialized():
             # Once per process: a second Trainer (benchmarks) reuses the group, including
@@ -325,10 +341,6 @@ class Trainer:
         to resume from (the newest complete one), work out P per rank for a resume on another
         world size, run the preflight checks of the config and shards, and check the
         tracking store. Returns what every rank needs (see ``collectives.on_main``)."""
-        from pipeline.preflight import preflight
-        from pipeline.tracking.mlflow import MlflowTracker
-        from pipeline.train import elastic
-
         cfg, root = self.cfg, self.run_dir.checkpoints
         self._lock = RunLock(self.run_dir.root).acquire()
         try:
@@ -371,10 +383,6 @@ class Trainer:
             self.cfg = replace(self.cfg, sampler=sampler)
 
     def _build_engine(self) -> None:
-        from pipeline.model import build_model
-        from pipeline.train.engine import build_engine
-        from pipeline.train.optim import build_optimizer, build_scheduler
-
         cfg = self.cfg
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg.model)
@@ -387,8 +395,6 @@ class Trainer:
         )
         if cfg.model.sync_bn and self.world > 1:
             if not torch.cuda.is_available():
-                from pipeline.config.schema import ConfigError
-
                 raise ConfigError(
                     "model.sync_bn=true: SyncBatchNorm runs on CUDA devices only; on CPU set "
                     "model.sync_bn=false (rank 0's statistics are then broadcast every step)"
@@ -417,10 +423,6 @@ class Trainer:
         self.run_id = (state.mlflow_run_id if state else "") or self.run_dir.read_run_id()
 
     def _tracking_session(self) -> Any:
-        from pipeline.tracking.base import NullTracker
-        from pipeline.tracking.session import tracking_session
-        from pipeline.train.engine import describe
-
         if self.done:  # nothing to train: no run to start or continue
             return nullcontext(NullTracker())
         tags = {"world_size": str(self.world), "engine": describe(self.engine)}
@@ -448,8 +450,6 @@ class Trainer:
 
     def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's batches from the current step to the last, epoch by epoch."""
-        from pipeline.data.stream import train_loader
-
         spe = self.steps_per_epoch
         while self.step < self.total_steps:
             epoch, start = divmod(self.step, spe)
@@ -487,10 +487,6 @@ class Trainer:
         ``on_phase(name)`` is called after 'forward' and 'loss' (not with the gradient cache,
         whose phases interleave), 'backward' and 'optimizer'. All ranks participate.
         """
-        from pipeline.data.transforms import normalise_batch
-        from pipeline.train.engine import grad_norm, reported_grad_norm
-        from pipeline.train.gradcache import forward_backward
-
         engine = self.engine
         # Per-step reseeding makes a resumed step draw the same random numbers.
         torch.manual_seed(_step_seed(self.cfg.train.seed, self.rank, self.step))
@@ -608,9 +604,6 @@ class Trainer:
     @contextmanager
     def _host_metrics(self) -> Iterator[None]:
         """Each host's first rank samples CPU/memory/GPU into the run (pipeline.sysmetrics)."""
-        from pipeline.tracking import sysmetrics
-        from pipeline.tracking.mlflow import resolve_uri
-
         # All ranks participate: only rank 0 knows the run id.
         run_id = collectives.on_main(lambda: self.tracker.run_id)
         uri = resolve_uri(self.cfg.tracking)
@@ -631,9 +624,6 @@ class Trainer:
             handle.stop()  # before the run ends: it writes the queued samples
 
     def _announce(self) -> None:
-        from pipeline.tracking.mlflow import run_page
-        from pipeline.train.engine import describe
-
         if self.is_main:  # a file write; no collective in here
             save_config(self.cfg, self.run_dir.config)
         self.tracker.log_artifact(self.run_dir.config)
@@ -652,10 +642,6 @@ class Trainer:
     def finish(self) -> dict[str, Any]:
         """Final evaluation (files in the eval directory), weights, result and curves;
         returns the result. All ranks participate."""
-        from pipeline.tracking.session import log_curves
-        from pipeline.train.engine import fp32_state_dict
-        from pipeline.weights import save_weights
-
         # All ranks participate in the final evaluation.
         final = self.evaluator.evaluate(self.step, output_dir=eval_output_dir(self.cfg))
         log.info("final evaluation at step %d: %s", self.step, final)
@@ -683,7 +669,6 @@ class Trainer:
         name = self.cfg.tracking.register_model
         if not (name and self.tracker.run_id):
             return
-        from pipeline.serve.export import log_mlflow_model
 
         try:
             logged = log_mlflow_model(
