@@ -13,7 +13,8 @@ sizes (``os.stat``), never a shard's contents. It refuses, with a one-line
   this way) that give a group of K images must number at least P;
 * a truncated shard: smaller than the tar headers and image bytes that ``index.parquet`` lists
   for it need, or a sample count that disagrees with ``sizes.json``;
-* an eval set without a query that has a positive, or without the IJB-C ids and lists;
+* what the evaluation protocol needs of the eval set (pipeline.eval.protocols: a query with a
+  positive for retrieval; the ids and lists for IJB-C);
 * a missing ``model.pretrained_path``;
 * a world size with which a given global batch (e.g. the resumed checkpoint's) cannot be kept.
 
@@ -31,6 +32,8 @@ from pathlib import Path
 from pipeline.config import ConfigError, RunConfig
 from pipeline.data.dealing import rank_shards, stream_shards, streams_per_rank
 from pipeline.data.index import INDEX_FILE, SIZES_FILE, _is_remote, expand_urls, read_sizes
+from pipeline.eval import protocols
+from pipeline.eval.protocols import EvalSplit, ProtocolDataError
 
 TAR_BLOCK = 512
 """A tar member is a 512-byte header plus its data padded to 512 bytes."""
@@ -220,36 +223,18 @@ def _check_train(cfg: RunConfig, world_size: int, report: PreflightReport) -> No
 
 
 def _check_eval(cfg: RunConfig, report: PreflightReport) -> None:
-    spec, ev = cfg.data.eval_urls, cfg.eval
+    spec = cfg.data.eval_urls
     split = _read_split("data.eval_urls", spec, _hint(spec))
-    if ev.protocol == "ijbc":
-        folder = Path(ev.ijbc_protocol or Path(split.urls[0]).parent)
-        names = ("pairs.parquet", "ijbc_template_pair_label.txt")
-        if not any((folder / n).is_file() for n in names):
-            key = "eval.ijbc_protocol" if ev.ijbc_protocol else "data.eval_urls"
-            raise PreflightError(
-                f"eval.protocol=ijbc: {key} leads to {str(folder)!r}, which has neither "
-                f"{names[0]} (written by make-shards beside IJB-C shards) nor {names[1]} "
-                "(IJB-C's meta/ folder); set eval.ijbc_protocol to the folder that has one"
-            )
-        missing = {"template_id", "media_id"} - split.columns
-        if split.indexed and missing:
-            raise PreflightError(
-                f"data.eval_urls={spec!r}: {INDEX_FILE} has no {sorted(missing)} column(s), which "
-                "eval.protocol=ijbc needs; write the split with `pipeline make-shards ijbc`"
-            )
-    elif split.indexed:
-        counts: dict[int, int] = defaultdict(int)
-        for per_class in split.class_counts.values():
-            for label, n in per_class.items():
-                counts[label] += n
-        if not counts or max(counts.values()) < 2:
-            raise PreflightError(
-                f"data.eval_urls={spec!r}: {sum(counts.values())} samples and no class with 2 of "
-                f"them, so no query has a positive (eval.protocol={ev.protocol!r}); point "
-                "data.eval_urls at the held-out split (e.g. data/synthetic/test)"
-            )
-    report.lines.append(f"data.eval_urls: {len(split.urls)} shards ({ev.protocol})")
+    counts: dict[int, int] = defaultdict(int)
+    for per_class in split.class_counts.values():
+        for label, n in per_class.items():
+            counts[label] += n
+    summary = EvalSplit(spec, split.urls, split.indexed, split.columns, dict(counts))
+    try:  # the protocol's own rules (pipeline.eval.protocols)
+        report.lines.extend(protocols.preflight_checks(cfg, summary))
+    except ProtocolDataError as e:
+        raise PreflightError(str(e)) from None
+    report.lines.append(f"data.eval_urls: {len(split.urls)} shards ({cfg.eval.protocol})")
 
 
 def check_global_batch(cfg: RunConfig, world_size: int, global_batch: int) -> None:
