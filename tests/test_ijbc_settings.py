@@ -24,8 +24,9 @@ from pipeline.eval import protocols
 from pipeline.eval.evaluator import evaluate_model
 from pipeline.eval.extract import Embeddings
 from pipeline.eval.ijbc import FARS, FPIRS, RANKS, identification, load_protocol
-from pipeline.model import build_model
+from pipeline.model import build_model, load_trained_model, save_weights
 from tests.data_helpers.layouts import ijb_release, with_det_scores
+from tests.dist_helpers import run_distributed
 from tests.test_ijbc import _identification_reference
 from tests.test_ijbc_far import brute_nearest, brute_strict
 
@@ -230,6 +231,34 @@ def test_flip_features_are_the_model_on_the_mirrored_image(ijbc):
     # The mirror's feature is another feature, and the features are not normalised.
     assert np.abs(e.flip_ND - e.emb_ND).max() > 1e-2
     assert not np.allclose(np.linalg.norm(e.emb_ND, axis=1), 1.0)
+
+
+def _two_rank_ijbc(rank: int, world_size: int, weights: str, split: str, out: str) -> None:
+    metrics = evaluate_model(
+        load_trained_model(weights),
+        _data_cfg(Path(split)),
+        EvalConfig(protocol="ijbc", batch_size=7),
+        device="cpu",
+        output_dir=out,
+        progress=False,
+    )
+    Path(out, f"metrics{rank}.json").write_text(json.dumps(metrics))
+
+
+@pytest.mark.distributed
+def test_two_ranks_gather_the_mirrored_features_and_agree_with_one(ijbc, tmp_path):
+    """Each rank embeds its part (and its mirrors); rank 0 scores; every rank returns the same
+    figures as the one-process evaluation."""
+    model = ijbc["model"]
+    weights = save_weights(model.state_dict(), model.architecture, tmp_path / "w.safetensors")
+    run_distributed(_two_rank_ijbc, 2, str(weights), str(ijbc["split"]), str(tmp_path))
+    for rank in range(2):
+        got = json.loads((tmp_path / f"metrics{rank}.json").read_text())
+        assert got == pytest.approx(ijbc["metrics"], abs=1e-9)
+    one, two = _embeddings(ijbc["out"]), _embeddings(tmp_path)
+    np.testing.assert_array_equal(two.index_N, one.index_N)
+    np.testing.assert_allclose(two.emb_ND, one.emb_ND, atol=1e-5)
+    np.testing.assert_allclose(two.flip_ND, one.flip_ND, atol=1e-5)
 
 
 def test_a_split_without_detector_scores_is_weighted_1_and_says_so(ijbc, tmp_path):
