@@ -320,7 +320,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Retrieval evaluation."""
+    """Evaluation: which protocol (pipeline.eval.protocols) and its settings."""
 
     every: int = 0
     """Evaluate every this many training steps (0: only at the end)."""

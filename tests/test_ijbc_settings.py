@@ -261,6 +261,35 @@ def test_two_ranks_gather_the_mirrored_features_and_agree_with_one(ijbc, tmp_pat
     np.testing.assert_allclose(two.flip_ND, one.flip_ND, atol=1e-5)
 
 
+def test_parts_carry_the_mirrored_features_and_merge_to_the_same_figures(ijbc, tmp_path):
+    """Evaluation in parts (array jobs): each part file holds its rows' mirrors, a part made
+    with another extraction is never reused, and the merge scores as one evaluation."""
+    from pipeline.config import RunConfig
+    from pipeline.eval.parts import extract_part, fingerprint, merge_and_score, plan_parts
+
+    model = ijbc["model"]
+    weights = str(save_weights(model.state_dict(), model.architecture, tmp_path / "w.safetensors"))
+    cfg = RunConfig(
+        data=_data_cfg(ijbc["split"]),
+        eval=EvalConfig(protocol="ijbc", output_dir=str(tmp_path / "eval")),
+        model=ModelConfig(backbone="resnet18", embedding_dim=16),
+        tracking=TrackingConfig(enabled=False),
+    )
+    plan = plan_parts(cfg.data.eval_urls, 2)
+    assert len(plan) == 2
+    for i, urls in enumerate(plan):
+        extract_part(cfg, weights, i, urls)
+    plain = fingerprint(weights, plan[0])
+    assert fingerprint(weights, plan[0], protocols.get("ijbc").extraction(cfg.eval)) != plain
+    merged = merge_and_score(cfg, weights, plan)
+    assert merged["metrics"] == pytest.approx(ijbc["metrics"], abs=1e-9)
+    np.testing.assert_allclose(
+        np.load(tmp_path / "eval" / "embeddings_flip.npy"),
+        _embeddings(ijbc["out"]).flip_ND,
+        atol=1e-5,
+    )
+
+
 def test_a_split_without_detector_scores_is_weighted_1_and_says_so(ijbc, tmp_path):
     split = _write_shards(ijbc["root"] / "raw", tmp_path / "shards", release=None)
     e, feats, flips = _features_by_name(ijbc)

@@ -179,9 +179,7 @@ def run(args: argparse.Namespace) -> int:
             # stdout carries the metrics table (the command's output); messages go to the log.
             width = max(len(k) for k in metrics)
             for k, v in metrics.items():
-                print(
-                    f"{k:<{width}}  {v:.0f}" if k.startswith("num_") else f"{k:<{width}}  {v:.4f}"
-                )
+                print(f"{k:<{width}}  {v:.0f}" if "num_" in k else f"{k:<{width}}  {v:.4f}")
             log.info("wrote %s/metrics.json and embeddings.npy", out)
             if tracker.run_id:
                 page = run_page(tracker.uri, tracker.experiment_id, tracker.run_id)

@@ -240,9 +240,14 @@ def _ijbc_config(cfg: RunConfig, selected: bool) -> None:
         )
 
 
+def ijbc_lists_dir(data_cfg: DataConfig, ev: EvalConfig) -> Path:
+    """The folder with the 1:1 and 1:N lists: eval.ijbc_protocol, else the eval split's."""
+    return Path(ev.ijbc_protocol or split_dir(data_cfg.eval_urls))
+
+
 def _ijbc_preflight(cfg: RunConfig, split: EvalSplit) -> list[str]:
     ev = cfg.eval
-    folder = Path(ev.ijbc_protocol or Path(split.urls[0]).parent)
+    folder = ijbc_lists_dir(cfg.data, ev)
     if not any((folder / n).is_file() for n in IJBC_LISTS):
         key = "eval.ijbc_protocol" if ev.ijbc_protocol else "data.eval_urls"
         raise ProtocolDataError(
@@ -310,7 +315,7 @@ def _ijbc_compute(e: Embeddings, data_cfg: DataConfig, ev: EvalConfig, device: A
     det = ids[DET_SCORE]
     asked = ijbc_settings(ev)
     used = IJBSettings(asked.flip, asked.norm_score, asked.det_score and det is not None)
-    lists = load_protocol(_ijbc_lists_dir_of(data_cfg, ev))
+    lists = load_protocol(ijbc_lists_dir(data_cfg, ev))
     prefix = f"{lists.benchmark}_{used.mode}"
     if asked.det_score and det is None:
         log.warning(
@@ -352,10 +357,6 @@ def _ijbc_compute(e: Embeddings, data_cfg: DataConfig, ev: EvalConfig, device: A
     }
     extras = {**curve, "prefix": prefix, DET_SCORE: det}
     return Result(metrics, {f"{prefix}_settings": settings}, tags, extras)
-
-
-def _ijbc_lists_dir_of(data_cfg: DataConfig, ev: EvalConfig) -> Path:
-    return Path(ev.ijbc_protocol or split_dir(data_cfg.eval_urls))
 
 
 def _ijbc_write(
