@@ -13,8 +13,9 @@ sizes (``os.stat``), never a shard's contents. It refuses, with a one-line
   this way) that give a group of K images must number at least P;
 * a truncated shard: smaller than the tar headers and image bytes that ``index.parquet`` lists
   for it need, or a sample count that disagrees with ``sizes.json``;
-* what the evaluation protocol needs of the eval set (pipeline.eval.protocols: a query with a
-  positive for retrieval; the ids and lists for IJB-C);
+* the eval split, read for the evaluation protocol's own checks (a query with a positive for
+  retrieval, the ids and lists for IJB-C): ``pipeline.eval.protocols.preflight`` runs these
+  checks, then the protocol's, and is what entry points call;
 * a missing ``model.pretrained_path``;
 * a world size with which a given global batch (e.g. the resumed checkpoint's) cannot be kept.
 
@@ -32,8 +33,6 @@ from pathlib import Path
 from pipeline.config import ConfigError, RunConfig
 from pipeline.data.dealing import rank_shards, stream_shards, streams_per_rank
 from pipeline.data.index import INDEX_FILE, SIZES_FILE, _is_remote, expand_urls, read_sizes
-from pipeline.eval import protocols
-from pipeline.eval.protocols import EvalSplit, ProtocolDataError
 
 TAR_BLOCK = 512
 """A tar member is a 512-byte header plus its data padded to 512 bytes."""
@@ -44,11 +43,28 @@ class PreflightError(ConfigError):
 
 
 @dataclass
+class EvalSplit:
+    """What preflight read of the eval split's catalog (never a shard's contents): what an
+    evaluation protocol checks (pipeline.eval.protocols)."""
+
+    spec: str
+    """``data.eval_urls`` as configured."""
+    urls: list[str]
+    indexed: bool
+    """Every shard has an ``index.parquet`` beside it (local shards)."""
+    columns: set[str] = field(default_factory=set)
+    label_counts: dict[int, int] = field(default_factory=dict)
+    """Samples per label over the whole split (local, indexed shards only)."""
+
+
+@dataclass
 class PreflightReport:
     """What was checked: shards and samples per dataset, and how long it took."""
 
     seconds: float = 0.0
     lines: list[str] = field(default_factory=list)
+    eval_split: EvalSplit | None = None
+    """The eval split as read (with ``evaluate``), for the protocol's own checks."""
 
 
 def _tar_lower_bound(image_bytes):  # int or numpy array
@@ -229,11 +245,7 @@ def _check_eval(cfg: RunConfig, report: PreflightReport) -> None:
     for per_class in split.class_counts.values():
         for label, n in per_class.items():
             counts[label] += n
-    summary = EvalSplit(spec, split.urls, split.indexed, split.columns, dict(counts))
-    try:  # the protocol's own rules (pipeline.eval.protocols)
-        report.lines.extend(protocols.preflight_checks(cfg, summary))
-    except ProtocolDataError as e:
-        raise PreflightError(str(e)) from None
+    report.eval_split = EvalSplit(spec, split.urls, split.indexed, split.columns, dict(counts))
     report.lines.append(f"data.eval_urls: {len(split.urls)} shards ({cfg.eval.protocol})")
 
 

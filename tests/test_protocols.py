@@ -14,9 +14,9 @@ from pipeline.config import ConfigError, DataConfig, EvalConfig, ModelConfig
 from pipeline.config_loader import load_config
 from pipeline.eval import protocols
 from pipeline.eval.evaluator import evaluate_model
-from pipeline.eval.protocols import Extraction, Protocol, ProtocolDataError, Result
+from pipeline.eval.protocols import Extraction, Protocol, Result, preflight
 from pipeline.model import build_model
-from pipeline.preflight import PreflightError, preflight
+from pipeline.preflight import EvalSplit, PreflightError
 from tests.test_preflight import run_cfg
 
 SIZE = 16
@@ -27,7 +27,7 @@ class Calls:
 
     def __init__(self) -> None:
         self.config: list[bool] = []
-        self.preflight: list[protocols.EvalSplit] = []
+        self.preflight: list[EvalSplit] = []
         self.computed: list = []
         self.written: list = []
         self.refuse_config = self.refuse_data = False
@@ -40,7 +40,7 @@ class Calls:
     def check_data(self, cfg, split) -> list[str]:
         self.preflight.append(split)
         if self.refuse_data:
-            raise ProtocolDataError(f"data.eval_urls={split.spec!r}: refused by dummy")
+            raise PreflightError(f"data.eval_urls={split.spec!r}: refused by dummy")
         return ["dummy: looked at the catalog"]
 
     def extraction(self, ev: EvalConfig) -> Extraction:
@@ -96,6 +96,8 @@ def test_an_unknown_protocol_is_a_one_line_error_naming_the_registered_ones(dumm
 
 
 def test_preflight_runs_the_selected_protocols_check(dummy, split):
+    """What every entry point runs (pipeline.eval.protocols.preflight): the shard checks,
+    then the selected protocol's own, with what the shard checks read of the eval split."""
     cfg = run_cfg(split, split, eval=EvalConfig(protocol="dummy"))
     report = preflight(cfg, 1, train=False)
     assert "dummy: looked at the catalog" in report.lines

@@ -143,7 +143,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _preflight(cfg: RunConfig) -> None:
-    from pipeline.preflight import preflight
+    from pipeline.eval.protocols import preflight  # the shard checks, then the protocol's
     from pipeline.tracking import MlflowTracker
 
     preflight(cfg, distributed.get_world_size(), train=False)

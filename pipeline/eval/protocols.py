@@ -6,7 +6,7 @@ A :class:`Protocol` is everything the pipeline decides about one way of measurin
   config loads (``selected``: whether ``cfg.eval.protocol`` names it; a protocol may also
   refuse its own keys being set for another protocol);
 * ``preflight(cfg, split)``: what the eval split's catalog must hold, checked in seconds
-  before anything is embedded; returns lines for the preflight report;
+  before anything is embedded (PreflightError); returns lines for the preflight report;
 * ``extraction(eval_cfg)``: what to take from the model (mirrored images, the embedding
   before its L2 normalisation);
 * ``compute(e, data_cfg, eval_cfg, device)``: the figures (all ranks participate, or rank 0
@@ -14,8 +14,8 @@ A :class:`Protocol` is everything the pipeline decides about one way of measurin
 * ``write(out, e, result, data_cfg, eval_cfg)``: its own files beside the generic ones
   (rank 0; no collective).
 
-The evaluator, preflight and the config rules only iterate over :data:`REGISTRY`, so a new
-protocol is one :func:`register` call in one file.
+The evaluator, the preflight of every entry point (:func:`preflight`) and the config rules
+only consult :data:`REGISTRY`, so a new protocol is one :func:`register` call in one file.
 
 Shape legend: N samples, D embedding dims.
 """
@@ -37,6 +37,8 @@ from pipeline.eval.grid import retrieval_grid
 from pipeline.eval.ijbc import IJBSettings, ijbc_metrics, image_features, load_protocol
 from pipeline.eval.metrics import retrieval_metrics
 from pipeline.eval.plots import roc_png
+from pipeline.preflight import EvalSplit, PreflightError, PreflightReport
+from pipeline.preflight import preflight as preflight_shards
 
 if TYPE_CHECKING:  # the registry stays torch-free: preflight runs on login nodes
     from pipeline.eval.extract import Embeddings
@@ -45,8 +47,8 @@ log = logging.getLogger(__name__)
 
 
 class ProtocolDataError(UserError, ValueError):
-    """The eval data cannot be measured by the configured protocol; the message says why and
-    the fix (preflight reports it as its own error)."""
+    """The eval data cannot be measured by the configured protocol (found while computing);
+    the message says why and the fix."""
 
 
 @dataclass(frozen=True)
@@ -60,20 +62,6 @@ class Extraction:
 
 PLAIN = Extraction()
 """The model's output on the images as they are: what retrieval protocols measure."""
-
-
-@dataclass
-class EvalSplit:
-    """What preflight read of the eval split's catalog (never a shard's contents)."""
-
-    spec: str
-    """``data.eval_urls`` as configured."""
-    urls: list[str]
-    indexed: bool
-    """Every shard has an ``index.parquet`` beside it (local shards)."""
-    columns: set[str] = field(default_factory=set)
-    label_counts: dict[int, int] = field(default_factory=dict)
-    """Samples per label over the whole split (local, indexed shards only)."""
 
 
 @dataclass
@@ -131,9 +119,24 @@ def check_config(cfg: RunConfig) -> None:
         protocol.check_config(cfg, protocol.name == cfg.eval.protocol)
 
 
-def preflight_checks(cfg: RunConfig, split: EvalSplit) -> list[str]:
-    """The selected protocol's checks of the eval split (ProtocolDataError on a problem)."""
-    return get(cfg.eval.protocol).preflight(cfg, split)
+def preflight(
+    cfg: RunConfig,
+    world_size: int,
+    *,
+    train: bool = True,
+    evaluate: bool = True,
+    global_batch: int | None = None,
+) -> PreflightReport:
+    """:func:`pipeline.preflight.preflight` (shards, P x K, world size: see there), then, with
+    ``evaluate``, the selected protocol's checks of the eval split; a PreflightError names the
+    first problem. Entry points call this one: it sits above both the generic checks and the
+    registry."""
+    report = preflight_shards(
+        cfg, world_size, train=train, evaluate=evaluate, global_batch=global_batch
+    )
+    if report.eval_split is not None:
+        report.lines.extend(get(cfg.eval.protocol).preflight(cfg, report.eval_split))
+    return report
 
 
 # ---------------------------------------------------------------------------- retrieval
@@ -154,7 +157,7 @@ def _vggface2_config(cfg: RunConfig, selected: bool) -> None:
 def _retrieval_preflight(cfg: RunConfig, split: EvalSplit) -> list[str]:
     counts = split.label_counts
     if split.indexed and (not counts or max(counts.values()) < 2):
-        raise ProtocolDataError(
+        raise PreflightError(
             f"data.eval_urls={split.spec!r}: {sum(counts.values())} samples and no class with 2 "
             f"of them, so no query has a positive (eval.protocol={cfg.eval.protocol!r}); point "
             "data.eval_urls at the held-out split (e.g. data/synthetic/test)"
@@ -250,14 +253,14 @@ def _ijbc_preflight(cfg: RunConfig, split: EvalSplit) -> list[str]:
     folder = ijbc_lists_dir(cfg.data, ev)
     if not any((folder / n).is_file() for n in IJBC_LISTS):
         key = "eval.ijbc_protocol" if ev.ijbc_protocol else "data.eval_urls"
-        raise ProtocolDataError(
+        raise PreflightError(
             f"eval.protocol=ijbc: {key} leads to {str(folder)!r}, which has neither "
             f"{IJBC_LISTS[0]} (written by make-shards beside IJB-C shards) nor {IJBC_LISTS[1]} "
             "(IJB-C's meta/ folder); set eval.ijbc_protocol to the folder that has one"
         )
     missing = {"template_id", "media_id"} - split.columns
     if split.indexed and missing:
-        raise ProtocolDataError(
+        raise PreflightError(
             f"data.eval_urls={split.spec!r}: {INDEX_FILE} has no {sorted(missing)} column(s), "
             "which eval.protocol=ijbc needs; write the split with `pipeline make-shards ijbc`"
         )

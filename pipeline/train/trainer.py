@@ -323,7 +323,8 @@ class Trainer:
         to resume from (the newest complete one), work out P per rank for a resume on another
         world size, run the preflight checks of the config and shards, and check the
         tracking store. Returns what every rank needs (see ``distributed.on_main``)."""
-        from pipeline.preflight import preflight
+        # The shard checks and the evaluation protocol's own (pipeline.eval.protocols).
+        from pipeline.eval.protocols import preflight
         from pipeline.tracking import MlflowTracker
         from pipeline.train import elastic
 
