@@ -8,7 +8,6 @@ Shape legend: N samples, D embedding dims.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -16,18 +15,7 @@ import torch
 
 from pipeline import distributed
 from pipeline.config import DataConfig
-from pipeline.eval.protocols import PLAIN, Extraction
-
-
-@dataclass
-class Embeddings:
-    """The whole eval set, rows sorted by global index (the row in the split's index.parquet)."""
-
-    emb_ND: np.ndarray
-    labels_N: np.ndarray
-    index_N: np.ndarray
-    flip_ND: np.ndarray | None = None
-    """The model on each image's horizontal mirror (extracted with ``flip=True``), else None."""
+from pipeline.eval.protocols import PLAIN, Embeddings, Extraction
 
 
 def _embedder(model: torch.nn.Module, unnormalized: bool) -> Any:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -17,9 +16,6 @@ from pipeline.config import DataConfig
 from pipeline.data.index import read_index, split_dir
 from pipeline.eval.metrics import l2_normalize
 from pipeline.eval.plots import retrieval_grid_png
-
-if TYPE_CHECKING:
-    from pipeline.eval.extract import Embeddings
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +33,7 @@ def _grid_queries(labels_N: np.ndarray, n: int) -> np.ndarray:
 def _read_images(data_cfg: DataConfig, index: set[int], side: int = 96) -> dict[int, np.ndarray]:
     """Thumbnails of the samples with these global indices, read from their shards."""
     # The shard reader and decoder bring torch: imported when a grid is drawn, so that the
-    # protocol registry (and preflight through it) stays torch-free.
+    # protocol registry, which the config rules consult when a config loads, stays torch-free.
     from pipeline.data.stream import read_shard
     from pipeline.data.transforms import decode_image
 
@@ -55,16 +51,19 @@ def _read_images(data_cfg: DataConfig, index: set[int], side: int = 96) -> dict[
     return images
 
 
-def retrieval_grid(e: Embeddings, data_cfg: DataConfig, path: Path) -> Path | None:
+def retrieval_grid(
+    emb_ND: np.ndarray, labels_N: np.ndarray, index_N: np.ndarray, data_cfg: DataConfig, path: Path
+) -> Path | None:
     """Queries with their top-5 neighbours (green: same label, red: not), or None (and a
-    printed reason) when the images cannot be read back (remote shards)."""
-    q_rows = _grid_queries(e.labels_N, GRID_QUERIES)
-    emb = l2_normalize(e.emb_ND)
+    printed reason) when the images cannot be read back (remote shards). Row r is the sample
+    with catalog row ``index_N[r]``."""
+    q_rows = _grid_queries(labels_N, GRID_QUERIES)
+    emb = l2_normalize(emb_ND)
     sims = emb[q_rows] @ emb.T  # a few rows of the similarity matrix
     sims[np.arange(len(q_rows)), q_rows] = -np.inf  # the query itself, by index
     order = np.lexsort((np.broadcast_to(np.arange(emb.shape[0]), sims.shape), -sims), axis=1)
     nb_rows = order[:, :GRID_NEIGHBOURS]
-    wanted = {int(e.index_N[r]) for r in np.concatenate([q_rows, nb_rows.ravel()])}
+    wanted = {int(index_N[r]) for r in np.concatenate([q_rows, nb_rows.ravel()])}
     try:
         images = _read_images(data_cfg, wanted)
     except (FileNotFoundError, ValueError, OSError) as err:
@@ -75,9 +74,9 @@ def retrieval_grid(e: Embeddings, data_cfg: DataConfig, path: Path) -> Path | No
         log.warning("no retrieval grid: %d images not found in their shards", len(missing))
         return None
     return retrieval_grid_png(
-        [images[int(e.index_N[q])] for q in q_rows],
-        [[images[int(e.index_N[r])] for r in row] for row in nb_rows],
-        [[bool(e.labels_N[r] == e.labels_N[q]) for r in row] for q, row in zip(q_rows, nb_rows)],
+        [images[int(index_N[q])] for q in q_rows],
+        [[images[int(index_N[r])] for r in row] for row in nb_rows],
+        [[bool(labels_N[r] == labels_N[q]) for r in row] for q, row in zip(q_rows, nb_rows)],
         path,
-        titles=[f"index {int(e.index_N[q])}" for q in q_rows],
+        titles=[f"index {int(index_N[q])}" for q in q_rows],
     )

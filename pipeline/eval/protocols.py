@@ -26,7 +26,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -40,15 +40,23 @@ from pipeline.eval.plots import roc_png
 from pipeline.preflight import EvalSplit, PreflightError, PreflightReport
 from pipeline.preflight import preflight as preflight_shards
 
-if TYPE_CHECKING:  # the registry stays torch-free: preflight runs on login nodes
-    from pipeline.eval.extract import Embeddings
-
 log = logging.getLogger(__name__)
 
 
 class ProtocolDataError(UserError, ValueError):
     """The eval data cannot be measured by the configured protocol (found while computing);
     the message says why and the fix."""
+
+
+@dataclass
+class Embeddings:
+    """The whole eval set, rows sorted by global index (the row in the split's index.parquet)."""
+
+    emb_ND: np.ndarray
+    labels_N: np.ndarray
+    index_N: np.ndarray
+    flip_ND: np.ndarray | None = None
+    """The model on each image's horizontal mirror (extracted with ``flip=True``), else None."""
 
 
 @dataclass(frozen=True)
@@ -181,7 +189,7 @@ def _retrieval_compute(e: Embeddings, data_cfg: DataConfig, ev: EvalConfig, devi
 def _retrieval_write(
     out: Path, e: Embeddings, result: Result, data_cfg: DataConfig, ev: EvalConfig
 ) -> list[Path]:
-    grid = retrieval_grid(e, data_cfg, out / "retrieval_grid.png")
+    grid = retrieval_grid(e.emb_ND, e.labels_N, e.index_N, data_cfg, out / "retrieval_grid.png")
     return [] if grid is None else [grid]
 
 
