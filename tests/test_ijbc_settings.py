@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from pipeline.config import DataConfig, EvalConfig, ModelConfig, TrackingConfig
+from pipeline.config.schema import DataConfig, EvalConfig, ModelConfig, TrackingConfig
 from pipeline.data.converters import list_ijbc
 from pipeline.data.transforms import eval_transform
 from pipeline.data.writer import write_split
@@ -24,7 +24,8 @@ from pipeline.eval import protocols
 from pipeline.eval.evaluator import evaluate_model
 from pipeline.eval.extract import Embeddings
 from pipeline.eval.ijbc import FARS, FPIRS, RANKS, identification, load_protocol
-from pipeline.model import build_model, load_trained_model, save_weights
+from pipeline.model import build_model, load_trained_model
+from pipeline.weights import save_weights
 from tests.data_helpers.layouts import ijb_release, with_det_scores
 from tests.dist_helpers import run_distributed
 from tests.test_ijbc import _identification_reference
@@ -57,7 +58,7 @@ def _data_cfg(split: Path) -> DataConfig:
 def ijbc(tmp_path_factory) -> dict:
     """The release, its shards (with and without det_score), a model and one evaluation with
     insightface's default settings (N1D1F2) logged to a real MLflow store."""
-    from pipeline.tracking import tracking_session
+    from pipeline.tracking.session import tracking_session
 
     root = tmp_path_factory.mktemp("ijbc")
     release = ijb_release(root / "raw", size=SIZE)
@@ -264,7 +265,7 @@ def test_two_ranks_gather_the_mirrored_features_and_agree_with_one(ijbc, tmp_pat
 def test_parts_carry_the_mirrored_features_and_merge_to_the_same_figures(ijbc, tmp_path):
     """Evaluation in parts (array jobs): each part file holds its rows' mirrors, a part made
     with another extraction is never reused, and the merge scores as one evaluation."""
-    from pipeline.config import RunConfig
+    from pipeline.config.schema import RunConfig
     from pipeline.eval.parts import extract_part, fingerprint, merge_and_score, plan_parts
 
     model = ijbc["model"]

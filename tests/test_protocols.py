@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import ConfigError, DataConfig, EvalConfig, ModelConfig
-from pipeline.config_loader import load_config
+from pipeline.config.load import load_config
+from pipeline.config.schema import ConfigError, DataConfig, EvalConfig, ModelConfig
 from pipeline.eval import protocols
 from pipeline.eval.evaluator import evaluate_model
 from pipeline.eval.protocols import Extraction, Protocol, Result, preflight

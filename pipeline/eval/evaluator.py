@@ -25,18 +25,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import distributed
-from pipeline.config import DataConfig, EvalConfig, RunConfig, to_dict
-from pipeline.config_loader import (
-    add_config_arguments,
-    load_config,
-    named_model,
-    split_checkpoint,
-)
+from pipeline import logs
+from pipeline.config.load import add_config_arguments, load_config, named_model, split_checkpoint
+from pipeline.config.schema import DataConfig, EvalConfig, RunConfig, to_dict
+from pipeline.distributed import collectives, group
 from pipeline.eval import protocols
 from pipeline.eval.extract import Embeddings, extract_embeddings
-from pipeline.eval.protocols import Result
-from pipeline.rundir import eval_output_dir
+from pipeline.eval.protocols import Result, preflight
+from pipeline.model import load_trained_model
+from pipeline.rundir import RunDir, eval_output_dir
+from pipeline.tracking.mlflow import MlflowTracker, run_page
+from pipeline.tracking.session import tracking_session
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +53,14 @@ def compute_metrics(
     protocol = protocols.get(eval_cfg.protocol)
     if protocol.main_only:
         # All ranks participate: rank 0 computes, every rank gets its result or its error.
-        return distributed.on_main(lambda: protocol.compute(e, data_cfg, eval_cfg, device))
+        return collectives.on_main(lambda: protocol.compute(e, data_cfg, eval_cfg, device))
     return protocol.compute(e, data_cfg, eval_cfg, device)  # all ranks participate
 
 
 def tracked_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     """The MLflow names of evaluation metrics, the same for ``pipeline evaluate``, training
     and the merge of array parts: ``eval/<metric>`` (``eval/map@r`` is stored as
-    ``eval/map_at_r``, pipeline.tracking.metric_key)."""
+    ``eval/map_at_r``, pipeline.tracking.base.metric_key)."""
     return {f"eval/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
@@ -94,11 +93,11 @@ def evaluate_model(
     )
     result = compute_metrics(e, data_cfg, eval_cfg, device=device)
     files: list[Path] = []
-    if output_dir is not None and distributed.is_main_process():
+    if output_dir is not None and group.is_main_process():
         files = write_outputs(Path(output_dir), e, result, data_cfg, eval_cfg)
     if tracker is not None:
         log_result(tracker, result, files, step)
-    distributed.barrier()  # all ranks participate: files exist when evaluate_model returns
+    collectives.barrier()  # all ranks participate: files exist when evaluate_model returns
     return result.metrics
 
 
@@ -143,33 +142,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _preflight(cfg: RunConfig) -> None:
-    from pipeline.eval.protocols import preflight  # the shard checks, then the protocol's
-    from pipeline.tracking import MlflowTracker
-
-    preflight(cfg, distributed.get_world_size(), train=False)
+    preflight(cfg, group.get_world_size(), train=False)
     if cfg.tracking.enabled:
         MlflowTracker.check(cfg.tracking)
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.model import load_trained_model
-    from pipeline.tracking import run_page, tracking_session
-
     checkpoint, overrides = split_checkpoint(args.overrides)
     cfg: RunConfig = load_config(args.config, overrides)
     out = eval_output_dir(cfg)
-    distributed.setup_logging(out)
+    rank = group.process_rank()
+    logs.setup_logging(RunDir(out).log_file(rank), rank=rank)
     # Joins the job's group (none for one process) and always leaves it.
-    with distributed.process_group():
+    with group.process_group():
         model = load_trained_model(checkpoint, named_model(args.config, overrides, cfg))
         # All ranks participate: the eval shards and the tracking store are checked in
         # seconds, before anything is embedded.
-        distributed.on_main(lambda: _preflight(cfg))
-        device = distributed.device()
+        collectives.on_main(lambda: _preflight(cfg))
+        device = group.device()
         model.to(device)
-        is_main = distributed.is_main_process()
+        is_main = group.is_main_process()
         params = {**to_dict(cfg), "checkpoint": checkpoint}
-        tags = {"kind": "evaluate", "world_size": str(distributed.get_world_size())}
+        tags = {"kind": "evaluate", "world_size": str(group.get_world_size())}
         with tracking_session(cfg.tracking, is_main=is_main, params=params, tags=tags) as tracker:
             # All ranks participate.
             metrics = evaluate_model(

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.config import DataConfig
-from pipeline.data.index import read_index, split_dir
+from pipeline.config.schema import DataConfig
+from pipeline.data.catalog import read_index, split_dir
 from pipeline.eval.metrics import l2_normalize
-from pipeline.eval.plots import retrieval_grid_png
+from pipeline.plots import retrieval_grid_png
 
 log = logging.getLogger(__name__)
 

@@ -30,13 +30,13 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import ConfigError, DataConfig, EvalConfig, RunConfig
-from pipeline.data.index import INDEX_FILE, _is_remote, read_index, split_dir
+from pipeline.config.schema import ConfigError, DataConfig, EvalConfig, RunConfig
+from pipeline.data.catalog import INDEX_FILE, _is_remote, read_index, split_dir
 from pipeline.errors import UserError
 from pipeline.eval.grid import retrieval_grid
 from pipeline.eval.ijbc import IJBSettings, ijbc_metrics, image_features, load_protocol
 from pipeline.eval.metrics import retrieval_metrics
-from pipeline.eval.plots import roc_png
+from pipeline.plots import roc_png
 from pipeline.preflight import EvalSplit, PreflightError, PreflightReport
 from pipeline.preflight import preflight as preflight_shards
 
