@@ -61,9 +61,12 @@ class EmbeddingModel(nn.Module):
         return self
 
     def forward(self, images_BCHW: torch.Tensor) -> torch.Tensor:
-        feat_BF = self.backbone(images_BCHW)
-        emb_BD = self.head(feat_BF)
-        return F.normalize(emb_BD, dim=1)
+        return F.normalize(self.embed_unnormalized(images_BCHW), dim=1)
+
+    def embed_unnormalized(self, images_BCHW: torch.Tensor) -> torch.Tensor:
+        """The embedding before its final L2 normalisation (``forward`` normalises this).
+        Face evaluations read its norm as a quality weight (insightface's norm score)."""
+        return self.head(self.backbone(images_BCHW))
 
     @property
     def architecture(self) -> dict[str, Any]:

@@ -13,7 +13,9 @@ sizes (``os.stat``), never a shard's contents. It refuses, with a one-line
   this way) that give a group of K images must number at least P;
 * a truncated shard: smaller than the tar headers and image bytes that ``index.parquet`` lists
   for it need, or a sample count that disagrees with ``sizes.json``;
-* an eval set without a query that has a positive, or without the IJB-C ids and lists;
+* the eval split, read for the evaluation protocol's own checks (a query with a positive for
+  retrieval, the ids and lists for IJB-C): ``pipeline.eval.protocols.preflight`` runs these
+  checks, then the protocol's, and is what entry points call;
 * a missing ``model.pretrained_path``;
 * a world size with which a given global batch (e.g. the resumed checkpoint's) cannot be kept.
 
@@ -44,11 +46,28 @@ class PreflightError(ConfigError):
 
 
 @dataclass
+class EvalSplit:
+    """What preflight read of the eval split's catalog (never a shard's contents): what an
+    evaluation protocol checks (pipeline.eval.protocols)."""
+
+    spec: str
+    """``data.eval_urls`` as configured."""
+    urls: list[str]
+    indexed: bool
+    """Every shard has an ``index.parquet`` beside it (local shards)."""
+    columns: set[str] = field(default_factory=set)
+    label_counts: dict[int, int] = field(default_factory=dict)
+    """Samples per label over the whole split (local, indexed shards only)."""
+
+
+@dataclass
 class PreflightReport:
     """What was checked: shards and samples per dataset, and how long it took."""
 
     seconds: float = 0.0
     lines: list[str] = field(default_factory=list)
+    eval_split: EvalSplit | None = None
+    """The eval split as read (with ``evaluate``), for the protocol's own checks."""
 
 
 def _tar_lower_bound(image_bytes):  # int or numpy array
@@ -221,36 +240,14 @@ def _check_train(cfg: RunConfig, world_size: int, report: PreflightReport) -> No
 
 
 def _check_eval(cfg: RunConfig, report: PreflightReport) -> None:
-    spec, ev = cfg.data.eval_urls, cfg.eval
+    spec = cfg.data.eval_urls
     split = _read_split("data.eval_urls", spec, _hint(spec))
-    if ev.protocol == "ijbc":
-        folder = Path(ev.ijbc_protocol or Path(split.urls[0]).parent)
-        names = ("pairs.parquet", "ijbc_template_pair_label.txt")
-        if not any((folder / n).is_file() for n in names):
-            key = "eval.ijbc_protocol" if ev.ijbc_protocol else "data.eval_urls"
-            raise PreflightError(
-                f"eval.protocol=ijbc: {key} leads to {str(folder)!r}, which has neither "
-                f"{names[0]} (written by make-shards beside IJB-C shards) nor {names[1]} "
-                "(IJB-C's meta/ folder); set eval.ijbc_protocol to the folder that has one"
-            )
-        missing = {"template_id", "media_id"} - split.columns
-        if split.indexed and missing:
-            raise PreflightError(
-                f"data.eval_urls={spec!r}: {INDEX_FILE} has no {sorted(missing)} column(s), which "
-                "eval.protocol=ijbc needs; write the split with `pipeline make-shards ijbc`"
-            )
-    elif split.indexed:
-        counts: dict[int, int] = defaultdict(int)
-        for per_class in split.class_counts.values():
-            for label, n in per_class.items():
-                counts[label] += n
-        if not counts or max(counts.values()) < 2:
-            raise PreflightError(
-                f"data.eval_urls={spec!r}: {sum(counts.values())} samples and no class with 2 of "
-                f"them, so no query has a positive (eval.protocol={ev.protocol!r}); point "
-                "data.eval_urls at the held-out split (e.g. data/synthetic/test)"
-            )
-    report.lines.append(f"data.eval_urls: {len(split.urls)} shards ({ev.protocol})")
+    counts: dict[int, int] = defaultdict(int)
+    for per_class in split.class_counts.values():
+        for label, n in per_class.items():
+            counts[label] += n
+    report.eval_split = EvalSplit(spec, split.urls, split.indexed, split.columns, dict(counts))
+    report.lines.append(f"data.eval_urls: {len(split.urls)} shards ({cfg.eval.protocol})")
 
 
 def check_global_batch(cfg: RunConfig, world_size: int, global_batch: int) -> None:

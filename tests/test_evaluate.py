@@ -171,7 +171,7 @@ def _tiny_ijbc(root: Path) -> Path:
 def test_ijbc_protocol_reads_template_ids_from_the_index(assets, tmp_path):
     from pipeline.data.converters import list_ijbc
     from pipeline.data.writer import write_split
-    from pipeline.eval.ijbc import ijbc_metrics, load_protocol
+    from pipeline.eval.ijbc import IJBSettings, ijbc_metrics, image_features, load_protocol
 
     raw = _tiny_ijbc(tmp_path / "raw")
     items, extra = list_ijbc(raw, "test")
@@ -204,14 +204,21 @@ def test_ijbc_protocol_reads_template_ids_from_the_index(assets, tmp_path):
         tid_mid[f"loose_crop/{name}"] = (int(t), int(m))
     index = np.load(out / "index.npy")
     t_ids, m_ids = zip(*(tid_mid[sources[i]] for i in index))
-    want, _ = ijbc_metrics(
+    # The split has no det_score column: insightface's default settings without it (N1D0F2).
+    feats = image_features(
         np.load(out / "embeddings.npy"),
+        IJBSettings(det_score=False),
+        np.load(out / "embeddings_flip.npy"),
+    )
+    want, _ = ijbc_metrics(
+        feats,
         np.array(t_ids),
         np.array(m_ids),
         load_protocol(raw / "IJBC" / "meta"),
+        prefix="ijbc_N1D0F2",
     )
     assert metrics == want
-    assert metrics["ijbc_num_templates"] == 12 and "ijbc_1n_rank1" in metrics
+    assert metrics["ijbc_N1D0F2_num_templates"] == 12 and "ijbc_N1D0F2_1n_rank1" in metrics
     assert (out / "roc.png").is_file()
 
 

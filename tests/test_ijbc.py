@@ -85,6 +85,28 @@ def _identification_reference(q, q_subj, g, g_subj, ranks, fpirs):
             if fpir <= f:
                 best = max(best, sum(1 for m, r, x in info if m and r == 1 and x >= t) / n_m)
         out[f"tpir@fpir={f:g}"] = best
+    out.update(_insightface_tpir_reference(s, q_subj, g_subj, fpirs))
+    return out
+
+
+def _insightface_tpir_reference(s, q_subj, g_subj, fpirs):
+    """insightface's 1:N rule by brute force: threshold = the non-mated probes' top scores,
+    high to low, at position max(int(N x f) - 1, 0); a mated probe counts when its mate beats
+    every other gallery template and the threshold (both strictly)."""
+    non_mated_tops, mated = [], []
+    for i in range(len(q_subj)):
+        mates = [s[i, j] for j in range(len(g_subj)) if g_subj[j] == q_subj[i]]
+        others = [s[i, j] for j in range(len(g_subj)) if g_subj[j] != q_subj[i]]
+        if mates:
+            mated.append((max(mates), max(others, default=-np.inf)))
+        else:
+            non_mated_tops.append(max(others))
+    ranked = sorted(non_mated_tops, reverse=True)
+    out = {}
+    for f in fpirs:
+        threshold = ranked[max(int(len(ranked) * f) - 1, 0)]
+        hits = sum(1 for mate, other in mated if mate > other and mate > threshold)
+        out[f"tpir_insightface@fpir={f:g}"] = hits / len(mated)
     return out
 
 

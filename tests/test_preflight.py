@@ -8,7 +8,8 @@ import os
 import pytest
 
 from pipeline.config.schema import EvalConfig, ModelConfig, RunConfig, TrainConfig
-from pipeline.preflight import PreflightError, _tar_lower_bound, check_global_batch, preflight
+from pipeline.eval.protocols import preflight  # what entry points run: shards, then protocol
+from pipeline.preflight import PreflightError, _tar_lower_bound, check_global_batch
 from tests.data_helpers import cfgs, tiny_split
 
 

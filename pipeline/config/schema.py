@@ -318,12 +318,13 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Retrieval evaluation."""
+    """Evaluation: which protocol (pipeline.eval.protocols) and its settings."""
 
     every: int = 0
     """Evaluate every this many training steps (0: only at the end)."""
     protocol: str = "retrieval"
-    """'retrieval' (every item queries the rest), 'vggface2' or 'ijbc'."""
+    """A protocol of pipeline.eval.protocols: 'retrieval' (every item queries the rest),
+    'vggface2' or 'ijbc' (IJB-C or IJB-B, template verification and identification)."""
     ks: list[int] = field(default_factory=lambda: [1, 4, 16, 32])
     """Recall@K cut-offs."""
     batch_size: int = 128
@@ -339,15 +340,23 @@ class EvalConfig:
     """protocol=ijbc: the folder with the pair and 1:N lists, either a shard split directory
     (pairs.parquet, gallery_G1/G2.parquet, probe_mixed.parquet from make-shards) or IJB-C's
     meta/ folder; '' : the directory of data.eval_urls."""
+    ijbc_flip: bool = True
+    """protocol=ijbc: add the feature of each face's horizontal mirror to its own, before any
+    normalisation (insightface's flip test, F2 in its tables; false: F0)."""
+    ijbc_norm_score: bool = True
+    """protocol=ijbc: keep each image feature's norm (the model's embedding before its L2
+    normalisation) as a quality weight in pooling (insightface's N1); false: L2-normalise each
+    image feature first (N0)."""
+    ijbc_det_score: bool = True
+    """protocol=ijbc: weight each image feature by its detector score, the catalog's det_score
+    column (insightface's D1); a split without that column is evaluated with weight 1 (D0) and
+    the metrics' names and record say so."""
 
     def __post_init__(self) -> None:
         _check(self.every >= 0, "eval.every", self.every, "must be >= 0")
-        _check(
-            self.protocol in ("retrieval", "vggface2", "ijbc"),
-            "eval.protocol",
-            self.protocol,
-            "use retrieval, vggface2 or ijbc",
-        )
+        # Which names exist is the protocol registry's rule (pipeline.eval.protocols), checked
+        # with the other cross-section rules when a config loads.
+        _check(bool(self.protocol), "eval.protocol", self.protocol, "must name a protocol")
         _check(
             len(self.ks) > 0 and all(k >= 1 for k in self.ks),
             "eval.ks",

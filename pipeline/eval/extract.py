@@ -8,7 +8,7 @@ Shape legend: N samples, D embedding dims.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,15 +17,20 @@ from tqdm import tqdm
 from pipeline.config.schema import DataConfig
 from pipeline.data.stream import eval_loader
 from pipeline.distributed import collectives, group
+from pipeline.eval.protocols import PLAIN, Embeddings, Extraction
 
 
-@dataclass
-class Embeddings:
-    """The whole eval set, rows sorted by global index (the row in the split's index.parquet)."""
-
-    emb_ND: np.ndarray
-    labels_N: np.ndarray
-    index_N: np.ndarray
+def _embedder(model: torch.nn.Module, unnormalized: bool) -> Any:
+    if not unnormalized:
+        return model
+    embed = getattr(model, "embed_unnormalized", None)
+    if embed is None:
+        raise ValueError(
+            f"the evaluation needs the embedding before its L2 normalisation, which "
+            f"{type(model).__name__} does not expose (embed_unnormalized); evaluate a "
+            "pipeline.model.EmbeddingModel"
+        )
+    return embed
 
 
 def extract_embeddings(
@@ -36,24 +41,29 @@ def extract_embeddings(
     device: torch.device | str,
     batch_size: int,
     progress: bool = True,
+    extraction: Extraction = PLAIN,
 ) -> Embeddings:
     """Embed every sample of ``urls`` once, split over the ranks; every rank gets all rows.
 
     All ranks participate. Raises ValueError if a sample index arrives twice (shards listed
-    twice in ``urls``) or the set is empty.
+    twice in ``urls``) or the set is empty. ``extraction``: mirrored images too, and the
+    embedding before the model's L2 normalisation (see :class:`Extraction`).
     """
     rank, world = group.get_rank(), group.get_world_size()
     loader = eval_loader(urls, data_cfg, rank=rank, world_size=world, batch_size=batch_size)
     dtype = next(model.parameters()).dtype  # bf16 under a DeepSpeed bf16 engine
     was_training = model.training
     model.eval()
-    embs, labels, indices = [], [], []
+    embed = _embedder(model, extraction.unnormalized)
+    embs, flips, labels, indices = [], [], [], []
     bar = tqdm(desc="embedding", unit="img", disable=not (progress and rank == 0))
     try:
         with torch.no_grad():
             for images, lab, idx in loader:
-                out = model(images.to(device, dtype=dtype, non_blocking=True))
-                embs.append(out.float().cpu().numpy())
+                x = images.to(device, dtype=dtype, non_blocking=True)
+                embs.append(embed(x).float().cpu().numpy())
+                if extraction.flip:  # the mirror of the image the model sees (width is dim 3)
+                    flips.append(embed(torch.flip(x, dims=[3])).float().cpu().numpy())
                 labels.append(lab.numpy())
                 indices.append(idx.numpy())
                 bar.update(len(idx) * world)  # an estimate of all ranks' progress
@@ -68,9 +78,13 @@ def extract_embeddings(
     idx = np.concatenate(indices) if indices else np.zeros(0, np.int64)
     # All ranks participate, a rank without samples too.
     emb, lab, idx = (collectives.all_gather_rows(a) for a in (emb, lab, idx))
+    flip = None
+    if extraction.flip:
+        flip = np.concatenate(flips) if flips else np.zeros((0, dim), np.float32)
+        flip = collectives.all_gather_rows(flip)  # all ranks participate
     if len(idx) == 0:
         raise ValueError(f"eval shards {urls!r} hold no samples; check data.eval_urls")
-    e, repeated = sort_by_index(emb, lab, idx)
+    e, repeated = sort_by_index(emb, lab, idx, flip)
     if len(repeated):
         raise ValueError(
             f"data.eval_urls={urls!r}: sample index {int(repeated[0])} (and "
@@ -80,9 +94,10 @@ def extract_embeddings(
 
 
 def sort_by_index(
-    emb: np.ndarray, labels: np.ndarray, index: np.ndarray
+    emb: np.ndarray, labels: np.ndarray, index: np.ndarray, flip: np.ndarray | None = None
 ) -> tuple[Embeddings, np.ndarray]:
     """Rows in global-index order, and the index values that occur more than once."""
     order = np.argsort(index, kind="stable")
     emb, labels, index = emb[order], labels[order], index[order]
-    return Embeddings(emb, labels, index), index[1:][index[1:] == index[:-1]]
+    flip = None if flip is None else flip[order]
+    return Embeddings(emb, labels, index, flip), index[1:][index[1:] == index[:-1]]

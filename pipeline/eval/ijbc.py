@@ -1,23 +1,37 @@
-"""IJB-C 1:1 verification and 1:N identification from image embeddings.
+"""IJB-C (and IJB-B) 1:1 verification and 1:N identification from image features.
 
-Template features (the protocol of the IJB-B/C papers and their public evaluation code): image
-features are averaged within each media (a still, or the frames of one video) of a template,
-the media features are summed over the template, and the sum is L2-normalised. A pair's score
-is the cosine of its two templates.
+Image features first go through insightface's test settings, in insightface's order
+(:func:`image_features`, :class:`IJBSettings`): flip test (the feature of the face plus the
+feature of its horizontal mirror, both before any normalisation), then the norm score (keep each
+image feature's norm as a quality weight) or a per-image L2 normalisation, then the detector
+score (each image feature times its face detector's score). Then the template features (the
+protocol of the IJB-B/C papers and their public evaluation code): image features are averaged
+within each media (a still, or the frames of one video) of a template, the media features are
+summed over the template, and the sum is L2-normalised. A pair's score is the cosine of its two
+templates.
 
-* 1:1: TAR at FAR 1e-6 .. 1e-1 from the ROC over all pairs. The headline ``ijbc_tar@far=F``
-  is the largest true accept rate among thresholds whose false accept rate is <= F
-  (thresholds at the scores; a tie group is accepted or rejected as a whole, as in
-  ``sklearn.metrics.roc_curve``): a rate the model is guaranteed at that FAR. insightface's
-  IJB evaluation, which most papers' tables come from, instead reads the ROC point whose FAR
-  is *nearest* F, on or above it, so its figures can be higher (and at FAR below 1/impostors
-  are taken from a point far above F). It is reported too, clearly apart, as
-  ``ijbc_tar_nearest@far=F`` (:func:`tar_at_far_nearest`); compare papers with that one.
-* 1:N: each gallery (G1, G2) is searched by the mixed-media probes. A probe whose subject is
-  enrolled is mated; its rank is 1 + the non-mate gallery templates scoring >= its mate.
-  Rank-k identification rate: mated probes with rank <= k. TPIR at FPIR f: mated probes at rank
-  1 whose mate score clears the lowest threshold that at most a fraction f of the non-mated
-  probes' top scores clear. Reported per gallery and averaged over the galleries.
+* 1:1: TAR at FAR 1e-6 .. 1e-1 from the ROC over all pairs. ``tar@far=F`` is the largest true
+  accept rate among thresholds whose false accept rate is <= F (thresholds at the scores; a
+  tie group is accepted or rejected as a whole, as in ``sklearn.metrics.roc_curve``): a rate
+  the model is guaranteed at that FAR. insightface's IJB evaluation, which most papers' tables
+  come from, instead reads the ROC point whose FAR is *nearest* F, on or above it, so its
+  figures can be higher (and at FAR below 1/impostors are taken from a point far above F). It
+  is reported too, clearly apart, as ``tar_nearest@far=F`` (:func:`tar_at_far_nearest`);
+  compare papers with that one.
+* 1:N: each gallery (IJB-C: G1, G2; IJB-B: S1, S2) is searched by the mixed-media probes. A
+  probe whose subject is enrolled is mated; its rank is 1 + the non-mate gallery templates
+  scoring >= its mate. Rank-k identification rate: mated probes with rank <= k. ``tpir@fpir=f``:
+  mated probes at rank 1 whose mate score clears the lowest threshold that at most a fraction
+  f of the non-mated probes' top scores clear. ``tpir_insightface@fpir=f`` is insightface's
+  rule (its ``ijb_evals.py``): the threshold is the non-mated probes' top scores sorted high
+  to low, read at position max(int(N x f) - 1, 0) of N; a mated probe counts when its mate
+  scores strictly above every other gallery template and strictly above the threshold.
+  Reported per gallery and averaged over the galleries.
+
+Every metric name starts with the benchmark and the settings, e.g. ``ijbc_N1D1F2_tar@far=0.0001``
+(insightface's test-mode names: N1 norm score kept / N0 per-image L2, D1 / D0 detector score
+or not, F2 flip features added / F0 no flip), so figures of different settings are never
+mixed up.
 
 Shape legend: N images, D dims, T templates, P pairs, G gallery templates, Q probes.
 """
@@ -39,6 +53,58 @@ FPIRS: tuple[float, ...] = (1e-2, 1e-1)
 RANKS: tuple[int, ...] = (1, 5)
 
 
+@dataclass(frozen=True)
+class IJBSettings:
+    """insightface's test settings, applied in this order by :func:`image_features`."""
+
+    flip: bool = True
+    """Add the mirrored face's feature to the face's own (insightface's F2; False: F0)."""
+    norm_score: bool = True
+    """Keep each image feature's norm as a quality weight (N1); False: L2-normalise it (N0)."""
+    det_score: bool = True
+    """Multiply each image feature by its detector score (D1; False: D0)."""
+
+    @property
+    def mode(self) -> str:
+        """insightface's name of the setting, e.g. ``N1D1F2``."""
+        return f"N{int(self.norm_score)}D{int(self.det_score)}F{2 if self.flip else 0}"
+
+
+def image_features(
+    feats_ND: np.ndarray,
+    settings: IJBSettings,
+    flip_ND: np.ndarray | None = None,
+    det_score_N: np.ndarray | None = None,
+) -> np.ndarray:
+    """The image features that are pooled (float32 N x D): flip test, then norm score or
+    per-image L2, then detector score. ``feats_ND`` and ``flip_ND`` (the model on each face
+    and on its mirror) are the embeddings before the model's own L2 normalisation."""
+    x = np.asarray(feats_ND, dtype=np.float32)
+    if settings.flip:
+        if flip_ND is None or np.shape(flip_ND) != x.shape:
+            raise ValueError(
+                "IJB-C flip test: the mirrored faces' features are missing or of another shape; "
+                "extract them with the flip setting on (eval.ijbc_flip=true)"
+            )
+        x = x + np.asarray(flip_ND, dtype=np.float32)
+    if not settings.norm_score:
+        norms = np.linalg.norm(x, axis=1, keepdims=True)
+        if (norms == 0).any():
+            raise ValueError(
+                f"IJB-C: {int((norms == 0).sum())} image feature(s) are all zero and have no "
+                "direction to normalise; check the model output"
+            )
+        x = x / norms
+    if settings.det_score:
+        if det_score_N is None or len(det_score_N) != len(x):
+            raise ValueError(
+                "IJB-C detector-score weighting needs one det_score per image; set "
+                "eval.ijbc_det_score=false for a split without detector scores"
+            )
+        x = x * np.asarray(det_score_N, dtype=np.float32)[:, None]
+    return x
+
+
 @dataclass
 class Gallery:
     """One 1:N gallery: its template ids and their subjects."""
@@ -56,9 +122,11 @@ class IJBCProtocol:
     pair_label: np.ndarray
     """1 for a genuine pair (same subject), 0 for an impostor pair."""
     galleries: dict[str, Gallery] = field(default_factory=dict)
-    """'G1', 'G2' (1:N); empty skips identification."""
+    """IJB-C's 'G1', 'G2' or IJB-B's 'S1', 'S2' (1:N); empty skips identification."""
     probe_templates: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
     probe_subjects: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    benchmark: str = "ijbc"
+    """'ijbc' or 'ijbb' (the same layout in insightface's release): the metrics' first word."""
 
 
 def _read_table(path: Path, columns: Sequence[str]) -> dict[str, np.ndarray]:
@@ -97,14 +165,20 @@ def _read_parquet(path: Path, columns: Sequence[str]) -> dict[str, np.ndarray]:
     return {c: table.column(c).to_numpy().astype(np.int64) for c in columns}
 
 
+GALLERIES = {"ijbc": ("G1", "G2"), "ijbb": ("S1", "S2")}
+"""The 1:N galleries of each benchmark, as its release names them."""
+
+
 def load_protocol(protocol_dir: str | Path) -> IJBCProtocol:
-    """The IJB-C lists from either of two folders:
+    """The IJB-C (or IJB-B) lists from either of two folders:
 
     * a shard split directory: ``pairs.parquet`` (template1, template2, label) and, for 1:N,
-      ``gallery_G1.parquet``, ``gallery_G2.parquet``, ``probe_mixed.parquet`` (template_id,
-      subject_id), as ``pipeline make-shards`` writes them beside the IJB-C shards;
-    * IJB-C's own ``meta/`` folder: ``ijbc_template_pair_label.txt`` and the CSVs
-      ``ijbc_1N_gallery_G1.csv``, ``ijbc_1N_gallery_G2.csv``, ``ijbc_1N_probe_mixed.csv``.
+      ``gallery_<G>.parquet`` per gallery and ``probe_mixed.parquet`` (template_id,
+      subject_id), as ``pipeline make-shards`` writes them beside the shards (galleries S1
+      and S2 are IJB-B's, G1 and G2 IJB-C's);
+    * the release's own ``meta/`` folder: ``ijbc_template_pair_label.txt`` and the CSVs
+      ``ijbc_1N_gallery_G1.csv``, ``ijbc_1N_gallery_G2.csv``, ``ijbc_1N_probe_mixed.csv``, or
+      the same files of IJB-B (``ijbb_``, galleries ``S1``, ``S2``).
 
     1:N is evaluated only when the probe list and both galleries are present.
     """
@@ -112,26 +186,35 @@ def load_protocol(protocol_dir: str | Path) -> IJBCProtocol:
     if (root / "pairs.parquet").is_file():
         pairs = _read_parquet(root / "pairs.parquet", ("template1", "template2", "label"))
         protocol = IJBCProtocol(pairs["template1"], pairs["template2"], pairs["label"])
-        lists = {n: root / f"{n}.parquet" for n in ("probe_mixed", "gallery_G1", "gallery_G2")}
-        if all(p.is_file() for p in lists.values()):
-            read = {n: _read_parquet(p, ("template_id", "subject_id")) for n, p in lists.items()}
-            tables = {n: _unique_templates(t, lists[n]) for n, t in read.items()}
-            protocol.probe_templates, protocol.probe_subjects = tables["probe_mixed"]
-            for name in ("G1", "G2"):
-                protocol.galleries[name] = Gallery(*tables[f"gallery_{name}"])
+        for bench, names in GALLERIES.items():
+            lists = {n: root / f"gallery_{n}.parquet" for n in names}
+            lists["probe_mixed"] = root / "probe_mixed.parquet"
+            if all(p.is_file() for p in lists.values()):
+                read = {
+                    n: _read_parquet(p, ("template_id", "subject_id")) for n, p in lists.items()
+                }
+                _set_1n(protocol, {n: _unique_templates(t, lists[n]) for n, t in read.items()})
+                protocol.benchmark = bench
+                break
         return protocol
-    pairs = _read_table(root / "ijbc_template_pair_label.txt", ("t1", "t2", "label"))
-    protocol = IJBCProtocol(pairs["t1"], pairs["t2"], pairs["label"])
-    csvs = {n: root / f"ijbc_1N_{n}.csv" for n in ("probe_mixed", "gallery_G1", "gallery_G2")}
+    bench = "ijbb" if (root / "ijbb_template_pair_label.txt").is_file() else "ijbc"
+    pairs = _read_table(root / f"{bench}_template_pair_label.txt", ("t1", "t2", "label"))
+    protocol = IJBCProtocol(pairs["t1"], pairs["t2"], pairs["label"], benchmark=bench)
+    csvs = {n: root / f"{bench}_1N_gallery_{n}.csv" for n in GALLERIES[bench]}
+    csvs["probe_mixed"] = root / f"{bench}_1N_probe_mixed.csv"
     if all(p.is_file() for p in csvs.values()):
-        tables = {
-            n: _unique_templates(_read_table(p, ("template_id", "subject_id")), p)
-            for n, p in csvs.items()
-        }
-        protocol.probe_templates, protocol.probe_subjects = tables["probe_mixed"]
-        for name in ("G1", "G2"):
-            protocol.galleries[name] = Gallery(*tables[f"gallery_{name}"])
+        columns = ("template_id", "subject_id")
+        _set_1n(
+            protocol,
+            {n: _unique_templates(_read_table(p, columns), p) for n, p in csvs.items()},
+        )
     return protocol
+
+
+def _set_1n(protocol: IJBCProtocol, tables: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    protocol.probe_templates, protocol.probe_subjects = tables.pop("probe_mixed")
+    for name, (templates, subjects) in tables.items():
+        protocol.galleries[name] = Gallery(templates, subjects)
 
 
 def _unique_templates(table: dict[str, np.ndarray], path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -316,7 +399,8 @@ def identification(
     fpirs: Sequence[float] = FPIRS,
     block: int = 4096,
 ) -> dict[str, float]:
-    """Open-set 1:N search of one gallery: rank-k identification rates and TPIR at FPIR.
+    """Open-set 1:N search of one gallery: rank-k identification rates, TPIR at FPIR by the
+    strict rule and by insightface's (module doc).
 
     Probe x gallery scores are computed in blocks of probes (the gallery is small in 1:N).
     """
@@ -330,14 +414,17 @@ def identification(
         )
     g = np.ascontiguousarray(gallery_feats_GD, dtype=np.float32)
     mate_score = np.full(len(q_subj), -np.inf)
+    non_mate_top = np.full(len(q_subj), -np.inf)
     rank = np.zeros(len(q_subj), dtype=np.int64)
     top = np.empty(len(q_subj))
     for a in range(0, len(q_subj), block):
         s = np.asarray(probe_feats_QD[a : a + block], dtype=np.float32) @ g.T
         is_mate = q_subj[a : a + block, None] == g_subj[None, :]
         ms = np.where(is_mate, s, -np.inf).max(1)
+        non_mate = np.where(is_mate, -np.inf, s)
         mate_score[a : a + block] = ms
-        rank[a : a + block] = 1 + (np.where(is_mate, -np.inf, s) >= ms[:, None]).sum(1)
+        non_mate_top[a : a + block] = non_mate.max(1)
+        rank[a : a + block] = 1 + (non_mate >= ms[:, None]).sum(1)
         top[a : a + block] = s.max(1)
     out = {f"rank{k}": float((rank[mated] <= k).mean()) for k in ranks}
     # Thresholds at the non-mated top scores: at t, the alarms are the non-mated probes >= t
@@ -349,6 +436,26 @@ def identification(
     tpr = tpr * hit.sum() / mated.sum()  # mated probes not at rank 1 are never hits
     for f in fpirs:
         out[f"tpir@fpir={f:g}"] = _max_tpr_at(fpr, tpr, f)
+    out.update(_tpir_insightface(mate_score, non_mate_top, top, mated, fpirs))
+    return out
+
+
+def _tpir_insightface(
+    mate_score: np.ndarray,
+    non_mate_top: np.ndarray,
+    top: np.ndarray,
+    mated: np.ndarray,
+    fpirs: Sequence[float],
+) -> dict[str, float]:
+    """insightface's TPIR (module doc): threshold at position max(int(N x f) - 1, 0) of the
+    N non-mated probes' top scores sorted high to low; strict comparisons throughout."""
+    non_mated_top = np.sort(top[~mated])[::-1]
+    correct = mated & (mate_score > non_mate_top)
+    out = {}
+    for f in fpirs:
+        threshold = non_mated_top[max(int(len(non_mated_top) * f) - 1, 0)]
+        hits = correct & (mate_score > threshold)
+        out[f"tpir_insightface@fpir={f:g}"] = float(hits.sum() / mated.sum())
     return out
 
 
@@ -359,29 +466,32 @@ def ijbc_metrics(
     protocol: IJBCProtocol,
     rows_M: np.ndarray | None = None,
     fars: Sequence[float] = FARS,
+    prefix: str = "ijbc",
 ) -> tuple[dict[str, float], dict[str, Any]]:
-    """All IJB-C figures, and the ROC curve (for the plot).
+    """All figures of ``protocol`` from the image features to pool, and the ROC curve.
 
-    Keys: ``ijbc_tar@far={far:g}`` (headline: largest TAR with FAR <= far),
-    ``ijbc_tar_nearest@far={far:g}`` (insightface's nearest-FAR point); with 1:N galleries ``ijbc_1n_{G}_rank{k}``,
-    ``ijbc_1n_{G}_tpir@fpir={f:g}`` and their mean over galleries ``ijbc_1n_rank{k}`` ...
+    Keys (``prefix`` first, e.g. ``ijbc_N1D1F2``): ``{prefix}_tar@far={far:g}`` (largest TAR
+    with FAR <= far), ``{prefix}_tar_nearest@far={far:g}`` (insightface's nearest-FAR point);
+    with 1:N galleries ``{prefix}_1n_{G}_rank{k}``, ``{prefix}_1n_{G}_tpir@fpir={f:g}``,
+    ``{prefix}_1n_{G}_tpir_insightface@fpir={f:g}`` and their means over the galleries
+    ``{prefix}_1n_rank{k}`` ...; ``{prefix}_num_templates``, ``{prefix}_num_pairs``.
     """
     templates, feats = pool_templates(features_ND, template_ids_M, media_ids_M, rows_M)
     scores = pair_scores(templates, feats, protocol.pair_t1, protocol.pair_t2)
     fpr, tpr, thr = roc_points(scores, protocol.pair_label)
-    out = {f"ijbc_tar@far={far:g}": _max_tpr_at(fpr, tpr, far) for far in fars}
+    out = {f"{prefix}_tar@far={far:g}": _max_tpr_at(fpr, tpr, far) for far in fars}
     # insightface's convention, for comparison with published tables (module doc).
     nearest = tar_at_far_nearest(scores, protocol.pair_label, fars)
-    out.update({f"ijbc_tar_nearest@far={far:g}": v for far, v in nearest.items()})
+    out.update({f"{prefix}_tar_nearest@far={far:g}": v for far, v in nearest.items()})
     per_gallery = []
     for name, gal in protocol.galleries.items():
         g_rows = _rows_of(templates, gal.templates, f"1:N gallery {name}")
         q_rows = _rows_of(templates, protocol.probe_templates, "1:N probes")
         r = identification(feats[q_rows], protocol.probe_subjects, feats[g_rows], gal.subjects)
-        out.update({f"ijbc_1n_{name}_{k}": v for k, v in r.items()})
+        out.update({f"{prefix}_1n_{name}_{k}": v for k, v in r.items()})
         per_gallery.append(r)
     for key in per_gallery[0] if per_gallery else []:
-        out[f"ijbc_1n_{key}"] = float(np.mean([r[key] for r in per_gallery]))
-    out["ijbc_num_templates"] = float(len(templates))
-    out["ijbc_num_pairs"] = float(len(scores))
+        out[f"{prefix}_1n_{key}"] = float(np.mean([r[key] for r in per_gallery]))
+    out[f"{prefix}_num_templates"] = float(len(templates))
+    out[f"{prefix}_num_pairs"] = float(len(scores))
     return out, {"fpr": fpr, "tpr": tpr, "thresholds": thr}

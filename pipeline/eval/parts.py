@@ -25,8 +25,10 @@ import numpy as np
 from pipeline.config.schema import RunConfig, to_dict
 from pipeline.data.catalog import expand_urls, read_index
 from pipeline.distributed import collectives, group
-from pipeline.eval.evaluator import compute_metrics, tracked_metrics, write_outputs
-from pipeline.eval.extract import Embeddings, extract_embeddings, sort_by_index
+from pipeline.eval import protocols
+from pipeline.eval.evaluator import compute_metrics, log_result, write_outputs
+from pipeline.eval.extract import extract_embeddings, sort_by_index
+from pipeline.eval.protocols import PLAIN, Embeddings, Extraction
 from pipeline.model import load_trained_model
 from pipeline.rundir import eval_output_dir
 from pipeline.tracking.session import tracking_session
@@ -49,11 +51,15 @@ def plan_parts(eval_urls: str, parts: int) -> list[list[str]]:
     return [urls[i * len(urls) // n : (i + 1) * len(urls) // n] for i in range(n)]
 
 
-def fingerprint(checkpoint: str, urls: list[str]) -> str:
-    """What a part was computed from: the weights (path, size, mtime) and its shards. A part
-    with another fingerprint (an earlier evaluation in the same folder) is never reused."""
+def fingerprint(checkpoint: str, urls: list[str], extraction: Extraction = PLAIN) -> str:
+    """What a part was computed from: the weights (path, size, mtime), its shards and what was
+    taken from the model (mirrored images, unnormalised embeddings). A part with another
+    fingerprint (an earlier evaluation in the same folder) is never reused."""
     st = os.stat(checkpoint)
-    return f"{checkpoint}|{st.st_size}|{st.st_mtime_ns}|" + "::".join(urls)
+    stamp = f"{checkpoint}|{st.st_size}|{st.st_mtime_ns}|" + "::".join(urls)
+    if extraction != PLAIN:  # the plain extraction keeps the stamps parts already have
+        stamp += f"|flip={extraction.flip}|unnormalized={extraction.unnormalized}"
+    return stamp
 
 
 def read_fingerprint(path: Path) -> str | None:
@@ -70,7 +76,8 @@ def extract_part(cfg: RunConfig, checkpoint: str, part: int, urls: list[str]) ->
     (rank 0 writes); a part already computed from the same inputs is kept. Joins and leaves
     the process group itself. All ranks participate."""
     path = part_path(eval_output_dir(cfg), part)
-    stamp = fingerprint(checkpoint, urls)
+    extraction = protocols.get(cfg.eval.protocol).extraction(cfg.eval)
+    stamp = fingerprint(checkpoint, urls, extraction)
     if read_fingerprint(path) == stamp:  # requeued or resubmitted: this part is done
         with np.load(path) as f:
             return {"part": part, "rows": int(f["index"].shape[0]), "path": str(path)}
@@ -86,11 +93,15 @@ def extract_part(cfg: RunConfig, checkpoint: str, part: int, urls: list[str]) ->
             device=device,
             batch_size=cfg.eval.batch_size,
             progress=False,
+            extraction=extraction,
         )
         if group.is_main_process():
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp.npz")
-            np.savez(tmp, emb=e.emb_ND, labels=e.labels_N, index=e.index_N, fingerprint=stamp)
+            arrays = {"emb": e.emb_ND, "labels": e.labels_N, "index": e.index_N}
+            if e.flip_ND is not None:
+                arrays["flip"] = e.flip_ND
+            np.savez(tmp, **arrays, fingerprint=stamp)
             os.replace(tmp, path)  # a part file is complete or absent
         collectives.barrier()  # all ranks participate
     log.info("part %d: %d samples from %d shards", part, len(e.index_N), len(urls))
@@ -118,14 +129,25 @@ def merge_parts(
                 f"{part_path(out, i)} was computed from other weights or shards than this "
                 "evaluation: delete the parts folder (or use another eval.output_dir) and resubmit"
             )
-    embs, labels, indices = [], [], []
+    embs, labels, indices, flips = [], [], [], []
     for i in range(parts):
         with np.load(part_path(out, i)) as f:
             embs.append(f["emb"])
             labels.append(f["labels"])
             indices.append(f["index"])
+            if "flip" in f:
+                flips.append(f["flip"])
+    if flips and len(flips) != parts:
+        raise ValueError(
+            f"only {len(flips)} of {parts} parts under {out / PARTS_DIR} hold mirrored-image "
+            "features: they were extracted with different eval settings; delete the parts "
+            "folder and resubmit"
+        )
     e, repeated = sort_by_index(
-        np.concatenate(embs), np.concatenate(labels), np.concatenate(indices)
+        np.concatenate(embs),
+        np.concatenate(labels),
+        np.concatenate(indices),
+        np.concatenate(flips) if flips else None,
     )
     if len(repeated):
         raise ValueError(
@@ -158,7 +180,8 @@ def merge_and_score(cfg: RunConfig, checkpoint: str, plan: list[list[str]]) -> d
     Returns ``metrics``, ``run_id`` (MLflow; None off rank 0) and ``output_dir``.
     """
     out = eval_output_dir(cfg)
-    stamps = [fingerprint(checkpoint, urls) for urls in plan]
+    extraction = protocols.get(cfg.eval.protocol).extraction(cfg.eval)
+    stamps = [fingerprint(checkpoint, urls, extraction) for urls in plan]
     e = merge_parts(out, len(plan), expected_rows(cfg.data.eval_urls), stamps)
     # Joins the job's group (none for one process) and always leaves it.
     with group.process_group():
@@ -167,11 +190,11 @@ def merge_and_score(cfg: RunConfig, checkpoint: str, plan: list[list[str]]) -> d
         tags = {"kind": "evaluate", "parts": str(len(plan))}
         with tracking_session(cfg.tracking, is_main=is_main, params=params, tags=tags) as tracker:
             # All ranks participate (sharded kNN when the merge job has several).
-            metrics, extras = compute_metrics(e, cfg.data, cfg.eval, device=group.device())
-            tracker.log_metrics(tracked_metrics(metrics), 0)
-            if is_main:  # files only; no collective in here
-                for f in write_outputs(out, e, metrics, extras, cfg.data, cfg.eval):
-                    tracker.log_artifact(f, "eval")
+            result = compute_metrics(e, cfg.data, cfg.eval, device=group.device())
+            metrics = result.metrics
+            # Files on rank 0 only; no collective in here.
+            files = write_outputs(out, e, result, cfg.data, cfg.eval) if is_main else []
+            log_result(tracker, result, files, 0)
             run_id = tracker.run_id
         log.info("merged %d parts (%d samples): %s", len(plan), len(e.index_N), metrics)
         collectives.barrier()  # all ranks participate: the files exist when any rank returns

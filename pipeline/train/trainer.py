@@ -42,9 +42,9 @@ from pipeline.data.stream import train_loader
 from pipeline.data.transforms import normalise_batch
 from pipeline.distributed import collectives, group
 from pipeline.eval.evaluator import evaluate_model
+from pipeline.eval.protocols import preflight  # the shard checks, then the protocol's
 from pipeline.loss import SmoothAPLoss
 from pipeline.model import build_model
-from pipeline.preflight import preflight
 from pipeline.rundir import RunDir, eval_output_dir
 from pipeline.serve.export import log_mlflow_model
 from pipeline.tracking import sysmetrics

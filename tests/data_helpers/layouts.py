@@ -58,6 +58,87 @@ def ijbc(root: Path) -> None:
     (meta / "ijbc_template_pair_label.txt").write_text("1 2 0\n")
 
 
+def ijb_release(
+    root: Path,
+    bench: str = "IJBC",
+    subjects: int = 6,
+    templates_per_subject: int = 3,
+    size: int = 32,
+    seed: int = 0,
+) -> dict:
+    """insightface's IJB-C (or IJB-B) release layout, small: ``<bench>/loose_crop/`` images and
+    ``<bench>/meta/`` with the media list, all template pairs, the 1:N gallery and probe CSVs
+    (IJB-C galleries G1, G2; IJB-B S1, S2) and ``<bench>_name_5pts_score.txt`` (image name, five
+    landmarks, detector score). Each subject's faces share a base pattern; each template has two
+    media of one to three images. The same arguments give the same templates for both benchmarks.
+
+    Returns the truth: ``images`` (name -> (template, media, det_score)), ``subject`` (template ->
+    subject), ``pairs`` [(t1, t2, label)], ``galleries`` {name: [template]}, ``probes`` [template].
+    """
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    low = bench.lower()
+    meta, crops = root / bench / "meta", root / bench / "loose_crop"
+    meta.mkdir(parents=True)
+    crops.mkdir(parents=True)
+    bases = rng.integers(0, 256, (subjects, size, size, 3))
+    images, subject = {}, {}
+    for s in range(subjects):
+        for k in range(templates_per_subject):
+            t = 1 + s * templates_per_subject + k
+            subject[t] = s
+            for m in range(2):
+                for _ in range(int(rng.integers(1, 4))):
+                    noise = rng.normal(0, 60, (size, size, 3))
+                    pixels = np.clip(bases[s] + noise, 0, 255).astype(np.uint8)
+                    name = f"{len(images) + 1}.jpg"
+                    Image.fromarray(pixels).save(crops / name, quality=95)
+                    det = float(np.round(rng.uniform(0.2, 1.0), 3))
+                    images[name] = (t, 10 * t + m, det)
+    (meta / f"{low}_face_tid_mid.txt").write_text(
+        "".join(f"{n} {t} {m}\n" for n, (t, m, _) in images.items())
+    )
+    lines = []
+    for n, (_, _, det) in images.items():
+        marks = " ".join(f"{v:.3f}" for v in rng.uniform(8, size - 8, 10))
+        lines.append(f"{n} {marks} {det:.3f}\n")
+    (meta / f"{low}_name_5pts_score.txt").write_text("".join(lines))
+    ts = sorted(subject)
+    pairs = [(a, b, int(subject[a] == subject[b])) for a in ts for b in ts if a < b]
+    (meta / f"{low}_template_pair_label.txt").write_text(
+        "".join(f"{a} {b} {c}\n" for a, b, c in pairs)
+    )
+    names = ("G1", "G2") if bench == "IJBC" else ("S1", "S2")
+    firsts = [1 + s * templates_per_subject for s in range(subjects)]
+    half = subjects // 2
+    galleries = {names[0]: firsts[:half], names[1]: firsts[half:]}
+    probes = [t for t in ts if t not in firsts]
+    head = "TEMPLATE_ID,SUBJECT_ID,FILENAME\n"
+    for g, members in galleries.items():
+        rows = "".join(f"{t},{subject[t]},x.jpg\n" for t in members)
+        (meta / f"{low}_1N_gallery_{g}.csv").write_text(head + rows)
+    rows = "".join(f"{t},{subject[t]},x.jpg\n" for t in probes)
+    (meta / f"{low}_1N_probe_mixed.csv").write_text(head + rows)
+    return {
+        "images": images,
+        "subject": subject,
+        "pairs": pairs,
+        "galleries": galleries,
+        "probes": probes,
+    }
+
+
+def with_det_scores(items: list, release: dict) -> list:
+    """The converter's IJB-C items with the catalog column ``det_score`` of each image (from
+    the release's ``name_5pts_score`` file, as the face converter records it)."""
+    for item in items:
+        name = item.source.split("/", 1)[1]
+        item.meta["det_score"] = release["images"][name][2]
+    return items
+
+
 LAYOUTS = {
     "imagefolder": imagefolder,
     "vggface2": vggface2,
