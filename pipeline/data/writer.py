@@ -240,10 +240,7 @@ def write_split(
     and gallery/probe tables; names from ``index.WRITTEN_FILES``, so that a later overwrite may
     remove them). ``inputs``: the dataset's folders, which the output must not overlap.
     ``overwrite``: replace an existing split (only files the writer writes; see ``outdir``).
-    ``in_order``: ``items`` are already grouped by class in the order to write (an array part
-    keeps its share of the whole split's class order; see ``parts``). ``prepared``: gives the
-    prepared image of each item in write order (``parts``: a merge reads the parts' images)
-    instead of decoding the sources here.
+    ``in_order``: items in write order; ``prepared(ordered)``: their images (arrays: ``parts``).
 
     Raises ShardWriteError, before anything is written, for an output that overlaps an input,
     an existing split without ``overwrite``, a split folder holding a file the writer did not
