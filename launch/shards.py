@@ -27,6 +27,7 @@ import submitit
 
 from launch.cluster import LaunchError, check_against_cluster
 from launch.slurm import FLAG_FIELDS, _at_least, make_executor, resolve_config
+from pipeline.cli import main as pipeline_main
 from pipeline.config_loader import DEFAULTS_PATH
 from pipeline.data import make_shards
 from pipeline.errors import UserError
@@ -43,9 +44,7 @@ class MakeShardsTask(submitit.helpers.Checkpointable):
         self.argv = argv
 
     def __call__(self) -> int:
-        from pipeline.cli import main
-
-        code = main(["make-shards", *self.argv])
+        code = pipeline_main(["make-shards", *self.argv])
         if code:
             raise RuntimeError(
                 f"pipeline make-shards {shlex.join(self.argv)} exited with {code} (its error is "

@@ -233,6 +233,7 @@ def flags(*argv: str) -> argparse.Namespace:
         (["--tasks", "-1"], r"--tasks -1"),
         (["--tasks", "3", "--task", "3"], r"--task 3: parts are numbered 0..2"),
         (["--tasks", "3", "--task", "1", "--merge"], r"either converts one part or merges"),
+        (["--tasks", "2", "--task", "0", "--out", "s3://b/x"], r"--out s3://b/x: array parts"),
     ],
 )
 def test_task_flags_are_checked(argv, message):

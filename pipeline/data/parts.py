@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import socket
+import sys
 import tarfile
 import time
 from collections import deque
@@ -100,6 +101,11 @@ def check_flags(args: argparse.Namespace) -> None:
         )
     if task is not None and args.merge:
         raise TaskFlagError("--task and --merge: a command either converts one part or merges")
+    if tasks and "://" in str(args.out):
+        raise TaskFlagError(
+            f"--tasks with --out {args.out}: array parts and their merge are written to a local "
+            "or cluster file system; convert there, then copy the split to the object store"
+        )
     if task is not None and not 0 <= task < tasks:
         raise TaskFlagError(f"--task {task}: parts are numbered 0..{tasks - 1} (--tasks {tasks})")
 
@@ -521,7 +527,8 @@ def run(
     inputs: list[Path],
 ) -> int:
     """make-shards with ``--tasks``: print the plan (alone), convert one part (``--task``) or
-    merge (``--merge``), for every split; the arguments and listings are already checked."""
+    merge (``--merge``), for every split; the arguments and listings are already checked.
+    Refusals before any work raise (exit 2); failures while writing print one line, exit 1."""
     settings = settings_of(args)
     plans = {}
     for split, (items, _) in listed.items():
@@ -533,51 +540,40 @@ def run(
             check_parts(
                 items, args.out, split=split, tasks=args.tasks, seed=args.seed, settings=settings
             )
-        for split, (items, extra) in listed.items():
-            start = time.time()
-            summary = merge_parts(
-                items,
-                args.out,
-                name=name,
-                split=split,
-                tasks=args.tasks,
-                seed=args.seed,
-                settings=settings,
-                extra_files=extra,
-                overwrite=args.overwrite,
-                inputs=inputs,
-                **write_options(args),
-            )
-            print(
-                f"{summary.line()}, merged from {args.tasks} parts in {time.time() - start:.1f} s"
-            )
-        return 0
-    for split, (runs, plan) in plans.items():
-        if args.task is None:
+    elif args.task is None:
+        for split, (runs, plan) in plans.items():
             print(f"split {split!r}: {len(runs)} classes in {args.tasks} parts")
             for task, span in enumerate(plan):
                 print(f"  part {task}: {describe_part(runs, span)}")
-            continue
-        start = time.time()
-        record = write_part(
-            listed[split][0],
-            args.out,
-            name=name,
-            split=split,
-            task=args.task,
-            tasks=args.tasks,
-            seed=args.seed,
-            settings=settings,
-            inputs=inputs,
-            **write_options(args),
-        )
-        folder = part_dir(args.out, split, args.task, args.tasks)
-        print(
-            f"{folder}: part {args.task} of {args.tasks}, {record['written']} samples, "
-            f"{len(record['classes'])} classes, {len(record['shards'])} shards, skipped "
-            f"{len(record['skipped'])} of {record['listed']} listed images in "
-            f"{time.time() - start:.1f} s"
-        )
-    if args.task is None:
         print("convert: the same command with --task I (I = 0..N-1), then with --merge")
+        return 0
+    for split, (items, extra) in listed.items():
+        start = time.time()
+        common = dict(name=name, split=split, tasks=args.tasks, seed=args.seed, settings=settings)
+        try:
+            if args.merge:
+                summary = merge_parts(
+                    items,
+                    args.out,
+                    extra_files=extra,
+                    overwrite=args.overwrite,
+                    inputs=inputs,
+                    **common,
+                    **write_options(args),
+                )
+                line = f"{summary.line()}, merged from {args.tasks} parts"
+            else:
+                record = write_part(
+                    items, args.out, task=args.task, inputs=inputs, **common, **write_options(args)
+                )
+                line = (
+                    f"{part_dir(args.out, split, args.task, args.tasks)}: part {args.task} of "
+                    f"{args.tasks}, {record['written']} samples, {len(record['classes'])} "
+                    f"classes, {len(record['shards'])} shards, skipped {len(record['skipped'])} "
+                    f"of {record['listed']} listed images"
+                )
+        except (ShardWriteError, ValueError) as e:
+            print(f"make-shards: error: {e}", file=sys.stderr)
+            return 1
+        print(f"{line} in {time.time() - start:.1f} s")
     return 0
