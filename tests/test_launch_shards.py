@@ -27,7 +27,7 @@ def test_refusals_before_submission(tmp_path, capsys):
     line = refused(["--", *out, "--tasks", "2", "--quality", "0"], capsys)  # make-shards' rule
     assert line == "error: --quality 0: JPEG quality must be in 1..100, e.g. 90"
     line = refused(["--", *out, "--tasks", "5"], capsys)  # the listing is checked too
-    assert "--tasks 5: the split has only 4 classes" in line
+    assert "split 'train': --tasks 5: the split has only 4 classes" in line
     line = refused(["--only", "2", "--", *out, "--tasks", "2"], capsys)
     assert line == "error: --only 2: give part numbers in 0..1, e.g. --only 2,5"
     line = refused(["--", *out, "--tasks", "2", "--bogus"], capsys)

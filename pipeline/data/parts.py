@@ -274,8 +274,10 @@ def _skipped_positions(items: list[SourceItem], skipped_txt: str) -> list[list]:
     found, position = [], 0
     for line in skipped_txt.splitlines():
         path, _, reason = line.partition("\t")
-        while (items[position].path or items[position].source) != path:
+        while position < len(items) and (items[position].path or items[position].source) != path:
             position += 1
+        if position == len(items):  # the writer lists only what it was given
+            raise RuntimeError(f"skipped.txt names {path!r}, which is not an item of the part")
         found.append([position, items[position].source, reason])
         position += 1
     return found
@@ -533,7 +535,10 @@ def run(
     plans = {}
     for split, (items, _) in listed.items():
         runs = class_runs(items, args.seed)
-        plans[split] = (runs, plan_parts([len(r) for r in runs], args.tasks))
+        try:
+            plans[split] = (runs, plan_parts([len(r) for r in runs], args.tasks))
+        except PartsError as e:
+            raise PartsError(f"split {split!r}: {e}") from None
     if args.merge:
         # Every split's parts are checked before the first split is written.
         for split, (items, _) in listed.items():
