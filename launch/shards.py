@@ -197,12 +197,12 @@ def final_state(job: Any, poll_s: float = 1.0) -> str:
         time.sleep(poll_s)
 
 
-def wait(sub: ArraySubmission) -> bool:
+def wait(sub: ArraySubmission, poll_s: float = 1.0) -> bool:
     """Wait for the merge job; print each failed part's re-run command. True when the split
     was merged."""
-    merged = final_state(sub.merge)
+    merged = final_state(sub.merge, poll_s)
     for part, job in zip(sub.parts, sub.jobs[:-1]):
-        state = final_state(job)
+        state = final_state(job, poll_s)
         if state != "COMPLETED":
             print(f"part {part}: {state}; re-run it, then the merge: {sub.rerun.format(i=part)}")
     print(

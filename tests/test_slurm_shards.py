@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from pipeline.data import parts
 from pipeline.data.converters import list_split
 from pipeline.data.index import read_index
 from tests.data_helpers import write_image
-from tests.slurm.local_cluster import job_state, wait_state
+from tests.slurm.local_cluster import job_state
 from tests.test_slurm import slurm_cluster  # noqa: F401  (the session's cluster)
 
 pytestmark = pytest.mark.slurm
@@ -81,14 +82,11 @@ def assert_same_split(merged: Path, reference: Path) -> None:
         assert (merged / name).read_bytes() == (reference / name).read_bytes(), name
 
 
-def ended(job, timeout_s: float = 60) -> str:
-    return wait_state(str(job.job_id), ("COMPLETED",), timeout_s=timeout_s)
-
-
 def test_array_of_three_with_a_cancelled_part_rerun_alone_then_merged_equals_one_task(
     slurm_cluster,  # noqa: F811
     dataset,
     tmp_path,
+    capsys,
 ):
     # One scenario for both promises (an array of 3 plus the merge gives the single-task split;
     # a killed part re-run alone, then the merge, completes it): a task costs seconds here
@@ -117,8 +115,17 @@ def test_array_of_three_with_a_cancelled_part_rerun_alone_then_merged_equals_one
         assert time.monotonic() < deadline, f"part 1 ({part1}) never ran"
         time.sleep(0.3)
     subprocess.run(["scancel", part1], check=True)
-    # The merge runs once every part has ended (afterany), refuses, and names part 1.
-    assert ended(sub.merge) == "FAILED"
+    # The merge runs once every part has ended (afterany), refuses, and names part 1; --wait's
+    # report prints the command that re-runs it.
+    assert not shards.wait(sub, poll_s=0.3)
+    report = capsys.readouterr().out
+    assert (
+        f"part 1: CANCELLED; re-run it, then the merge: {sys.executable} -m launch.shards" in report
+    )
+    assert (
+        "--only 1 -- vggface2 --root" in report
+        and f"merge job {sub.merge.job_id}: FAILED" in report
+    )
     states = [job_state(str(j.job_id)) for j in sub.jobs[:-1]]
     assert states == ["COMPLETED", "CANCELLED", "COMPLETED"]
     log = Path(sub.merge.paths.stderr).read_text()
@@ -131,6 +138,6 @@ def test_array_of_three_with_a_cancelled_part_rerun_alone_then_merged_equals_one
     stuck.write_bytes(image)  # the file system is back
     rerun = shards.submit(array_argv(tmp_path, root, "--only", "1"))
     assert len(rerun.jobs) == 2 and rerun.parts == [1]  # part 1 alone, then a merge
-    assert ended(rerun.merge) == "COMPLETED", rerun.merge.stderr()
+    assert shards.wait(rerun, poll_s=0.3), rerun.merge.stderr()
     assert_same_split(tmp_path / "out" / "train", reference)
     assert not parts.parts_dir(tmp_path / "out", "train").exists()
