@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.cli import main
 from pipeline.data import parts
 from pipeline.data.index import read_index
 from pipeline.data.make_shards import add_arguments
@@ -249,8 +250,6 @@ def test_settings_are_the_arguments_that_change_the_output():
 
 
 def test_cli_plan_parts_merge_and_refusal(tmp_path, capsys):
-    from pipeline.cli import main
-
     base = ["make-shards", "synthetic", "--classes", "5", "--images-per-class", "2"]
     base += ["--image-size", "16", "--split", "train", "--no-progress", "--workers", "1"]
     assert main([*base, "--out", str(tmp_path / "one")]) == 0
