@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pipeline.data import parts  # noqa: E402
-from pipeline.data.writer import SourceItem, write_split  # noqa: E402
+from pipeline.data.items import SourceItem  # noqa: E402
+from pipeline.data.writer import write_split  # noqa: E402
 
 
 def make_images(root: Path, classes: int, per_class: int, size: tuple[int, int]) -> list:

@@ -28,7 +28,7 @@ import submitit
 from launch.cluster import LaunchError, check_against_cluster
 from launch.slurm import FLAG_FIELDS, _at_least, make_executor, resolve_config
 from pipeline.cli import main as pipeline_main
-from pipeline.config_loader import DEFAULTS_PATH
+from pipeline.config.load import DEFAULTS_PATH
 from pipeline.data import make_shards
 from pipeline.errors import UserError
 

@@ -17,9 +17,10 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.data import parts
-from pipeline.data.index import read_index
+from pipeline.data.catalog import read_index
+from pipeline.data.items import SourceItem
 from pipeline.data.make_shards import add_arguments
-from pipeline.data.writer import SourceItem, class_order, write_split
+from pipeline.data.writer import class_order, write_split
 from tests.data_helpers import write_image
 
 SEED = 3

@@ -21,8 +21,8 @@ import pytest
 from launch import shards
 from pipeline.cli import main as pipeline_main
 from pipeline.data import parts
+from pipeline.data.catalog import read_index
 from pipeline.data.converters import list_split
-from pipeline.data.index import read_index
 from tests.data_helpers import write_image
 from tests.slurm.local_cluster import job_state
 from tests.test_slurm import slurm_cluster  # noqa: F401  (the session's cluster)

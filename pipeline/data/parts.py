@@ -37,9 +37,10 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.data.index import SIZES_FILE, read_index, read_sizes
+from pipeline.data.catalog import SIZES_FILE, read_index, read_sizes
+from pipeline.data.items import SourceItem
 from pipeline.data.outdir import ShardWriteError, discard_partial, foreign_entries
-from pipeline.data.writer import SourceItem, class_order, write_split
+from pipeline.data.writer import class_order, write_split
 from pipeline.errors import UserError
 
 RECORD_FILE = "part.json"
