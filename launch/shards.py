@@ -23,34 +23,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import submitit
-
 from launch.cluster import LaunchError, check_against_cluster
+from launch.shard_jobs import MakeShardsTask
 from launch.slurm import FLAG_FIELDS, _at_least, make_executor, resolve_config
-from pipeline.cli import main as pipeline_main
 from pipeline.config.load import DEFAULTS_PATH
 from pipeline.data import make_shards
 from pipeline.errors import UserError
 
 ARRAY_ONLY = ("--task", "--merge")
-
-
-class MakeShardsTask(submitit.helpers.Checkpointable):
-    """One job: ``pipeline make-shards ARGV`` in this process; a non-zero exit fails the job
-    (the command's one-line error is in the job's log). Requeued from the start on preemption:
-    a part replaces whatever an earlier attempt left."""
-
-    def __init__(self, argv: list[str]) -> None:
-        self.argv = argv
-
-    def __call__(self) -> int:
-        code = pipeline_main(["make-shards", *self.argv])
-        if code:
-            raise RuntimeError(
-                f"pipeline make-shards {shlex.join(self.argv)} exited with {code} (its error is "
-                "printed above)"
-            )
-        return code
 
 
 @dataclass
