@@ -138,20 +138,26 @@ class TrainJob(submitit.helpers.Checkpointable):
 class EvaluateJob(submitit.helpers.Checkpointable):
     """Run ``pipeline evaluate`` (``pipeline.eval.evaluator.run``) in every task.
 
-    ``overrides`` holds ``checkpoint=PATH`` and the config overrides, exactly as on the
-    ``pipeline evaluate`` command line. Returns the metrics it wrote (``metrics.json`` in
+    ``overrides`` holds the config overrides and ``weights`` the trained weights, exactly as on
+    the ``pipeline evaluate`` command line. Returns the metrics it wrote (``metrics.json`` in
     ``metrics_dir``). A requeued evaluation starts again (it keeps no state).
     """
 
-    def __init__(self, config: str, overrides: list[str], metrics_dir: str) -> None:
+    def __init__(self, config: str, overrides: list[str], metrics_dir: str, weights: str) -> None:
         self.config, self.overrides, self.metrics_dir = config, overrides, metrics_dir
+        self.weights = weights
 
     def __call__(self) -> dict:
         guard_requeue_signal()
         export_distributed_env()
 
         # run() sets up the rank-aware logging into the evaluation's directory.
-        code = run(argparse.Namespace(config=self.config, overrides=list(self.overrides)))
+        # A job pickled before --weights existed holds checkpoint=PATH among its overrides.
+        weights = getattr(self, "weights", None)
+        args = argparse.Namespace(
+            config=self.config, overrides=list(self.overrides), weights=weights
+        )
+        code = run(args)
         if code:
             raise RuntimeError(f"pipeline evaluate exited with {code}")
         return json.loads((Path(self.metrics_dir) / "metrics.json").read_text())

@@ -434,7 +434,8 @@ def test_reported_metrics_are_those_of_the_saved_model(reference, tmp_path):
         [
             *(sys.executable, "-m", "pipeline.cli", "evaluate"),
             *("--config", str(reference / "config.yaml")),
-            f"checkpoint={reference / 'model.safetensors'}",
+            "--weights",
+            str(reference / "model.safetensors"),
             f"eval.output_dir={out}",
             "tracking.enabled=false",
         ],

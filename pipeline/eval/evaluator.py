@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from pipeline import logs
-from pipeline.config.load import add_config_arguments, load_config, named_model, split_checkpoint
+from pipeline.config.load import add_config_arguments, load_config, named_model, split_weights
 from pipeline.config.schema import DataConfig, EvalConfig, RunConfig, to_dict
 from pipeline.data.catalog import read_index, split_dir
 from pipeline.data.stream import read_shard
@@ -231,8 +231,7 @@ def retrieval_grid(e: Embeddings, data_cfg: DataConfig, path: Path) -> Path | No
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(
         parser,
-        "checkpoint=PATH (required: a run's model.safetensors or its checkpoints/ directory), "
-        "then config overrides such as eval.protocol=ijbc data.eval_urls=DIR",
+        "config overrides such as eval.protocol=ijbc data.eval_urls=DIR",
     )
 
 
@@ -243,7 +242,7 @@ def _preflight(cfg: RunConfig) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    checkpoint, overrides = split_checkpoint(args.overrides)
+    checkpoint, overrides = split_weights(args.weights, args.overrides)
     cfg: RunConfig = load_config(args.config, overrides)
     out = eval_output_dir(cfg)
     rank = group.process_rank()
