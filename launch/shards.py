@@ -158,13 +158,14 @@ def describe(sub: ArraySubmission) -> str:
             f"{sub.merge.paths.stderr}",
             f"  follow:     squeue -j {array},{sub.merge.job_id}",
             "  a part I failed or was cancelled? re-run it alone, then the merge:",
-            "    " + sub.rerun.format(i="I"),
-            "  or by hand: " + sub.by_hand.format(i="I"),
+            "    " + sub.rerun.replace("{i}", "I"),
+            "  or by hand: " + sub.by_hand.replace("{i}", "I"),
         ]
     )
 
 
-ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED")
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL")
+ENDED += ("DEADLINE",)  # a preempted or timed-out part is requeued (submitit), not ended
 
 
 def final_state(job: Any, poll_s: float = 1.0) -> str:
@@ -184,7 +185,8 @@ def wait(sub: ArraySubmission, poll_s: float = 1.0) -> bool:
     for part, job in zip(sub.parts, sub.jobs[:-1]):
         state = final_state(job, poll_s)
         if state != "COMPLETED":
-            print(f"part {part}: {state}; re-run it, then the merge: {sub.rerun.format(i=part)}")
+            rerun = sub.rerun.replace("{i}", str(part))
+            print(f"part {part}: {state}; re-run it, then the merge: {rerun}")
     print(
         f"merge job {sub.merge.job_id}: {merged}"
         + ("" if merged == "COMPLETED" else f", see {sub.merge.paths.stderr}")
