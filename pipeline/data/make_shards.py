@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.data import converters
+from pipeline.data import converters, parts
 from pipeline.data.catalog import check_name
 from pipeline.data.converters import LayoutError
 from pipeline.data.outdir import check_output
@@ -77,6 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "split folder holding anything else is refused",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parts.add_arguments(parser)
     syn = parser.add_argument_group("synthetic")
     syn.add_argument("--classes", type=int, default=500, help="train classes")
     syn.add_argument("--test-classes", type=int, default=100, help="test classes (disjoint)")
@@ -167,12 +168,15 @@ def run(args: argparse.Namespace) -> int:
     splits = [s for s in splits if s]
     # Before any work, for every split: these raise user errors (cli: one line, exit 2).
     check_arguments(args, name, splits)
+    parts.check_flags(args)
     inputs = _inputs(args)
     for split in splits:
         check_output(args.out, split, overwrite=args.overwrite, inputs=inputs)
     # Every split's listing too (a malformed list line is a LayoutError naming file and line),
     # so that no split is written when a later one cannot be.
     listed = {split: _items(args, split) for split in splits}
+    if args.tasks:  # one part of an array, its merge, or the plan
+        return parts.run(args, name, listed, inputs)
     for split, (items, extra) in listed.items():
         start = time.time()
         try:

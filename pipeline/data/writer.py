@@ -202,6 +202,8 @@ def write_split(
     extra_files: dict[str, Callable[[Path], None]] | None = None,
     overwrite: bool = False,
     inputs: Iterable[str | Path] = (),
+    in_order: bool = False,
+    prepared: Callable[[list[SourceItem]], Iterator[tuple[str, Any]]] | None = None,
 ) -> WriteSummary:
     """Write ``items`` as the split ``<out>/<split>`` and return its summary.
 
@@ -210,6 +212,7 @@ def write_split(
     and gallery/probe tables; names from ``index.WRITTEN_FILES``, so that a later overwrite may
     remove them). ``inputs``: the dataset's folders, which the output must not overlap.
     ``overwrite``: replace an existing split (only files the writer writes; see ``outdir``).
+    ``in_order``: items in write order; ``prepared(ordered)``: their images (arrays: ``parts``).
 
     Raises ShardWriteError, before anything is written, for an output that overlaps an input,
     an existing split without ``overwrite``, a split folder holding a file the writer did not
@@ -234,6 +237,8 @@ def write_split(
             seed=seed,
             progress=progress,
             extra_files=extra_files,
+            in_order=in_order,
+            prepared=prepared,
         )
     except BaseException as e:  # KeyboardInterrupt too: an interrupted write leaves no debris
         with contextlib.suppress(OSError):
@@ -320,10 +325,14 @@ def _write_files(
     seed: int,
     progress: bool,
     extra_files: dict[str, Callable[[Path], None]] | None,
+    in_order: bool = False,
+    prepared: Callable[[list[SourceItem]], Iterator[tuple[str, Any]]] | None = None,
 ) -> tuple[list[dict[str, Any]], list[str], list[str], int]:
     """Write shards, skipped.txt, index.parquet, sizes.json and the extra files into
     ``partial_dir``; return (index rows, shard names, skipped lines, total image bytes)."""
     ordered, labels = class_order(items, seed)
+    if in_order:
+        ordered = list(items)
     class_sizes: dict[str, int] = {}
     for item in ordered:
         class_sizes[item.class_name] = class_sizes.get(item.class_name, 0) + 1
@@ -338,7 +347,9 @@ def _write_files(
     )
     try:
         for item, (status, payload) in zip(
-            ordered, _results(ordered, resize, quality, workers), strict=True
+            ordered,
+            prepared(ordered) if prepared else _results(ordered, resize, quality, workers),
+            strict=True,
         ):
             bar.update(1)
             if status == "missing":
