@@ -112,8 +112,8 @@ class WriteSummary:
 
 def encode_jpeg(image, quality: int) -> bytes:
     """JPEG bytes of a PIL image, fixed settings so output is reproducible. A non-RGB image is
-    converted by ``imagemode.to_rgb``'s rules, never by PIL's clipping ``convert("RGB")``."""
-    from pipeline.data.imagemode import to_rgb
+    converted by ``image.to_rgb``'s rules, never by PIL's clipping ``convert("RGB")``."""
+    from pipeline.data.image import to_rgb
 
     buf = io.BytesIO()
     to_rgb(image).save(buf, format="JPEG", quality=quality)
@@ -128,16 +128,16 @@ an EXIF rotation is re-encoded, since a plain decoder would show it inverted or 
 def prepare_image(data: bytes, resize: int, quality: int) -> tuple[bytes, int, int]:
     """Check that ``data`` decodes completely and return (jpeg bytes, width, height).
 
-    Every image becomes 8-bit RGB by ``pipeline.data.imagemode.to_rgb``'s rules (EXIF
+    Every image becomes 8-bit RGB by ``pipeline.data.image.to_rgb``'s rules (EXIF
     orientation applied; 16-bit, integer and float pixels scaled; alpha composited on white).
     ``resize`` > 0: re-encode with the shorter side at ``resize`` pixels. Otherwise an RGB or
     gray JPEG without rotation is kept byte for byte and anything else is re-encoded as JPEG
     (the member is named ``jpg``). Raises on undecodable or truncated data, and
-    ``imagemode.UnsupportedImage`` for pixels that have no stated conversion.
+    ``image.UnsupportedImage`` for pixels that have no stated conversion.
     """
     from PIL import Image
 
-    from pipeline.data.imagemode import exif_orientation, swaps_axes, to_rgb
+    from pipeline.data.image import exif_orientation, swaps_axes, to_rgb
 
     image = Image.open(io.BytesIO(data))
     fmt = image.format

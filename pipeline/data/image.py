@@ -136,5 +136,5 @@ def to_rgb(image: Image.Image) -> Image.Image:
         return _gray_to_rgb(_float_to_u8(np.asarray(image)))
     raise UnsupportedImage(
         f"image mode {mode!r} has no stated conversion to 8-bit RGB (see "
-        "pipeline/data/imagemode.py); convert the file to RGB, e.g. PNG or JPEG"
+        "pipeline/data/image.py); convert the file to RGB, e.g. PNG or JPEG"
     )
