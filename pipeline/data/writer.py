@@ -84,6 +84,9 @@ class SourceItem:
     """Dataset-specific ids (template_id, media_id, supercategory, ...): json + index columns."""
     render: tuple = ()
     """Synthetic only: the arguments of ``synthetic.render_jpeg``."""
+    face: dict[str, Any] = field(default_factory=dict)
+    """Face geometry for a crop, in the source image's pixels: ``landmarks`` (10 numbers) and/or
+    ``box`` (x, y, w, h); see ``pipeline.data.faces``."""
 
 
 @dataclass
@@ -97,12 +100,15 @@ class WriteSummary:
     bytes: int
     skipped: int
     listed: int
+    no_face: int = 0
+    """Of the skipped: images without the landmarks / box their face crop needs."""
 
     def line(self) -> str:
         return (
             f"{self.directory}: {self.samples} samples, {self.classes} classes, "
             f"{self.shards} shards, {self.bytes / 1e6:.1f} MB, skipped {self.skipped} of "
             f"{self.listed} listed images"
+            + (f", {self.no_face} of them without face landmarks/box" if self.no_face else "")
             + (f" (see {Path(self.directory) / SKIPPED_FILE})" if self.skipped else "")
         )
 
@@ -125,7 +131,13 @@ KEPT_JPEG_MODES = ("RGB", "L")
 an EXIF rotation is re-encoded, since a plain decoder would show it inverted or turned."""
 
 
-def prepare_image(data: bytes, resize: int, quality: int) -> tuple[bytes, int, int]:
+def prepare_image(
+    data: bytes,
+    resize: int,
+    quality: int,
+    crop: dict[str, Any] | None = None,
+    face: dict[str, Any] | None = None,
+) -> tuple[bytes, int, int]:
     """Check that ``data`` decodes completely and return (jpeg bytes, width, height).
 
     Every image becomes 8-bit RGB by ``pipeline.data.image.to_rgb``'s rules (EXIF
@@ -162,8 +174,16 @@ def prepare_image(data: bytes, resize: int, quality: int) -> tuple[bytes, int, i
     return encode_jpeg(image, quality), image.size[0], image.size[1]
 
 
-def _prepare(item: SourceItem, resize: int, quality: int) -> tuple[str, Any]:
+NO_FACE = "no face geometry"
+"""The reason given in ``skipped.txt`` for an image the dataset gives no landmarks / box for."""
+
+
+def _prepare(
+    item: SourceItem, resize: int, quality: int, crop: dict[str, Any] | None = None
+) -> tuple[str, Any]:
     """Worker: ('ok', (bytes, w, h)) | ('bad', reason) | ('missing', message)."""
+    from pipeline.data.faces import MissingFaceGeometry
+
     try:
         if item.render:
             from pipeline.data.synthetic import render_jpeg
@@ -177,7 +197,9 @@ def _prepare(item: SourceItem, resize: int, quality: int) -> tuple[str, Any]:
         else:
             with open(item.path, "rb") as f:
                 data = f.read()
-        return "ok", prepare_image(data, resize, quality)
+        return "ok", prepare_image(data, resize, quality, crop, item.face)
+    except MissingFaceGeometry as e:
+        return "bad", f"{NO_FACE} ({crop and crop['mode']} crop): {e}"
     except FileNotFoundError:
         where = f" (listed at {item.origin})" if item.origin else ""
         return "missing", f"{item.path}{where} does not exist"
@@ -202,9 +224,10 @@ def class_order(items: list[SourceItem], seed: int) -> tuple[list[SourceItem], d
 
 
 def _results(
-    items: list[SourceItem], resize: int, quality: int, workers: int
+    items: list[SourceItem], resize: int, quality: int, workers: int, crop: dict | None
 ) -> Iterator[tuple[str, Any]]:
-    fn = partial(_prepare, resize=resize, quality=quality)
+    face = {"crop": crop} if crop else {}  # whole images: the call as it always was
+    fn = partial(_prepare, resize=resize, quality=quality, **face)
     if workers <= 1:
         yield from map(fn, items)
         return
@@ -230,6 +253,7 @@ def write_split(
     extra_files: dict[str, Callable[[Path], None]] | None = None,
     overwrite: bool = False,
     inputs: Iterable[str | Path] = (),
+    crop: dict[str, Any] | None = None,
 ) -> WriteSummary:
     """Write ``items`` as the split ``<out>/<split>`` and return its summary.
 
@@ -238,6 +262,9 @@ def write_split(
     and gallery/probe tables; names from ``index.WRITTEN_FILES``, so that a later overwrite may
     remove them). ``inputs``: the dataset's folders, which the output must not overlap.
     ``overwrite``: replace an existing split (only files the writer writes; see ``outdir``).
+    ``crop``: the face crop (``faces.crop_record``; None: the images as they are), recorded in
+    ``index.parquet``'s metadata; an image without the geometry it needs is skipped, listed
+    (reason ``no face geometry``) and counted, never stored uncropped.
 
     Raises ShardWriteError, before anything is written, for an output that overlaps an input,
     an existing split without ``overwrite``, a split folder holding a file the writer did not
@@ -262,6 +289,7 @@ def write_split(
             seed=seed,
             progress=progress,
             extra_files=extra_files,
+            crop=crop,
         )
     except BaseException as e:  # KeyboardInterrupt too: an interrupted write leaves no debris
         with contextlib.suppress(OSError):
@@ -288,6 +316,7 @@ def write_split(
         bytes=total_bytes,
         skipped=len(skipped),
         listed=len(items),
+        no_face=sum(NO_FACE in line for line in skipped),
     )
 
 
@@ -348,6 +377,7 @@ def _write_files(
     seed: int,
     progress: bool,
     extra_files: dict[str, Callable[[Path], None]] | None,
+    crop: dict[str, Any] | None = None,
 ) -> tuple[list[dict[str, Any]], list[str], list[str], int]:
     """Write shards, skipped.txt, index.parquet, sizes.json and the extra files into
     ``partial_dir``; return (index rows, shard names, skipped lines, total image bytes)."""
@@ -368,7 +398,7 @@ def _write_files(
     )
     try:
         for item, (status, payload) in zip(
-            ordered, _results(ordered, resize, quality, workers), strict=True
+            ordered, _results(ordered, resize, quality, workers, crop), strict=True
         ):
             bar.update(1)
             if status == "missing":
@@ -386,7 +416,7 @@ def _write_files(
 
     (partial_dir / SKIPPED_FILE).write_text("".join(line + "\n" for line in skipped))
     if sink.rows:  # else refused by _check_written
-        _write_tables(partial_dir, items, sink, extra_files)
+        _write_tables(partial_dir, items, sink, extra_files, crop)
     return sink.rows, sink.shard_names, skipped, sink.total_bytes
 
 
@@ -483,14 +513,24 @@ def _write_tables(
     items: list[SourceItem],
     sink: _ShardSink,
     extra_files: dict[str, Callable[[Path], None]] | None,
+    crop: dict[str, Any] | None = None,
 ) -> None:
-    """Write index.parquet, sizes.json and the extra files of the written shards."""
+    """Write index.parquet (with the crop record in its metadata), sizes.json and the extra
+    files of the written shards."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from pipeline.data.faces import CATALOG_KEY, NO_CROP
+
     meta_keys = sorted({k for item in items for k in item.meta} - set(INDEX_COLUMNS))
     columns = {c: [r.get(c) for r in sink.rows] for c in (*INDEX_COLUMNS, *meta_keys)}
-    table = pa.table(columns)
+    # The face columns' types are shared with their readers (x1, y1, ..., x5, y5 in the source
+    # image's pixels; null where the dataset gives none), whatever the Python values are.
+    types = {"landmarks_5pt": pa.list_(pa.float32()), "det_score": pa.float32()}
+    arrays = {c: pa.array(v, types.get(c)) for c, v in columns.items()}
+    table = pa.table(arrays).replace_schema_metadata(
+        {CATALOG_KEY: json.dumps(crop or NO_CROP, sort_keys=True)}
+    )
     pq.write_table(table, partial_dir / INDEX_FILE)
     # Shard order = write order, so sizes.json also lists the shards in global-index order.
     assert list(sink.sizes) == sink.shard_names, (list(sink.sizes), sink.shard_names)
