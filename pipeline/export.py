@@ -57,7 +57,7 @@ def preprocessing_spec(data_cfg: DataConfig, embedding_dim: int) -> dict[str, An
     antialiased bilinear, longer side truncated), centre crop ``data.image_size``, scale to
     [0, 1], ImageNet mean/std, NCHW float32.
     """
-    from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD, draft_side
+    from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD, crop_of, draft_side
 
     side = data_cfg.image_size
     return {
@@ -84,6 +84,9 @@ def preprocessing_spec(data_cfg: DataConfig, embedding_dim: int) -> dict[str, An
         "jpeg_draft_min_side": draft_side(data_cfg, train=False),
         "embedding_dim": None if embedding_dim is None else int(embedding_dim),
         "l2_normalised": True,
+        # The face crop the model takes (pipeline.data.faces): queries must be such crops, or
+        # come with their five landmarks to be aligned the same way.
+        "face_crop": crop_of(data_cfg),
     }
 
 
@@ -228,6 +231,22 @@ def _requirements() -> list[str]:
     return [f"{p}=={version(p)}" for p in ("mlflow", "onnxruntime", "numpy", "pillow", "pandas")]
 
 
+def _decode_package(folder: Path) -> Path:
+    """A copy of the modules of the one image path (``pipeline.data.image``, ``faces`` and
+    what they import: NumPy and Pillow only) as a ``pipeline`` package for the MLflow model,
+    so that it decodes and crops exactly as make-shards without this project installed."""
+    import shutil
+
+    import pipeline
+
+    source = Path(pipeline.__file__).parent
+    target = folder / "pipeline"
+    (target / "data").mkdir(parents=True)
+    for rel in ("__init__.py", "errors.py", "data/__init__.py", "data/image.py", "data/faces.py"):
+        shutil.copyfile(source / rel, target / rel)
+    return target
+
+
 def log_mlflow_model(
     model: Any,
     data_cfg: DataConfig,
@@ -262,6 +281,7 @@ def log_mlflow_model(
         code.write_text(
             Path(serving.__file__).read_text() + "\n\nmlflow.models.set_model(EmbeddingPyfunc())\n"
         )
+        decode_package = _decode_package(tmp / "code")
         signature = ModelSignature(
             inputs=Schema([ColSpec("binary", serving.IMAGE_COLUMN)]),
             outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, dim), "embedding")]),
@@ -275,6 +295,7 @@ def log_mlflow_model(
                 signature=signature,
                 input_example=example,
                 pip_requirements=_requirements(),
+                code_paths=[str(decode_package)],
                 registered_model_name=registered_model_name,
             )
     version = info.registered_model_version
@@ -315,17 +336,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def load_checkpoint_model(config: str | None, tokens: list[str]) -> tuple[Any, RunConfig, str]:
-    """The trained model of ``checkpoint=PATH`` in ``tokens``, the config and the path.
+def load_checkpoint_model(
+    config: str | None, tokens: list[str], eval_urls: str = ""
+) -> tuple[Any, RunConfig, str]:
+    """The trained model of ``checkpoint=PATH`` in ``tokens``, the config (its face crop from
+    the weights, checked against the split ``eval_urls`` if given) and the path.
 
     As in ``pipeline evaluate``: the file's recorded architecture is used unless the config
     names a model, in which case the two must agree (``ModelLoadError`` otherwise).
     """
+    from dataclasses import replace
+
+    from pipeline.data.transforms import crop_for_weights
     from pipeline.model import load_trained_model
 
     checkpoint, overrides = split_checkpoint(tokens)
     cfg = load_config(config, overrides)
     model = load_trained_model(checkpoint, named_model(config, overrides, cfg))
+    # The face crop (and the input size it fixes) recorded with the weights.
+    cfg = replace(cfg, data=crop_for_weights(cfg.data, checkpoint, eval_urls))
     return model, cfg, checkpoint
 
 

@@ -183,19 +183,27 @@ def list_images(folder: Path) -> list[Path]:
     return files
 
 
-def load_image_tensor(path: Path, data_cfg: DataConfig) -> torch.Tensor:
-    """Decode and eval-transform one file as the eval loader does; GalleryError if it is not
-    an image."""
-    from pipeline.data.transforms import decode_image, draft_side, eval_transform
+def load_image_tensor(path: Path, data_cfg: DataConfig, landmarks: Any = None) -> torch.Tensor:
+    """One file as the model sees it, by the one image path (``pipeline.data.image.
+    model_input``: make-shards' decode, the face crop or its size check, the eval transform);
+    GalleryError if it is not an image, ``faces.CropError`` if it is not a face crop of the
+    model's kind and has no ``landmarks``."""
+    from pipeline.data.faces import CropError
+    from pipeline.data.image import model_input
+    from pipeline.export import preprocessing_spec
 
     try:
-        image = decode_image(path.read_bytes(), draft_side(data_cfg, train=False))
+        spec = preprocessing_spec(data_cfg, None)
+        return torch.from_numpy(
+            model_input(path.read_bytes(), spec, landmarks=landmarks, what=str(path))
+        )
+    except CropError:
+        raise
     except Exception as e:
         raise GalleryError(
             f"{path}: not a readable image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
             "pass JPEG, PNG or another format Pillow reads"
         ) from None
-    return eval_transform(data_cfg)(image)
 
 
 def embed_files(
@@ -206,9 +214,13 @@ def embed_files(
     device: Any = "cpu",
     batch_size: int = 64,
     skip_bad: bool = False,
+    landmarks: list[Any] | None = None,
 ) -> tuple[np.ndarray, list[int], list[tuple[Path, str]]]:
     """Embeddings of the readable ``files`` (float32 (n, D)), their positions in ``files``, and
-    the skipped (path, reason) pairs (only with ``skip_bad``; else the first bad file raises)."""
+    the skipped (path, reason) pairs (only with ``skip_bad``; else the first bad file raises).
+    ``landmarks``: per file, its five landmarks or None (aligned-face models)."""
+    from pipeline.data.faces import CropError
+
     model.eval()
     dtype = next(model.parameters()).dtype
     embs, kept, skipped, batch = [], [], [], []
@@ -222,8 +234,8 @@ def embed_files(
 
     for i, f in enumerate(files):
         try:
-            batch.append(load_image_tensor(f, data_cfg))
-        except GalleryError as e:
+            batch.append(load_image_tensor(f, data_cfg, landmarks[i] if landmarks else None))
+        except (GalleryError, CropError) as e:
             if not skip_bad:
                 raise
             skipped.append((f, str(e)))
@@ -402,7 +414,7 @@ def run(args: argparse.Namespace) -> int:
             f"--out {str(out)!r} exists and is not empty; pipeline index does not overwrite: "
             "pick a new directory"
         )
-    model, cfg, checkpoint = load_checkpoint_model(args.config, args.overrides)
+    model, cfg, checkpoint = load_checkpoint_model(args.config, args.overrides, args.shards or "")
     batch_size = args.batch_size or cfg.eval.batch_size
     # Joins the job's group (none for one process) and always leaves it.
     with distributed.process_group():

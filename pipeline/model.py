@@ -205,15 +205,21 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
 # ---------------------------------------------------------------------------- trained weights
 
 
-def save_weights(state: dict[str, torch.Tensor], architecture: dict, path: str | Path) -> Path:
+def save_weights(
+    state: dict[str, torch.Tensor],
+    architecture: dict,
+    path: str | Path,
+    metadata: dict[str, str] | None = None,
+) -> Path:
     """Write a model's state dict as fp32 ``.safetensors``, with ``architecture``
-    (``EmbeddingModel.architecture``) as metadata."""
+    (``EmbeddingModel.architecture``) and ``metadata`` (e.g. the preprocessing scheme of
+    ``pipeline.data.transforms.weights_scheme``) as metadata."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
-    meta = {"format": WEIGHTS_FORMAT, "architecture": json.dumps(architecture)}
+    meta = {**(metadata or {}), "format": WEIGHTS_FORMAT, "architecture": json.dumps(architecture)}
     tmp = path.with_suffix(".tmp")
     save_file(state, str(tmp), metadata=meta)
     tmp.replace(path)  # a reader never sees half a file

@@ -134,7 +134,11 @@ def crop_of(data_cfg: DataConfig) -> dict[str, Any]:
 
 
 def _model_side(
-    data_cfg: DataConfig, train: bool, weights_crop: dict | None, weights_name: str
+    data_cfg: DataConfig,
+    train: bool,
+    weights_crop: dict | None,
+    weights_name: str,
+    eval_urls: str,
 ) -> tuple[list[tuple[str, dict]], list[tuple[str, dict]]]:
     """(what the model takes, what it is evaluated on): named crop records that are known."""
     model: list[tuple[str, dict]] = []
@@ -147,8 +151,9 @@ def _model_side(
         model.append((f"the weights {weights_name}", weights_crop))
     if data_cfg.crop != "auto":
         model.append((f"data.crop={data_cfg.crop}", crop_of(data_cfg)))
-    rec = faces.split_crop(data_cfg.eval_urls)
-    evaluated = [(f"data.eval_urls={data_cfg.eval_urls}", rec)] if rec is not None else []
+    rec = faces.split_crop(eval_urls) if eval_urls else None
+    name = f"data.eval_urls={eval_urls}" if eval_urls == data_cfg.eval_urls else eval_urls
+    evaluated = [(name, rec)] if rec is not None else []
     return model, evaluated
 
 
@@ -164,13 +169,16 @@ def resolve_crop(
     train: bool,
     weights_crop: dict | None = None,
     weights_name: str = "",
+    eval_urls: str | None = None,
 ) -> DataConfig:
     """``data_cfg`` with ``crop`` / ``crop_size`` set from what the run reads: the training
     splits' catalogs (``train``) or the weights' recorded crop (``weights_crop``), and the
     evaluation split's. A model is never silently evaluated on another crop mode: a mismatch
     is a one-line ``faces.CropError`` unless ``data.allow_crop_mismatch=true`` (then a warning,
-    and the evaluation split is read as it is stored)."""
-    model, evaluated = _model_side(data_cfg, train, weights_crop, weights_name)
+    and the evaluation split is read as it is stored). ``eval_urls``: the split evaluated
+    (default ``data.eval_urls``; "" for none)."""
+    eval_urls = data_cfg.eval_urls if eval_urls is None else eval_urls
+    model, evaluated = _model_side(data_cfg, train, weights_crop, weights_name, eval_urls)
     for name, rec in model[1:]:
         if not _same(rec, model[0][1]):
             raise faces.CropError(
@@ -204,6 +212,20 @@ def resolve_crop(
             )
         resolved = dataclasses.replace(resolved, resize_size=size)
     return resolved
+
+
+def crop_for_weights(
+    data_cfg: DataConfig, weights: str | Path, eval_urls: str | None = None
+) -> DataConfig:
+    """:func:`resolve_crop` for evaluating the weights file ``weights`` (its recorded scheme)."""
+    scheme = read_weights_scheme(weights)
+    return resolve_crop(
+        data_cfg,
+        train=False,
+        weights_crop=scheme["crop"] if scheme else None,
+        weights_name=str(weights),
+        eval_urls=eval_urls,
+    )
 
 
 # ---------------------------------------------------------------------------- weights scheme

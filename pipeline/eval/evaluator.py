@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -197,7 +198,7 @@ def _read_images(data_cfg: DataConfig, index: set[int], side: int = 96) -> dict[
         wanted = {k: i for i, (s, k) in where.items() if s == shard}
         for raw in read_shard(str(root / shard)):
             if raw.key in wanted:
-                img = decode_image(raw.data).convert("RGB")
+                img = decode_image(raw.data)
                 img = img.resize((side, side), Image.BILINEAR)
                 images[wanted[raw.key]] = np.asarray(img)
     return images
@@ -255,11 +256,13 @@ def _preflight(cfg: RunConfig) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pipeline.data.transforms import crop_for_weights
     from pipeline.model import load_trained_model
     from pipeline.tracking import run_page, tracking_session
 
     checkpoint, overrides = split_checkpoint(args.overrides)
     cfg: RunConfig = load_config(args.config, overrides)
+    cfg = replace(cfg, data=crop_for_weights(cfg.data, checkpoint))
     out = eval_output_dir(cfg)
     distributed.setup_logging(out)
     # Joins the job's group (none for one process) and always leaves it.

@@ -80,6 +80,10 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     ``tracking_uri``, ``metrics`` (final evaluation), ``weights`` (fp32 ``.safetensors``),
     ``resumed_from`` (step or None), ``output_dir``.
     """
+    from pipeline.data.transforms import resolve_crop
+
+    # The training splits' face crop picks the transforms; a mismatched eval split is refused.
+    cfg = replace(cfg, data=resolve_crop(cfg.data, train=True))
     distributed.setup_logging(RunDir.of(cfg).root)
     return Trainer(cfg).train()
 
@@ -649,6 +653,7 @@ class Trainer:
     def finish(self) -> dict[str, Any]:
         """Final evaluation (files in the eval directory), weights, result and curves;
         returns the result. All ranks participate."""
+        from pipeline.data.transforms import SCHEME_KEY, weights_scheme
         from pipeline.model import save_weights
         from pipeline.tracking import log_curves
         from pipeline.train.engine import fp32_state_dict
@@ -667,7 +672,8 @@ class Trainer:
             "output_dir": str(self.run_dir.root),
         }
         if self.is_main:  # files only; no collective in here
-            save_weights(state, self.engine.module.architecture, self.run_dir.weights)
+            scheme = {SCHEME_KEY: json.dumps(weights_scheme(self.cfg.data))}
+            save_weights(state, self.engine.module.architecture, self.run_dir.weights, scheme)
             self.tracker.log_artifact(self.run_dir.weights)
             log_curves(self.tracker, CURVES, self.run_dir.curves)
             self._log_model()
