@@ -146,11 +146,19 @@ def prepare_image(
     gray JPEG without rotation is kept byte for byte and anything else is re-encoded as JPEG
     (the member is named ``jpg``). Raises on undecodable or truncated data, and
     ``image.UnsupportedImage`` for pixels that have no stated conversion.
+
+    ``crop`` (``faces.crop_record``) other than none: the decoded image cut to that face crop
+    with ``face``'s geometry (``image.shard_pixels``, the pixels every query path reproduces),
+    always re-encoded; ``faces.MissingFaceGeometry`` when the geometry is absent.
     """
     from PIL import Image
 
-    from pipeline.data.image import exif_orientation, swaps_axes, to_rgb
+    from pipeline.data.image import exif_orientation, shard_pixels, swaps_axes, to_rgb
 
+    if crop and crop.get("mode", "none") != "none":
+        face = face or {}
+        cut = shard_pixels(data, crop, landmarks=face.get("landmarks"), box=face.get("box"))
+        return encode_jpeg(cut, quality), cut.size[0], cut.size[1]
     image = Image.open(io.BytesIO(data))
     fmt = image.format
     orientation = exif_orientation(image)
