@@ -22,6 +22,7 @@ from pipeline.errors import UserError
 INTERNAL = {
     "pipeline.demo._TrainingFailed",  # caught inside the demo, which prints its own message
     "pipeline.data.image.UnsupportedImage",  # caught by the writer, counted as a skipped image
+    "pipeline.data.faces.MissingFaceGeometry",  # caught by the writer, counted as skipped
 }
 
 

@@ -163,6 +163,19 @@ def _same(a: dict, b: dict) -> bool:
     return a.get("mode") == "none" or int(a.get("size", 0)) == int(b.get("size", 0))
 
 
+def _check_training_mix(model: list[tuple[str, dict]]) -> None:
+    """Loose faces and whole images share their transforms and may be mixed (faces with
+    species); aligned crops are the network's input as they are and mix with nothing else."""
+    for name, rec in model[1:]:
+        first_name, first = model[0]
+        if not _same(rec, first) and "aligned" in (rec.get("mode"), first.get("mode")):
+            raise faces.CropError(
+                f"{first_name} holds {faces.describe(first)} faces but {name} "
+                f"{faces.describe(rec)}: aligned crops are the network's input as they are and "
+                "mix with no other crop; make the shards again with the same make-shards --crop"
+            )
+
+
 def resolve_crop(
     data_cfg: DataConfig,
     *,
@@ -179,15 +192,11 @@ def resolve_crop(
     (default ``data.eval_urls``; "" for none)."""
     eval_urls = data_cfg.eval_urls if eval_urls is None else eval_urls
     model, evaluated = _model_side(data_cfg, train, weights_crop, weights_name, eval_urls)
-    for name, rec in model[1:]:
-        if not _same(rec, model[0][1]):
-            raise faces.CropError(
-                f"{model[0][0]} holds {faces.describe(model[0][1])} faces but {name} "
-                f"{faces.describe(rec)}: one model takes one crop; make the shards again "
-                "with the same make-shards --crop"
-            )
+    _check_training_mix(model)
     chosen = model[0][1] if model else (evaluated[0][1] if evaluated else dict(faces.NO_CROP))
-    if evaluated and model and not _same(evaluated[0][1], chosen):
+    if evaluated and any(_same(evaluated[0][1], rec) for _, rec in model):
+        chosen = evaluated[0][1]  # a mix of loose faces and whole images: the evaluated one
+    elif evaluated and model:
         message = (
             f"{model[0][0]}: a model of {faces.describe(chosen)} faces, evaluated on "
             f"{evaluated[0][0]} of {faces.describe(evaluated[0][1])} faces"

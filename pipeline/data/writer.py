@@ -270,9 +270,8 @@ def write_split(
     and gallery/probe tables; names from ``index.WRITTEN_FILES``, so that a later overwrite may
     remove them). ``inputs``: the dataset's folders, which the output must not overlap.
     ``overwrite``: replace an existing split (only files the writer writes; see ``outdir``).
-    ``crop``: the face crop (``faces.crop_record``; None: the images as they are), recorded in
-    ``index.parquet``'s metadata; an image without the geometry it needs is skipped, listed
-    (reason ``no face geometry``) and counted, never stored uncropped.
+    ``crop``: the face crop (``faces.crop_record``), recorded in the catalog's metadata; an
+    image without its geometry is skipped and counted (``no face geometry``), never uncropped.
 
     Raises ShardWriteError, before anything is written, for an output that overlaps an input,
     an existing split without ``overwrite``, a split folder holding a file the writer did not
