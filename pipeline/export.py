@@ -231,19 +231,23 @@ def _requirements() -> list[str]:
     return [f"{p}=={version(p)}" for p in ("mlflow", "onnxruntime", "numpy", "pillow", "pandas")]
 
 
+RUNTIME_PACKAGE = "smoothap_runtime"
+"""The name the MLflow model's copy of the one image path goes by: MLflow puts the model's code
+first on ``sys.path``, so a copy named ``pipeline`` would hide this project where both exist."""
+
+
 def _decode_package(folder: Path) -> Path:
     """A copy of the modules of the one image path (``pipeline.data.image``, ``faces`` and
-    what they import: NumPy and Pillow only) as a ``pipeline`` package for the MLflow model,
-    so that it decodes and crops exactly as make-shards without this project installed."""
-    import shutil
-
+    ``errors``: NumPy and Pillow only) as the package :data:`RUNTIME_PACKAGE`, for the MLflow
+    model to decode and crop exactly as make-shards without this project installed."""
     import pipeline
 
     source = Path(pipeline.__file__).parent
-    target = folder / "pipeline"
+    target = folder / RUNTIME_PACKAGE
     (target / "data").mkdir(parents=True)
     for rel in ("__init__.py", "errors.py", "data/__init__.py", "data/image.py", "data/faces.py"):
-        shutil.copyfile(source / rel, target / rel)
+        text = (source / rel).read_text()
+        (target / rel).write_text(text.replace("from pipeline.", f"from {RUNTIME_PACKAGE}."))
     return target
 
 

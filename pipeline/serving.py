@@ -24,7 +24,10 @@ import mlflow.pyfunc
 import numpy as np
 from PIL import Image
 
-from pipeline.data import image as one_path
+try:
+    from pipeline.data import image as one_path
+except ImportError:  # the MLflow model without this project: its copy (pipeline.export)
+    from smoothap_runtime.data import image as one_path  # type: ignore[no-redef]
 
 SPEC_FORMAT = "smoothap-preprocessing-v1"
 SPEC_KEYS = (

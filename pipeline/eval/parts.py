@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -67,9 +68,12 @@ def extract_part(cfg: RunConfig, checkpoint: str, part: int, urls: list[str]) ->
     """Embed the shards ``urls`` with the weights ``checkpoint`` into part file ``part``
     (rank 0 writes); a part already computed from the same inputs is kept. Joins and leaves
     the process group itself. All ranks participate."""
+    from pipeline.data.transforms import crop_for_weights
     from pipeline.eval.extract import extract_embeddings
     from pipeline.model import load_trained_model
 
+    # The face crop recorded with the weights picks the transform (a mismatch: one line).
+    cfg = replace(cfg, data=crop_for_weights(cfg.data, checkpoint))
     path = part_path(eval_output_dir(cfg), part)
     stamp = fingerprint(checkpoint, urls)
     if read_fingerprint(path) == stamp:  # requeued or resubmitted: this part is done
