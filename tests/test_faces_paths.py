@@ -265,3 +265,70 @@ def test_crop_mode_mismatch_is_a_one_line_error(tmp_path, capsys):
         match=r"data.image_size=224 but the shards hold aligned 112x112 faces.*set data.image_size=112",
     ):
         crop_for_weights(DataConfig(eval_urls=aligned), weights)
+
+
+def _encode_as(mode: str, im: Image.Image) -> bytes:
+    if mode == "I;16 PNG":
+        return _save(Image.fromarray(np.asarray(im.convert("L"), np.uint16) * 257), "PNG")
+    if mode == "P":
+        return _save(im.quantize(128), "PNG")
+    if mode == "RGBA":
+        return _save(im.convert("RGBA"), "PNG")
+    return _save(im.convert("CMYK"), "JPEG", quality=95)
+
+
+def test_face_search_finds_each_query_as_its_own_gallery_entry(tmp_path, capsys):
+    """16-bit, palette, alpha, CMYK and EXIF-rotated photos with their landmarks: made into
+    aligned shards, indexed, then searched with the original files and their landmarks."""
+    from pipeline.config import ModelConfig
+    from pipeline.model import build_model
+
+    root, names = tmp_path / "photos", []
+    rng = np.random.default_rng(0)
+    for i, (mode, data) in enumerate(_modes().items()):
+        # each photo its own pattern: the same modes, shifted colours and a little noise
+        pixels = np.asarray(image.decode(data), np.float64)
+        pixels = np.clip(
+            np.roll(pixels, 9 * i, axis=2 - i % 2) + rng.normal(0, 6, pixels.shape), 0, 255
+        )
+        im = Image.fromarray(pixels.astype(np.uint8))
+        blob = data if mode == "EXIF-rotated" else _encode_as(mode, im)
+        name = f"person{i % 2}/photo{i}"
+        suffix = ".jpg" if mode in ("CMYK", "EXIF-rotated") else ".png"
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / f"{name}{suffix}").write_bytes(blob)
+        names.append(f"{name}{suffix}")
+    csv = tmp_path / "marks.csv"
+    head = "NAME_ID," + ",".join(f"P{i}{a}" for i in range(1, 6) for a in "XY")
+    rows = [f"{n[:-4]}," + ",".join(map(str, LANDMARKS)) for n in names]
+    csv.write_text("\n".join([head, *rows]) + "\n")
+    extra = ("--crop", "aligned", "--landmarks", str(csv))
+    assert _make("imagefolder", root, tmp_path / "shards", *extra) == 0
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone="resnet18", embedding_dim=16))
+    cfg = resolve_crop(DataConfig(image_size=112, crop="aligned"), train=False, eval_urls="")
+    scheme = {SCHEME_KEY: json.dumps(weights_scheme(cfg))}
+    weights = save_weights(
+        model.state_dict(), model.architecture, tmp_path / "w.safetensors", scheme
+    )
+    split = tmp_path / "shards" / "train"
+    argv = ["index", f"checkpoint={weights}", "data.image_size=112", "data.num_workers=0"]
+    assert main([*argv, "--shards", str(split), "--out", str(tmp_path / "g")]) == 0
+    queries = [str(root / n) for n in names]
+    # the query CSV names each file by its path without extension
+    qcsv = tmp_path / "q.csv"
+    qcsv.write_text(
+        "\n".join([head, *(f"{q[:-4]}," + ",".join(map(str, LANDMARKS)) for q in queries)]) + "\n"
+    )
+    res_file = tmp_path / "res.json"
+    search = ["search", str(tmp_path / "g"), *queries, "--k", "2", "--json", str(res_file)]
+    assert main([*search, "--landmarks", str(qcsv)]) == 0
+    sources = pq.read_table(split / "index.parquet").to_pydict()
+    for q, res in zip(names, json.loads(res_file.read_text())):
+        top = res["neighbours"][0]
+        assert sources["source"][top["row"]] == q
+        assert top["score"] > 0.99, (q, top)  # the stored crop differs by its JPEG encoding only
+    capsys.readouterr()
+    assert main(search) == 2  # no landmarks, not 112 x 112 crops: one line
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "but the model takes aligned 112x112 face crops" in err
