@@ -249,14 +249,21 @@ def embed_files(
 
 
 def _folder_gallery(
-    model: torch.nn.Module, folder: Path, data_cfg: DataConfig, device: Any, batch_size: int
+    model: torch.nn.Module,
+    folder: Path,
+    data_cfg: DataConfig,
+    device: Any,
+    batch_size: int,
+    landmarks: dict[str, list[float]] | None = None,
 ) -> tuple[np.ndarray, dict[str, list], list[tuple[Path, str]]]:
-    """Embed an image folder, its files dealt to the ranks (all ranks participate)."""
+    """Embed an image folder, its files dealt to the ranks (all ranks participate);
+    ``landmarks``: five landmarks by path under ``folder`` without extension (face models)."""
     from pipeline.eval.extract import sort_by_index
 
     files = list_images(folder)
     rank, world = distributed.get_rank(), distributed.get_world_size()
     mine = list(range(rank, len(files), world))
+    marks = [(landmarks or {}).get(str(files[i].relative_to(folder).with_suffix(""))) for i in mine]
     emb, kept, skipped = embed_files(
         model,
         [files[i] for i in mine],
@@ -264,6 +271,7 @@ def _folder_gallery(
         device=device,
         batch_size=batch_size,
         skip_bad=True,
+        landmarks=marks,
     )
     index = np.asarray([mine[i] for i in kept], np.int64)
     emb, index = (
@@ -382,6 +390,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--images", default=None, help="a folder of images (class sub-folders)")
     parser.add_argument("--out", required=True, help="index directory to write (must be new)")
     parser.add_argument("--kind", default="exact", help=f"one of {', '.join(KINDS)}")
+    parser.add_argument(
+        "--landmarks",
+        default=None,
+        metavar="CSV",
+        help="--images of an aligned-face model: NAME_ID (path under the folder, without "
+        "extension),P1X,P1Y,...,P5Y; images without a row must be aligned crops already",
+    )
     parser.add_argument("--batch-size", type=int, default=0, help="default: eval.batch_size")
     defaults = IndexParams()
     for name in ("hnsw_m", "ef_construction", "ef_search", "nlist", "pq_m", "nprobe", "train_size"):
@@ -425,8 +440,13 @@ def run(args: argparse.Namespace) -> int:
         if args.shards:
             emb, items = _shard_gallery(model, args.shards, cfg.data, device, batch_size)
         else:
+            marks = None
+            if args.landmarks:
+                from pipeline.data.converters import LANDMARK_COLUMNS, read_geometry_csv
+
+                marks = read_geometry_csv(Path(args.landmarks), LANDMARK_COLUMNS)
             emb, items, skipped = _folder_gallery(
-                model, Path(args.images), cfg.data, device, batch_size
+                model, Path(args.images), cfg.data, device, batch_size, marks
             )
         embed_s = time.perf_counter() - start
         if len(emb) == 0:  # the same on every rank (gathered)

@@ -328,6 +328,14 @@ def test_face_search_finds_each_query_as_its_own_gallery_entry(tmp_path, capsys)
         top = res["neighbours"][0]
         assert sources["source"][top["row"]] == q
         assert top["score"] > 0.99, (q, top)  # the stored crop differs by its JPEG encoding only
+    # pipeline index --images with the same landmarks: the very pixels, the same embeddings
+    folder = ["index", f"checkpoint={weights}", "data.image_size=112", "--images", str(root)]
+    assert main([*folder, "--landmarks", str(csv), "--out", str(tmp_path / "f")]) == 0
+    search_f = ["search", str(tmp_path / "f"), *queries, "--k", "1", "--json", str(res_file)]
+    assert main([*search_f, "--landmarks", str(qcsv)]) == 0
+    for res in json.loads(res_file.read_text()):
+        assert res["neighbours"][0]["source"] == res["query"]
+        assert res["neighbours"][0]["score"] == pytest.approx(1.0, abs=1e-5)
     capsys.readouterr()
     assert main(search) == 2  # no landmarks, not 112 x 112 crops: one line
     err = capsys.readouterr().err.strip()
