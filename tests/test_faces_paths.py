@@ -305,7 +305,7 @@ def test_face_search_finds_each_query_as_its_own_gallery_entry(tmp_path, capsys)
     extra = ("--crop", "aligned", "--landmarks", str(csv))
     assert _make("imagefolder", root, tmp_path / "shards", *extra) == 0
     torch.manual_seed(0)
-    model = build_model(ModelConfig(backbone="resnet18", embedding_dim=16))
+    model = build_model(ModelConfig(backbone="test_byobnet", embedding_dim=16))
     cfg = resolve_crop(DataConfig(image_size=112, crop="aligned"), train=False, eval_urls="")
     scheme = {SCHEME_KEY: json.dumps(weights_scheme(cfg))}
     weights = save_weights(
