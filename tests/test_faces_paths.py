@@ -78,6 +78,8 @@ def test_face_shards_from_the_datasets_own_files(tmp_path, capsys):
         == 0
     )
     assert {min(im.size) for im in _images(tmp_path / "l2" / "test")} == {256}
+    loose_rows = pq.read_table(tmp_path / "l2" / "test" / "index.parquet").to_pylist()
+    assert all(len(r["landmarks_5pt"]) == 10 for r in loose_rows)  # in the catalog anyway
     # IJB-C aligns by default, its detector scores in the catalog
     ijbc(tmp_path / "ijb")
     assert _make("ijbc", tmp_path / "ijb", tmp_path / "ijbc_out") == 0

@@ -107,23 +107,31 @@ def read_geometry_csv(path: Path, columns: list[str], optional: tuple[str, ...] 
     return out
 
 
+_GEOMETRY_DIRS = ("bb_landmark", "meta/bb_landmark")
+
+
 def _geometry_file(root: Path, name: str) -> Path:
-    for base in (root / "bb_landmark", root / "meta" / "bb_landmark"):
-        if (base / name).is_file():
-            return base / name
+    for base in _GEOMETRY_DIRS:
+        if (root / base / name).is_file():
+            return root / base / name
     return _require_file(
         root / "bb_landmark" / name, "VGGFace2's bb_landmark/ file (from its meta release)"
     )
 
 
 def _vggface2_geometry(root: Path, split: str, crop: str) -> dict[str, dict]:
-    if crop == "aligned":
-        rows = read_geometry_csv(
-            _geometry_file(root, f"loose_landmark_{split}.csv"), LANDMARK_COLUMNS
-        )
-        return {k: {"landmarks": v} for k, v in rows.items()}
-    rows = read_geometry_csv(_geometry_file(root, f"loose_bb_{split}.csv"), BOX_COLUMNS)
-    return {k: {"box": v} for k, v in rows.items()}
+    """Landmarks (required for aligned; in the catalog whenever the file is there) and, for
+    loose, the boxes."""
+    out: dict[str, dict] = {}
+    name = f"loose_landmark_{split}.csv"
+    if crop == "aligned" or any((root / d / name).is_file() for d in _GEOMETRY_DIRS):
+        for k, v in read_geometry_csv(_geometry_file(root, name), LANDMARK_COLUMNS).items():
+            out[k] = {"landmarks": v}
+    if crop == "loose":
+        boxes = read_geometry_csv(_geometry_file(root, f"loose_bb_{split}.csv"), BOX_COLUMNS)
+        for k, v in boxes.items():
+            out.setdefault(k, {})["box"] = v
+    return out
 
 
 def _attach_geometry(items: list[SourceItem], geometry: dict[str, dict], prefix: str = "") -> None:
