@@ -264,7 +264,7 @@ def test_crop_mode_mismatch_is_a_one_line_error(tmp_path, capsys):
     assert allowed.crop == "loose"  # the evaluation split is read as it is stored
     with pytest.raises(
         faces.CropError,
-        match=r"data.image_size=224 but the shards hold aligned 112x112 faces.*set data.image_size=112",
+        match=r"data.image_size=224 but data.eval_urls=.* holds aligned 112x112 faces.*set data.image_size=112",
     ):
         crop_for_weights(DataConfig(eval_urls=aligned), weights)
 

@@ -214,8 +214,9 @@ def resolve_crop(
     resolved = dataclasses.replace(data_cfg, crop=mode, crop_size=size)
     if mode == "aligned":
         if data_cfg.image_size != size:
+            source = next((n for n, r in [*model, *evaluated] if r is chosen), "the shards")
             raise faces.CropError(
-                f"data.image_size={data_cfg.image_size} but the shards hold aligned "
+                f"data.image_size={data_cfg.image_size} but {source} holds aligned "
                 f"{size}x{size} faces, which are the network's input as they are; set "
                 f"data.image_size={size}"
             )
