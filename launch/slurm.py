@@ -3,7 +3,7 @@
     python -m launch.slurm train --config conf/experiments/sop.yaml --nodes 2 \\
         --gpus-per-node 8 --partition gpu --time 240 [key=value ...]
     python -m launch.slurm evaluate --config conf/experiments/vggface2.yaml \\
-        checkpoint=runs/vggface2/model.safetensors --parts 32 --gpus-per-node 1
+        --weights runs/vggface2/model.safetensors --parts 32 --gpus-per-node 1
     python -m launch.slurm train --config FILE --local --gpus-per-node 0 --tasks-per-node 2
 
 Resources resolve in this order, later winning: the config's ``launch`` section (defaults.yaml,
@@ -23,6 +23,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import submitit
+
+from launch import jobs
 from launch.cluster import (
     LaunchError,
     check_against_cluster,
@@ -30,10 +33,13 @@ from launch.cluster import (
     cluster_overrides,
     tasks_per_node,
 )
-from pipeline.config import ConfigError, LaunchConfig, RunConfig
-from pipeline.config_loader import load_config
-from pipeline.config_loader import split_checkpoint as config_split_checkpoint
+from launch.evaluation import ExtractPartJob, MergeEvalJob
+from launch.task import PYTHON
+from pipeline.config.load import load_config, split_weights
+from pipeline.config.schema import ConfigError, LaunchConfig, RunConfig
+from pipeline.eval.parts import plan_parts
 from pipeline.rundir import eval_output_dir
+from pipeline.tracking.mlflow import resolve_uri, ui_command
 
 # flag -> LaunchConfig field
 FLAG_FIELDS = {
@@ -93,11 +99,11 @@ def resolve_config(
     return load_config(config, layered_overrides(overrides, cluster=cluster, flags=flags))
 
 
-def split_checkpoint(overrides: Sequence[str]) -> tuple[str, list[str]]:
-    """``checkpoint=PATH`` (absolute) and the other overrides, as ``pipeline evaluate`` takes
-    them; a missing or doubled checkpoint is an error before submission."""
+def weights_and_overrides(weights: str | None, overrides: Sequence[str]) -> tuple[str, list[str]]:
+    """``--weights PATH`` (absolute) and the config overrides, as ``pipeline evaluate`` takes
+    them; missing or doubled weights are an error before submission."""
     try:
-        return config_split_checkpoint(list(overrides))
+        return split_weights(weights, list(overrides))
     except ConfigError as e:
         raise LaunchError(f"evaluate: {e}") from None
 
@@ -105,7 +111,6 @@ def split_checkpoint(overrides: Sequence[str]) -> tuple[str, list[str]]:
 def _absolute_paths(cfg: RunConfig) -> RunConfig:
     # Jobs start in the submission directory, but absolute paths make the printed locations
     # and the saved config unambiguous.
-    from pipeline.tracking import resolve_uri
 
     train = replace(cfg.train, output_dir=str(Path(cfg.train.output_dir).resolve()))
     evaluation = replace(
@@ -119,10 +124,6 @@ def _absolute_paths(cfg: RunConfig) -> RunConfig:
 
 def make_executor(launch: LaunchConfig, *, local: bool, name: str) -> Any:
     """A submitit AutoExecutor ('slurm' or 'local') with the job's resources."""
-    import submitit
-
-    from launch.task import PYTHON
-
     executor = submitit.AutoExecutor(
         folder=launch.folder,
         cluster="local" if local else "slurm",
@@ -200,14 +201,14 @@ def submit(
     flags: dict[str, Any] | None = None,
     local: bool = False,
     parts: int = 0,
+    weights: str | None = None,
 ) -> Submission:
     """Check, then submit ``command`` ('train' or 'evaluate') and return the submission.
 
-    ``evaluate`` takes ``checkpoint=PATH`` among ``overrides``; ``parts`` > 0 splits it into
+    ``evaluate`` takes the trained weights (``weights``; the old ``checkpoint=PATH`` among
+    ``overrides`` still works); ``parts`` > 0 splits it into
     an array job over shard ranges and a dependent merge job (``launch.evaluation``).
     """
-    from launch import jobs
-
     if parts < 0:
         raise LaunchError(
             f"--parts {parts}: the number of extraction array tasks must be >= 1 (leave --parts "
@@ -216,7 +217,7 @@ def submit(
     if parts and command != "evaluate":
         raise LaunchError("--parts splits an evaluation; it does not apply to train")
     checkpoint, overrides = (
-        split_checkpoint(overrides) if command == "evaluate" else ("", overrides)
+        weights_and_overrides(weights, overrides) if command == "evaluate" else ("", overrides)
     )
     cfg = prepare(command, config, overrides, cluster=cluster, flags=flags, local=local)
     sub = Submission(command, cfg, [], local)
@@ -234,13 +235,12 @@ def submit(
             "eval.output_dir": str(out),
         }
         job_overrides = [
-            f"checkpoint={checkpoint}",
             *layered_overrides(overrides, cluster=cluster, flags=flags),
             *(f"{k}={json.dumps(v)}" for k, v in pinned.items()),
         ]
         executor = make_executor(cfg.launch, local=local, name="smoothap-evaluate")
         job = executor.submit(
-            jobs.EvaluateJob(str(Path(config).resolve()), job_overrides, str(out))
+            jobs.EvaluateJob(str(Path(config).resolve()), job_overrides, str(out), checkpoint)
         )
         sub.jobs.append(job)
         sub.notes.append(f"metrics: {out}/metrics.json")
@@ -255,9 +255,6 @@ def submit(
 
 def _submit_parts(sub: Submission, checkpoint: str, parts: int) -> None:
     """The extraction array job, then the merge job that Slurm starts after it succeeded."""
-    from launch.evaluation import ExtractPartJob, MergeEvalJob
-    from pipeline.eval.parts import plan_parts
-
     cfg = sub.cfg
     try:
         plan = plan_parts(cfg.data.eval_urls, parts)
@@ -286,8 +283,6 @@ def _submit_parts(sub: Submission, checkpoint: str, parts: int) -> None:
 
 def describe(sub: Submission) -> str:
     """The lines printed after submission: job id, logs, checkpoints, how to follow MLflow."""
-    from pipeline.tracking import ui_command
-
     cfg, job = sub.cfg, sub.job
     launch = cfg.launch
     where = "locally" if sub.local else f"to partition {launch.partition or '(default)'}"
@@ -362,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("command", choices=("train", "evaluate"))
     p.add_argument("--config", required=True, help="run config YAML (as for `pipeline train`)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=1e-4")
+    p.add_argument(
+        "--weights", metavar="PATH", help="evaluate: the trained weights (model.safetensors)"
+    )
     p.add_argument("--cluster", help="site defaults: conf/cluster/NAME.yaml or a YAML path")
     p.add_argument("--nodes", type=_at_least(1, "nodes of the job"))
     p.add_argument("--gpus-per-node", type=_at_least(0, "0: a CPU-only job"))
@@ -411,6 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             flags=flags,
             local=args.local,
             parts=args.parts,
+            weights=args.weights,
         )
     except (ConfigError, LaunchError) as e:
         print(f"error: {e}", file=sys.stderr)

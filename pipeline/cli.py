@@ -27,12 +27,32 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("pipeline.eval.evaluator", "extract embeddings and compute retrieval metrics"),
     "demo": ("pipeline.demo", "synthetic shards, 2-process CPU training, before/after table"),
     "export": (
-        "pipeline.export",
+        "pipeline.serve.export",
         "a trained model as ONNX / TorchScript (+ preprocessing JSON) or an MLflow model",
     ),
-    "index": ("pipeline.gallery", "embed a gallery (shards or image folder) into a FAISS index"),
-    "search": ("pipeline.search", "the nearest gallery items of query images"),
+    "build-gallery": (
+        "pipeline.serve.gallery",
+        "embed a gallery (shards or image folder) into a searchable FAISS index",
+    ),
+    "search": ("pipeline.serve.search", "the nearest gallery items of query images"),
 }
+
+
+# Old command names users may have in scripts -> the name now; they still run, with a message.
+RENAMED: dict[str, str] = {"index": "build-gallery"}
+
+
+def _renamed(argv: list[str]) -> list[str]:
+    """``argv`` with an old command name replaced by its new one (a message on stderr)."""
+    at = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if at is None or argv[at] not in RENAMED:
+        return argv
+    new = RENAMED[argv[at]]
+    print(
+        f"deprecated: `pipeline {argv[at]}` is now `pipeline {new}`; the old name will stop working",
+        file=sys.stderr,
+    )
+    return [*argv[:at], new, *argv[at + 1 :]]
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
@@ -52,7 +72,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _renamed(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
@@ -82,13 +102,13 @@ def exit_code(run: Callable[[], int | None]) -> int:
 
 
 def end(code: int) -> NoReturn:
-    """End the process with ``code``: through ``pipeline.distributed.exit_process`` when this
-    process has loaded the collectives (so a rank's gloo threads cannot abort it in the
+    """End the process with ``code``: through ``pipeline.distributed.group.exit_process`` when this
+    process has loaded the process group's module (so a rank's gloo threads cannot abort it in the
     interpreter's teardown, see there), else a plain exit."""
-    distributed = sys.modules.get("pipeline.distributed")
-    if distributed is None:
+    group = sys.modules.get("pipeline.distributed.group")
+    if group is None:
         sys.exit(code)
-    distributed.exit_process(code)
+    group.exit_process(code)
 
 
 def console(argv: list[str] | None = None) -> NoReturn:

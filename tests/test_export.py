@@ -20,9 +20,10 @@ import pytest
 import torch
 
 from pipeline.cli import main
-from pipeline.config import DataConfig, ModelConfig
+from pipeline.config.schema import DataConfig, ModelConfig
 from pipeline.data.transforms import decode_image, draft_side, eval_transform
-from pipeline.model import build_model, load_trained_model, save_weights
+from pipeline.model import build_model, load_trained_model
+from pipeline.weights import save_weights
 from tests.data_helpers import write_image
 
 SIZE, RESIZE = 32, 36
@@ -77,7 +78,8 @@ def test_onnx_and_torchscript_equal_the_torch_model(assets, tmp_path, capsys):
         code = main(
             [
                 "export",
-                f"checkpoint={assets['weights']}",
+                "--weights",
+                str(assets["weights"]),
                 *CFG,
                 "--format",
                 fmt,
@@ -110,9 +112,9 @@ def test_onnx_and_torchscript_equal_the_torch_model(assets, tmp_path, capsys):
 
 
 def test_serving_preprocessing_equals_the_eval_transform(assets, tmp_path):
-    """pipeline.serving (NumPy + Pillow, no torch) against torchvision's eval transform."""
-    from pipeline.export import export_model
-    from pipeline.serving import OnnxEmbedder, read_spec, to_array
+    """pipeline.serve.runtime (NumPy + Pillow, no torch) against torchvision's eval transform."""
+    from pipeline.serve.export import export_model
+    from pipeline.serve.runtime import OnnxEmbedder, read_spec, to_array
 
     model = load_trained_model(assets["weights"])
     onnx_file, spec_file = export_model(model, _data_cfg(), "onnx", tmp_path / "m.onnx")
@@ -140,7 +142,8 @@ def test_unknown_format_is_a_one_line_error(assets, tmp_path, capsys):
     code = main(
         [
             "export",
-            f"checkpoint={assets['weights']}",
+            "--weights",
+            str(assets["weights"]),
             "--format",
             "tflite",
             "--out",
@@ -154,7 +157,7 @@ def test_unknown_format_is_a_one_line_error(assets, tmp_path, capsys):
 
 
 def test_format_without_out_is_a_one_line_error(assets, capsys):
-    assert main(["export", f"checkpoint={assets['weights']}", "--format", "onnx"]) == 2
+    assert main(["export", "--weights", str(assets["weights"]), "--format", "onnx"]) == 2
     assert "--format and --out go together" in _one_line_error(capsys)
 
 
@@ -163,7 +166,8 @@ def test_checkpoint_of_another_architecture_is_a_one_line_error(assets, tmp_path
         code = main(
             [
                 "export",
-                f"checkpoint={assets['weights']}",
+                "--weights",
+                str(assets["weights"]),
                 override,
                 "--format",
                 "onnx",
@@ -183,7 +187,8 @@ def test_existing_output_is_not_overwritten(assets, tmp_path, capsys):
     out.write_text("mine")
     argv = [
         "export",
-        f"checkpoint={assets['weights']}",
+        "--weights",
+        str(assets["weights"]),
         *CFG,
         "--format",
         "onnx",
@@ -218,7 +223,7 @@ def test_mlflow_model_loads_in_another_process_from_the_registry(assets, tmp_pat
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    argv = ["export", f"checkpoint={assets['weights']}", *CFG, f"tracking.uri={uri}", "--mlflow"]
+    argv = ["export", "--weights", str(assets["weights"]), *CFG, f"tracking.uri={uri}", "--mlflow"]
     for _ in range(2):  # a new version per call
         assert main([*argv, "--register-model", "faces"]) == 0
     out = capsys.readouterr().out
@@ -262,6 +267,6 @@ def test_mlflow_model_loads_in_another_process_from_the_registry(assets, tmp_pat
 
 
 def _tracking_uri(uri: str):
-    from pipeline.export import _mlflow_uri
+    from pipeline.serve.export import _mlflow_uri
 
     return _mlflow_uri(uri)

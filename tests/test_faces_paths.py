@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from pipeline.cli import main
-from pipeline.config import DataConfig, DatasetSource
+from pipeline.config.schema import DataConfig, DatasetSource
 from pipeline.data import faces, image, writer
 from pipeline.data.transforms import (
     SCHEME_KEY,
@@ -30,10 +30,10 @@ from pipeline.data.transforms import (
     resolve_crop,
     weights_scheme,
 )
-from pipeline.export import preprocessing_spec
-from pipeline.gallery import load_image_tensor
-from pipeline.model import save_weights
-from pipeline.serving import to_array
+from pipeline.serve.export import preprocessing_spec
+from pipeline.serve.gallery import load_image_tensor
+from pipeline.serve.runtime import to_array
+from pipeline.weights import save_weights
 from tests.data_helpers.layouts import FACE_TEMPLATE, ijbc, imagefolder, vggface2
 
 
@@ -250,7 +250,8 @@ def test_crop_mode_mismatch_is_a_one_line_error(tmp_path, capsys):
     code = main(
         [
             "evaluate",
-            f"checkpoint={weights}",
+            "--weights",
+            str(weights),
             f"data.eval_urls={loose}",
             "data.image_size=112",
             "tracking.enabled=false",
@@ -282,7 +283,7 @@ def _encode_as(mode: str, im: Image.Image) -> bytes:
 def test_face_search_finds_each_query_as_its_own_gallery_entry(tmp_path, capsys):
     """16-bit, palette, alpha, CMYK and EXIF-rotated photos with their landmarks: made into
     aligned shards, indexed, then searched with the original files and their landmarks."""
-    from pipeline.config import ModelConfig
+    from pipeline.config.schema import ModelConfig
     from pipeline.model import build_model
 
     root, names = tmp_path / "photos", []
@@ -314,7 +315,7 @@ def test_face_search_finds_each_query_as_its_own_gallery_entry(tmp_path, capsys)
         model.state_dict(), model.architecture, tmp_path / "w.safetensors", scheme
     )
     split = tmp_path / "shards" / "train"
-    argv = ["index", f"checkpoint={weights}", "data.image_size=112", "data.num_workers=0"]
+    argv = ["build-gallery", "--weights", str(weights), "data.image_size=112", "data.num_workers=0"]
     assert main([*argv, "--shards", str(split), "--out", str(tmp_path / "g")]) == 0
     queries = [str(root / n) for n in names]
     # the query CSV names each file by its path without extension
@@ -331,7 +332,14 @@ def test_face_search_finds_each_query_as_its_own_gallery_entry(tmp_path, capsys)
         assert sources["source"][top["row"]] == q
         assert top["score"] > 0.99, (q, top)  # the stored crop differs by its JPEG encoding only
     # pipeline index --images with the same landmarks: the very pixels, the same embeddings
-    folder = ["index", f"checkpoint={weights}", "data.image_size=112", "--images", str(root)]
+    folder = [
+        "build-gallery",
+        "--weights",
+        str(weights),
+        "data.image_size=112",
+        "--images",
+        str(root),
+    ]
     assert main([*folder, "--landmarks", str(csv), "--out", str(tmp_path / "f")]) == 0
     search_f = ["search", str(tmp_path / "f"), *queries, "--k", "1", "--json", str(res_file)]
     assert main([*search_f, "--landmarks", str(qcsv)]) == 0

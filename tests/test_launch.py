@@ -17,7 +17,7 @@ import yaml
 from launch import cluster as cluster_mod
 from launch import slurm
 from launch.cluster import LaunchError, _gpu_count, cluster_overrides, tasks_per_node
-from pipeline.config import ConfigError, LaunchConfig
+from pipeline.config.schema import ConfigError, LaunchConfig
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -166,12 +166,12 @@ def rank_sum_job() -> dict:
     import torch
 
     from launch.jobs import export_distributed_env
-    from pipeline import distributed
+    from pipeline.distributed import collectives, group
 
     exported = export_distributed_env()
-    env = distributed.init(timeout_s=60)
-    total = distributed.all_reduce_sum(torch.tensor([float(env.rank + 1)]))
-    distributed.destroy()
+    env = group.init(timeout_s=60)
+    total = collectives.all_reduce_sum(torch.tensor([float(env.rank + 1)]))
+    group.destroy()
     return {"rank": env.rank, "world": env.world_size, "sum": float(total), "env": exported}
 
 
@@ -226,7 +226,7 @@ def test_local_evaluate_runs_pipeline_evaluate_in_two_tasks(tmp_path, synthetic_
     config = tiny_config(tmp_path / "run.yaml", shards, tmp_path, steps=2, ckpt_every=2)
     weights = random_weights(config, tmp_path / "w.safetensors")
     proc = launcher_cli(
-        *("evaluate", "--config", str(config), f"checkpoint={weights}", "--local"),
+        *("evaluate", "--config", str(config), "--weights", str(weights), "--local"),
         *("--gpus-per-node", "0", "--tasks-per-node", "2", "--time", "10"),
         *("--folder", f"{tmp_path}/jobs/%j"),
         timeout_s=300,
@@ -298,9 +298,9 @@ def test_merge_parts_refuses_missing_stale_duplicate_and_short(tmp_path):
 
 
 def test_evaluate_needs_one_existing_checkpoint(tmp_path):
-    with pytest.raises(LaunchError, match=r"pass the trained weights once as checkpoint=PATH"):
+    with pytest.raises(LaunchError, match=r"pass the trained weights once, as --weights PATH"):
         slurm.submit("evaluate", REPO / "conf" / "defaults.yaml", ["eval.ks=[1]"], local=True)
-    with pytest.raises(LaunchError, match=r"checkpoint='nope.safetensors' does not exist"):
+    with pytest.raises(LaunchError, match=r"--weights 'nope.safetensors' does not exist"):
         slurm.submit("evaluate", REPO / "conf" / "defaults.yaml", ["checkpoint=nope.safetensors"])
     with pytest.raises(LaunchError, match=r"--parts splits an evaluation"):
         slurm.submit("train", REPO / "conf" / "defaults.yaml", local=True, parts=2)

@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from pipeline.cli import main
-from pipeline.config import DataConfig, ModelConfig
-from pipeline.model import build_model, load_trained_model, save_weights
+from pipeline.config.schema import DataConfig, ModelConfig
+from pipeline.model import build_model, load_trained_model
+from pipeline.weights import save_weights
 from tests.data_helpers import write_image
 
 SIZE, K = 32, 6
@@ -32,7 +33,16 @@ def assets(tmp_path_factory, synthetic_split) -> dict:
     model = build_model(ModelConfig(backbone="resnet18", embedding_dim=16))
     weights = save_weights(model.state_dict(), model.architecture, root / "model.safetensors")
     index_dir = root / "gallery"
-    argv = ["index", f"checkpoint={weights}", *CFG, "--shards", str(split), "--out", str(index_dir)]
+    argv = [
+        "build-gallery",
+        "--weights",
+        str(weights),
+        *CFG,
+        "--shards",
+        str(split),
+        "--out",
+        str(index_dir),
+    ]
     assert main(argv) == 0
     return {"root": root, "split": split, "weights": weights, "index": index_dir}
 
@@ -108,7 +118,14 @@ def test_query_that_is_not_an_image_is_a_one_line_error(assets, tmp_path, capsys
 
 
 def test_index_directory_is_not_overwritten(assets, capsys):
-    argv = ["index", f"checkpoint={assets['weights']}", *CFG, "--shards", str(assets["split"])]
+    argv = [
+        "build-gallery",
+        "--weights",
+        str(assets["weights"]),
+        *CFG,
+        "--shards",
+        str(assets["split"]),
+    ]
     assert main([*argv, "--out", str(assets["index"])]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
 
@@ -121,16 +138,19 @@ def test_image_folder_gallery_skips_bad_files_and_finds_itself(assets, tmp_path,
     (folder / "dogs" / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
     out = tmp_path / "gallery"
     argv = [
-        "index",
-        f"checkpoint={assets['weights']}",
+        "index",  # the old name of build-gallery
+        "--weights",
+        str(assets["weights"]),
         *CFG,
         "--images",
         str(folder),
         "--out",
         str(out),
     ]
-    assert main(argv) == 0
-    assert "skipped 1 unreadable images" in capsys.readouterr().out
+    assert main(argv) == 0  # the old command name still works, with a message
+    captured = capsys.readouterr()
+    assert "skipped 1 unreadable images" in captured.out
+    assert "`pipeline index` is now `pipeline build-gallery`" in captured.err
     assert "broken.jpg" in (out / "skipped.txt").read_text()
     query = folder / "dogs" / "1.jpg"
     res = tmp_path / "res.json"
@@ -151,7 +171,7 @@ def _clustered(n: int, dim: int, seed: int = 0) -> np.ndarray:
 
 @pytest.mark.parametrize("kind", ["hnsw", "ivfpq"])
 def test_compressed_index_recall_against_brute_force(kind):
-    from pipeline.gallery import IndexParams, build_index, measure_recall, search_index
+    from pipeline.serve.gallery import IndexParams, build_index, measure_recall, search_index
 
     emb = _clustered(4000, 64)
     index, params = build_index(emb, IndexParams(kind=kind, nprobe=16))
@@ -168,7 +188,7 @@ def test_compressed_index_recall_against_brute_force(kind):
 
 
 def test_small_gallery_refuses_ivfpq():
-    from pipeline.gallery import GalleryError, IndexParams, build_index
+    from pipeline.serve.gallery import GalleryError, IndexParams, build_index
 
     with pytest.raises(GalleryError, match="ivfpq needs at least 256 gallery items"):
         build_index(_clustered(100, 16), IndexParams(kind="ivfpq"))

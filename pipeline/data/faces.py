@@ -246,9 +246,11 @@ NO_CROP = {"mode": "none", "size": 0}
 def split_crop(urls: str) -> dict[str, Any] | None:
     """The crop record of the split that ``urls`` names; ``NO_CROP`` for a split written
     before crops were recorded; None when its catalog cannot be read here (remote shards)."""
-    import pyarrow.parquet as pq
+    # Imported here, not at the top: this module is carried alone by the exported model's
+    # runtime (pipeline.serve.export), which has neither the catalog nor pyarrow.
+    import pyarrow.parquet as pq  # noqa: PLC0415
 
-    from pipeline.data.index import INDEX_FILE, split_dir
+    from pipeline.data.catalog import INDEX_FILE, split_dir  # noqa: PLC0415
 
     try:
         path = split_dir(urls) / INDEX_FILE

@@ -1,5 +1,5 @@
 """The one image path: image bytes -> the 8-bit RGB picture they show -> the face crop -> the
-model's input. make-shards, the training and evaluation loaders, ``pipeline index --images``,
+model's input. make-shards, the training and evaluation loaders, ``pipeline build-gallery --images``,
 ``pipeline search``, the exported model's runtime and the MLflow model all decode here, so that
 a query is seen with exactly the pixels its gallery copy was written with (a 16-bit PNG query
 decoded by a plain ``convert("RGB")`` scored -0.16 against its own gallery entry).

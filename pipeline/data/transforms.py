@@ -25,9 +25,10 @@ from typing import Any
 
 import torch
 from PIL import Image
+from safetensors import safe_open
 from torchvision.transforms import v2
 
-from pipeline.config import DataConfig
+from pipeline.config.schema import DataConfig
 from pipeline.data import faces
 from pipeline.data.image import decode
 
@@ -266,8 +267,6 @@ def read_weights_scheme(path: str | Path) -> dict[str, Any] | None:
     path = Path(path)
     if path.suffix != ".safetensors" or not path.is_file():
         return None
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get(SCHEME_KEY)

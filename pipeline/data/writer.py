@@ -31,8 +31,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+from tqdm import tqdm
 
-from pipeline.data.index import (
+from pipeline.data.catalog import (
     INDEX_FILE,
     SIZES_FILE,
     SKIPPED_FILE,
@@ -40,6 +44,9 @@ from pipeline.data.index import (
     check_name,
     shard_pattern,
 )
+from pipeline.data.faces import CATALOG_KEY, NO_CROP, MissingFaceGeometry
+from pipeline.data.image import exif_orientation, shard_pixels, swaps_axes, to_rgb
+from pipeline.data.items import SourceItem, encode_jpeg
 from pipeline.data.outdir import (
     ShardWriteError,  # defined beside the output checks; callers catch it from here
     check_output,
@@ -48,6 +55,8 @@ from pipeline.data.outdir import (
     swap_in,
     write_error,
 )
+from pipeline.data.synthetic import render_jpeg
+from pipeline.data.validate import validate_split
 
 DEFAULT_MAX_SKIPPED_FRACTION = 0.01
 """make-shards fails when more than this fraction of a split's images is unreadable: a few bad
@@ -66,27 +75,6 @@ INDEX_COLUMNS = (
     "height",
     "source",
 )
-
-
-@dataclass
-class SourceItem:
-    """One image to write: where it comes from and what it is."""
-
-    class_name: str
-    """The class (identity, species, product); labels are assigned from the sorted names."""
-    source: str
-    """Recorded in the metadata: the path as the dataset lists it (relative to its root)."""
-    path: str = ""
-    """The file to read; empty when the image is rendered (synthetic)."""
-    origin: str = ""
-    """Where the item was listed (``Ebay_train.txt:12``), for error messages."""
-    meta: dict[str, Any] = field(default_factory=dict)
-    """Dataset-specific ids (template_id, media_id, supercategory, ...): json + index columns."""
-    render: tuple = ()
-    """Synthetic only: the arguments of ``synthetic.render_jpeg``."""
-    face: dict[str, Any] = field(default_factory=dict)
-    """Face geometry for a crop, in the source image's pixels: ``landmarks`` (10 numbers) and/or
-    ``box`` (x, y, w, h); see ``pipeline.data.faces``."""
 
 
 @dataclass
@@ -116,16 +104,6 @@ class WriteSummary:
 # ---------------------------------------------------------------------------- image preparation
 
 
-def encode_jpeg(image, quality: int) -> bytes:
-    """JPEG bytes of a PIL image, fixed settings so output is reproducible. A non-RGB image is
-    converted by ``image.to_rgb``'s rules, never by PIL's clipping ``convert("RGB")``."""
-    from pipeline.data.image import to_rgb
-
-    buf = io.BytesIO()
-    to_rgb(image).save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
-
-
 KEPT_JPEG_MODES = ("RGB", "L")
 """JPEGs stored byte for byte: any reader shows their pixels as they are. A CMYK JPEG or one with
 an EXIF rotation is re-encoded, since a plain decoder would show it inverted or turned."""
@@ -151,10 +129,6 @@ def prepare_image(
     with ``face``'s geometry (``image.shard_pixels``, the pixels every query path reproduces),
     always re-encoded; ``faces.MissingFaceGeometry`` when the geometry is absent.
     """
-    from PIL import Image
-
-    from pipeline.data.image import exif_orientation, shard_pixels, swaps_axes, to_rgb
-
     if crop and crop.get("mode", "none") != "none":
         face = face or {}
         cut = shard_pixels(data, crop, landmarks=face.get("landmarks"), box=face.get("box"))
@@ -190,16 +164,10 @@ def _prepare(
     item: SourceItem, resize: int, quality: int, crop: dict[str, Any] | None = None
 ) -> tuple[str, Any]:
     """Worker: ('ok', (bytes, w, h)) | ('bad', reason) | ('missing', message)."""
-    from pipeline.data.faces import MissingFaceGeometry
-
     try:
         if item.render:
-            from pipeline.data.synthetic import render_jpeg
-
             data = render_jpeg(*item.render)
             if resize <= 0:
-                from PIL import Image
-
                 w, h = Image.open(io.BytesIO(data)).size
                 return "ok", (data, w, h)
         else:
@@ -388,8 +356,6 @@ def _write_files(
 ) -> tuple[list[dict[str, Any]], list[str], list[str], int]:
     """Write shards, skipped.txt, index.parquet, sizes.json and the extra files into
     ``partial_dir``; return (index rows, shard names, skipped lines, total image bytes)."""
-    from tqdm import tqdm
-
     ordered, labels = class_order(items, seed)
     class_sizes: dict[str, int] = {}
     for item in ordered:
@@ -524,11 +490,6 @@ def _write_tables(
 ) -> None:
     """Write index.parquet (with the crop record in its metadata), sizes.json and the extra
     files of the written shards."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from pipeline.data.faces import CATALOG_KEY, NO_CROP
-
     meta_keys = sorted({k for item in items for k in item.meta} - set(INDEX_COLUMNS))
     columns = {c: [r.get(c) for r in sink.rows] for c in (*INDEX_COLUMNS, *meta_keys)}
     # The face columns' types are shared with their readers (x1, y1, ..., x5, y5 in the source
@@ -551,8 +512,6 @@ def _check_written(
 ) -> None:
     """Refuse to swap in a split with too many unreadable images, or one that does not pass
     ``validate-shards``'s checks (read back with tarfile: what training will see)."""
-    from pipeline.data.validate import validate_split
-
     rows, _, skipped, _ = written
     if not rows:
         raise ShardWriteError(

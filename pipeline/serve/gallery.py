@@ -1,7 +1,7 @@
-"""``pipeline index``: embed a gallery with a trained model into a FAISS index on disk.
+"""``pipeline build-gallery``: embed a gallery with a trained model into a FAISS index on disk.
 
-    pipeline index --config CFG checkpoint=PATH --shards data/sop/test --out gallery/
-    pipeline index --config CFG checkpoint=PATH --images my_photos/ --out gallery/ --kind hnsw
+    pipeline build-gallery --config CFG --weights PATH --shards data/sop/test --out gallery/
+    pipeline build-gallery --config CFG --weights PATH --images my_photos/ --out gallery/ --kind hnsw
 
 An index directory holds:
 
@@ -37,12 +37,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
-from pipeline import distributed
-from pipeline.config import DataConfig
-from pipeline.config_loader import add_config_arguments
+from pipeline.config.load import add_config_arguments
+from pipeline.config.schema import DataConfig
+from pipeline.data.catalog import read_index, split_dir
+from pipeline.data.converters import LANDMARK_COLUMNS, read_geometry_csv
+from pipeline.data.faces import CropError
+from pipeline.data.image import model_input
+from pipeline.distributed import collectives, group
 from pipeline.errors import UserError
+from pipeline.eval.extract import extract_embeddings, sort_by_index
+from pipeline.eval.knn import ExactIPIndex, as_float32_matrix, import_faiss, merge_topk
+from pipeline.serve.export import load_weights_model, preprocessing_spec
 
 INDEX_FILE = "index.faiss"
 ITEMS_FILE = "items.parquet"
@@ -91,8 +100,6 @@ class IndexParams:
 
 def build_index(emb_ND: np.ndarray, params: IndexParams) -> tuple[Any, IndexParams]:
     """A FAISS index over ``emb_ND`` (inner product) and the parameters actually used."""
-    from pipeline.eval.knn import as_float32_matrix, import_faiss
-
     faiss = import_faiss()
     emb = as_float32_matrix(emb_ND, "gallery embeddings")
     n, dim = emb.shape
@@ -124,8 +131,6 @@ def build_index(emb_ND: np.ndarray, params: IndexParams) -> tuple[Any, IndexPara
 
 def set_search_params(index: Any, params: IndexParams) -> None:
     """Apply the query-time parameters (HNSW efSearch, IVF nprobe) to a loaded index."""
-    from pipeline.eval.knn import import_faiss
-
     faiss = import_faiss()
     if params.kind == "hnsw":
         faiss.downcast_index(index).hnsw.efSearch = params.ef_search
@@ -136,8 +141,6 @@ def set_search_params(index: Any, params: IndexParams) -> None:
 def search_index(index: Any, queries_QD: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-k (scores, gallery rows), score-descending, ties by ascending row, padded -inf / -1:
     the order of ``pipeline.eval.knn`` (so an exact index gives exactly the evaluation's kNN)."""
-    from pipeline.eval.knn import as_float32_matrix, merge_topk
-
     q = as_float32_matrix(queries_QD, "queries")
     k_eff = min(k, index.ntotal)
     scores, ids = index.search(q, k_eff)
@@ -158,8 +161,6 @@ def measure_recall(
 ) -> float:
     """recall@k of ``index`` against exact inner-product search, with up to ``queries`` gallery
     items (a seeded sample) as queries."""
-    from pipeline.eval.knn import ExactIPIndex
-
     rows = np.sort(np.random.default_rng(0).permutation(len(emb_ND))[:queries])
     _, exact = ExactIPIndex(emb_ND).search(emb_ND[rows], k)
     _, approx = search_index(index, emb_ND[rows], k)
@@ -188,10 +189,6 @@ def load_image_tensor(path: Path, data_cfg: DataConfig, landmarks: Any = None) -
     model_input``: make-shards' decode, the face crop or its size check, the eval transform);
     GalleryError if it is not an image, ``faces.CropError`` if it is not a face crop of the
     model's kind and has no ``landmarks``."""
-    from pipeline.data.faces import CropError
-    from pipeline.data.image import model_input
-    from pipeline.export import preprocessing_spec
-
     try:
         spec = preprocessing_spec(data_cfg, None)
         return torch.from_numpy(
@@ -219,7 +216,6 @@ def embed_files(
     """Embeddings of the readable ``files`` (float32 (n, D)), their positions in ``files``, and
     the skipped (path, reason) pairs (only with ``skip_bad``; else the first bad file raises).
     ``landmarks``: per file, its five landmarks or None (aligned-face models)."""
-    from pipeline.data.faces import CropError
 
     model.eval()
     dtype = next(model.parameters()).dtype
@@ -258,10 +254,8 @@ def _folder_gallery(
 ) -> tuple[np.ndarray, dict[str, list], list[tuple[Path, str]]]:
     """Embed an image folder, its files dealt to the ranks (all ranks participate);
     ``landmarks``: five landmarks by path under ``folder`` without extension (face models)."""
-    from pipeline.eval.extract import sort_by_index
-
     files = list_images(folder)
-    rank, world = distributed.get_rank(), distributed.get_world_size()
+    rank, world = group.get_rank(), group.get_world_size()
     mine = list(range(rank, len(files), world))
     marks = [(landmarks or {}).get(str(files[i].relative_to(folder).with_suffix(""))) for i in mine]
     emb, kept, skipped = embed_files(
@@ -275,8 +269,8 @@ def _folder_gallery(
     )
     index = np.asarray([mine[i] for i in kept], np.int64)
     emb, index = (
-        distributed.all_gather_rows(emb),
-        distributed.all_gather_rows(index),
+        collectives.all_gather_rows(emb),
+        collectives.all_gather_rows(index),
     )  # all ranks participate
     if world > 1:
         every: list[Any] = [None] * world
@@ -300,9 +294,6 @@ def _shard_gallery(
     model: torch.nn.Module, shards: str, data_cfg: DataConfig, device: Any, batch_size: int
 ) -> tuple[np.ndarray, dict[str, list]]:
     """Embed a split of shards with the evaluation's extraction (all ranks participate)."""
-    from pipeline.data.index import read_index
-    from pipeline.eval.extract import extract_embeddings
-
     e = extract_embeddings(model, shards, data_cfg, device=device, batch_size=batch_size)
     table = read_index(shards).select(["key", "shard", "label", "class_name"]).to_pydict()
     rows = e.index_N.tolist()
@@ -319,11 +310,6 @@ def _shard_gallery(
 
 
 def write_gallery(out: Path, index: Any, items: dict[str, list], manifest: dict[str, Any]) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from pipeline.eval.knn import import_faiss
-
     out.mkdir(parents=True, exist_ok=True)
     import_faiss().write_index(index, str(out / INDEX_FILE))
     table = pa.table(
@@ -354,23 +340,19 @@ class Gallery:
 
 
 def read_gallery(directory: str | Path) -> Gallery:
-    """Read an index directory written by ``pipeline index`` (GalleryError if it is not one)."""
-    import pyarrow.parquet as pq
-
-    from pipeline.eval.knn import import_faiss
-
+    """Read an index directory written by ``pipeline build-gallery`` (GalleryError if it is not one)."""
     directory = Path(directory)
     missing = [f for f in (INDEX_FILE, ITEMS_FILE, MANIFEST_FILE) if not (directory / f).is_file()]
     if missing:
         raise GalleryError(
             f"{str(directory)!r} is not an index directory (no {', '.join(missing)}); build one "
-            "with `pipeline index ... --out DIR`"
+            "with `pipeline build-gallery ... --out DIR`"
         )
     manifest = json.loads((directory / MANIFEST_FILE).read_text())
     if manifest.get("format") != MANIFEST_FORMAT:
         raise GalleryError(
             f"{directory / MANIFEST_FILE}: format {manifest.get('format')!r} is not "
-            f"{MANIFEST_FORMAT!r}; rebuild the index with this version's `pipeline index`"
+            f"{MANIFEST_FORMAT!r}; rebuild the index with this version's `pipeline build-gallery`"
         )
     index = import_faiss().read_index(str(directory / INDEX_FILE))
     gallery = Gallery(directory, index, pq.read_table(directory / ITEMS_FILE).to_pydict(), manifest)
@@ -382,9 +364,7 @@ def read_gallery(directory: str | Path) -> Gallery:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(
-        parser, "checkpoint=PATH (required), then config overrides (data.image_size, ...)"
-    )
+    add_config_arguments(parser, "config overrides (data.image_size, ...)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--shards", default=None, help="a split of shards (directory or spec)")
     source.add_argument("--images", default=None, help="a folder of images (class sub-folders)")
@@ -406,8 +386,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.export import load_checkpoint_model
-
     params = IndexParams(
         kind=args.kind,
         **{
@@ -426,14 +404,16 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise GalleryError(
-            f"--out {str(out)!r} exists and is not empty; pipeline index does not overwrite: "
+            f"--out {str(out)!r} exists and is not empty; pipeline build-gallery does not overwrite: "
             "pick a new directory"
         )
-    model, cfg, checkpoint = load_checkpoint_model(args.config, args.overrides, args.shards or "")
+    model, cfg, checkpoint = load_weights_model(
+        args.config, args.weights, args.overrides, args.shards or ""
+    )
     batch_size = args.batch_size or cfg.eval.batch_size
     # Joins the job's group (none for one process) and always leaves it.
-    with distributed.process_group():
-        device = distributed.device()
+    with group.process_group():
+        device = group.device()
         model.to(device)
         start = time.perf_counter()
         skipped: list[tuple[Path, str]] = []
@@ -442,8 +422,6 @@ def run(args: argparse.Namespace) -> int:
         else:
             marks = None
             if args.landmarks:
-                from pipeline.data.converters import LANDMARK_COLUMNS, read_geometry_csv
-
                 marks = read_geometry_csv(Path(args.landmarks), LANDMARK_COLUMNS)
             emb, items, skipped = _folder_gallery(
                 model, Path(args.images), cfg.data, device, batch_size, marks
@@ -451,20 +429,17 @@ def run(args: argparse.Namespace) -> int:
         embed_s = time.perf_counter() - start
         if len(emb) == 0:  # the same on every rank (gathered)
             raise GalleryError(f"no image of {args.shards or args.images!r} could be embedded")
-        if distributed.is_main_process():
+        if group.is_main_process():
             _build_and_write(
                 out, emb, items, skipped, params, model, cfg, checkpoint, args, embed_s
             )
-        distributed.barrier()  # all ranks participate: the index exists when every rank returns
+        collectives.barrier()  # all ranks participate: the index exists when every rank returns
     return 0
 
 
 def _build_and_write(
     out, emb, items, skipped, params, model, cfg, checkpoint, args, embed_s
 ) -> None:
-    from pipeline.data.index import split_dir
-    from pipeline.export import preprocessing_spec
-
     start = time.perf_counter()
     index, params = build_index(emb, params)
     build_s = time.perf_counter() - start

@@ -1,17 +1,17 @@
 """``pipeline export``: a trained model as ONNX or TorchScript, or as an MLflow pyfunc model.
 
-    pipeline export --config conf/demo.yaml checkpoint=runs/demo/model.safetensors \
+    pipeline export --config conf/demo.yaml --weights runs/demo/model.safetensors \
         --format onnx --out model.onnx
-    pipeline export --config conf/demo.yaml checkpoint=... --mlflow --register-model demo-embedder
+    pipeline export --config conf/demo.yaml --weights ... --mlflow --register-model demo-embedder
 
 The exported graph is the whole :class:`pipeline.model.EmbeddingModel` (backbone, head and the
 L2 normalisation): float32 NCHW images of ``data.image_size`` in, unit-norm embeddings out, any
 batch size. Beside it goes ``<stem>.preprocessing.json`` (:func:`preprocessing_spec`): what a
 caller must do to an image first (the eval transform of ``pipeline.data.transforms``);
-``pipeline.serving`` implements it without torch.
+``pipeline.serve.runtime`` implements it without torch.
 
 The MLflow model (:func:`log_mlflow_model`) holds the ONNX graph, the spec and
-``pipeline/serving.py`` as its code: encoded image bytes in, embeddings out, preprocessing
+``pipeline/serve/runtime.py`` as its code: encoded image bytes in, embeddings out, preprocessing
 inside, and it needs onnxruntime, NumPy and Pillow only (the requirements are given explicitly,
 so MLflow never resolves packages or downloads anything).
 """
@@ -20,26 +20,38 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import io
+import json
+import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 
-from pipeline.config import DataConfig, RunConfig
-from pipeline.config_loader import (
-    add_config_arguments,
-    load_config,
-    named_model,
-    split_checkpoint,
+import pipeline
+from pipeline.config.load import add_config_arguments, load_config, named_model, split_weights
+from pipeline.config.schema import DataConfig, RunConfig
+from pipeline.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    crop_for_weights,
+    crop_of,
+    draft_side,
 )
 from pipeline.errors import UserError
+from pipeline.model import load_trained_model
+from pipeline.serve import runtime
+from pipeline.tracking.mlflow import MlflowTracker, ui_command
 
 FORMATS = ("onnx", "torchscript")
 SPEC_FORMAT = "smoothap-preprocessing-v1"
-"""Also in ``pipeline.serving``, which imports nothing from the project (a test keeps them equal)."""
+"""Also in ``pipeline.serve.runtime``, which imports nothing from the project (a test keeps them equal)."""
 INPUT_NAME = "images"
 OUTPUT_NAME = "embeddings"
 # Exported with batch 2: torch.export specialises a dimension of size 1 to a constant.
@@ -51,14 +63,12 @@ class ExportError(UserError, ValueError):
 
 
 def preprocessing_spec(data_cfg: DataConfig, embedding_dim: int) -> dict[str, Any]:
-    """What an image must go through before the exported model (``pipeline.serving`` reads it).
+    """What an image must go through before the exported model (``pipeline.serve.runtime`` reads it).
 
     The eval transform: decode to RGB, shorter side resized to ``data.resize_size`` (Pillow's
     antialiased bilinear, longer side truncated), centre crop ``data.image_size``, scale to
     [0, 1], ImageNet mean/std, NCHW float32.
     """
-    from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD, crop_of, draft_side
-
     side = data_cfg.image_size
     return {
         "format": SPEC_FORMAT,
@@ -97,8 +107,6 @@ def _example(model: torch.nn.Module, data_cfg: DataConfig) -> torch.Tensor:
 
 def _cpu_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A float32 CPU copy in eval mode: the caller's model (e.g. on a GPU in bf16) is untouched."""
-    import copy
-
     return copy.deepcopy(model).float().cpu().eval()
 
 
@@ -146,8 +154,6 @@ def export_model(
 
     Refuses (:class:`ExportError`) an unknown format and existing files unless ``force``.
     """
-    import json
-
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r} is not supported; use one of {', '.join(FORMATS)}")
     out = Path(out)
@@ -189,8 +195,6 @@ def _mlflow_uri(uri: str):
     state and the two variables are put back as they were, and a caller's own MLflow setup
     (or an ``MlflowClient`` created later) is untouched.
     """
-    import os
-
     import mlflow
     from mlflow.tracking._model_registry import utils as registry_utils
     from mlflow.tracking._tracking_service import utils as tracking_utils
@@ -214,9 +218,6 @@ def _mlflow_uri(uri: str):
 
 def _example_image(side: int) -> bytes:
     """A small JPEG for the model's input example (a colour gradient)."""
-    import numpy as np
-    from PIL import Image
-
     ramp = np.linspace(0, 255, side, dtype=np.float32)
     pixels = np.stack(np.broadcast_arrays(ramp[None, :], ramp[:, None], 255 - ramp[None, :]), -1)
     buf = io.BytesIO()
@@ -226,8 +227,6 @@ def _example_image(side: int) -> bytes:
 
 def _requirements() -> list[str]:
     """The serving model's packages, pinned to the versions here (no inference, no resolver)."""
-    from importlib.metadata import version
-
     return [f"{p}=={version(p)}" for p in ("mlflow", "onnxruntime", "numpy", "pillow", "pandas")]
 
 
@@ -240,8 +239,6 @@ def _decode_package(folder: Path) -> Path:
     """A copy of the modules of the one image path (``pipeline.data.image``, ``faces`` and
     ``errors``: NumPy and Pillow only) as the package :data:`RUNTIME_PACKAGE`, for the MLflow
     model to decode and crop exactly as make-shards without this project installed."""
-    import pipeline
-
     source = Path(pipeline.__file__).parent
     target = folder / RUNTIME_PACKAGE
     (target / "data").mkdir(parents=True)
@@ -268,29 +265,26 @@ def log_mlflow_model(
     Only rank 0 calls this (the training loop: at the end, with the run's tracking URI).
     """
     import mlflow
-    import numpy as np
     import pandas as pd
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema, TensorSpec
-
-    from pipeline import serving
 
     dim = int(model.head.out_features)
     with tempfile.TemporaryDirectory(prefix="smoothap-mlflow-") as tmp:
         tmp = Path(tmp)
         onnx_file, spec_file = export_model(model, data_cfg, "onnx", tmp / "model.onnx")
-        # Models from code: the model is serving.py plus the line that names its model
+        # Models from code: the model is runtime.py plus the line that names its model
         # object; no pickled class, so loading needs neither this project nor torch.
         code = tmp / "embedding_model.py"
         code.write_text(
-            Path(serving.__file__).read_text() + "\n\nmlflow.models.set_model(EmbeddingPyfunc())\n"
+            Path(runtime.__file__).read_text() + "\n\nmlflow.models.set_model(EmbeddingPyfunc())\n"
         )
         decode_package = _decode_package(tmp / "code")
         signature = ModelSignature(
-            inputs=Schema([ColSpec("binary", serving.IMAGE_COLUMN)]),
+            inputs=Schema([ColSpec("binary", runtime.IMAGE_COLUMN)]),
             outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, dim), "embedding")]),
         )
-        example = pd.DataFrame({serving.IMAGE_COLUMN: [_example_image(data_cfg.image_size)]})
+        example = pd.DataFrame({runtime.IMAGE_COLUMN: [_example_image(data_cfg.image_size)]})
         with _mlflow_uri(tracking_uri), mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name=name,
@@ -317,7 +311,6 @@ def log_mlflow_model(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(
         parser,
-        "checkpoint=PATH (a run's model.safetensors or its checkpoints/ directory), then "
         "config overrides (data.image_size, data.resize_size, tracking.uri, ...)",
     )
     parser.add_argument("--format", default=None, help=f"one of {', '.join(FORMATS)}")
@@ -340,26 +333,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def load_checkpoint_model(
-    config: str | None, tokens: list[str], eval_urls: str = ""
+def load_weights_model(
+    config: str | None, weights: str | None, tokens: list[str], eval_urls: str = ""
 ) -> tuple[Any, RunConfig, str]:
-    """The trained model of ``checkpoint=PATH`` in ``tokens``, the config (its face crop from
-    the weights, checked against the split ``eval_urls`` if given) and the path.
+    """The trained model of ``--weights`` (``weights``), the config (its face crop from the
+    weights, checked against the split ``eval_urls`` if given) and the weights' path.
 
     As in ``pipeline evaluate``: the file's recorded architecture is used unless the config
     names a model, in which case the two must agree (``ModelLoadError`` otherwise).
     """
-    from dataclasses import replace
-
-    from pipeline.data.transforms import crop_for_weights
-    from pipeline.model import load_trained_model
-
-    checkpoint, overrides = split_checkpoint(tokens)
+    path, overrides = split_weights(weights, tokens)
     cfg = load_config(config, overrides)
-    model = load_trained_model(checkpoint, named_model(config, overrides, cfg))
+    model = load_trained_model(path, named_model(config, overrides, cfg))
     # The face crop (and the input size it fixes) recorded with the weights.
-    cfg = replace(cfg, data=crop_for_weights(cfg.data, checkpoint, eval_urls))
-    return model, cfg, checkpoint
+    cfg = replace(cfg, data=crop_for_weights(cfg.data, path, eval_urls))
+    return model, cfg, path
 
 
 def run(args: argparse.Namespace) -> int:
@@ -377,13 +365,11 @@ def run(args: argparse.Namespace) -> int:
         raise ExportError(
             f"--format {args.format!r} is not supported; use one of {', '.join(FORMATS)}"
         )
-    model, cfg, checkpoint = load_checkpoint_model(args.config, args.overrides)
+    model, cfg, checkpoint = load_weights_model(args.config, args.weights, args.overrides)
     if args.format is not None:
         out, spec = export_model(model, cfg.data, args.format, args.out, force=args.force)
         print(f"wrote {out} ({args.format}, batch dynamic, {cfg.data.image_size} px) and {spec}")
     if args.mlflow:
-        from pipeline.tracking import MlflowTracker, ui_command
-
         tracker = MlflowTracker(cfg.tracking)
         tracker.set_tags({"kind": "export", "checkpoint": checkpoint})
         try:
