@@ -37,7 +37,7 @@ def _make(root: Path, n: int, width: int, height: int) -> list:
     from PIL import Image
 
     from pipeline.data.faces import ARCFACE_112
-    from pipeline.data.writer import SourceItem
+    from pipeline.data.items import SourceItem
 
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
