@@ -1,13 +1,14 @@
 """The one image path: image bytes -> the 8-bit RGB picture they show -> the face crop -> the
-model's input. make-shards, the training and evaluation loaders, ``pipeline build-gallery --images``,
-``pipeline search``, the exported model's runtime and the MLflow model all decode here, so that
-a query is seen with exactly the pixels its gallery copy was written with (a 16-bit PNG query
-decoded by a plain ``convert("RGB")`` scored -0.16 against its own gallery entry).
+model's input. make-shards, the training and evaluation loaders, ``pipeline build-gallery
+--images``, ``pipeline search``, the exported model's runtime and the MLflow model all decode
+here, so that a query is seen with exactly the pixels its gallery copy was written with (a
+16-bit PNG query decoded by a plain ``convert("RGB")`` scored -0.16 against its own gallery
+entry).
 
 Only NumPy and Pillow are imported: the exported model's runtime carries this file.
 
 Shards hold RGB JPEGs. PIL's ``convert("RGB")`` is not enough: it clips high-bit-depth pixels
-to 255 (a 16-bit grayscale PNG became a near-white JPEG without a warning, issue 10), drops an
+to 255 (a 16-bit grayscale PNG became a near-white JPEG without a warning), drops an
 alpha channel onto whatever colour the transparent pixels happen to store, and ignores the EXIF
 orientation a camera wrote. The rules, in order:
 
