@@ -67,13 +67,19 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     return {k.removeprefix("module."): v for k, v in obj.items()}, {}
 
 
-def save_weights(state: dict[str, torch.Tensor], architecture: dict, path: str | Path) -> Path:
+def save_weights(
+    state: dict[str, torch.Tensor],
+    architecture: dict,
+    path: str | Path,
+    metadata: dict[str, str] | None = None,
+) -> Path:
     """Write a model's state dict as fp32 ``.safetensors``, with ``architecture``
-    (``EmbeddingModel.architecture``) as metadata."""
+    (``EmbeddingModel.architecture``) and ``metadata`` (e.g. the preprocessing scheme of
+    ``pipeline.data.transforms.weights_scheme``) as metadata."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
-    meta = {"format": WEIGHTS_FORMAT, "architecture": json.dumps(architecture)}
+    meta = {**(metadata or {}), "format": WEIGHTS_FORMAT, "architecture": json.dumps(architecture)}
     tmp = path.with_suffix(".tmp")
     save_file(state, str(tmp), metadata=meta)
     tmp.replace(path)  # a reader never sees half a file

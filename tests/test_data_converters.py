@@ -13,6 +13,7 @@ from pipeline.cli import main
 from pipeline.data.catalog import IJBC_TABLES, read_index
 from pipeline.data.converters import IJBC_1N, LayoutError, list_split
 from tests.data_helpers import write_image
+from tests.data_helpers.layouts import face_landmarks
 
 
 def _make(fmt: str, root: Path, out: Path, *extra: str) -> int:
@@ -175,6 +176,9 @@ def _ijbc_layout(root: Path) -> None:
         template = 1 + (i - 1) // 2  # templates 1..4, two images each
         tid_mid.append(f"{i}.jpg {template} {100 + i // 3}")
     (meta / "ijbc_face_tid_mid.txt").write_text("\n".join(tid_mid) + "\n")
+    # insightface's landmarks and detector scores: make-shards ijbc aligns by default
+    five = [f"{i}.jpg {' '.join(map(str, face_landmarks(i)))} 0.9" for i in range(1, 9)]
+    (meta / "ijbc_name_5pts_score.txt").write_text("\n".join(five) + "\n")
     (meta / "ijbc_template_pair_label.txt").write_text("1 2 1\n1 3 0\n2 4 0\n")
     (meta / "ijbc_1N_gallery_G1.csv").write_text(
         "TEMPLATE_ID,SUBJECT_ID,FILENAME\n1,7,img/1.jpg\n1,7,img/2.jpg\n3,9,img/5.jpg\n"

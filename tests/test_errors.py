@@ -21,7 +21,8 @@ from pipeline.errors import UserError
 # Exceptions of the package that are not bad input: internal signals between its own parts.
 INTERNAL = {
     "pipeline.demo._TrainingFailed",  # caught inside the demo, which prints its own message
-    "pipeline.data.imagemode.UnsupportedImage",  # caught by the writer, counted as a skipped image
+    "pipeline.data.image.UnsupportedImage",  # caught by the writer, counted as a skipped image
+    "pipeline.data.faces.MissingFaceGeometry",  # caught by the writer, counted as skipped
 }
 
 

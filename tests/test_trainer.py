@@ -60,6 +60,7 @@ def _config(tiny_config, shards: Path, *extra: str):
 def test_trainer_trains_checkpoints_and_records_the_run(
     shards, tmp_path, tiny_config, single_process
 ):
+    from pipeline.data.transforms import read_weights_scheme
     from pipeline.train.trainer import Trainer, train
 
     out = tmp_path / "run"
@@ -73,6 +74,8 @@ def test_trainer_trains_checkpoints_and_records_the_run(
     assert result["step"] == STEPS and result["resumed_from"] is None
     assert run.read_result() == result
     assert run.weights.is_file() and run.config.is_file() and run.curves.is_file()
+    # The weights carry the face crop and the preprocessing they were trained with.
+    assert read_weights_scheme(run.weights)["crop"] == {"mode": "none", "size": 0}
     assert run.read_run_id() == result["run_id"]
     assert set(result["metrics"]) >= {"recall@1", "recall@4", "map@r"}
     assert (run.eval / "metrics.json").is_file()

@@ -58,9 +58,23 @@ class DataConfig:
     """Train: smallest area fraction of RandomResizedCrop."""
     num_workers: int = 2
     """DataLoader worker processes per rank."""
+    crop: str = "auto"
+    """The face crop the shards hold: auto (read from the splits' catalogs, and from the
+    weights when evaluating), none, loose or aligned (pipeline.data.faces)."""
+    crop_size: int = 0
+    """With crop=loose/aligned: the stored crop's shorter side / side (0: the splits' own)."""
+    allow_crop_mismatch: bool = False
+    """Evaluate on shards of another crop mode than the model's (refused by default)."""
 
     def __post_init__(self) -> None:
         _check(self.image_size > 0, "data.image_size", self.image_size, "must be > 0")
+        _check(
+            self.crop in ("auto", "none", "loose", "aligned"),
+            "data.crop",
+            self.crop,
+            "must be one of auto, none, loose, aligned",
+        )
+        _check(self.crop_size >= 0, "data.crop_size", self.crop_size, "must be >= 0")
         _check(
             self.resize_size >= self.image_size,
             "data.resize_size",

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from pipeline.data import faces
 from pipeline.data.items import SourceItem
 from pipeline.errors import UserError
 
@@ -44,8 +45,12 @@ def _lines(path: Path) -> list[tuple[int, str]]:
         return [(n, line.strip()) for n, line in enumerate(f, 1) if line.strip()]
 
 
-def list_vggface2(root: Path, split: str) -> list[SourceItem]:
-    """``<root>/<split>_list.txt`` (``identity/image.jpg`` a line), images in ``<root>/<split>/``."""
+def list_vggface2(root: Path, split: str, crop: str = "none") -> list[SourceItem]:
+    """``<root>/<split>_list.txt`` (``identity/image.jpg`` a line), images in ``<root>/<split>/``.
+
+    With ``crop`` aligned / loose, the dataset's own geometry files are read:
+    ``bb_landmark/loose_landmark_<split>.csv`` (five landmarks) or ``bb_landmark/
+    loose_bb_<split>.csv`` (the face box), under ``root`` or ``root/meta``."""
     list_file = _require_file(
         root / f"{split}_list.txt", "VGGFace2's list file, one `identity/image.jpg` a line"
     )
@@ -63,7 +68,85 @@ def list_vggface2(root: Path, split: str) -> list[SourceItem]:
                 origin=f"{list_file}:{n}",
             )
         )
+    if crop != "none":
+        _attach_geometry(items, _vggface2_geometry(root, split, crop), f"{split}/")
     return items
+
+
+# ---------------------------------------------------------------------------- face geometry
+
+LANDMARK_COLUMNS = [f"P{i}{a}" for i in range(1, 6) for a in ("X", "Y")]
+BOX_COLUMNS = ["X", "Y", "W", "H"]
+
+
+def _name_key(name: str) -> str:
+    """Geometry files name images without their extension (``n000002/0001_01``)."""
+    return str(Path(name.strip()).with_suffix(""))
+
+
+def read_geometry_csv(path: Path, columns: list[str], optional: tuple[str, ...] = ()) -> dict:
+    """``NAME_ID`` -> [the ``columns`` as floats] (+ ``optional`` ones where present) of a
+    VGGFace2-style CSV (a header line, then one quoted or plain row per image)."""
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        header = [h.strip().upper() for h in next(reader, [])]
+        missing = [c for c in ["NAME_ID", *columns] if c not in header]
+        if missing:
+            raise LayoutError(
+                f"{path}:1: header {header} lacks {missing}; expected NAME_ID, "
+                f"{', '.join(columns)}{''.join(', ' + c for c in optional)}"
+            )
+        at = [header.index(c) for c in (*columns, *(c for c in optional if c in header))]
+        name_at = header.index("NAME_ID")
+        out: dict[str, list[float]] = {}
+        for n, row in enumerate(reader, 2):
+            if not row:
+                continue
+            try:
+                out[_name_key(row[name_at])] = [float(row[i]) for i in at]
+            except (ValueError, IndexError):
+                raise LayoutError(
+                    f"{path}:{n}: {row}; expected a name and {len(at)} numbers"
+                ) from None
+    return out
+
+
+_GEOMETRY_DIRS = ("bb_landmark", "meta/bb_landmark")
+
+
+def _geometry_file(root: Path, name: str) -> Path:
+    for base in _GEOMETRY_DIRS:
+        if (root / base / name).is_file():
+            return root / base / name
+    return _require_file(
+        root / "bb_landmark" / name, "VGGFace2's bb_landmark/ file (from its meta release)"
+    )
+
+
+def _vggface2_geometry(root: Path, split: str, crop: str) -> dict[str, dict]:
+    """Landmarks (required for aligned; in the catalog whenever the file is there) and, for
+    loose, the boxes."""
+    out: dict[str, dict] = {}
+    name = f"loose_landmark_{split}.csv"
+    if crop == "aligned" or any((root / d / name).is_file() for d in _GEOMETRY_DIRS):
+        for k, v in read_geometry_csv(_geometry_file(root, name), LANDMARK_COLUMNS).items():
+            out[k] = {"landmarks": v}
+    if crop == "loose":
+        boxes = read_geometry_csv(_geometry_file(root, f"loose_bb_{split}.csv"), BOX_COLUMNS)
+        for k, v in boxes.items():
+            out.setdefault(k, {})["box"] = v
+    return out
+
+
+def _attach_geometry(items: list[SourceItem], geometry: dict[str, dict], prefix: str = "") -> None:
+    """Give each item its landmarks / box / detector score, looked up by its path (without
+    extension) relative to the dataset; an item without any keeps none: the writer counts and
+    lists it, it is never stored uncropped. Landmarks and score also go into the catalog."""
+    for item in items:
+        found = geometry.get(_name_key(item.source.removeprefix(prefix)), {})
+        item.face = {k: v for k, v in found.items() if k in ("landmarks", "box")}
+        item.meta["landmarks_5pt"] = found.get("landmarks")
+        item.meta["det_score"] = found.get("score")
 
 
 INAT_LAYOUT = "train_val2018/<supercategory>/<category>/<file>.jpg"
@@ -84,7 +167,7 @@ def list_inaturalist(root: Path, split: str) -> list[SourceItem]:
     for n, line in _lines(list_file):
         parts = line.split("/")
         # Exactly four levels: with one missing (train_val2018/Plantae/x.jpg) the class would
-        # silently become the super-category folder (issue 10).
+        # silently become the super-category folder.
         if len(parts) != INAT_LEVELS or not all(parts):
             raise LayoutError(
                 f"{list_file}:{n}: {line!r} is not of the form {INAT_LAYOUT} ({len(parts)} "
@@ -190,7 +273,26 @@ def _parquet_writer(columns: dict[str, list]) -> Callable[[Path], None]:
     return write
 
 
-def list_ijbc(root: Path, split: str) -> tuple[list[SourceItem], dict]:
+def read_ijbc_5pts(path: Path) -> dict[str, dict]:
+    """insightface's ``ijbc_name_5pts_score.txt``: ``image_name x1 y1 ... x5 y5 score`` a line
+    -> {name without extension: {"landmarks": [10 floats], "score": float}}."""
+    out = {}
+    for n, line in _lines(path):
+        fields = line.split()
+        try:
+            if len(fields) != 12:
+                raise ValueError
+            values = [float(x) for x in fields[1:]]
+        except ValueError:
+            raise LayoutError(
+                f"{path}:{n}: {line!r}; expected image_name, 10 landmark coordinates and a "
+                "detector score"
+            ) from None
+        out[_name_key(fields[0])] = {"landmarks": values[:10], "score": values[10]}
+    return out
+
+
+def list_ijbc(root: Path, split: str, crop: str = "none") -> tuple[list[SourceItem], dict]:
     """IJB-C: ``IJBC/meta/ijbc_face_tid_mid.txt`` (``image_name template_id media_id``),
     ``IJBC/meta/ijbc_template_pair_label.txt`` (``template1 template2 label``), optionally the
     1:N CSVs ``IJBC/meta/ijbc_1N_{gallery_G1,gallery_G2,probe_mixed}.csv``, images in
@@ -200,6 +302,10 @@ def list_ijbc(root: Path, split: str) -> tuple[list[SourceItem], dict]:
     template) go into its metadata; the class is the subject (``unknown`` when not known).
     Beside the shards: ``pairs.parquet`` (template1, template2, label) and, per 1:N file,
     ``<gallery_G1|gallery_G2|probe_mixed>.parquet`` (template_id, subject_id).
+
+    ``IJBC/meta/ijbc_name_5pts_score.txt`` gives each image's five landmarks and detector score
+    (catalog columns ``landmarks_5pt``, ``det_score``; required for ``crop`` aligned). The
+    release's images are loose crops already: ``crop`` loose resizes them as they are.
     """
     base = root / "IJBC" if (root / "IJBC").is_dir() else root
     meta_dir = _require_dir(base / "meta", "IJBC/meta/ with the IJB-C protocol files")
@@ -251,6 +357,13 @@ def list_ijbc(root: Path, split: str) -> tuple[list[SourceItem], dict]:
                 meta={"template_id": template, "media_id": media, "subject_id": subject},
             )
         )
+    five = meta_dir / "ijbc_name_5pts_score.txt"
+    if crop == "aligned" or five.is_file():
+        what = "insightface's five landmarks and detector score per image (--crop aligned)"
+        _attach_geometry(items, read_ijbc_5pts(_require_file(five, what)), "loose_crop/")
+    if crop == "loose":
+        for item in items:
+            item.face = {"box": faces.WHOLE_IMAGE}
     return items, extra
 
 
@@ -284,11 +397,49 @@ def list_imagefolder(root: Path, split: str) -> list[SourceItem]:
     return items
 
 
-def list_split(fmt: str, root: str | Path, split: str) -> tuple[list[SourceItem], dict]:
-    """Items and extra files of split ``split`` of a dataset of format ``fmt`` at ``root``."""
+def face_csv_geometry(landmarks: str | None, boxes: str | None) -> dict[str, dict]:
+    """Geometry of any dataset from CSVs with VGGFace2's columns, names relative to --root:
+    ``--landmarks`` (NAME_ID, P1X, P1Y, ..., P5X, P5Y, optional SCORE) and ``--boxes``
+    (NAME_ID, X, Y, W, H)."""
+    out: dict[str, dict] = {}
+    if landmarks:
+        path = _require_file(Path(landmarks), "a landmarks CSV (NAME_ID,P1X,P1Y,...,P5Y)")
+        for k, v in read_geometry_csv(path, LANDMARK_COLUMNS, ("SCORE",)).items():
+            out.setdefault(k, {})["landmarks"] = v[:10]
+            if len(v) > 10:
+                out[k]["score"] = v[10]
+    if boxes:
+        path = _require_file(Path(boxes), "a boxes CSV (NAME_ID,X,Y,W,H)")
+        for k, v in read_geometry_csv(path, BOX_COLUMNS).items():
+            out.setdefault(k, {})["box"] = v
+    return out
+
+
+def list_split(
+    fmt: str,
+    root: str | Path,
+    split: str,
+    crop: str = "none",
+    landmarks: str | None = None,
+    boxes: str | None = None,
+) -> tuple[list[SourceItem], dict]:
+    """Items and extra files of split ``split`` of a dataset of format ``fmt`` at ``root``;
+    with a face ``crop``, each item carries its landmarks / box (``SourceItem.face``), from
+    the dataset's own files or from the ``landmarks`` / ``boxes`` CSVs."""
     root = _require_dir(Path(root), f"the {fmt} dataset's root directory (--root)")
+    if landmarks or boxes:
+        items, extra = list_split(fmt, root, split)
+        _attach_geometry(items, face_csv_geometry(landmarks, boxes))
+        return items, extra
     if fmt == "ijbc":
-        return list_ijbc(root, split)
+        return list_ijbc(root, split, crop)
+    if fmt == "vggface2":
+        return list_vggface2(root, split, crop), {}
+    if crop != "none":
+        raise LayoutError(
+            f"--crop {crop} needs each image's face geometry: give --landmarks CSV (aligned) "
+            "or --boxes CSV (loose) with NAME_ID relative to --root"
+        )
     listers = {
         "vggface2": list_vggface2,
         "inaturalist": list_inaturalist,

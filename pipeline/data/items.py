@@ -7,7 +7,7 @@ import io
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.data.imagemode import to_rgb
+from pipeline.data.image import to_rgb
 
 
 @dataclass
@@ -26,11 +26,14 @@ class SourceItem:
     """Dataset-specific ids (template_id, media_id, supercategory, ...): json + index columns."""
     render: tuple = ()
     """Synthetic only: the arguments of ``synthetic.render_jpeg``."""
+    face: dict[str, Any] = field(default_factory=dict)
+    """Face geometry for a crop, in the source image's pixels: ``landmarks`` (10 numbers) and/or
+    ``box`` (x, y, w, h); see ``pipeline.data.faces``."""
 
 
 def encode_jpeg(image, quality: int) -> bytes:
     """JPEG bytes of a PIL image, fixed settings so output is reproducible. A non-RGB image is
-    converted by ``imagemode.to_rgb``'s rules, never by PIL's clipping ``convert("RGB")``."""
+    converted by ``image.to_rgb``'s rules, never by PIL's clipping ``convert("RGB")``."""
     buf = io.BytesIO()
     to_rgb(image).save(buf, format="JPEG", quality=quality)
     return buf.getvalue()

@@ -21,6 +21,7 @@ from pathlib import Path
 from pipeline.data import converters, parts
 from pipeline.data.catalog import check_name
 from pipeline.data.converters import LayoutError
+from pipeline.data.faces import CROP_MODES, CropError, crop_record, describe
 from pipeline.data.outdir import check_output
 from pipeline.data.synthetic import synthetic_items
 from pipeline.data.writer import DEFAULT_MAX_SKIPPED_FRACTION, ShardWriteError, write_split
@@ -36,6 +37,8 @@ DEFAULT_SPLITS = {
     "synthetic": "train,test",
 }
 DEFAULT_NAMES = {"inaturalist": "inat"}
+DEFAULT_CROPS = {"ijbc": "aligned"}
+"""insightface's IJB-C release is meant to be aligned by its five landmarks."""
 
 
 class ShardArgumentError(UserError, ValueError):
@@ -78,6 +81,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parts.add_arguments(parser)
+    face = parser.add_argument_group("face crops (pipeline.data.faces)")
+    face.add_argument(
+        "--crop",
+        choices=CROP_MODES,
+        help="aligned: 5-point ArcFace alignment; loose: the VGGFace2 loose crop (box + 30%%, "
+        "shorter side --crop-size); none: the images as they are (default; ijbc: aligned)",
+    )
+    face.add_argument(
+        "--crop-size",
+        type=int,
+        default=0,
+        metavar="PX",
+        help="aligned: the crop's side (multiple of 112 or 128, default 112); loose: its "
+        "shorter side (default 256)",
+    )
+    face.add_argument(
+        "--landmarks",
+        metavar="CSV",
+        help="any dataset: NAME_ID,P1X,P1Y,...,P5X,P5Y[,SCORE] (NAME_ID relative to --root, "
+        "without extension); vggface2 and ijbc read their own files",
+    )
+    face.add_argument(
+        "--boxes", metavar="CSV", help="any dataset: NAME_ID,X,Y,W,H face boxes (--crop loose)"
+    )
     syn = parser.add_argument_group("synthetic")
     syn.add_argument("--classes", type=int, default=500, help="train classes")
     syn.add_argument("--test-classes", type=int, default=100, help="test classes (disjoint)")
@@ -96,8 +123,31 @@ def _items(args: argparse.Namespace, split: str) -> tuple[list, dict]:
             seed=args.seed,
             quality=args.quality,
         ), {}
+    return converters.list_split(
+        args.format, args.root, split, _crop_mode(args), args.landmarks, args.boxes
+    )
 
-    return converters.list_split(args.format, args.root, split)
+
+def _crop_mode(args: argparse.Namespace) -> str:
+    return args.crop or DEFAULT_CROPS.get(args.format, "none")
+
+
+def check_crop_arguments(args: argparse.Namespace) -> dict:
+    """The crop record the arguments ask for (ShardArgumentError for a bad combination)."""
+    mode = _crop_mode(args)
+    try:
+        record = crop_record(mode, args.crop_size)
+    except CropError as e:
+        raise ShardArgumentError(f"--crop {mode} --crop-size {args.crop_size}: {e}") from None
+    if mode != "none" and args.resize:
+        raise _refuse(
+            "--resize",
+            args.resize,
+            f"does not go with --crop {mode}, whose size is --crop-size; leave --resize out",
+        )
+    if mode != "none" and args.format == "synthetic":
+        raise _refuse("--crop", mode, "synthetic images have no faces; use --crop none")
+    return record
 
 
 def _refuse(flag: str, value, rule: str) -> ShardArgumentError:
@@ -168,6 +218,7 @@ def run(args: argparse.Namespace) -> int:
     splits = [s for s in splits if s]
     # Before any work, for every split: these raise user errors (cli: one line, exit 2).
     check_arguments(args, name, splits)
+    crop = check_crop_arguments(args)
     parts.check_flags(args)
     inputs = _inputs(args)
     for split in splits:
@@ -176,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
     # so that no split is written when a later one cannot be.
     listed = {split: _items(args, split) for split in splits}
     if args.tasks:  # one part of an array, its merge, or the plan
-        return parts.run(args, name, listed, inputs)
+        return parts.run(args, name, listed, inputs, crop)
     for split, (items, extra) in listed.items():
         start = time.time()
         try:
@@ -195,11 +246,12 @@ def run(args: argparse.Namespace) -> int:
                 extra_files=extra,
                 overwrite=args.overwrite,
                 inputs=inputs,
+                crop=crop,
             )
         except (ShardWriteError, ValueError) as e:
             print(f"make-shards: error: {e}", file=sys.stderr)
             return 1
-        print(f"{summary.line()} in {time.time() - start:.1f} s")
+        print(f"{summary.line()} in {time.time() - start:.1f} s; face crop: {describe(crop)}")
         if extra:
             print(f"  beside the shards: {', '.join(sorted(extra))}")
     return 0

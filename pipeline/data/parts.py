@@ -511,9 +511,11 @@ def remove_part(folder: Path, split: str) -> None:
 # ---------------------------------------------------------------------------- the command
 
 
-def write_options(args: argparse.Namespace) -> dict[str, Any]:
-    """``write_split``'s options from make-shards' arguments (the same as one task's)."""
+def write_options(args: argparse.Namespace, crop: dict[str, Any] | None) -> dict[str, Any]:
+    """``write_split``'s options from make-shards' arguments and its checked face crop (the
+    same as one task's)."""
     return {
+        "crop": crop,
         "samples_per_shard": args.samples_per_shard,
         "resize": args.resize or 0,
         "quality": args.quality,
@@ -528,6 +530,7 @@ def run(
     name: str,
     listed: dict[str, tuple[list[SourceItem], dict]],
     inputs: list[Path],
+    crop: dict[str, Any] | None = None,
 ) -> int:
     """make-shards with ``--tasks``: print the plan (alone), convert one part (``--task``) or
     merge (``--merge``), for every split; the arguments and listings are already checked.
@@ -565,12 +568,17 @@ def run(
                     overwrite=args.overwrite,
                     inputs=inputs,
                     **common,
-                    **write_options(args),
+                    **write_options(args, crop),
                 )
                 line = f"{summary.line()}, merged from {args.tasks} parts"
             else:
                 record = write_part(
-                    items, args.out, task=args.task, inputs=inputs, **common, **write_options(args)
+                    items,
+                    args.out,
+                    task=args.task,
+                    inputs=inputs,
+                    **common,
+                    **write_options(args, crop),
                 )
                 line = (
                     f"{part_dir(args.out, split, args.task, args.tasks)}: part {args.task} of "

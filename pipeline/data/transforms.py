@@ -1,4 +1,11 @@
-"""Image decoding and the torchvision v2 train / eval transforms (sizes from ``DataConfig``).
+"""The torchvision v2 train / eval transforms (sizes and face crop from ``DataConfig``), the
+crop-mode rules of a run, and the preprocessing scheme that travels with trained weights.
+
+Images are decoded by ``pipeline.data.image.decode`` (the one decode path). Loose crops and
+whole images: RandomResizedCrop + flip in training, resize + centre crop in evaluation. Aligned
+face crops are already the network's input: horizontal flip only in training, nothing in
+evaluation (the resize and centre crop to the crop's own size change nothing on a crop of that
+size, and fit any other image the same way the evaluation of whole images does).
 
 Both transforms take a PIL RGB image and return a float32 (3, S, S) tensor, ImageNet-normalised.
 Geometry runs on the PIL image (crop before converting: fewer pixels to convert and normalise).
@@ -10,13 +17,22 @@ tensor, e.g. to normalise on the GPU.
 
 from __future__ import annotations
 
-import io
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
+from safetensors import safe_open
 from torchvision.transforms import v2
 
 from pipeline.config.schema import DataConfig
+from pipeline.data import faces
+from pipeline.data.image import decode
+
+log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -28,6 +44,8 @@ def _normalise() -> list:
 
 def train_geometry(data_cfg: DataConfig) -> v2.Compose:
     """The random part of ``train_transform``: PIL image -> uint8 (3, S, S) tensor."""
+    if data_cfg.crop == "aligned":
+        return v2.Compose([*_fit(data_cfg.image_size), v2.RandomHorizontalFlip(), v2.ToImage()])
     return v2.Compose(
         [
             v2.RandomResizedCrop(
@@ -39,8 +57,15 @@ def train_geometry(data_cfg: DataConfig) -> v2.Compose:
     )
 
 
+def _fit(side: int) -> list:
+    """Identity on a side x side image; anything else resized and centre-cropped to it."""
+    return [v2.Resize(side, antialias=True), v2.CenterCrop(side)]
+
+
 def eval_geometry(data_cfg: DataConfig) -> v2.Compose:
     """``eval_transform`` before normalisation: PIL image -> uint8 (3, S, S) tensor."""
+    if data_cfg.crop == "aligned":
+        return v2.Compose([*_fit(data_cfg.image_size), v2.ToImage()])
     return v2.Compose(
         [
             v2.Resize(data_cfg.resize_size, antialias=True),
@@ -81,19 +106,8 @@ def normalise_batch(images_uint8: torch.Tensor | list[torch.Tensor]) -> torch.Te
 
 
 def decode_image(data: bytes, min_side: int = 0) -> Image.Image:
-    """Decode image bytes to an RGB PIL image.
-
-    ``min_side`` > 0 lets libjpeg decode at a reduced scale (1/2, 1/4, 1/8) as long as the shorter
-    side stays >= ``min_side``: much faster for photos far larger than the network input, and no
-    visible loss because the transforms downscale at least that much anyway.
-    """
-    image = Image.open(io.BytesIO(data))
-    if min_side > 0 and image.format == "JPEG":
-        w, h = image.size
-        scale = max(min_side / min(w, h), 0.0)
-        if scale < 0.5:
-            image.draft("RGB", (int(w * scale) + 1, int(h * scale) + 1))
-    return image.convert("RGB")
+    """Image bytes -> RGB PIL image: ``pipeline.data.image.decode`` (the one decode path)."""
+    return decode(data, min_side)
 
 
 def draft_side(data_cfg: DataConfig, train: bool) -> int:
@@ -103,6 +117,159 @@ def draft_side(data_cfg: DataConfig, train: bool) -> int:
     short side is sqrt(crop_scale_min * 3/4) of the image's) and resize it to image_size.
     Eval: the image is resized to resize_size anyway.
     """
+    if data_cfg.crop == "aligned":
+        return data_cfg.image_size
     if train:
         return int(data_cfg.image_size / (data_cfg.crop_scale_min * 0.75) ** 0.5) + 1
     return data_cfg.resize_size
+
+
+# ---------------------------------------------------------------------------- crop rules
+
+
+def crop_of(data_cfg: DataConfig) -> dict[str, Any]:
+    """The crop record of a resolved data config (``resolve_crop``)."""
+    if data_cfg.crop in ("auto", "none"):
+        return dict(faces.NO_CROP)
+    return faces.crop_record(data_cfg.crop, data_cfg.crop_size)
+
+
+def _model_side(
+    data_cfg: DataConfig,
+    train: bool,
+    weights_crop: dict | None,
+    weights_name: str,
+    eval_urls: str,
+) -> tuple[list[tuple[str, dict]], list[tuple[str, dict]]]:
+    """(what the model takes, what it is evaluated on): named crop records that are known."""
+    model: list[tuple[str, dict]] = []
+    if train:
+        for i, src in enumerate(data_cfg.train):
+            rec = faces.split_crop(src.urls)
+            if rec is not None:
+                model.append((f"data.train[{i}].urls={src.urls}", rec))
+    elif weights_crop is not None:
+        model.append((f"the weights {weights_name}", weights_crop))
+    if data_cfg.crop != "auto":
+        model.append((f"data.crop={data_cfg.crop}", crop_of(data_cfg)))
+    rec = faces.split_crop(eval_urls) if eval_urls else None
+    name = f"data.eval_urls={eval_urls}" if eval_urls == data_cfg.eval_urls else eval_urls
+    evaluated = [(name, rec)] if rec is not None else []
+    return model, evaluated
+
+
+def _same(a: dict, b: dict) -> bool:
+    if a.get("mode") != b.get("mode"):
+        return False
+    return a.get("mode") == "none" or int(a.get("size", 0)) == int(b.get("size", 0))
+
+
+def _check_training_mix(model: list[tuple[str, dict]]) -> None:
+    """Loose faces and whole images share their transforms and may be mixed (faces with
+    species); aligned crops are the network's input as they are and mix with nothing else."""
+    for name, rec in model[1:]:
+        first_name, first = model[0]
+        if not _same(rec, first) and "aligned" in (rec.get("mode"), first.get("mode")):
+            raise faces.CropError(
+                f"{first_name} holds {faces.describe(first)} faces but {name} "
+                f"{faces.describe(rec)}: aligned crops are the network's input as they are and "
+                "mix with no other crop; make the shards again with the same make-shards --crop"
+            )
+
+
+def resolve_crop(
+    data_cfg: DataConfig,
+    *,
+    train: bool,
+    weights_crop: dict | None = None,
+    weights_name: str = "",
+    eval_urls: str | None = None,
+) -> DataConfig:
+    """``data_cfg`` with ``crop`` / ``crop_size`` set from what the run reads: the training
+    splits' catalogs (``train``) or the weights' recorded crop (``weights_crop``), and the
+    evaluation split's. A model is never silently evaluated on another crop mode: a mismatch
+    is a one-line ``faces.CropError`` unless ``data.allow_crop_mismatch=true`` (then a warning,
+    and the evaluation split is read as it is stored). ``eval_urls``: the split evaluated
+    (default ``data.eval_urls``; "" for none)."""
+    eval_urls = data_cfg.eval_urls if eval_urls is None else eval_urls
+    model, evaluated = _model_side(data_cfg, train, weights_crop, weights_name, eval_urls)
+    _check_training_mix(model)
+    chosen = model[0][1] if model else (evaluated[0][1] if evaluated else dict(faces.NO_CROP))
+    if evaluated and any(_same(evaluated[0][1], rec) for _, rec in model):
+        chosen = evaluated[0][1]  # a mix of loose faces and whole images: the evaluated one
+    elif evaluated and model:
+        message = (
+            f"{model[0][0]}: a model of {faces.describe(chosen)} faces, evaluated on "
+            f"{evaluated[0][0]} of {faces.describe(evaluated[0][1])} faces"
+        )
+        if not data_cfg.allow_crop_mismatch:
+            raise faces.CropError(
+                f"{message}: the numbers would not compare with any published one; make the "
+                "evaluation shards with the model's make-shards --crop, or set "
+                "data.allow_crop_mismatch=true to evaluate anyway"
+            )
+        log.warning("%s (data.allow_crop_mismatch=true)", message)
+        if not train:
+            chosen = evaluated[0][1]
+    mode, size = chosen.get("mode", "none"), int(chosen.get("size", 0))
+    resolved = dataclasses.replace(data_cfg, crop=mode, crop_size=size)
+    if mode == "aligned":
+        if data_cfg.image_size != size:
+            source = next((n for n, r in [*model, *evaluated] if r is chosen), "the shards")
+            raise faces.CropError(
+                f"data.image_size={data_cfg.image_size} but {source} holds aligned "
+                f"{size}x{size} faces, which are the network's input as they are; set "
+                f"data.image_size={size}"
+            )
+        resolved = dataclasses.replace(resolved, resize_size=size)
+    return resolved
+
+
+def crop_for_weights(
+    data_cfg: DataConfig, weights: str | Path, eval_urls: str | None = None
+) -> DataConfig:
+    """:func:`resolve_crop` for evaluating the weights file ``weights`` (its recorded scheme)."""
+    scheme = read_weights_scheme(weights)
+    return resolve_crop(
+        data_cfg,
+        train=False,
+        weights_crop=scheme["crop"] if scheme else None,
+        weights_name=str(weights),
+        eval_urls=eval_urls,
+    )
+
+
+# ---------------------------------------------------------------------------- weights scheme
+
+SCHEME_KEY = "preprocessing"
+"""The safetensors metadata key of the weights' preprocessing scheme (a JSON string)."""
+
+
+def weights_scheme(data_cfg: DataConfig) -> dict[str, Any]:
+    """What an image must go through before these weights (JSON-able; written into the
+    weights' safetensors metadata under :data:`SCHEME_KEY`)::
+
+        {"crop": {"mode": "none" | "loose" | "aligned", "size": int, ...its parameters},
+         "input_size": S, "resize_shorter_side": R, "mean": [3 floats], "std": [3 floats]}
+    """
+    return {
+        "crop": crop_of(data_cfg),
+        "input_size": data_cfg.image_size,
+        "resize_shorter_side": data_cfg.resize_size,
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+    }
+
+
+def read_weights_scheme(path: str | Path) -> dict[str, Any] | None:
+    """The scheme recorded in a ``.safetensors`` weights file; None for a file without one
+    (older weights, DeepSpeed checkpoint directories, torch files)."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(SCHEME_KEY)
+    except Exception:  # unreadable files are reported by the weights loader itself
+        return None
+    return json.loads(raw) if raw else None

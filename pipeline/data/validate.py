@@ -24,6 +24,7 @@ from pathlib import Path
 from PIL import Image
 
 from pipeline.data.catalog import INDEX_FILE, SHARD_SUFFIX, SIZES_FILE, read_index, read_sizes
+from pipeline.data.faces import describe, split_crop
 
 MEMBERS = {"jpg", "cls", "json"}
 MAX_PRINTED = 200
@@ -250,6 +251,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"{d}/{p}")
         if len(problems) > MAX_PRINTED:
             print(f"{d}: ... and {len(problems) - MAX_PRINTED} more problems")
-        print(f"{d}: {n} samples read, {len(problems)} problems")
+        crop = split_crop(str(d)) or {}
+        print(
+            f"{d}: {n} samples read, {len(problems)} problems; face crop: {describe(crop)} "
+            f"{json.dumps(crop, sort_keys=True)}"
+        )
         failed |= bool(problems)
     return 1 if failed else 0

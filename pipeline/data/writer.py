@@ -2,7 +2,7 @@
 
 Every sample is ``{__key__, jpg, cls, json}`` (see ``shards/README.md``). Samples are written
 class-contiguous: all of a class's samples together, classes in a seeded random order, so that a
-streaming reader can cut class groups without random access (DESIGN.md "Shards"). A shard is
+streaming reader can cut class groups without random access. A shard is
 closed early rather than split a class that would not fit, so a class spans several shards only
 when it alone holds more than ``samples_per_shard`` samples.
 
@@ -44,7 +44,8 @@ from pipeline.data.catalog import (
     check_name,
     shard_pattern,
 )
-from pipeline.data.imagemode import exif_orientation, swaps_axes, to_rgb
+from pipeline.data.faces import CATALOG_KEY, NO_CROP, MissingFaceGeometry
+from pipeline.data.image import exif_orientation, shard_pixels, swaps_axes, to_rgb
 from pipeline.data.items import SourceItem, encode_jpeg
 from pipeline.data.outdir import (
     ShardWriteError,  # defined beside the output checks; callers catch it from here
@@ -87,12 +88,15 @@ class WriteSummary:
     bytes: int
     skipped: int
     listed: int
+    no_face: int = 0
+    """Of the skipped: images without the landmarks / box their face crop needs."""
 
     def line(self) -> str:
         return (
             f"{self.directory}: {self.samples} samples, {self.classes} classes, "
             f"{self.shards} shards, {self.bytes / 1e6:.1f} MB, skipped {self.skipped} of "
             f"{self.listed} listed images"
+            + (f", {self.no_face} of them without face landmarks/box" if self.no_face else "")
             + (f" (see {Path(self.directory) / SKIPPED_FILE})" if self.skipped else "")
         )
 
@@ -105,16 +109,30 @@ KEPT_JPEG_MODES = ("RGB", "L")
 an EXIF rotation is re-encoded, since a plain decoder would show it inverted or turned."""
 
 
-def prepare_image(data: bytes, resize: int, quality: int) -> tuple[bytes, int, int]:
+def prepare_image(
+    data: bytes,
+    resize: int,
+    quality: int,
+    crop: dict[str, Any] | None = None,
+    face: dict[str, Any] | None = None,
+) -> tuple[bytes, int, int]:
     """Check that ``data`` decodes completely and return (jpeg bytes, width, height).
 
-    Every image becomes 8-bit RGB by ``pipeline.data.imagemode.to_rgb``'s rules (EXIF
+    Every image becomes 8-bit RGB by ``pipeline.data.image.to_rgb``'s rules (EXIF
     orientation applied; 16-bit, integer and float pixels scaled; alpha composited on white).
     ``resize`` > 0: re-encode with the shorter side at ``resize`` pixels. Otherwise an RGB or
     gray JPEG without rotation is kept byte for byte and anything else is re-encoded as JPEG
     (the member is named ``jpg``). Raises on undecodable or truncated data, and
-    ``imagemode.UnsupportedImage`` for pixels that have no stated conversion.
+    ``image.UnsupportedImage`` for pixels that have no stated conversion.
+
+    ``crop`` (``faces.crop_record``) other than none: the decoded image cut to that face crop
+    with ``face``'s geometry (``image.shard_pixels``, the pixels every query path reproduces),
+    always re-encoded; ``faces.MissingFaceGeometry`` when the geometry is absent.
     """
+    if crop and crop.get("mode", "none") != "none":
+        face = face or {}
+        cut = shard_pixels(data, crop, landmarks=face.get("landmarks"), box=face.get("box"))
+        return encode_jpeg(cut, quality), cut.size[0], cut.size[1]
     image = Image.open(io.BytesIO(data))
     fmt = image.format
     orientation = exif_orientation(image)
@@ -138,7 +156,13 @@ def prepare_image(data: bytes, resize: int, quality: int) -> tuple[bytes, int, i
     return encode_jpeg(image, quality), image.size[0], image.size[1]
 
 
-def _prepare(item: SourceItem, resize: int, quality: int) -> tuple[str, Any]:
+NO_FACE = "no face geometry"
+"""The reason given in ``skipped.txt`` for an image the dataset gives no landmarks / box for."""
+
+
+def _prepare(
+    item: SourceItem, resize: int, quality: int, crop: dict[str, Any] | None = None
+) -> tuple[str, Any]:
     """Worker: ('ok', (bytes, w, h)) | ('bad', reason) | ('missing', message)."""
     try:
         if item.render:
@@ -149,7 +173,9 @@ def _prepare(item: SourceItem, resize: int, quality: int) -> tuple[str, Any]:
         else:
             with open(item.path, "rb") as f:
                 data = f.read()
-        return "ok", prepare_image(data, resize, quality)
+        return "ok", prepare_image(data, resize, quality, crop, item.face)
+    except MissingFaceGeometry as e:
+        return "bad", f"{NO_FACE} ({crop and crop['mode']} crop): {e}"
     except FileNotFoundError:
         where = f" (listed at {item.origin})" if item.origin else ""
         return "missing", f"{item.path}{where} does not exist"
@@ -174,9 +200,10 @@ def class_order(items: list[SourceItem], seed: int) -> tuple[list[SourceItem], d
 
 
 def _results(
-    items: list[SourceItem], resize: int, quality: int, workers: int
+    items: list[SourceItem], resize: int, quality: int, workers: int, crop: dict | None
 ) -> Iterator[tuple[str, Any]]:
-    fn = partial(_prepare, resize=resize, quality=quality)
+    face = {"crop": crop} if crop else {}  # whole images: the call as it always was
+    fn = partial(_prepare, resize=resize, quality=quality, **face)
     if workers <= 1:
         yield from map(fn, items)
         return
@@ -204,6 +231,7 @@ def write_split(
     inputs: Iterable[str | Path] = (),
     in_order: bool = False,
     prepared: Callable[[list[SourceItem]], Iterator[tuple[str, Any]]] | None = None,
+    crop: dict[str, Any] | None = None,
 ) -> WriteSummary:
     """Write ``items`` as the split ``<out>/<split>`` and return its summary.
 
@@ -213,6 +241,8 @@ def write_split(
     remove them). ``inputs``: the dataset's folders, which the output must not overlap.
     ``overwrite``: replace an existing split (only files the writer writes; see ``outdir``).
     ``in_order``: items in write order; ``prepared(ordered)``: their images (arrays: ``parts``).
+    ``crop``: the face crop (``faces.crop_record``), recorded in the catalog's metadata; an
+    image without its geometry is skipped and counted (``no face geometry``), never uncropped.
 
     Raises ShardWriteError, before anything is written, for an output that overlaps an input,
     an existing split without ``overwrite``, a split folder holding a file the writer did not
@@ -239,6 +269,7 @@ def write_split(
             extra_files=extra_files,
             in_order=in_order,
             prepared=prepared,
+            crop=crop,
         )
     except BaseException as e:  # KeyboardInterrupt too: an interrupted write leaves no debris
         with contextlib.suppress(OSError):
@@ -265,6 +296,7 @@ def write_split(
         bytes=total_bytes,
         skipped=len(skipped),
         listed=len(items),
+        no_face=sum(NO_FACE in line for line in skipped),
     )
 
 
@@ -327,6 +359,7 @@ def _write_files(
     extra_files: dict[str, Callable[[Path], None]] | None,
     in_order: bool = False,
     prepared: Callable[[list[SourceItem]], Iterator[tuple[str, Any]]] | None = None,
+    crop: dict[str, Any] | None = None,
 ) -> tuple[list[dict[str, Any]], list[str], list[str], int]:
     """Write shards, skipped.txt, index.parquet, sizes.json and the extra files into
     ``partial_dir``; return (index rows, shard names, skipped lines, total image bytes)."""
@@ -348,7 +381,7 @@ def _write_files(
     try:
         for item, (status, payload) in zip(
             ordered,
-            prepared(ordered) if prepared else _results(ordered, resize, quality, workers),
+            prepared(ordered) if prepared else _results(ordered, resize, quality, workers, crop),
             strict=True,
         ):
             bar.update(1)
@@ -367,7 +400,7 @@ def _write_files(
 
     (partial_dir / SKIPPED_FILE).write_text("".join(line + "\n" for line in skipped))
     if sink.rows:  # else refused by _check_written
-        _write_tables(partial_dir, items, sink, extra_files)
+        _write_tables(partial_dir, items, sink, extra_files, crop)
     return sink.rows, sink.shard_names, skipped, sink.total_bytes
 
 
@@ -464,11 +497,19 @@ def _write_tables(
     items: list[SourceItem],
     sink: _ShardSink,
     extra_files: dict[str, Callable[[Path], None]] | None,
+    crop: dict[str, Any] | None = None,
 ) -> None:
-    """Write index.parquet, sizes.json and the extra files of the written shards."""
+    """Write index.parquet (with the crop record in its metadata), sizes.json and the extra
+    files of the written shards."""
     meta_keys = sorted({k for item in items for k in item.meta} - set(INDEX_COLUMNS))
     columns = {c: [r.get(c) for r in sink.rows] for c in (*INDEX_COLUMNS, *meta_keys)}
-    table = pa.table(columns)
+    # The face columns' types are shared with their readers (x1, y1, ..., x5, y5 in the source
+    # image's pixels; null where the dataset gives none), whatever the Python values are.
+    types = {"landmarks_5pt": pa.list_(pa.float32()), "det_score": pa.float32()}
+    arrays = {c: pa.array(v, types.get(c)) for c, v in columns.items()}
+    table = pa.table(arrays).replace_schema_metadata(
+        {CATALOG_KEY: json.dumps(crop or NO_CROP, sort_keys=True)}
+    )
     pq.write_table(table, partial_dir / INDEX_FILE)
     # Shard order = write order, so sizes.json also lists the shards in global-index order.
     assert list(sink.sizes) == sink.shard_names, (list(sink.sizes), sink.shard_names)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ import torch
 from pipeline import logs
 from pipeline.config.load import add_config_arguments, load_config, named_model, split_weights
 from pipeline.config.schema import DataConfig, EvalConfig, RunConfig, to_dict
+from pipeline.data.transforms import crop_for_weights
 from pipeline.distributed import collectives, group
 from pipeline.eval import protocols
 from pipeline.eval.extract import Embeddings, extract_embeddings
@@ -149,6 +151,7 @@ def _preflight(cfg: RunConfig) -> None:
 def run(args: argparse.Namespace) -> int:
     checkpoint, overrides = split_weights(args.weights, args.overrides)
     cfg: RunConfig = load_config(args.config, overrides)
+    cfg = replace(cfg, data=crop_for_weights(cfg.data, checkpoint))
     out = eval_output_dir(cfg)
     rank = group.process_rank()
     logs.setup_logging(RunDir(out).log_file(rank), rank=rank)

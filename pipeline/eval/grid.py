@@ -45,7 +45,7 @@ def _read_images(data_cfg: DataConfig, index: set[int], side: int = 96) -> dict[
         wanted = {k: i for i, (s, k) in where.items() if s == shard}
         for raw in read_shard(str(root / shard)):
             if raw.key in wanted:
-                img = decode_image(raw.data).convert("RGB")
+                img = decode_image(raw.data)
                 img = img.resize((side, side), Image.BILINEAR)
                 images[wanted[raw.key]] = np.asarray(img)
     return images

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ import numpy as np
 
 from pipeline.config.schema import RunConfig, to_dict
 from pipeline.data.catalog import expand_urls, read_index
+from pipeline.data.transforms import crop_for_weights
 from pipeline.distributed import collectives, group
 from pipeline.eval import protocols
 from pipeline.eval.evaluator import compute_metrics, log_result, write_outputs
@@ -75,6 +77,8 @@ def extract_part(cfg: RunConfig, checkpoint: str, part: int, urls: list[str]) ->
     """Embed the shards ``urls`` with the weights ``checkpoint`` into part file ``part``
     (rank 0 writes); a part already computed from the same inputs is kept. Joins and leaves
     the process group itself. All ranks participate."""
+    # The face crop recorded with the weights picks the transform (a mismatch: one line).
+    cfg = replace(cfg, data=crop_for_weights(cfg.data, checkpoint))
     path = part_path(eval_output_dir(cfg), part)
     extraction = protocols.get(cfg.eval.protocol).extraction(cfg.eval)
     stamp = fingerprint(checkpoint, urls, extraction)

@@ -25,7 +25,7 @@ import io
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -34,9 +34,16 @@ import numpy as np
 import torch
 from PIL import Image
 
+import pipeline
 from pipeline.config.load import add_config_arguments, load_config, named_model, split_weights
 from pipeline.config.schema import DataConfig, RunConfig
-from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD, draft_side
+from pipeline.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    crop_for_weights,
+    crop_of,
+    draft_side,
+)
 from pipeline.errors import UserError
 from pipeline.model import load_trained_model
 from pipeline.serve import runtime
@@ -87,6 +94,9 @@ def preprocessing_spec(data_cfg: DataConfig, embedding_dim: int) -> dict[str, An
         "jpeg_draft_min_side": draft_side(data_cfg, train=False),
         "embedding_dim": None if embedding_dim is None else int(embedding_dim),
         "l2_normalised": True,
+        # The face crop the model takes (pipeline.data.faces): queries must be such crops, or
+        # come with their five landmarks to be aligned the same way.
+        "face_crop": crop_of(data_cfg),
     }
 
 
@@ -220,6 +230,24 @@ def _requirements() -> list[str]:
     return [f"{p}=={version(p)}" for p in ("mlflow", "onnxruntime", "numpy", "pillow", "pandas")]
 
 
+RUNTIME_PACKAGE = "smoothap_runtime"
+"""The name the MLflow model's copy of the one image path goes by: MLflow puts the model's code
+first on ``sys.path``, so a copy named ``pipeline`` would hide this project where both exist."""
+
+
+def _decode_package(folder: Path) -> Path:
+    """A copy of the modules of the one image path (``pipeline.data.image``, ``faces`` and
+    ``errors``: NumPy and Pillow only) as the package :data:`RUNTIME_PACKAGE`, for the MLflow
+    model to decode and crop exactly as make-shards without this project installed."""
+    source = Path(pipeline.__file__).parent
+    target = folder / RUNTIME_PACKAGE
+    (target / "data").mkdir(parents=True)
+    for rel in ("__init__.py", "errors.py", "data/__init__.py", "data/image.py", "data/faces.py"):
+        text = (source / rel).read_text()
+        (target / rel).write_text(text.replace("from pipeline.", f"from {RUNTIME_PACKAGE}."))
+    return target
+
+
 def log_mlflow_model(
     model: Any,
     data_cfg: DataConfig,
@@ -251,6 +279,7 @@ def log_mlflow_model(
         code.write_text(
             Path(runtime.__file__).read_text() + "\n\nmlflow.models.set_model(EmbeddingPyfunc())\n"
         )
+        decode_package = _decode_package(tmp / "code")
         signature = ModelSignature(
             inputs=Schema([ColSpec("binary", runtime.IMAGE_COLUMN)]),
             outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, dim), "embedding")]),
@@ -264,6 +293,7 @@ def log_mlflow_model(
                 signature=signature,
                 input_example=example,
                 pip_requirements=_requirements(),
+                code_paths=[str(decode_package)],
                 registered_model_name=registered_model_name,
             )
     version = info.registered_model_version
@@ -304,9 +334,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_weights_model(
-    config: str | None, weights: str | None, tokens: list[str]
+    config: str | None, weights: str | None, tokens: list[str], eval_urls: str = ""
 ) -> tuple[Any, RunConfig, str]:
-    """The trained model of ``--weights`` (``weights``), the config and the weights' path.
+    """The trained model of ``--weights`` (``weights``), the config (its face crop from the
+    weights, checked against the split ``eval_urls`` if given) and the weights' path.
 
     As in ``pipeline evaluate``: the file's recorded architecture is used unless the config
     names a model, in which case the two must agree (``ModelLoadError`` otherwise).
@@ -314,6 +345,8 @@ def load_weights_model(
     path, overrides = split_weights(weights, tokens)
     cfg = load_config(config, overrides)
     model = load_trained_model(path, named_model(config, overrides, cfg))
+    # The face crop (and the input size it fixes) recorded with the weights.
+    cfg = replace(cfg, data=crop_for_weights(cfg.data, path, eval_urls))
     return model, cfg, path
 
 

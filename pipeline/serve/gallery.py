@@ -44,7 +44,9 @@ import torch
 from pipeline.config.load import add_config_arguments
 from pipeline.config.schema import DataConfig
 from pipeline.data.catalog import read_index, split_dir
-from pipeline.data.transforms import decode_image, draft_side, eval_transform
+from pipeline.data.converters import LANDMARK_COLUMNS, read_geometry_csv
+from pipeline.data.faces import CropError
+from pipeline.data.image import model_input
 from pipeline.distributed import collectives, group
 from pipeline.errors import UserError
 from pipeline.eval.extract import extract_embeddings, sort_by_index
@@ -182,17 +184,23 @@ def list_images(folder: Path) -> list[Path]:
     return files
 
 
-def load_image_tensor(path: Path, data_cfg: DataConfig) -> torch.Tensor:
-    """Decode and eval-transform one file as the eval loader does; GalleryError if it is not
-    an image."""
+def load_image_tensor(path: Path, data_cfg: DataConfig, landmarks: Any = None) -> torch.Tensor:
+    """One file as the model sees it, by the one image path (``pipeline.data.image.
+    model_input``: make-shards' decode, the face crop or its size check, the eval transform);
+    GalleryError if it is not an image, ``faces.CropError`` if it is not a face crop of the
+    model's kind and has no ``landmarks``."""
     try:
-        image = decode_image(path.read_bytes(), draft_side(data_cfg, train=False))
+        spec = preprocessing_spec(data_cfg, None)
+        return torch.from_numpy(
+            model_input(path.read_bytes(), spec, landmarks=landmarks, what=str(path))
+        )
+    except CropError:
+        raise
     except Exception as e:
         raise GalleryError(
             f"{path}: not a readable image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
             "pass JPEG, PNG or another format Pillow reads"
         ) from None
-    return eval_transform(data_cfg)(image)
 
 
 def embed_files(
@@ -203,9 +211,12 @@ def embed_files(
     device: Any = "cpu",
     batch_size: int = 64,
     skip_bad: bool = False,
+    landmarks: list[Any] | None = None,
 ) -> tuple[np.ndarray, list[int], list[tuple[Path, str]]]:
     """Embeddings of the readable ``files`` (float32 (n, D)), their positions in ``files``, and
-    the skipped (path, reason) pairs (only with ``skip_bad``; else the first bad file raises)."""
+    the skipped (path, reason) pairs (only with ``skip_bad``; else the first bad file raises).
+    ``landmarks``: per file, its five landmarks or None (aligned-face models)."""
+
     model.eval()
     dtype = next(model.parameters()).dtype
     embs, kept, skipped, batch = [], [], [], []
@@ -219,8 +230,8 @@ def embed_files(
 
     for i, f in enumerate(files):
         try:
-            batch.append(load_image_tensor(f, data_cfg))
-        except GalleryError as e:
+            batch.append(load_image_tensor(f, data_cfg, landmarks[i] if landmarks else None))
+        except (GalleryError, CropError) as e:
             if not skip_bad:
                 raise
             skipped.append((f, str(e)))
@@ -234,12 +245,19 @@ def embed_files(
 
 
 def _folder_gallery(
-    model: torch.nn.Module, folder: Path, data_cfg: DataConfig, device: Any, batch_size: int
+    model: torch.nn.Module,
+    folder: Path,
+    data_cfg: DataConfig,
+    device: Any,
+    batch_size: int,
+    landmarks: dict[str, list[float]] | None = None,
 ) -> tuple[np.ndarray, dict[str, list], list[tuple[Path, str]]]:
-    """Embed an image folder, its files dealt to the ranks (all ranks participate)."""
+    """Embed an image folder, its files dealt to the ranks (all ranks participate);
+    ``landmarks``: five landmarks by path under ``folder`` without extension (face models)."""
     files = list_images(folder)
     rank, world = group.get_rank(), group.get_world_size()
     mine = list(range(rank, len(files), world))
+    marks = [(landmarks or {}).get(str(files[i].relative_to(folder).with_suffix(""))) for i in mine]
     emb, kept, skipped = embed_files(
         model,
         [files[i] for i in mine],
@@ -247,6 +265,7 @@ def _folder_gallery(
         device=device,
         batch_size=batch_size,
         skip_bad=True,
+        landmarks=marks,
     )
     index = np.asarray([mine[i] for i in kept], np.int64)
     emb, index = (
@@ -351,6 +370,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--images", default=None, help="a folder of images (class sub-folders)")
     parser.add_argument("--out", required=True, help="index directory to write (must be new)")
     parser.add_argument("--kind", default="exact", help=f"one of {', '.join(KINDS)}")
+    parser.add_argument(
+        "--landmarks",
+        default=None,
+        metavar="CSV",
+        help="--images of an aligned-face model: NAME_ID (path under the folder, without "
+        "extension),P1X,P1Y,...,P5Y; images without a row must be aligned crops already",
+    )
     parser.add_argument("--batch-size", type=int, default=0, help="default: eval.batch_size")
     defaults = IndexParams()
     for name in ("hnsw_m", "ef_construction", "ef_search", "nlist", "pq_m", "nprobe", "train_size"):
@@ -381,7 +407,9 @@ def run(args: argparse.Namespace) -> int:
             f"--out {str(out)!r} exists and is not empty; pipeline build-gallery does not overwrite: "
             "pick a new directory"
         )
-    model, cfg, checkpoint = load_weights_model(args.config, args.weights, args.overrides)
+    model, cfg, checkpoint = load_weights_model(
+        args.config, args.weights, args.overrides, args.shards or ""
+    )
     batch_size = args.batch_size or cfg.eval.batch_size
     # Joins the job's group (none for one process) and always leaves it.
     with group.process_group():
@@ -392,8 +420,11 @@ def run(args: argparse.Namespace) -> int:
         if args.shards:
             emb, items = _shard_gallery(model, args.shards, cfg.data, device, batch_size)
         else:
+            marks = None
+            if args.landmarks:
+                marks = read_geometry_csv(Path(args.landmarks), LANDMARK_COLUMNS)
             emb, items, skipped = _folder_gallery(
-                model, Path(args.images), cfg.data, device, batch_size
+                model, Path(args.images), cfg.data, device, batch_size, marks
             )
         embed_s = time.perf_counter() - start
         if len(emb) == 0:  # the same on every rank (gathered)

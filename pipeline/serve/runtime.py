@@ -1,5 +1,6 @@
 """A trained embedding model outside the project: preprocessing from its JSON spec, then the
-ONNX graph, with NumPy, Pillow and onnxruntime only (no torch, nothing from ``pipeline``).
+ONNX graph, with NumPy, Pillow and onnxruntime only (no torch; from ``pipeline`` only the one
+image path, ``pipeline.data.image`` and ``faces``, which the MLflow model carries as code).
 
 ``pipeline export`` writes the spec (:data:`SPEC_KEYS`) beside every exported model, and this
 file is the reference implementation of it: the eval transform of ``pipeline.data.transforms``
@@ -15,7 +16,6 @@ Shape legend: N images, H x W pixels, S crop side, D embedding dimension.
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,11 @@ from typing import Any
 import mlflow.pyfunc
 import numpy as np
 from PIL import Image
+
+try:
+    from pipeline.data import image as one_path
+except ImportError:  # the MLflow model without this project: its copy (pipeline.export)
+    from smoothap_runtime.data import image as one_path  # type: ignore[no-redef]
 
 SPEC_FORMAT = "smoothap-preprocessing-v1"
 SPEC_KEYS = (
@@ -43,9 +48,12 @@ SPEC_KEYS = (
     "jpeg_draft_min_side",
     "embedding_dim",
     "l2_normalised",
+    "face_crop",
 )
 IMAGE_COLUMN = "image"
 """The pyfunc model's input: a DataFrame column of encoded image bytes."""
+LANDMARKS_COLUMN = "landmarks"
+"""Optional: each image's five landmarks (x1, y1, ..., x5, y5) for an aligned-face model."""
 
 
 def read_spec(path: str | Path) -> dict[str, Any]:
@@ -60,17 +68,9 @@ def read_spec(path: str | Path) -> dict[str, Any]:
 
 
 def decode(data: bytes, spec: dict[str, Any]) -> Image.Image:
-    """Encoded image bytes -> RGB image, as ``pipeline.data.transforms.decode_image`` does with
-    ``min_side = jpeg_draft_min_side`` (libjpeg may decode a large JPEG at 1/2, 1/4, 1/8 scale
-    as long as its shorter side stays >= that)."""
-    image = Image.open(io.BytesIO(data))
-    min_side = int(spec["jpeg_draft_min_side"])
-    if min_side > 0 and image.format == "JPEG":
-        w, h = image.size
-        scale = min_side / min(w, h)
-        if scale < 0.5:
-            image.draft("RGB", (int(w * scale) + 1, int(h * scale) + 1))
-    return image.convert("RGB")
+    """Encoded image bytes -> RGB image: ``pipeline.data.image.decode`` (the mode rules of
+    make-shards) with ``min_side = jpeg_draft_min_side``."""
+    return one_path.decode(data, int(spec["jpeg_draft_min_side"]))
 
 
 def preprocess(image: Image.Image | np.ndarray, spec: dict[str, Any]) -> np.ndarray:
@@ -82,29 +82,14 @@ def preprocess(image: Image.Image | np.ndarray, spec: dict[str, Any]) -> np.ndar
                 "expected H x W x 3 uint8 (RGB)"
             )
         image = Image.fromarray(image, "RGB")
-    side = int(spec["resize_shorter_side"])
-    w, h = image.size
-    # torchvision's rule for Resize(int): the shorter side becomes `side`, the longer one
-    # int(side * long / short) (truncated), and an image already that size is left alone.
-    short, long = (w, h) if w <= h else (h, w)
-    new_short, new_long = side, int(side * long / short)
-    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-    if (new_w, new_h) != (w, h):
-        image = image.resize((new_w, new_h), resample=Image.BILINEAR)
-    crop_h, crop_w = (int(v) for v in spec["input_size"])
-    top = round((new_h - crop_h) / 2.0)
-    left = round((new_w - crop_w) / 2.0)
-    image = image.crop((left, top, left + crop_w, top + crop_h))
-    pixels_HWC = np.asarray(image, dtype=np.float32) * np.float32(spec["scale"])
-    mean = np.asarray(spec["mean"], np.float32)
-    std = np.asarray(spec["std"], np.float32)
-    return np.ascontiguousarray(((pixels_HWC - mean) / std).transpose(2, 0, 1))
+    return one_path.eval_array(image, spec)
 
 
-def to_array(item: Any, spec: dict[str, Any]) -> np.ndarray:
-    """Encoded bytes or an HxWx3 uint8 array -> float32 (3, S, S)."""
+def to_array(item: Any, spec: dict[str, Any], landmarks: Any = None) -> np.ndarray:
+    """Encoded bytes (with their five landmarks for an aligned-face model, or already a crop of
+    the model's kind) or an HxWx3 uint8 array -> float32 (3, S, S)."""
     if isinstance(item, (bytes, bytearray, memoryview)):
-        return preprocess(decode(bytes(item), spec), spec)
+        return one_path.model_input(bytes(item), spec, landmarks=landmarks)
     if isinstance(item, np.ndarray):
         return preprocess(item, spec)
     raise TypeError(
@@ -130,11 +115,16 @@ class OnnxEmbedder:
         inputs = {self.spec["input_name"]: np.ascontiguousarray(images_NCHW, np.float32)}
         return self.session.run([self.spec["output_name"]], inputs)[0]
 
-    def embed(self, images: list[Any], batch_size: int = 64) -> np.ndarray:
-        """Encoded image bytes and/or HxWx3 uint8 arrays -> float32 (N, D)."""
+    def embed(
+        self, images: list[Any], batch_size: int = 64, landmarks: list[Any] | None = None
+    ) -> np.ndarray:
+        """Encoded image bytes and/or HxWx3 uint8 arrays -> float32 (N, D); ``landmarks``:
+        each image's ten landmark numbers (or None) for an aligned-face model."""
+        marks = list(landmarks) if landmarks is not None else [None] * len(images)
         out = [np.zeros((0, int(self.spec["embedding_dim"])), np.float32)]
         for start in range(0, len(images), batch_size):
-            batch = [to_array(x, self.spec) for x in images[start : start + batch_size]]
+            chunk = zip(images[start : start + batch_size], marks[start : start + batch_size])
+            batch = [to_array(x, self.spec, m) for x, m in chunk]
             out.append(self.embed_batch(np.stack(batch)))
         return np.concatenate(out)
 
@@ -157,6 +147,8 @@ class EmbeddingPyfunc(mlflow.pyfunc.PythonModel):
                     f"{IMAGE_COLUMN!r} of encoded image bytes"
                 )
             images = list(model_input[IMAGE_COLUMN])
+            if LANDMARKS_COLUMN in model_input.columns:
+                return self.embedder.embed(images, landmarks=list(model_input[LANDMARKS_COLUMN]))
         else:
             images = list(model_input)
         return self.embedder.embed(images)

@@ -23,8 +23,9 @@ import numpy as np
 from PIL import Image
 
 from pipeline.config.schema import DataConfig
+from pipeline.data.converters import LANDMARK_COLUMNS, read_geometry_csv
+from pipeline.data.image import decode
 from pipeline.data.stream import read_shard
-from pipeline.data.transforms import decode_image
 from pipeline.model import load_trained_model
 from pipeline.plots import framed_image_grid, save_png
 from pipeline.serve.gallery import Gallery, GalleryError, embed_files, read_gallery, search_index
@@ -51,18 +52,28 @@ def load_query_model(gallery: Gallery, checkpoint: str | None = None):
 
 
 def search_images(
-    gallery: Gallery, files: list[Path], k: int, *, checkpoint: str | None = None
+    gallery: Gallery,
+    files: list[Path],
+    k: int,
+    *,
+    checkpoint: str | None = None,
+    landmarks: list | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k (scores Q x k, gallery rows Q x k) of each query file."""
+    """Top-k (scores Q x k, gallery rows Q x k) of each query file (``landmarks``: per file,
+    its five landmarks or None, for a gallery of aligned faces)."""
     for f in files:
         if not f.is_file():
             raise GalleryError(f"query {str(f)!r} does not exist; pass image files")
     model = load_query_model(gallery, checkpoint)
     spec = gallery.manifest["preprocessing"]
+    crop = spec.get("face_crop") or {"mode": "none", "size": 0}
     data_cfg = DataConfig(
-        image_size=int(spec["input_size"][0]), resize_size=int(spec["resize_shorter_side"])
+        image_size=int(spec["input_size"][0]),
+        resize_size=int(spec["resize_shorter_side"]),
+        crop=crop["mode"],
+        crop_size=int(crop["size"]),
     )
-    emb_QD, _, _ = embed_files(model, files, data_cfg)
+    emb_QD, _, _ = embed_files(model, files, data_cfg, landmarks=landmarks)
     return search_index(gallery.index, emb_QD, k)
 
 
@@ -74,7 +85,7 @@ def query_classes(gallery: Gallery, files: list[Path]) -> list[str | None]:
 
 def _thumb(data_or_path: bytes | Path) -> np.ndarray:
     data = data_or_path.read_bytes() if isinstance(data_or_path, Path) else data_or_path
-    return np.asarray(decode_image(data).resize((THUMB, THUMB), Image.BILINEAR))
+    return np.asarray(decode(data).resize((THUMB, THUMB), Image.BILINEAR))
 
 
 def gallery_thumbnails(gallery: Gallery, rows: set[int]) -> dict[int, np.ndarray]:
@@ -120,6 +131,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", default=None, help="default: the manifest's checkpoint")
     parser.add_argument("--grid", default=None, help="write a PNG grid of queries and neighbours")
     parser.add_argument("--json", default=None, help="write the results as JSON")
+    parser.add_argument(
+        "--landmarks",
+        default=None,
+        metavar="CSV",
+        help="aligned-face galleries: NAME_ID,P1X,P1Y,...,P5Y per query (NAME_ID: the query "
+        "path or file name, without extension); queries without a row must be aligned crops",
+    )
+
+
+def query_landmarks(csv_path: str | None, files: list[Path]) -> list | None:
+    """Each query's five landmarks from ``--landmarks`` (by path, then by name), or None."""
+    if not csv_path:
+        return None
+    rows = read_geometry_csv(Path(csv_path), LANDMARK_COLUMNS)
+    return [rows.get(str(f.with_suffix(""))) or rows.get(f.stem) for f in files]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -127,7 +153,10 @@ def run(args: argparse.Namespace) -> int:
         raise GalleryError(f"--k {args.k}: must be >= 1")
     gallery = read_gallery(args.index_dir)
     files = [Path(f) for f in args.images]
-    scores, rows = search_images(gallery, files, args.k, checkpoint=args.checkpoint)
+    marks = query_landmarks(args.landmarks, files)
+    scores, rows = search_images(
+        gallery, files, args.k, checkpoint=args.checkpoint, landmarks=marks
+    )
     items = gallery.items
     classes = query_classes(gallery, files)
     results: list[dict[str, Any]] = []

@@ -39,7 +39,7 @@ from pipeline import logs
 from pipeline.config.load import load_config, save_config
 from pipeline.config.schema import ConfigError, RunConfig, to_dict
 from pipeline.data.stream import train_loader
-from pipeline.data.transforms import normalise_batch
+from pipeline.data.transforms import SCHEME_KEY, normalise_batch, resolve_crop, weights_scheme
 from pipeline.distributed import collectives, group
 from pipeline.eval.evaluator import evaluate_model
 from pipeline.eval.protocols import preflight  # the shard checks, then the protocol's
@@ -103,6 +103,8 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     ``tracking_uri``, ``metrics`` (final evaluation), ``weights`` (fp32 ``.safetensors``),
     ``resumed_from`` (step or None), ``output_dir``.
     """
+    # The training splits' face crop picks the transforms; a mismatched eval split is refused.
+    cfg = replace(cfg, data=resolve_crop(cfg.data, train=True))
     rank = group.process_rank()
     logs.setup_logging(RunDir.of(cfg).log_file(rank), rank=rank)
     return Trainer(cfg).train()
@@ -656,7 +658,8 @@ class Trainer:
             "output_dir": str(self.run_dir.root),
         }
         if self.is_main:  # files only; no collective in here
-            save_weights(state, self.engine.module.architecture, self.run_dir.weights)
+            scheme = {SCHEME_KEY: json.dumps(weights_scheme(self.cfg.data))}
+            save_weights(state, self.engine.module.architecture, self.run_dir.weights, scheme)
             self.tracker.log_artifact(self.run_dir.weights)
             log_curves(self.tracker, CURVES, self.run_dir.curves)
             self._log_model()

@@ -13,14 +13,40 @@ def imagefolder(root: Path) -> None:
             write_image(root / cls / f"{i}.jpg", seed=10 * c + i)
 
 
+FACE_TEMPLATE = [38.29, 51.70, 73.53, 51.50, 56.03, 71.74, 41.55, 92.37, 70.73, 92.20]
+"""Five landmarks (x1, y1, ..., x5, y5) of a face in a 112 x 112 image."""
+
+
+def face_landmarks(seed: int, scale: float = 0.2) -> list[float]:
+    """Landmarks of a face inside the 24 x 18 layout images (the template scaled, moved)."""
+    return [round(v * scale + (seed % 3) * 0.5, 2) for v in FACE_TEMPLATE]
+
+
+def face_box(seed: int) -> list[float]:
+    return [4.0 + seed % 3, 3.0, 12.0, 11.0]
+
+
 def vggface2(root: Path) -> None:
+    """VGGFace2 with its bb_landmark/ files (quoted CSV, as released); the last training
+    image has neither landmarks nor a box."""
+    header = ",".join(
+        f'"{c}"' for c in ["NAME_ID"] + [f"P{i}{a}" for i in range(1, 6) for a in "XY"]
+    )
     for split, ids in (("train", ["n000002", "n000010"]), ("test", ["n000001"])):
-        lines = []
+        lines, marks, boxes = [], [header], ['"NAME_ID","X","Y","W","H"']
         for j, ident in enumerate(ids):
             for i in range(2):
                 write_image(root / split / ident / f"{i:04d}_01.jpg", seed=j * 10 + i)
                 lines.append(f"{ident}/{i:04d}_01.jpg")
+                if split == "train" and j == len(ids) - 1 and i == 1:
+                    continue
+                name = f'"{ident}/{i:04d}_01"'
+                marks.append(",".join([name, *map(str, face_landmarks(j * 10 + i))]))
+                boxes.append(",".join([name, *map(str, face_box(j * 10 + i))]))
         (root / f"{split}_list.txt").write_text("\n".join(lines) + "\n")
+        (root / "bb_landmark").mkdir(exist_ok=True)
+        (root / "bb_landmark" / f"loose_landmark_{split}.csv").write_text("\n".join(marks) + "\n")
+        (root / "bb_landmark" / f"loose_bb_{split}.csv").write_text("\n".join(boxes) + "\n")
 
 
 def inaturalist(root: Path) -> None:
@@ -50,11 +76,13 @@ def sop(root: Path) -> None:
 def ijbc(root: Path) -> None:
     meta = root / "IJBC" / "meta"
     meta.mkdir(parents=True)
-    lines = []
+    lines, five = [], []
     for i in range(1, 5):
         write_image(root / "IJBC" / "loose_crop" / f"{i}.jpg", seed=i)
         lines.append(f"{i}.jpg {1 + (i - 1) // 2} {100 + i}")
+        five.append(" ".join([f"{i}.jpg", *map(str, face_landmarks(i)), f"0.{90 + i}"]))
     (meta / "ijbc_face_tid_mid.txt").write_text("\n".join(lines) + "\n")
+    (meta / "ijbc_name_5pts_score.txt").write_text("\n".join(five) + "\n")
     (meta / "ijbc_template_pair_label.txt").write_text("1 2 0\n")
 
 

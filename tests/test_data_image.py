@@ -1,6 +1,6 @@
 """Every image mode PIL opens becomes the RGB picture it shows (issue 10: a 16-bit PNG became a
 near-white JPEG). Each case is checked against a reference computed here with numpy from the
-pixels the test wrote, independently of pipeline.data.imagemode.
+pixels the test wrote, independently of pipeline.data.image.
 
 Tolerance: the output is a JPEG (quality 95). The test images are smooth gradients or flat
 16x16 blocks aligned with JPEG's macroblocks (compared 2 pixels away from a colour edge, where

@@ -1,7 +1,14 @@
-"""Turn any decoded image into the 8-bit RGB picture it shows, by stated rules.
+"""The one image path: image bytes -> the 8-bit RGB picture they show -> the face crop -> the
+model's input. make-shards, the training and evaluation loaders, ``pipeline build-gallery
+--images``, ``pipeline search``, the exported model's runtime and the MLflow model all decode
+here, so that a query is seen with exactly the pixels its gallery copy was written with (a
+16-bit PNG query decoded by a plain ``convert("RGB")`` scored -0.16 against its own gallery
+entry).
+
+Only NumPy and Pillow are imported: the exported model's runtime carries this file.
 
 Shards hold RGB JPEGs. PIL's ``convert("RGB")`` is not enough: it clips high-bit-depth pixels
-to 255 (a 16-bit grayscale PNG became a near-white JPEG without a warning, issue 10), drops an
+to 255 (a 16-bit grayscale PNG became a near-white JPEG without a warning), drops an
 alpha channel onto whatever colour the transparent pixels happen to store, and ignores the EXIF
 orientation a camera wrote. The rules, in order:
 
@@ -36,8 +43,13 @@ silently and never converted by a guess.
 
 from __future__ import annotations
 
+import io
+from typing import Any
+
 import numpy as np
 from PIL import Image, ImageOps
+
+from pipeline.data import faces
 
 BACKGROUND = 255
 """Transparent pixels become white: the usual backdrop of product photos and web images, and
@@ -136,5 +148,91 @@ def to_rgb(image: Image.Image) -> Image.Image:
         return _gray_to_rgb(_float_to_u8(np.asarray(image)))
     raise UnsupportedImage(
         f"image mode {mode!r} has no stated conversion to 8-bit RGB (see "
-        "pipeline/data/imagemode.py); convert the file to RGB, e.g. PNG or JPEG"
+        "pipeline/data/image.py); convert the file to RGB, e.g. PNG or JPEG"
+    )
+
+
+# ---------------------------------------------------------------------------- the one path
+
+
+def decode(data: bytes, min_side: int = 0) -> Image.Image:
+    """Image bytes -> the 8-bit RGB image they show (:func:`to_rgb`'s rules).
+
+    ``min_side`` > 0 lets libjpeg decode at a reduced scale (1/2, 1/4, 1/8) as long as the
+    shorter side stays >= ``min_side``: much faster for photos far larger than the network
+    input, and no visible loss because the transforms downscale at least that much anyway.
+    """
+    image = Image.open(io.BytesIO(data))
+    if min_side > 0 and image.format == "JPEG":
+        w, h = image.size
+        scale = min_side / min(w, h)
+        if scale < 0.5:
+            image.draft("RGB", (int(w * scale) + 1, int(h * scale) + 1))
+    image.load()  # a full decode: a truncated file fails here
+    return to_rgb(image)
+
+
+def shard_pixels(
+    data: bytes, crop: dict[str, Any], *, landmarks: Any = None, box: Any = None
+) -> Image.Image:
+    """What make-shards encodes: the decoded image cut to the split's face crop (``crop``:
+    :func:`pipeline.data.faces.crop_record`). Raises ``faces.MissingFaceGeometry`` when the
+    crop needs landmarks or a box that the dataset does not give for this image."""
+    return faces.crop(decode(data), crop, landmarks=landmarks, box=box)
+
+
+def query_pixels(
+    data: bytes,
+    crop: dict[str, Any] | None,
+    *,
+    landmarks: Any = None,
+    min_side: int = 0,
+    what: str = "query",
+) -> Image.Image:
+    """The pixels a query shows the model: decoded as make-shards decodes; with ``landmarks``
+    (an aligned model) aligned exactly as make-shards aligns; without, the image must already
+    be a crop of the model's kind (``faces.CropError`` naming ``what`` otherwise)."""
+    crop = crop or faces.NO_CROP
+    if crop.get("mode", "none") == "none":
+        return decode(data, min_side)
+    if landmarks is not None and crop["mode"] == "aligned":
+        return shard_pixels(data, crop, landmarks=landmarks)
+    image = decode(data)
+    faces.check_query_size(image, crop, what)
+    return image
+
+
+def eval_array(image: Image.Image, spec: dict[str, Any]) -> np.ndarray:
+    """An RGB image -> float32 (3, S, S) by the evaluation transform a preprocessing spec
+    describes (``pipeline.export.preprocessing_spec``): shorter side resized to
+    ``resize_shorter_side`` (Pillow bilinear, antialiased; the longer side truncated as
+    torchvision does; skipped when the size is already right), centre crop ``input_size``,
+    times ``scale``, minus ``mean``, over ``std``."""
+    side = int(spec["resize_shorter_side"])
+    w, h = image.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = side, int(side * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    if (new_w, new_h) != (w, h):
+        image = image.resize((new_w, new_h), resample=Image.BILINEAR)
+    crop_h, crop_w = (int(v) for v in spec["input_size"])
+    top = round((new_h - crop_h) / 2.0)
+    left = round((new_w - crop_w) / 2.0)
+    image = image.crop((left, top, left + crop_w, top + crop_h))
+    pixels_HWC = np.asarray(image, dtype=np.float32) * np.float32(spec["scale"])
+    mean = np.asarray(spec["mean"], np.float32)
+    std = np.asarray(spec["std"], np.float32)
+    return np.ascontiguousarray(((pixels_HWC - mean) / std).transpose(2, 0, 1))
+
+
+def model_input(
+    data: bytes, spec: dict[str, Any], *, landmarks: Any = None, what: str = "query"
+) -> np.ndarray:
+    """Image bytes -> what the model sees, float32 (3, S, S): mode rules, face crop (or the
+    crop check), evaluation transform; every query path calls this."""
+    crop = spec.get("face_crop") or faces.NO_CROP
+    # The JPEG draft would move the landmarks' pixel grid: faces decode at full size.
+    min_side = int(spec.get("jpeg_draft_min_side", 0)) if crop.get("mode") == "none" else 0
+    return eval_array(
+        query_pixels(data, crop, landmarks=landmarks, min_side=min_side, what=what), spec
     )
