@@ -38,6 +38,9 @@ def _write_shards(raw: Path, out: Path, release: dict | None) -> Path:
     items, extra = list_ijbc(raw, "test")
     if release is not None:
         items = with_det_scores(items, release)
+    else:  # a split written before the converter read the detector scores
+        for item in items:
+            item.meta.pop("det_score", None)
     write_split(
         items,
         out,

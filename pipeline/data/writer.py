@@ -286,7 +286,11 @@ def write_split(
             f"{Path(left[0]).parent}: {left[0]}, ...",
             stacklevel=2,
         )
-    final = Path(out) / split
+    return _summary(written, Path(out) / split, listed=len(items))
+
+
+def _summary(written: tuple, final: Path, listed: int) -> WriteSummary:
+    """The summary of a written split from ``_write_files``' result."""
     rows, shard_names, skipped, total_bytes = written
     return WriteSummary(
         directory=str(final),
@@ -295,7 +299,7 @@ def write_split(
         shards=len(shard_names),
         bytes=total_bytes,
         skipped=len(skipped),
-        listed=len(items),
+        listed=listed,
         no_face=sum(NO_FACE in line for line in skipped),
     )
 
