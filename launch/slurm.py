@@ -35,7 +35,8 @@ from launch.cluster import (
 )
 from launch.evaluation import ExtractPartJob, MergeEvalJob
 from launch.task import PYTHON
-from pipeline.config.load import load_config, split_weights
+from pipeline.config.load import split_weights
+from pipeline.config.rules import load_checked
 from pipeline.config.schema import ConfigError, LaunchConfig, RunConfig
 from pipeline.eval.parts import plan_parts
 from pipeline.rundir import eval_output_dir
@@ -95,8 +96,9 @@ def resolve_config(
     cluster: str | None = None,
     flags: dict[str, Any] | None = None,
 ) -> RunConfig:
-    """The run config with the launch section resolved (see the module docstring for order)."""
-    return load_config(config, layered_overrides(overrides, cluster=cluster, flags=flags))
+    """The run config with the launch section resolved (see the module docstring for order),
+    checked by the cross-section rules before anything is submitted."""
+    return load_checked(config, layered_overrides(overrides, cluster=cluster, flags=flags))
 
 
 def weights_and_overrides(weights: str | None, overrides: Sequence[str]) -> tuple[str, list[str]]:
