@@ -1,4 +1,5 @@
-"""Large evaluations as a Slurm array job plus a dependent merge job (issue 6, part 2).
+"""Large evaluations as a Slurm array job plus a dependent merge job (one job would embed a
+million-image gallery alone for hours).
 
 The work is the library's (:mod:`pipeline.eval.parts`: planning, part files, fingerprints,
 merge and scoring); this module only wraps it in submitit jobs. Array task i embeds shard

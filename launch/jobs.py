@@ -4,7 +4,7 @@ Each callable is pickled by submitit and called once in every task (rank) of the
 exports the torch.distributed rendezvous variables from the Slurm (or local) job environment,
 then calls exactly what ``pipeline train`` / ``pipeline evaluate`` call.
 
-Requeue (issue 6): on preemption or near the time limit Slurm sends USR2; submitit's handler on
+Requeue: on preemption or near the time limit Slurm sends USR2; submitit's handler on
 rank 0 calls ``checkpoint()``, stores the returned resubmission and requeues the job. Nothing is
 saved from the signal handler: training checkpoints are collective and periodic
 (``train.checkpoint_every``), and the resubmitted job simply calls ``train`` again with the same
@@ -70,7 +70,7 @@ def record_rank_env(run_dir: str | Path) -> Path:
     called again by the training itself), so the record holds what DeepSpeed reads too,
     LOCAL_SIZE included. Written before training, so a rank that fails still says where it
     ran; a requeued job overwrites it. What a user reads when one host of a job misbehaves,
-    and what the multi-host tests assert on (issue 11).
+    and what the multi-host tests assert on.
     """
     env = read_env()
     if env.world_size > 1:

@@ -1,4 +1,4 @@
-"""Issue 10: a tracking outage never stops training.
+"""A tracking outage never stops training.
 
 Fast tests: the start-up check against a port nothing listens on, the outbox (order,
 spilling, retries, rejections) against a fake store, and the upload command against SQLite.

@@ -1,4 +1,5 @@
-"""Evaluation in parts: embed shard ranges separately, then merge and score (issue 6, part 2).
+"""Evaluation in parts: embed shard ranges separately, then merge and score (a Slurm array job
+for evaluations too large for one job, launch.evaluation).
 
 Part i embeds a contiguous range of the eval shards (with as many ranks as its job has) and
 writes ``<eval dir>/parts/part_{i:05d}.npz`` (embeddings, labels, global sample indices and a

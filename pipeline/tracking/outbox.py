@@ -1,5 +1,5 @@
-"""The queue between the MLflow tracker and its store (issue 10: a tracking outage never
-stops training).
+"""The queue between the MLflow tracker and its store, so that a tracking outage never stops
+training.
 
 Records are plain JSON-able dicts, one per tracker call, so that the same record can wait
 in memory, spill to disk, go into the undelivered file and be read back by the upload
