@@ -19,7 +19,7 @@ from pipeline import logs
 from pipeline.config.schema import RunConfig
 from pipeline.distributed import group
 from pipeline.eval.parts import extract_part, merge_and_score
-from pipeline.rundir import RunDir, eval_output_dir
+from pipeline.rundir import EvalDir
 
 
 def _start(cfg: RunConfig) -> None:
@@ -28,7 +28,7 @@ def _start(cfg: RunConfig) -> None:
     export_distributed_env()
 
     rank = group.process_rank()
-    logs.setup_logging(RunDir(eval_output_dir(cfg)).log_file(rank), rank=rank)
+    logs.setup_logging(EvalDir.of(cfg).log_file(rank), rank=rank)
 
 
 class ExtractPartJob(submitit.helpers.Checkpointable):

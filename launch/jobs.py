@@ -29,6 +29,7 @@ from pipeline.config.schema import RunConfig
 from pipeline.distributed import group
 from pipeline.distributed.env import export_env, read_env
 from pipeline.eval.evaluator import run
+from pipeline.rundir import EvalDir, RunDir
 from pipeline.train.trainer import train
 
 # A child of the pipeline logger: the entry points' setup_logging routes it (rank 0 prints,
@@ -75,7 +76,7 @@ def record_rank_env(run_dir: str | Path) -> Path:
     env = read_env()
     if env.world_size > 1:
         export_env(env)
-    path = Path(run_dir) / "launch" / f"rank{env.rank}.json"
+    path = RunDir(run_dir).launch_record(env.rank)
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "env": {k: os.environ.get(k) for k in RANK_ENV_NAMES},
@@ -160,4 +161,4 @@ class EvaluateJob(submitit.helpers.Checkpointable):
         code = run(args)
         if code:
             raise RuntimeError(f"pipeline evaluate exited with {code}")
-        return json.loads((Path(self.metrics_dir) / "metrics.json").read_text())
+        return EvalDir(self.metrics_dir).read_metrics()

@@ -147,7 +147,8 @@ class MlflowTracker:
     timestamp and step; params are the flattened config; on a continued run only params the
     run lacks are added (MLflow refuses to change a param), and changed values are reported
     and tagged. :meth:`finish` waits a bounded time for the queue, then writes what is left
-    to ``UNDELIVERED_FILE`` for ``python -m pipeline.tracking upload``.
+    to the run directory's undelivered file (``RunDir.undelivered``) for ``python -m
+    pipeline.tracking upload``.
     """
 
     def __init__(
@@ -341,7 +342,7 @@ class MlflowTracker:
     ) -> Path | None:
         """End the run with ``status``, waiting up to ``timeout_s`` (default
         ``drain_timeout_s``) for the queue. Records still undelivered then (the status
-        included) are appended to ``spool_dir/UNDELIVERED_FILE`` (default: the constructor's
+        included) are appended to ``RunDir(spool_dir).undelivered`` (default: the constructor's
         ``spool_dir``, else a temporary file), and the upload command is printed. Returns
         that file, or None when everything was delivered. A second call does nothing."""
         if self._finished:
