@@ -35,10 +35,11 @@ from launch.cluster import (
 )
 from launch.evaluation import ExtractPartJob, MergeEvalJob
 from launch.task import PYTHON
-from pipeline.config.load import load_config, split_weights
+from pipeline.config.load import split_weights
+from pipeline.config.rules import load_checked
 from pipeline.config.schema import ConfigError, LaunchConfig, RunConfig
 from pipeline.eval.parts import plan_parts
-from pipeline.rundir import eval_output_dir
+from pipeline.rundir import EvalDir, eval_output_dir
 from pipeline.tracking.mlflow import resolve_uri, ui_command
 
 # flag -> LaunchConfig field
@@ -95,8 +96,9 @@ def resolve_config(
     cluster: str | None = None,
     flags: dict[str, Any] | None = None,
 ) -> RunConfig:
-    """The run config with the launch section resolved (see the module docstring for order)."""
-    return load_config(config, layered_overrides(overrides, cluster=cluster, flags=flags))
+    """The run config with the launch section resolved (see the module docstring for order),
+    checked by the cross-section rules before anything is submitted."""
+    return load_checked(config, layered_overrides(overrides, cluster=cluster, flags=flags))
 
 
 def weights_and_overrides(weights: str | None, overrides: Sequence[str]) -> tuple[str, list[str]]:
@@ -243,7 +245,7 @@ def submit(
             jobs.EvaluateJob(str(Path(config).resolve()), job_overrides, str(out), checkpoint)
         )
         sub.jobs.append(job)
-        sub.notes.append(f"metrics: {out}/metrics.json")
+        sub.notes.append(f"metrics: {EvalDir(out).metrics}")
     if cfg.tracking.enabled and cfg.tracking.uri.startswith("sqlite:") and not local:
         sub.notes.append(
             "MLflow store is a SQLite file: fine for one job on one node, unsafe on NFS/Lustre "
@@ -277,7 +279,7 @@ def _submit_parts(sub: Submission, checkpoint: str, parts: int) -> None:
     out = eval_output_dir(cfg)
     sub.notes.append(
         f"{len(plan)} extraction task(s) write {out}/parts/; job {sub.jobs[-1].job_id} merges "
-        f"them into {out}/metrics.json once all succeeded"
+        f"them into {EvalDir(out).metrics} once all succeeded"
     )
 
 

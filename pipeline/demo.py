@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from pipeline import logs
-from pipeline.config.load import CONF_DIR, load_config
+from pipeline.config.load import CONF_DIR
+from pipeline.config.rules import load_checked
 from pipeline.config.schema import RunConfig
 from pipeline.data import make_shards
 from pipeline.distributed import group
@@ -154,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
         f"train.output_dir={run_dir.root}",
         *args.overrides,
     ]
-    cfg = load_config(args.config, overrides)
+    cfg = load_checked(args.config, overrides)
     rank = group.process_rank()
     logs.setup_logging(run_dir.log_file(rank), rank=rank)
     _write_shards(args)

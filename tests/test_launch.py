@@ -261,9 +261,9 @@ def test_plan_parts_is_contiguous_balanced_and_complete(tmp_path):
 
 
 def _write_part(out: Path, i: int, index: list[int], stamp: str) -> None:
-    from pipeline.eval.parts import part_path
+    from pipeline.rundir import EvalDir
 
-    path = part_path(out, i)
+    path = EvalDir(out).part(i)
     path.parent.mkdir(parents=True, exist_ok=True)
     idx = np.array(index, np.int64)
     emb = np.stack([idx * 1.0, -idx * 1.0], axis=1).astype(np.float32)

@@ -35,7 +35,7 @@ from pipeline.eval import protocols
 from pipeline.eval.extract import Embeddings, extract_embeddings
 from pipeline.eval.protocols import Result, preflight
 from pipeline.model import load_trained_model
-from pipeline.rundir import RunDir, eval_output_dir
+from pipeline.rundir import EvalDir, eval_output_dir
 from pipeline.tracking.mlflow import MlflowTracker, run_page
 from pipeline.tracking.session import tracking_session
 
@@ -122,10 +122,11 @@ def write_outputs(
     metrics.json (the metrics and the protocol's record) and the protocol's files; return the
     small files worth logging (metrics and figure, not the embeddings)."""
     out.mkdir(parents=True, exist_ok=True)
-    np.save(out / "embeddings.npy", e.emb_ND)
-    np.save(out / "labels.npy", e.labels_N)
-    np.save(out / "index.npy", e.index_N)
-    metrics_file = out / "metrics.json"
+    names = EvalDir(out)
+    np.save(names.embeddings, e.emb_ND)
+    np.save(names.labels, e.labels_N)
+    np.save(names.rows, e.index_N)
+    metrics_file = names.metrics
     record = {**result.metrics, **result.record}
     metrics_file.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     own = protocols.get(eval_cfg.protocol).write(out, e, result, data_cfg, eval_cfg)
@@ -154,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = replace(cfg, data=crop_for_weights(cfg.data, checkpoint))
     out = eval_output_dir(cfg)
     rank = group.process_rank()
-    logs.setup_logging(RunDir(out).log_file(rank), rank=rank)
+    logs.setup_logging(EvalDir(out).log_file(rank), rank=rank)
     # Joins the job's group (none for one process) and always leaves it.
     with group.process_group():
         model = load_trained_model(checkpoint, named_model(args.config, overrides, cfg))

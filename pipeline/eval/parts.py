@@ -1,4 +1,5 @@
-"""Evaluation in parts: embed shard ranges separately, then merge and score (issue 6, part 2).
+"""Evaluation in parts: embed shard ranges separately, then merge and score (a Slurm array job
+for evaluations too large for one job, launch.evaluation).
 
 Part i embeds a contiguous range of the eval shards (with as many ranks as its job has) and
 writes ``<eval dir>/parts/part_{i:05d}.npz`` (embeddings, labels, global sample indices and a
@@ -32,16 +33,10 @@ from pipeline.eval.evaluator import compute_metrics, log_result, write_outputs
 from pipeline.eval.extract import extract_embeddings, sort_by_index
 from pipeline.eval.protocols import PLAIN, Embeddings, Extraction
 from pipeline.model import load_trained_model
-from pipeline.rundir import eval_output_dir
+from pipeline.rundir import EvalDir, eval_output_dir
 from pipeline.tracking.session import tracking_session
 
 log = logging.getLogger(__name__)
-
-PARTS_DIR = "parts"
-
-
-def part_path(out: Path, part: int) -> Path:
-    return out / PARTS_DIR / f"part_{part:05d}.npz"
 
 
 def plan_parts(eval_urls: str, parts: int) -> list[list[str]]:
@@ -79,7 +74,7 @@ def extract_part(cfg: RunConfig, checkpoint: str, part: int, urls: list[str]) ->
     the process group itself. All ranks participate."""
     # The face crop recorded with the weights picks the transform (a mismatch: one line).
     cfg = replace(cfg, data=crop_for_weights(cfg.data, checkpoint))
-    path = part_path(eval_output_dir(cfg), part)
+    path = EvalDir.of(cfg).part(part)
     extraction = protocols.get(cfg.eval.protocol).extraction(cfg.eval)
     stamp = fingerprint(checkpoint, urls, extraction)
     if read_fingerprint(path) == stamp:  # requeued or resubmitted: this part is done
@@ -120,7 +115,9 @@ def merge_parts(
     ``stamps``: the fingerprint each part must carry. Raises ValueError naming a missing or
     stale part, a sample seen twice, or a wrong total.
     """
-    missing = [str(part_path(out, i)) for i in range(parts) if not part_path(out, i).is_file()]
+    missing = [
+        str(EvalDir(out).part(i)) for i in range(parts) if not EvalDir(out).part(i).is_file()
+    ]
     if missing:
         raise ValueError(
             f"{len(missing)} of {parts} evaluation parts are missing ({', '.join(missing[:3])}"
@@ -128,14 +125,14 @@ def merge_parts(
             "the job folder, then resubmit (finished parts are kept)"
         )
     for i, stamp in enumerate(stamps or []):
-        if read_fingerprint(part_path(out, i)) != stamp:
+        if read_fingerprint(EvalDir(out).part(i)) != stamp:
             raise ValueError(
-                f"{part_path(out, i)} was computed from other weights or shards than this "
+                f"{EvalDir(out).part(i)} was computed from other weights or shards than this "
                 "evaluation: delete the parts folder (or use another eval.output_dir) and resubmit"
             )
     embs, labels, indices, flips = [], [], [], []
     for i in range(parts):
-        with np.load(part_path(out, i)) as f:
+        with np.load(EvalDir(out).part(i)) as f:
             embs.append(f["emb"])
             labels.append(f["labels"])
             indices.append(f["index"])
@@ -143,7 +140,7 @@ def merge_parts(
                 flips.append(f["flip"])
     if flips and len(flips) != parts:
         raise ValueError(
-            f"only {len(flips)} of {parts} parts under {out / PARTS_DIR} hold mirrored-image "
+            f"only {len(flips)} of {parts} parts under {EvalDir(out).parts} hold mirrored-image "
             "features: they were extracted with different eval settings; delete the parts "
             "folder and resubmit"
         )
@@ -155,13 +152,13 @@ def merge_parts(
     )
     if len(repeated):
         raise ValueError(
-            f"sample index {int(repeated[0])} appears in two parts under {out / PARTS_DIR}: "
+            f"sample index {int(repeated[0])} appears in two parts under {EvalDir(out).parts}: "
             "data.eval_urls lists a shard twice, or the parts come from different runs; "
             "delete the parts folder and resubmit"
         )
     if expected_rows is not None and len(e.index_N) != expected_rows:
         raise ValueError(
-            f"the parts under {out / PARTS_DIR} hold {len(e.index_N)} samples, the eval split's "
+            f"the parts under {EvalDir(out).parts} hold {len(e.index_N)} samples, the eval split's "
             f"index.parquet lists {expected_rows}: delete the parts folder and resubmit"
         )
     return e

@@ -39,6 +39,7 @@ from pipeline.eval.metrics import retrieval_metrics
 from pipeline.plots import roc_png
 from pipeline.preflight import EvalSplit, PreflightError, PreflightReport
 from pipeline.preflight import preflight as preflight_shards
+from pipeline.rundir import EvalDir
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +190,7 @@ def _retrieval_compute(e: Embeddings, data_cfg: DataConfig, ev: EvalConfig, devi
 def _retrieval_write(
     out: Path, e: Embeddings, result: Result, data_cfg: DataConfig, ev: EvalConfig
 ) -> list[Path]:
-    grid = retrieval_grid(e.emb_ND, e.labels_N, e.index_N, data_cfg, out / "retrieval_grid.png")
+    grid = retrieval_grid(e.emb_ND, e.labels_N, e.index_N, data_cfg, EvalDir(out).retrieval_grid)
     return [] if grid is None else [grid]
 
 
@@ -225,8 +226,6 @@ IJBC_LISTS = ("pairs.parquet", "ijbc_template_pair_label.txt", "ijbb_template_pa
 """Any of these marks a folder with the 1:1 list: make-shards' table, or the release's meta/."""
 DET_SCORE = "det_score"
 """The catalog column with each face's detector score (null where the dataset gives none)."""
-FLIP_FILE = "embeddings_flip.npy"
-DET_SCORE_FILE = "det_score.npy"
 
 
 def ijbc_settings(ev: EvalConfig) -> IJBSettings:
@@ -356,9 +355,9 @@ def _ijbc_compute(e: Embeddings, data_cfg: DataConfig, ev: EvalConfig, device: A
         "template sum, L2, dot product",
         "features": {
             "original": "embeddings.npy",
-            "mirrored": FLIP_FILE if used.flip else None,
+            "mirrored": EvalDir(".").embeddings_flip.name if used.flip else None,
             "rows": "index.npy",
-            "det_score": DET_SCORE_FILE if used.det_score else None,
+            "det_score": EvalDir(".").det_scores.name if used.det_score else None,
         },
     }
     tags = {
@@ -376,17 +375,17 @@ def _ijbc_write(
     """The ROC curve (logged), and beside embeddings.npy / index.npy the mirrored faces'
     features and the detector scores that were pooled (not logged: large)."""
     if e.flip_ND is not None:
-        np.save(out / FLIP_FILE, e.flip_ND)
+        np.save(EvalDir(out).embeddings_flip, e.flip_ND)
     det = result.extras.get(DET_SCORE)
     if det is not None:
-        np.save(out / DET_SCORE_FILE, det)
+        np.save(EvalDir(out).det_scores, det)
     prefix = result.extras["prefix"]
     tar = {
         float(k.split("=", 1)[1]): v
         for k, v in result.metrics.items()
         if k.startswith(f"{prefix}_tar@")
     }
-    return [roc_png(result.extras["fpr"], result.extras["tpr"], tar, out / "roc.png")]
+    return [roc_png(result.extras["fpr"], result.extras["tpr"], tar, EvalDir(out).roc)]
 
 
 IJBC = register(
