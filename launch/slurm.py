@@ -34,6 +34,7 @@ from pipeline.config import ConfigError, LaunchConfig, RunConfig
 from pipeline.config_loader import load_config
 from pipeline.config_loader import split_checkpoint as config_split_checkpoint
 from pipeline.rundir import eval_output_dir
+from pipeline.secrets import strip_uri
 
 # flag -> LaunchConfig field
 FLAG_FIELDS = {
@@ -233,9 +234,10 @@ def submit(
             "train.output_dir": cfg.train.output_dir,
             "eval.output_dir": str(out),
         }
+        # Pickled for the job: credentials stay in the environment the job inherits.
         job_overrides = [
             f"checkpoint={checkpoint}",
-            *layered_overrides(overrides, cluster=cluster, flags=flags),
+            *map(strip_uri, layered_overrides(overrides, cluster=cluster, flags=flags)),
             *(f"{k}={json.dumps(v)}" for k, v in pinned.items()),
         ]
         executor = make_executor(cfg.launch, local=local, name="smoothap-evaluate")

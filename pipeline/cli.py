@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from pipeline.errors import UserError
+from pipeline.secrets import redact
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except UserError as e:  # bad input, explained in one line; anything else keeps its traceback
-        print(f"pipeline {args.command}: error: {e}", file=sys.stderr)
+        print(f"pipeline {args.command}: error: {redact(str(e))}", file=sys.stderr)
         return 2
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from pipeline.config import ConfigError, ModelConfig, RunConfig, TrainConfig, to_dict
+from pipeline.secrets import redact_tree, scrub_config
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 DEFAULTS_PATH = CONF_DIR / "defaults.yaml"
@@ -154,12 +155,24 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def _list_element_message(text: str, path: list[str], items: list) -> str:
+    key = ".".join(path)
+    example = yaml.safe_dump(items, default_flow_style=True, width=10_000).strip()
+    return (
+        f"override {text!r}: {key} is a list, and an override replaces a whole value, not one "
+        f"element; pass the whole list, e.g. {key}={example!r} (quoted for the shell), or "
+        "change it in the config file"
+    )
+
+
 def _apply_override(tree: dict, path: list[str], value: Any, text: str) -> None:
     node: Any = tree
     cls: Any = RunConfig
     for depth, part in enumerate(path[:-1]):
         names = [f.name for f in dataclasses.fields(cls)]
         prefix = ".".join(path[:depth])
+        if part in names and isinstance(node.get(part), list):
+            raise ConfigError(_list_element_message(text, path[: depth + 1], node[part]))
         if part not in names or not isinstance(node.get(part), dict):
             raise ConfigError(
                 f"override {text!r}: unknown config key {'.'.join(path[: depth + 1])!r}; "
@@ -206,6 +219,7 @@ def load_config(
         cfg = _build(RunConfig, tree, "")
     except TypeError as e:  # a dataclass refused its kwargs
         raise ConfigError(str(e)) from e
+    scrub_config(cfg)  # credentials in URIs move to the environment, out of the config
     check(cfg)
     return cfg
 
@@ -393,7 +407,7 @@ def named_model(config: str | None, overrides: list[str], cfg: RunConfig) -> Mod
 def save_config(cfg: RunConfig, path: str | Path) -> None:
     """Write the resolved config as YAML (loadable again by ``load_config``)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    Path(path).write_text(yaml.safe_dump(redact_tree(to_dict(cfg)), sort_keys=False))
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

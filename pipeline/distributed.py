@@ -45,6 +45,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.errors import UserError
+from pipeline.secrets import install_log_filter
 
 T = TypeVar("T")
 
@@ -665,6 +666,7 @@ def setup_logging(run_dir: str | Path | None = None, *, level: int = logging.INF
     else:
         console.setFormatter(logging.Formatter(f"[rank{rank} {host}] %(levelname)s: %(message)s"))
         console.setLevel(logging.WARNING)
+    install_log_filter(console)
     root.addHandler(console)
     if run_dir is None:
         return None
@@ -673,5 +675,6 @@ def setup_logging(run_dir: str | Path | None = None, *, level: int = logging.INF
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter(_FORMAT.format(host=host, rank=rank)))
     handler.setLevel(logging.DEBUG)
+    install_log_filter(handler)
     root.addHandler(handler)
     return path

@@ -35,6 +35,7 @@ from typing import Any, Protocol
 
 from pipeline.config import TrackingConfig
 from pipeline.errors import UserError
+from pipeline.secrets import keep, redact
 from pipeline.tracking_outbox import (
     MAX_QUEUED,
     RETRY_MAX_S,
@@ -113,6 +114,8 @@ def resolve_uri(tracking_cfg: TrackingConfig) -> str:
     """``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else a SQLite file ``./mlflow.db``.
     SQLite paths are made absolute, so that the printed ``mlflow ui`` command works anywhere."""
     uri = tracking_cfg.uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    # Credentials in the URI go to MLflow's own variables; the URI kept and written has none.
+    uri = keep(uri, "tracking.uri" if tracking_cfg.uri else "MLFLOW_TRACKING_URI")
     if not uri:
         uri = f"sqlite:///{DEFAULT_DB}"
     db = _sqlite_path(uri)
@@ -337,7 +340,7 @@ class MlflowTracker:
 
     def log_params(self, params: dict[str, Any]) -> None:
         existing = self._params
-        values = {metric_key(k): str(v)[:6000] for k, v in params.items()}
+        values = {metric_key(k): redact(str(v))[:6000] for k, v in params.items()}
         changed = {
             k: (existing[k], v) for k, v in values.items() if k in existing and existing[k] != v
         }
@@ -385,7 +388,7 @@ class MlflowTracker:
         self._outbox.put(record)
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        self._outbox.put({"kind": "tags", "values": {k: str(v) for k, v in tags.items()}})
+        self._outbox.put({"kind": "tags", "values": {k: redact(str(v)) for k, v in tags.items()}})
 
     def metric_history(self, key: str) -> list[tuple[int, float]]:
         """``(step, value)`` pairs of ``key``, in step order: those in the store and those
@@ -545,7 +548,7 @@ def upload(path: str | Path, uri: str | None = None) -> int:
                 segments[-1][1].append(record)
     failed = 0
     for header, records in segments:
-        target = uri or header["tracking_uri"]
+        target = keep(uri, "--uri", mlflow=True) if uri else header["tracking_uri"]
         if _is_http(target):
             _bound_http_requests(_UPLOAD_HTTP_DEFAULTS)
         client = MlflowClient(tracking_uri=target)
