@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from pipeline.config import ConfigError, ModelConfig, RunConfig, TrainConfig, to_dict
+from pipeline.errors import UserError
 from pipeline.secrets import redact_tree, scrub_config
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
@@ -42,13 +43,34 @@ def resolve_conf_path(path: str | Path) -> Path:
     return p
 
 
+class DuplicateKeyError(UserError, yaml.YAMLError):
+    """A YAML mapping names one key twice."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (PyYAML
+    keeps the last value silently, so an edit further up a long file would have no effect)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise DuplicateKeyError(
+                    f"key {key!r} is given twice, on line {seen[key]} and line {line}: keep one"
+                )
+            seen.setdefault(key, line)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml_mapping(
     path: Path, name: str, must_hold: str, error: type[Exception] = ConfigError
 ) -> dict:
     """The mapping in the YAML file ``path`` ({} for an empty file). Raises ``error`` that
     calls the file ``name`` when it is not valid YAML or holds no mapping (``must_hold``)."""
     try:
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
         raise error(f"{name} is not valid YAML: {e}") from e
     if not isinstance(loaded, dict):

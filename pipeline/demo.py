@@ -27,7 +27,9 @@ from pathlib import Path
 from pipeline import distributed
 from pipeline.config import RunConfig
 from pipeline.config_loader import CONF_DIR, load_config
+from pipeline.errors import UserError
 from pipeline.rundir import RunDir
+from pipeline.secrets import strip_uri
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +116,10 @@ class _TrainingFailed(RuntimeError):
     pass
 
 
+class DemoError(UserError, ValueError):
+    """A demo option out of range."""
+
+
 def _train(args: argparse.Namespace, overrides: list[str], uri: str, out: Path) -> dict:
     """``pipeline train`` in ``args.procs`` processes (torchrun); returns its result."""
     log.info("training with %d processes (DeepSpeed on CPU, gloo) ...", args.procs)
@@ -128,7 +134,8 @@ def _train(args: argparse.Namespace, overrides: list[str], uri: str, out: Path) 
         "train",
         "--config",
         args.config,
-        *overrides,
+        # The children find credentials in the environment they inherit, not on command lines.
+        *map(strip_uri, overrides),
         f"tracking.uri={uri}" if uri else "tracking.enabled=false",
     ]
     cores = os.cpu_count() or 1
@@ -147,6 +154,11 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.eval.evaluator import tracked_metrics
     from pipeline.tracking import run_page, tracking_session
 
+    if args.procs < 1:
+        raise DemoError(
+            f"--procs {args.procs}: the demo trains in at least 1 process; pass --procs 1 or "
+            "more (default 2)"
+        )
     start = time.time()
     data = Path(args.data)
     run_dir = RunDir(Path(args.runs) / time.strftime("demo-%Y%m%d-%H%M%S"))

@@ -180,6 +180,22 @@ def _check_shapes(
         )
 
 
+def check_finite(state: dict[str, torch.Tensor], what: str) -> None:
+    """Raise :class:`ModelLoadError` naming the tensors of ``state`` that hold NaN or infinity:
+    such weights embed every image as NaN, which would only show up as a meaningless metric."""
+    bad = []
+    for name, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+            bad.append(f"{name}: {nan} NaN, {inf} inf")
+    if bad:
+        raise ModelLoadError(
+            f"{what} holds NaN or infinite values in {len(bad)} tensors (e.g. "
+            f"{'; '.join(bad[:3])}): the training diverged or the file is damaged; use the "
+            "weights of an earlier checkpoint, or train again with a lower optim.lr"
+        )
+
+
 def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
     """Load a backbone state dict (``model.pretrained_path``) into ``backbone``.
 
@@ -187,6 +203,7 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
     any other missing or unexpected tensor, or any shape mismatch, is an error.
     """
     state, _ = read_state_dict(path)
+    check_finite(state, f"model.pretrained_path={str(path)!r}")
     own = backbone.state_dict()
     fix = "set model.backbone to the architecture it was trained with, or use its own weights"
     _check_shapes(own, state, f"model.pretrained_path={str(path)!r}", fix)
@@ -280,6 +297,7 @@ def load_trained_model(path: str | Path, model_cfg: ModelConfig | None = None) -
         pretrained=False,
         freeze_bn=model_cfg.freeze_bn,
     )
+    check_finite(state, f"weights {str(file)!r}")
     model = build_model(fresh_cfg)
     own = model.state_dict()
     fix = "evaluate with the model config of the run that wrote it"

@@ -1,8 +1,8 @@
 """Checks that the shard index can answer in seconds, before DeepSpeed starts (DESIGN.md: "errors
 that the config and the shard index can reveal come before the engine starts").
 
-``preflight(cfg, world_size)`` reads only ``index.parquet``, ``sizes.json`` and the shards' file
-sizes (``os.stat``), never a shard's contents. It refuses, with a one-line
+``preflight(cfg, world_size)`` reads ``index.parquet``, ``sizes.json``, the shards' file sizes
+(``os.stat``) and their tar headers, never their images. It refuses, with a one-line
 :class:`PreflightError` naming the key, file or value, the rule and the fix:
 
 * train or eval shards that do not exist (today a bad ``data.eval_urls`` is found after all
@@ -13,7 +13,10 @@ sizes (``os.stat``), never a shard's contents. It refuses, with a one-line
   this way) that give a group of K images must number at least P;
 * a truncated shard: smaller than the tar headers and image bytes that ``index.parquet`` lists
   for it need, or a sample count that disagrees with ``sizes.json``;
-* an eval set without a query that has a positive, or without the IJB-C ids and lists;
+* a damaged tar member header or a ``cls`` member that is not an integer (the headers are
+  walked, one small read per member: ``pipeline.data.tarheaders``);
+* an eval set without a query that has a positive, or of one class (every score 1.0), or
+  without the IJB-C ids and lists;
 * a missing ``model.pretrained_path``;
 * a world size with which a given global batch (e.g. the resumed checkpoint's) cannot be kept.
 
@@ -31,6 +34,7 @@ from pathlib import Path
 from pipeline.config import ConfigError, RunConfig
 from pipeline.data.dealing import rank_shards, stream_shards, streams_per_rank
 from pipeline.data.index import INDEX_FILE, SIZES_FILE, _is_remote, expand_urls, read_sizes
+from pipeline.data.tarheaders import scan_shard
 
 TAR_BLOCK = 512
 """A tar member is a 512-byte header plus its data padded to 512 bytes."""
@@ -134,6 +138,14 @@ def _read_split(key: str, spec: str, validate_hint: str) -> _Split:
                     f"{key}={spec!r}: shard {u} is {actual} bytes, but its {count} samples in "
                     f"{INDEX_FILE} need at least {least}: the shard is truncated (an "
                     f"interrupted write or copy); {validate_hint}, then re-copy or rewrite it"
+                )
+            # The tar headers (and cls values) too: cheap on a local disk, and a damaged one
+            # would otherwise end the run as a DataLoader worker's traceback.
+            problem = scan_shard(u)
+            if problem:
+                raise PreflightError(
+                    f"{key}={spec!r}: shard {u}: {problem}; {validate_hint}, then re-copy or "
+                    "rewrite the shard with `pipeline make-shards`"
                 )
             split.samples[u] = count
             split.class_counts[u] = counts.get(name, {})
@@ -248,6 +260,13 @@ def _check_eval(cfg: RunConfig, report: PreflightReport) -> None:
                 f"data.eval_urls={spec!r}: {sum(counts.values())} samples and no class with 2 of "
                 f"them, so no query has a positive (eval.protocol={ev.protocol!r}); point "
                 "data.eval_urls at the held-out split (e.g. data/synthetic/test)"
+            )
+        if len(counts) < 2:
+            raise PreflightError(
+                f"data.eval_urls={spec!r}: {sum(counts.values())} samples of one class, so "
+                "every other item is a positive and recall and mAP are 1.0 whatever the model "
+                f"(eval.protocol={ev.protocol!r}); point data.eval_urls at a split with several "
+                "classes (e.g. data/synthetic/test)"
             )
     report.lines.append(f"data.eval_urls: {len(split.urls)} shards ({ev.protocol})")
 

@@ -126,11 +126,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", default=None, help="default: the manifest's checkpoint")
     parser.add_argument("--grid", default=None, help="write a PNG grid of queries and neighbours")
     parser.add_argument("--json", default=None, help="write the results as JSON")
+    parser.add_argument("--force", action="store_true", help="overwrite --json and --grid")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.k < 1:
         raise GalleryError(f"--k {args.k}: must be >= 1")
+    for flag, out in (("--json", args.json), ("--grid", args.grid)):
+        if out and Path(out).exists() and not args.force:
+            raise GalleryError(
+                f"{flag} {out}: the file exists; pipeline search does not overwrite files: "
+                "pick another name or pass --force"
+            )
     gallery = read_gallery(args.index_dir)
     files = [Path(f) for f in args.images]
     scores, rows = search_images(gallery, files, args.k, checkpoint=args.checkpoint)
