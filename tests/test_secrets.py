@@ -176,3 +176,37 @@ def test_run_with_password_in_tracking_uri_leaks_it_nowhere(
     assert not [v for v in values if PASSWORD in v]
     assert _scan(server_root / "artifacts") == []
     assert _scan(tmp_path / "run") == []
+
+
+class _PickleOnlyExecutor:
+    """Stands in for submitit's executor after its first step: ``submit`` writes the job's
+    pickle as submitit does (``DelayedSubmission.dump``), and runs nothing."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.files = folder, []
+
+    def submit(self, job):
+        from submitit.core.utils import DelayedSubmission
+
+        path = self.folder / f"{len(self.files)}_submitted.pkl"
+        DelayedSubmission(job).dump(path)
+        self.files.append(path)
+        return path
+
+
+def test_job_pickles_for_slurm_hold_no_credentials(tmp_path, tiny_config, clean_env, monkeypatch):
+    from launch import slurm
+
+    executor = _PickleOnlyExecutor(tmp_path)
+    monkeypatch.setattr(slurm, "make_executor", lambda *a, **k: executor)
+    config = tiny_config(Path("/nonexistent"))
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"")
+    uri = f"tracking.uri=http://admin:{PASSWORD}@127.0.0.1:1"
+    flags = {"gpus_per_node": 0, "tasks_per_node": 1}
+    slurm.submit("train", config, [uri], flags=flags, local=True)
+    slurm.submit("evaluate", config, [f"checkpoint={weights}", uri], flags=flags, local=True)
+    assert len(executor.files) == 2
+    assert [p.name for p in executor.files if PASSWORD.encode() in p.read_bytes()] == []
+    # The job gets the credentials back from the environment it inherits.
+    assert os.environ[secrets.MLFLOW_PASSWORD] == PASSWORD
