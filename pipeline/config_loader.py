@@ -52,15 +52,19 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     keeps the last value silently, so an edit further up a long file would have no effect)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen: dict[Any, int] = {}
+        seen: dict[Any, tuple[int, int]] = {}
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
-            line = key_node.start_mark.line + 1
+            here = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
             if isinstance(key, (str, int, float, bool)) and key in seen:
-                raise DuplicateKeyError(
-                    f"key {key!r} is given twice, on line {seen[key]} and line {line}: keep one"
+                first = seen[key]
+                where = (
+                    f"line {first[0]} and line {here[0]}"
+                    if first[0] != here[0]
+                    else f"line {here[0]}, columns {first[1]} and {here[1]}"
                 )
-            seen.setdefault(key, line)
+                raise DuplicateKeyError(f"key {key!r} is given twice, on {where}: keep one")
+            seen.setdefault(key, here)
         return super().construct_mapping(node, deep=deep)
 
 
@@ -278,7 +282,8 @@ def read_deepspeed_file(train_cfg: TrainConfig) -> dict:
             f"(shipped: {shipped}) or set {key}=''"
         )
     try:
-        extra = yaml.safe_load(path.read_text()) or {}  # YAML is a superset of JSON
+        # YAML is a superset of JSON; a key given twice is an error here too.
+        extra = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{where}: {path} is not valid YAML/JSON: {_one_line(e)}") from e
     if not isinstance(extra, dict):

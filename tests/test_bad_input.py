@@ -138,6 +138,14 @@ def test_yaml_key_given_twice_names_both_lines(tmp_path):
     path.write_text("model:\n  backbone: a\n  embedding_dim: 4\n  backbone: b\n")
     with pytest.raises(ConfigError, match=r"key 'backbone' is given twice, on line 2 and line 4"):
         load_config(path)
+    # The DeepSpeed file too (JSON is YAML): one line, so the columns tell them apart.
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"zero_optimization": {"stage": 0}, "zero_optimization": {"stage": 1}}')
+    with pytest.raises(
+        ConfigError,
+        match=r"ds.json is not valid YAML/JSON: key 'zero_optimization' is given twice, on line 1, columns 2 and 37",
+    ):
+        load_config(None, [f"train.deepspeed_config={ds}"])
 
 
 def test_override_of_a_list_element_says_how_to_pass_the_list():
