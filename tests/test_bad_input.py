@@ -87,6 +87,25 @@ def test_damaged_member_header_of_a_full_size_shard_is_found_before_training(sha
         preflight(cfg, 1)
 
 
+def test_header_walk_names_a_cut_shard_and_passes_a_whole_one(shards, tmp_path):
+    from pipeline.data.tarheaders import scan_shard
+
+    shard = sorted((shards / "train").glob("*.tar"))[0]
+    assert scan_shard(shard) is None
+    with tarfile.open(shard) as tar:
+        jpg = next(m for m in tar.getmembers() if m.name.endswith(".jpg"))
+    data = shard.read_bytes()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(data[: jpg.offset + 100])
+    assert scan_shard(cut) == f"the file ends inside the member header at byte {jpg.offset}"
+    cut.write_bytes(data[: jpg.offset_data + 10])
+    assert (
+        scan_shard(cut) == f"member {jpg.name!r} at byte {jpg.offset} runs past the end of the file"
+    )
+    cut.write_bytes(b"")
+    assert scan_shard(cut) == "the file is empty"
+
+
 def test_evaluation_split_of_one_class_is_refused(tmp_path, tiny_config, synthetic_shards):
     from tests.data_helpers import tiny_split
 
