@@ -24,12 +24,20 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from pipeline import distributed
-from pipeline.config import RunConfig
-from pipeline.config_loader import CONF_DIR, load_config
+import torch
+
+from pipeline import logs
+from pipeline.cli import main as cli
+from pipeline.config.load import CONF_DIR, load_config
+from pipeline.config.schema import RunConfig
+from pipeline.distributed import group
 from pipeline.errors import UserError
+from pipeline.eval.evaluator import evaluate_model, tracked_metrics
+from pipeline.model import build_model
 from pipeline.rundir import RunDir
 from pipeline.secrets import strip_uri
+from pipeline.tracking.mlflow import run_page
+from pipeline.tracking.session import tracking_session
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +66,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _write_shards(args: argparse.Namespace) -> None:
-    from pipeline.cli import main as cli
-
     data = Path(args.data)
     if (data / "train" / "index.parquet").is_file() and (data / "test" / "index.parquet").is_file():
         log.info("using the synthetic shards in %s", data)
@@ -92,11 +98,6 @@ def _write_shards(args: argparse.Namespace) -> None:
 
 def _untrained_metrics(cfg: RunConfig) -> dict[str, float]:
     """Metrics of the model the training run starts from (one process)."""
-    import torch
-
-    from pipeline.eval.evaluator import evaluate_model
-    from pipeline.model import build_model
-
     torch.manual_seed(cfg.train.seed)  # what pipeline.train.trainer does before building the model
     model = build_model(cfg.model).eval()
     return evaluate_model(model, cfg.data, cfg.eval, device="cpu", progress=False)
@@ -140,7 +141,6 @@ def _train(args: argparse.Namespace, overrides: list[str], uri: str, out: Path) 
     ]
     cores = os.cpu_count() or 1
     env = dict(os.environ, OMP_NUM_THREADS=str(max(cores // args.procs, 1)))
-    import torch
 
     if not torch.cuda.is_available():
         # Naming DeepSpeed's CPU accelerator skips its GPU probe (and its warning).
@@ -151,9 +151,6 @@ def _train(args: argparse.Namespace, overrides: list[str], uri: str, out: Path) 
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.eval.evaluator import tracked_metrics
-    from pipeline.tracking import run_page, tracking_session
-
     if args.procs < 1:
         raise DemoError(
             f"--procs {args.procs}: the demo trains in at least 1 process; pass --procs 1 or "
@@ -169,7 +166,8 @@ def run(args: argparse.Namespace) -> int:
         *args.overrides,
     ]
     cfg = load_config(args.config, overrides)
-    distributed.setup_logging(run_dir.root)
+    rank = group.process_rank()
+    logs.setup_logging(run_dir.log_file(rank), rank=rank)
     _write_shards(args)
 
     log.info("evaluating the untrained model on the held-out classes ...")

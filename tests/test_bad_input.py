@@ -14,11 +14,12 @@ import pytest
 import torch
 
 from pipeline.cli import main
-from pipeline.config import ConfigError, DataConfig
-from pipeline.config_loader import load_config
+from pipeline.config.load import load_config
+from pipeline.config.schema import ConfigError, DataConfig
 from pipeline.data import converters
-from pipeline.model import ModelLoadError, build_model, load_trained_model, save_weights
+from pipeline.model import build_model, load_trained_model
 from pipeline.preflight import PreflightError, preflight
+from pipeline.weights import ModelLoadError, save_weights
 from tests.data_helpers import jpeg_bytes, layouts, write_image
 from tests.tiny import IMAGE_SIZE, tiny_model_config
 
@@ -203,7 +204,7 @@ def test_nan_or_inf_in_weights_is_found_when_loading(weights, tmp_path, bad):
 
 
 def test_export_refuses_an_extension_that_contradicts_the_format(weights, tmp_path):
-    from pipeline.export import ExportError, export_model
+    from pipeline.serve.export import ExportError, export_model
 
     model = load_trained_model(weights)
     with pytest.raises(
@@ -240,8 +241,8 @@ def _mean_colour_onnx(path: Path) -> None:
 def test_mlflow_model_names_the_row_that_is_not_an_image_and_embeds_the_rest(tmp_path, caplog):
     import pandas as pd
 
-    from pipeline import serving
-    from pipeline.export import preprocessing_spec
+    from pipeline.serve import runtime as serving
+    from pipeline.serve.export import preprocessing_spec
 
     _mean_colour_onnx(tmp_path / "m.onnx")
     spec = preprocessing_spec(DataConfig(image_size=IMAGE_SIZE, resize_size=IMAGE_SIZE), 3)

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from pipeline import secrets
-from pipeline.config import to_dict
-from pipeline.config_loader import flatten, load_config, save_config
+from pipeline.config.load import flatten, load_config, save_config
+from pipeline.config.schema import to_dict
 from tests.mlflow_server import mlflow_server
 
 PASSWORD = "Zq7-secret-pw"
@@ -90,9 +90,9 @@ def test_config_keeps_credentials_in_the_environment(tiny_config, tmp_path, clea
 
 
 def test_log_lines_are_redacted(tmp_path):
-    from pipeline import distributed
+    from pipeline import logs
 
-    path = distributed.setup_logging(tmp_path)
+    path = logs.setup_logging(tmp_path / "rank0.log", rank=0)
     try:
         logging.getLogger("pipeline.x").warning("store %s", f"http://a:{PASSWORD}@h/")
         try:
@@ -100,7 +100,7 @@ def test_log_lines_are_redacted(tmp_path):
         except RuntimeError:
             logging.getLogger("pipeline.x").exception("failed")
     finally:
-        root = logging.getLogger(distributed.LOGGER)
+        root = logging.getLogger(logs.LOGGER)
         for h in list(root.handlers):
             root.removeHandler(h)
             h.close()
