@@ -15,6 +15,7 @@ import torch
 
 from pipeline.cli import main
 from pipeline.config.load import load_config
+from pipeline.config.rules import load_checked
 from pipeline.config.schema import ConfigError, DataConfig
 from pipeline.data import converters
 from pipeline.model import build_model, load_trained_model
@@ -165,7 +166,7 @@ def test_yaml_key_given_twice_names_both_lines(tmp_path):
         ConfigError,
         match=r"ds.json is not valid YAML/JSON: key 'zero_optimization' is given twice, on line 1, columns 2 and 37",
     ):
-        load_config(None, [f"train.deepspeed_config={ds}"])
+        load_checked(None, [f"train.deepspeed_config={ds}"])
 
 
 def test_override_of_a_list_element_says_how_to_pass_the_list():
@@ -282,19 +283,29 @@ def test_search_json_does_not_overwrite_without_force(tmp_path, capsys):
     assert existing.read_text() == "mine\n"
 
 
-def test_index_out_that_is_a_file_is_a_one_line_error(tmp_path, capsys):
+def test_build_gallery_out_that_is_a_file_is_a_one_line_error(tmp_path, capsys):
     out = tmp_path / "gallery"
     out.write_text("a file\n")
-    code = main(["index", "checkpoint=m.safetensors", "--images", str(tmp_path), "--out", str(out)])
+    code = main(
+        [
+            "build-gallery",
+            "--weights",
+            "m.safetensors",
+            "--images",
+            str(tmp_path),
+            "--out",
+            str(out),
+        ]
+    )
     assert f"--out '{out}' is a file" in _one_line_error(capsys, code)
 
 
-def test_index_images_has_the_skipped_image_limit_of_make_shards(weights, tmp_path, capsys):
+def test_build_gallery_images_has_the_skipped_image_limit_of_make_shards(weights, tmp_path, capsys):
     folder = tmp_path / "images"
     for i in range(3):
         write_image(folder / "a" / f"{i}.jpg", seed=i)
     (folder / "a" / "broken.jpg").write_bytes(b"not a jpeg")
-    argv = ["index", f"checkpoint={weights}", *CFG, "--images", str(folder)]
+    argv = ["build-gallery", "--weights", str(weights), *CFG, "--images", str(folder)]
     code = main([*argv, "--out", str(tmp_path / "g1")])
     err = _one_line_error(capsys, code)
     assert "1 of 4 images (25.0%) of --images" in err and "above the limit of 1.0%" in err

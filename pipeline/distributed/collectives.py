@@ -84,7 +84,7 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
     All ranks participate. DeepSpeed, unlike torch's DDP, does not broadcast buffers, so with
     trainable BatchNorm each rank would keep statistics of its own batches: the evaluation
     would embed each rank's share with another model, and the saved weights (rank 0's) would
-    not be the evaluated ones (issue 10). One flat broadcast per dtype keeps it to a few
+    not be the evaluated ones. One flat broadcast per dtype keeps it to a few
     messages per step.
     """
     if not is_distributed():
