@@ -121,13 +121,10 @@ class TrainJob(submitit.helpers.Checkpointable):
         guard_requeue_signal()
         export_distributed_env()
         record_rank_env(self.cfg.train.output_dir)
-        # Imported in the job: submitting needs neither torch nor DeepSpeed. train() sets up
-        # the rank-aware logging into the run directory.
-
-        try:
+        # train() sets up the rank-aware logging into the run directory. The job joins the
+        # group with the run's collective timeout and always leaves it, as `pipeline train`.
+        with group.process_group(timeout_s=self.cfg.train.collective_timeout_s):
             return train(self.cfg)
-        finally:
-            group.destroy()
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         # The same call again: train() finds the latest collective checkpoint in

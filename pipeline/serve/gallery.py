@@ -254,10 +254,8 @@ def _folder_gallery(
         collectives.all_gather_rows(emb),
         collectives.all_gather_rows(index),
     )  # all ranks participate
-    if world > 1:
-        every: list[Any] = [None] * world
-        torch.distributed.all_gather_object(every, skipped)  # all ranks participate
-        skipped = sorted(s for part in every for s in part)
+    every = collectives.all_gather_objects(skipped)  # all ranks participate
+    skipped = sorted(s for part in every for s in part)
     e, _ = sort_by_index(emb, np.zeros(len(index), np.int64), index)
     kept_files = [files[int(i)] for i in e.index_N]
     classes = sorted({str(f.parent.relative_to(folder)) for f in kept_files} - {"."})
