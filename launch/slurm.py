@@ -40,6 +40,7 @@ from pipeline.config.rules import load_checked
 from pipeline.config.schema import ConfigError, LaunchConfig, RunConfig
 from pipeline.eval.parts import plan_parts
 from pipeline.rundir import EvalDir, eval_output_dir
+from pipeline.secrets import strip_uri
 from pipeline.tracking.mlflow import resolve_uri, ui_command
 
 # flag -> LaunchConfig field
@@ -236,8 +237,9 @@ def submit(
             "train.output_dir": cfg.train.output_dir,
             "eval.output_dir": str(out),
         }
+        # Pickled for the job: credentials stay in the environment the job inherits.
         job_overrides = [
-            *layered_overrides(overrides, cluster=cluster, flags=flags),
+            *map(strip_uri, layered_overrides(overrides, cluster=cluster, flags=flags)),
             *(f"{k}={json.dumps(v)}" for k, v in pinned.items()),
         ]
         executor = make_executor(cfg.launch, local=local, name="smoothap-evaluate")

@@ -17,6 +17,7 @@ from typing import NoReturn
 from pipeline.config.load import LEGACY_WEIGHTS
 from pipeline.config.rules import load_checked
 from pipeline.errors import UserError
+from pipeline.secrets import redact
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         check_config(args)
         return int(args._run(args) or 0)
     except UserError as e:  # bad input, explained in one line; anything else keeps its traceback
-        print(f"pipeline {args.command}: error: {e}", file=sys.stderr)
+        print(f"pipeline {args.command}: error: {redact(str(e))}", file=sys.stderr)
         return 2
 
 

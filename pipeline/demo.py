@@ -32,9 +32,11 @@ from pipeline.config.rules import load_checked
 from pipeline.config.schema import RunConfig
 from pipeline.data import make_shards
 from pipeline.distributed import group
+from pipeline.errors import UserError
 from pipeline.eval.evaluator import evaluate_model, tracked_metrics
 from pipeline.model import build_model
 from pipeline.rundir import RunDir
+from pipeline.secrets import strip_uri
 from pipeline.tracking.mlflow import run_page
 from pipeline.tracking.session import tracking_session
 
@@ -117,6 +119,10 @@ class _TrainingFailed(RuntimeError):
     pass
 
 
+class DemoError(UserError, ValueError):
+    """A demo option out of range."""
+
+
 def _train(args: argparse.Namespace, overrides: list[str], uri: str, out: Path) -> dict:
     """``pipeline train`` in ``args.procs`` processes (torchrun); returns its result."""
     log.info("training with %d processes (DeepSpeed on CPU, gloo) ...", args.procs)
@@ -131,7 +137,8 @@ def _train(args: argparse.Namespace, overrides: list[str], uri: str, out: Path) 
         "train",
         "--config",
         args.config,
-        *overrides,
+        # The children find credentials in the environment they inherit, not on command lines.
+        *map(strip_uri, overrides),
         f"tracking.uri={uri}" if uri else "tracking.enabled=false",
     ]
     cores = os.cpu_count() or 1
@@ -146,6 +153,11 @@ def _train(args: argparse.Namespace, overrides: list[str], uri: str, out: Path) 
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.procs < 1:
+        raise DemoError(
+            f"--procs {args.procs}: the demo trains in at least 1 process; pass --procs 1 or "
+            "more (default 2)"
+        )
     start = time.time()
     data = Path(args.data)
     run_dir = RunDir(Path(args.runs) / time.strftime("demo-%Y%m%d-%H%M%S"))

@@ -12,6 +12,8 @@ import socket
 import sys
 from pathlib import Path
 
+from pipeline.secrets import install_log_filter
+
 LOGGER = "pipeline"
 
 
@@ -44,6 +46,7 @@ def setup_logging(
     else:
         console.setFormatter(logging.Formatter(f"[rank{rank} {host}] %(levelname)s: %(message)s"))
         console.setLevel(logging.WARNING)
+    install_log_filter(console)  # credentials in URIs never reach a log line
     root.addHandler(console)
     if log_file is None:
         return None
@@ -52,5 +55,6 @@ def setup_logging(
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter(_FORMAT.format(host=host, rank=rank)))
     handler.setLevel(logging.DEBUG)
+    install_log_filter(handler)
     root.addHandler(handler)
     return path

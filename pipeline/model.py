@@ -18,7 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config.schema import ModelConfig
-from pipeline.weights import ModelLoadError, read_state_dict, read_trained_weights
+from pipeline.weights import (
+    ModelLoadError,
+    check_finite,
+    read_state_dict,
+    read_trained_weights,
+)
 
 
 class EmbeddingModel(nn.Module):
@@ -141,6 +146,7 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
     any other missing or unexpected tensor, or any shape mismatch, is an error.
     """
     state, _ = read_state_dict(path)
+    check_finite(state, f"model.pretrained_path={str(path)!r}")
     own = backbone.state_dict()
     fix = "set model.backbone to the architecture it was trained with, or use its own weights"
     _check_shapes(own, state, f"model.pretrained_path={str(path)!r}", fix)
@@ -195,6 +201,7 @@ def load_trained_model(path: str | Path, model_cfg: ModelConfig | None = None) -
         pretrained=False,
         freeze_bn=model_cfg.freeze_bn,
     )
+    check_finite(state, f"weights {str(file)!r}")
     model = build_model(fresh_cfg)
     own = model.state_dict()
     fix = "evaluate with the model config of the run that wrote it"

@@ -1,8 +1,8 @@
 """Checks that the shard index can answer in seconds, before DeepSpeed starts: an error that the
 config and the shard index can reveal should cost seconds, not a queued job's engine start-up.
 
-``preflight(cfg, world_size)`` reads only ``index.parquet``, ``sizes.json`` and the shards' file
-sizes (``os.stat``), never a shard's contents. It refuses, with a one-line
+``preflight(cfg, world_size)`` reads ``index.parquet``, ``sizes.json``, the shards' file sizes
+(``os.stat``) and their tar headers, never their images. It refuses, with a one-line
 :class:`PreflightError` naming the key, file or value, the rule and the fix:
 
 * train or eval shards that do not exist (today a bad ``data.eval_urls`` is found after all
@@ -13,6 +13,8 @@ sizes (``os.stat``), never a shard's contents. It refuses, with a one-line
   this way) that give a group of K images must number at least P;
 * a truncated shard: smaller than the tar headers and image bytes that ``index.parquet`` lists
   for it need, or a sample count that disagrees with ``sizes.json``;
+* a damaged tar member header or a ``cls`` member that is not an integer (the headers are
+  walked, one small read per member: ``pipeline.data.tarheaders``);
 * the eval split, read for the evaluation protocol's own checks (a query with a positive for
   retrieval, the ids and lists for IJB-C): ``pipeline.eval.protocols.preflight`` runs these
   checks, then the protocol's, and is what entry points call;
@@ -36,6 +38,7 @@ import pyarrow.parquet as pq
 from pipeline.config.schema import ConfigError, RunConfig
 from pipeline.data.catalog import INDEX_FILE, SIZES_FILE, _is_remote, expand_urls, read_sizes
 from pipeline.data.dealing import rank_shards, stream_shards, streams_per_rank
+from pipeline.data.tarheaders import scan_shard
 
 TAR_BLOCK = 512
 """A tar member is a 512-byte header plus its data padded to 512 bytes."""
@@ -154,6 +157,14 @@ def _read_split(key: str, spec: str, validate_hint: str) -> _Split:
                     f"{key}={spec!r}: shard {u} is {actual} bytes, but its {count} samples in "
                     f"{INDEX_FILE} need at least {least}: the shard is truncated (an "
                     f"interrupted write or copy); {validate_hint}, then re-copy or rewrite it"
+                )
+            # The tar headers (and cls values) too: cheap on a local disk, and a damaged one
+            # would otherwise end the run as a DataLoader worker's traceback.
+            problem = scan_shard(u)
+            if problem:
+                raise PreflightError(
+                    f"{key}={spec!r}: shard {u}: {problem}; {validate_hint}, then re-copy or "
+                    "rewrite the shard with `pipeline make-shards`"
                 )
             split.samples[u] = count
             split.class_counts[u] = counts.get(name, {})

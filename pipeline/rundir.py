@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config.schema import RunConfig
+from pipeline.secrets import redact_tree
 
 
 class RunDir:
@@ -105,7 +106,7 @@ class RunDir:
         return json.loads(self.result.read_text()) if self.result.is_file() else None
 
     def write_result(self, result: dict[str, Any]) -> None:
-        _write_text(self.result, json.dumps(result, indent=1))
+        _write_text(self.result, json.dumps(redact_tree(result), indent=1))
 
 
 def _write_text(path: Path, text: str) -> None:

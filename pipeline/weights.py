@@ -28,6 +28,22 @@ class ModelLoadError(UserError, ValueError):
     """Weights do not fit the model; the message names the file, the mismatch and the fix."""
 
 
+def check_finite(state: dict[str, torch.Tensor], what: str) -> None:
+    """Raise :class:`ModelLoadError` naming the tensors of ``state`` that hold NaN or infinity:
+    such weights embed every image as NaN, which would only show up as a meaningless metric."""
+    bad = []
+    for name, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+            bad.append(f"{name}: {nan} NaN, {inf} inf")
+    if bad:
+        raise ModelLoadError(
+            f"{what} holds NaN or infinite values in {len(bad)} tensors (e.g. "
+            f"{'; '.join(bad[:3])}): the training diverged or the file is damaged; use the "
+            "weights of an earlier checkpoint, or train again with a lower optim.lr"
+        )
+
+
 def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of a ``.safetensors`` file, or the state dict of a torch file.
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import yaml
 
-from pipeline.config.load import CONF_DIR, resolve_conf_path
+from pipeline.config.load import CONF_DIR, UniqueKeyLoader, resolve_conf_path
 from pipeline.config.schema import ConfigError, TrainConfig
 
 DEEPSPEED_DIR = CONF_DIR / "deepspeed"
@@ -43,7 +43,8 @@ def read_deepspeed_file(train_cfg: TrainConfig) -> dict:
             f"(shipped: {shipped}) or set {key}=''"
         )
     try:
-        extra = yaml.safe_load(path.read_text()) or {}  # YAML is a superset of JSON
+        # YAML is a superset of JSON; a key given twice is an error here too.
+        extra = yaml.load(path.read_text(), Loader=UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{where}: {path} is not valid YAML/JSON: {_one_line(e)}") from e
     if not isinstance(extra, dict):

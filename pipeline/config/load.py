@@ -22,6 +22,8 @@ from typing import Any
 import yaml
 
 from pipeline.config.schema import ConfigError, ModelConfig, RunConfig, to_dict
+from pipeline.errors import UserError
+from pipeline.secrets import redact_tree, scrub_config
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -43,13 +45,38 @@ def resolve_conf_path(path: str | Path) -> Path:
     return p
 
 
+class DuplicateKeyError(UserError, yaml.YAMLError):
+    """A YAML mapping names one key twice."""
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (PyYAML
+    keeps the last value silently, so an edit further up a long file would have no effect)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, tuple[int, int]] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            here = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                first = seen[key]
+                where = (
+                    f"line {first[0]} and line {here[0]}"
+                    if first[0] != here[0]
+                    else f"line {here[0]}, columns {first[1]} and {here[1]}"
+                )
+                raise DuplicateKeyError(f"key {key!r} is given twice, on {where}: keep one")
+            seen.setdefault(key, here)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml_mapping(
     path: Path, name: str, must_hold: str, error: type[Exception] = ConfigError
 ) -> dict:
     """The mapping in the YAML file ``path`` ({} for an empty file). Raises ``error`` that
     calls the file ``name`` when it is not valid YAML or holds no mapping (``must_hold``)."""
     try:
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = yaml.load(path.read_text(), Loader=UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
         raise error(f"{name} is not valid YAML: {e}") from e
     if not isinstance(loaded, dict):
@@ -156,12 +183,24 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def _list_element_message(text: str, path: list[str], items: list) -> str:
+    key = ".".join(path)
+    example = yaml.safe_dump(items, default_flow_style=True, width=10_000).strip()
+    return (
+        f"override {text!r}: {key} is a list, and an override replaces a whole value, not one "
+        f"element; pass the whole list, e.g. {key}={example!r} (quoted for the shell), or "
+        "change it in the config file"
+    )
+
+
 def _apply_override(tree: dict, path: list[str], value: Any, text: str) -> None:
     node: Any = tree
     cls: Any = RunConfig
     for depth, part in enumerate(path[:-1]):
         names = [f.name for f in dataclasses.fields(cls)]
         prefix = ".".join(path[:depth])
+        if part in names and isinstance(node.get(part), list):
+            raise ConfigError(_list_element_message(text, path[: depth + 1], node[part]))
         if part not in names or not isinstance(node.get(part), dict):
             raise ConfigError(
                 f"override {text!r}: unknown config key {'.'.join(path[: depth + 1])!r}; "
@@ -211,6 +250,7 @@ def load_config(
         cfg = _build(RunConfig, tree, "")
     except TypeError as e:  # a dataclass refused its kwargs
         raise ConfigError(str(e)) from e
+    scrub_config(cfg)  # credentials in URIs move to the environment, out of the config
     return cfg
 
 
@@ -271,7 +311,7 @@ def named_model(config: str | None, overrides: list[str], cfg: RunConfig) -> Mod
 def save_config(cfg: RunConfig, path: str | Path) -> None:
     """Write the resolved config as YAML (loadable again by ``load_config``)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    Path(path).write_text(yaml.safe_dump(redact_tree(to_dict(cfg)), sort_keys=False))
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 import os
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -37,6 +37,23 @@ def _require_dir(path: Path, what: str) -> Path:
     if not path.is_dir():
         raise LayoutError(f"{path} is not a directory; expected {what}")
     return path
+
+
+def _inside_root(rel: str, list_file: Path, n: int) -> str:
+    """``rel``, a path a list file gives relative to ``--root``, if it stays inside the root.
+
+    A downloaded list file is not trusted: an absolute path or a ``..`` would make make-shards
+    read (and publish in a shard) any file this user can read. The check is on the path as
+    written; symlinks inside the root are followed, since datasets keep images on other disks.
+    """
+    parts = PurePosixPath(rel.replace("\\", "/")).parts
+    drive = bool(parts) and len(parts[0]) == 2 and parts[0][1] == ":"  # C:\...
+    if rel.startswith(("/", "\\")) or drive or ".." in parts:
+        raise LayoutError(
+            f"{list_file}:{n}: path {rel!r} leaves --root (an absolute path or '..'); list "
+            "files name images relative to --root: fix the line, or use the dataset's own list file"
+        )
+    return rel
 
 
 def _lines(path: Path) -> list[tuple[int, str]]:
@@ -165,7 +182,7 @@ def list_inaturalist(root: Path, split: str) -> list[SourceItem]:
     )
     items = []
     for n, line in _lines(list_file):
-        parts = line.split("/")
+        parts = _inside_root(line, list_file, n).split("/")
         # Exactly four levels: with one missing (train_val2018/Plantae/x.jpg) the class would
         # silently become the super-category folder.
         if len(parts) != INAT_LEVELS or not all(parts):
@@ -214,6 +231,7 @@ def list_sop(root: Path, split: str) -> list[SourceItem]:
             raise LayoutError(
                 f"{list_file}:{n}: {line!r}; expected 4 fields: three integers and a path"
             ) from None
+        _inside_root(fields[3], list_file, n)
         items.append(
             SourceItem(
                 class_name=str(class_id),

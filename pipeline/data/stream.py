@@ -63,6 +63,7 @@ from pipeline.data.transforms import (
     normalise_batch,
     train_geometry,
 )
+from pipeline.secrets import with_credentials
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ def read_shard(url: str) -> Iterator[Raw]:
     """The samples of one shard, undecoded, via webdataset's tar reader (any URL it opens)."""
     import webdataset as wds
 
-    for sample in wds.tarfile_samples([{"url": url}]):
+    for sample in wds.tarfile_samples([{"url": with_credentials(url)}]):
         key = sample.get("__key__")
         if "jpg" not in sample or "cls" not in sample:
             raise ValueError(
@@ -364,7 +365,7 @@ class EvalStream(IterableDataset):
         for s in shards:
             import webdataset as wds
 
-            for sample in wds.tarfile_samples([{"url": self.urls[s]}]):
+            for sample in wds.tarfile_samples([{"url": with_credentials(self.urls[s])}]):
                 keep = c1 % m1 == r1
                 c1 += 1
                 if not keep:

@@ -171,6 +171,13 @@ def _retrieval_preflight(cfg: RunConfig, split: EvalSplit) -> list[str]:
             f"of them, so no query has a positive (eval.protocol={cfg.eval.protocol!r}); point "
             "data.eval_urls at the held-out split (e.g. data/synthetic/test)"
         )
+    if split.indexed and len(counts) < 2:
+        raise PreflightError(
+            f"data.eval_urls={split.spec!r}: {sum(counts.values())} samples of one class, so "
+            "every other item is a positive and recall and mAP are 1.0 whatever the model "
+            f"(eval.protocol={cfg.eval.protocol!r}); point data.eval_urls at a split with several "
+            "classes (e.g. data/synthetic/test)"
+        )
     return []
 
 

@@ -62,6 +62,31 @@ class ExportError(UserError, ValueError):
     """Bad export request; the message names the flag or file, the rule and the fix."""
 
 
+# File extensions and what they hold: a name saying one thing over a file holding another
+# misleads whoever loads it (an ONNX runtime fails on a TorchScript zip with a parse error).
+EXTENSIONS = {
+    ".onnx": "onnx",
+    ".pt": "torchscript",
+    ".pth": "torchscript",
+    ".ts": "torchscript",
+    ".torchscript": "torchscript",
+    ".jit": "torchscript",
+    ".safetensors": "safetensors weights",
+    ".json": "JSON",
+}
+
+
+def _check_extension(out: Path, fmt: str) -> None:
+    holds = EXTENSIONS.get(out.suffix.lower())
+    if holds is not None and holds != fmt:
+        usual = ", ".join(e for e, f in EXTENSIONS.items() if f == fmt)
+        raise ExportError(
+            f"--out {str(out)!r}: the extension {out.suffix!r} says {holds}, but --format is "
+            f"{fmt}; name the file {out.with_suffix(usual.split(', ')[0]).name} (or another of "
+            f"{usual}), or pass the --format the name says"
+        )
+
+
 def preprocessing_spec(data_cfg: DataConfig, embedding_dim: int) -> dict[str, Any]:
     """What an image must go through before the exported model (``pipeline.serve.runtime`` reads it).
 
@@ -157,6 +182,7 @@ def export_model(
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r} is not supported; use one of {', '.join(FORMATS)}")
     out = Path(out)
+    _check_extension(out, fmt)
     spec_file = spec_path(out)
     if not force:
         for f in (out, spec_file):

@@ -47,6 +47,7 @@ from pipeline.data.catalog import read_index, split_dir
 from pipeline.data.converters import LANDMARK_COLUMNS, read_geometry_csv
 from pipeline.data.faces import CropError
 from pipeline.data.image import model_input
+from pipeline.data.writer import DEFAULT_MAX_SKIPPED_FRACTION
 from pipeline.distributed import collectives, group
 from pipeline.errors import UserError
 from pipeline.eval.extract import extract_embeddings, sort_by_index
@@ -381,6 +382,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
             f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name)
         )
+    parser.add_argument(
+        "--max-skipped-fraction",
+        type=float,
+        default=DEFAULT_MAX_SKIPPED_FRACTION,
+        metavar="F",
+        help="--images: fail when more than this fraction of the images is unreadable, as "
+        f"make-shards does (default {DEFAULT_MAX_SKIPPED_FRACTION})",
+    )
+
+
+def _check_fraction(fraction: float) -> None:
+    if math.isnan(fraction) or not 0 <= fraction <= 1:
+        raise GalleryError(
+            f"--max-skipped-fraction {fraction}: a fraction of the images, in 0..1 (0: fail on "
+            f"any unreadable image; default {DEFAULT_MAX_SKIPPED_FRACTION})"
+        )
+
+
+def _check_skipped(skipped: list[tuple[Path, str]], listed: int, args: argparse.Namespace) -> None:
+    """The limit ``make-shards`` puts on unreadable images, for a folder gallery."""
+    limit = args.max_skipped_fraction
+    if not listed or len(skipped) / listed <= limit:
+        return
+    first = "; ".join(why for _, why in skipped[:2])
+    raise GalleryError(
+        f"{len(skipped)} of {listed} images ({len(skipped) / listed:.1%}) of --images "
+        f"{args.images!r} are unreadable, above the limit of {limit:.1%} (first: {first}); fix "
+        "or remove them, or raise --max-skipped-fraction"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -400,6 +430,12 @@ def run(args: argparse.Namespace) -> int:
         },
     )
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise GalleryError(
+            f"--out {str(out)!r} is a file; --out names the index directory to write: pick a "
+            "new directory name"
+        )
+    _check_fraction(args.max_skipped_fraction)
     if out.exists() and any(out.iterdir()):
         raise GalleryError(
             f"--out {str(out)!r} exists and is not empty; pipeline build-gallery does not overwrite: "
@@ -424,6 +460,7 @@ def run(args: argparse.Namespace) -> int:
             emb, items, skipped = _folder_gallery(
                 model, Path(args.images), cfg.data, device, batch_size, marks
             )
+            _check_skipped(skipped, len(emb) + len(skipped), args)  # the same on every rank
         embed_s = time.perf_counter() - start
         if len(emb) == 0:  # the same on every rank (gathered)
             raise GalleryError(f"no image of {args.shards or args.images!r} could be embedded")

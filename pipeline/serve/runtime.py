@@ -17,6 +17,7 @@ Shape legend: N images, H x W pixels, S crop side, D embedding dimension.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,8 @@ SPEC_KEYS = (
     "l2_normalised",
     "face_crop",
 )
+log = logging.getLogger("smoothap.serving")
+
 IMAGE_COLUMN = "image"
 """The pyfunc model's input: a DataFrame column of encoded image bytes."""
 LANDMARKS_COLUMN = "landmarks"
@@ -128,11 +131,30 @@ class OnnxEmbedder:
             out.append(self.embed_batch(np.stack(batch)))
         return np.concatenate(out)
 
+    def embed_rows(self, images: list[Any], batch_size: int = 64) -> np.ndarray:
+        """Like :meth:`embed`, but a row that is not an image is logged with its position and
+        reason and comes back as a row of NaN; the other rows are embedded."""
+        arrays, bad = [], []
+        for row, item in enumerate(images):
+            try:
+                arrays.append(to_array(item, self.spec))
+            except Exception as e:  # any decode failure: Pillow raises many kinds
+                reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+                bad.append(row)
+                log.warning("row %d is not an image (%s): its embedding is NaN", row, reason)
+        out = np.full((len(images), int(self.spec["embedding_dim"])), np.nan, np.float32)
+        keep = np.setdiff1d(np.arange(len(images)), bad)
+        for start in range(0, len(arrays), batch_size):
+            batch = np.stack(arrays[start : start + batch_size])
+            out[keep[start : start + batch_size]] = self.embed_batch(batch)
+        return out
+
 
 class EmbeddingPyfunc(mlflow.pyfunc.PythonModel):
     """The MLflow pyfunc model: a DataFrame with an ``image`` column of encoded image bytes
     (a list of bytes or of HxWx3 uint8 arrays also works outside schema enforcement) ->
-    float32 (N, D) L2-normalised embeddings. Artifacts: ``onnx`` and ``preprocessing``."""
+    float32 (N, D) L2-normalised embeddings; a row that is not an image is logged with its
+    position and comes back as NaN. Artifacts: ``onnx`` and ``preprocessing``."""
 
     # No type hints on these two: MLflow would read them as the model's input schema.
     def load_context(self, context):
@@ -151,4 +173,5 @@ class EmbeddingPyfunc(mlflow.pyfunc.PythonModel):
                 return self.embedder.embed(images, landmarks=list(model_input[LANDMARKS_COLUMN]))
         else:
             images = list(model_input)
-        return self.embedder.embed(images)
+        # One unreadable upload must not fail the whole request: it is named, the rest embedded.
+        return self.embedder.embed_rows(images)

@@ -138,6 +138,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="aligned-face galleries: NAME_ID,P1X,P1Y,...,P5Y per query (NAME_ID: the query "
         "path or file name, without extension); queries without a row must be aligned crops",
     )
+    parser.add_argument("--force", action="store_true", help="overwrite --json and --grid")
 
 
 def query_landmarks(csv_path: str | None, files: list[Path]) -> list | None:
@@ -151,6 +152,12 @@ def query_landmarks(csv_path: str | None, files: list[Path]) -> list | None:
 def run(args: argparse.Namespace) -> int:
     if args.k < 1:
         raise GalleryError(f"--k {args.k}: must be >= 1")
+    for flag, out in (("--json", args.json), ("--grid", args.grid)):
+        if out and Path(out).exists() and not args.force:
+            raise GalleryError(
+                f"{flag} {out}: the file exists; pipeline search does not overwrite files: "
+                "pick another name or pass --force"
+            )
     gallery = read_gallery(args.index_dir)
     files = [Path(f) for f in args.images]
     marks = query_landmarks(args.landmarks, files)

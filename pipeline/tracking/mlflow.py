@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config.schema import TrackingConfig
+from pipeline.secrets import keep, redact
 from pipeline.tracking.base import TrackingUnavailable, metric_key
 from pipeline.tracking.outbox import (
     MAX_QUEUED,
@@ -110,6 +111,8 @@ def resolve_uri(tracking_cfg: TrackingConfig) -> str:
     """``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else a SQLite file ``./mlflow.db``.
     SQLite paths are made absolute, so that the printed ``mlflow ui`` command works anywhere."""
     uri = tracking_cfg.uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    # Credentials in the URI go to MLflow's own variables; the URI kept and written has none.
+    uri = keep(uri, "tracking.uri" if tracking_cfg.uri else "MLFLOW_TRACKING_URI")
     if not uri:
         uri = f"sqlite:///{DEFAULT_DB}"
     db = _sqlite_path(uri)
@@ -261,7 +264,7 @@ class MlflowTracker:
 
     def log_params(self, params: dict[str, Any]) -> None:
         existing = self._params
-        values = {metric_key(k): str(v)[:6000] for k, v in params.items()}
+        values = {metric_key(k): redact(str(v))[:6000] for k, v in params.items()}
         changed = {
             k: (existing[k], v) for k, v in values.items() if k in existing and existing[k] != v
         }
@@ -309,7 +312,7 @@ class MlflowTracker:
         self._outbox.put(record)
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        self._outbox.put({"kind": "tags", "values": {k: str(v) for k, v in tags.items()}})
+        self._outbox.put({"kind": "tags", "values": {k: redact(str(v)) for k, v in tags.items()}})
 
     def metric_history(self, key: str) -> list[tuple[int, float]]:
         """``(step, value)`` pairs of ``key``, in step order: those in the store and those

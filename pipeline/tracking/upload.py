@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pipeline.secrets import keep
 from pipeline.tracking.base import TrackingUnavailable
 from pipeline.tracking.mlflow import (
     _UPLOAD_HTTP_DEFAULTS,
@@ -45,7 +46,7 @@ def upload(path: str | Path, uri: str | None = None) -> int:
                 segments[-1][1].append(record)
     failed = 0
     for header, records in segments:
-        target = uri or header["tracking_uri"]
+        target = keep(uri, "--uri", mlflow=True) if uri else header["tracking_uri"]
         if _is_http(target):
             _bound_http_requests(_UPLOAD_HTTP_DEFAULTS)
         client = MlflowClient(tracking_uri=target)
