@@ -18,8 +18,9 @@ from pipeline.config.load import load_config
 from pipeline.config.rules import load_checked
 from pipeline.config.schema import ConfigError, DataConfig
 from pipeline.data import converters
+from pipeline.eval.protocols import preflight
 from pipeline.model import build_model, load_trained_model
-from pipeline.preflight import PreflightError, preflight
+from pipeline.preflight import PreflightError
 from pipeline.weights import ModelLoadError, save_weights
 from tests.data_helpers import jpeg_bytes, layouts, write_image
 from tests.tiny import IMAGE_SIZE, tiny_model_config

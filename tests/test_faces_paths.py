@@ -342,11 +342,12 @@ def test_face_search_finds_each_query_as_its_own_gallery_entry(tmp_path, capsys)
     ]
     assert main([*folder, "--landmarks", str(csv), "--out", str(tmp_path / "f")]) == 0
     search_f = ["search", str(tmp_path / "f"), *queries, "--k", "1", "--json", str(res_file)]
+    search_f.append("--force")  # the same result file, on purpose
     assert main([*search_f, "--landmarks", str(qcsv)]) == 0
     for res in json.loads(res_file.read_text()):
         assert res["neighbours"][0]["source"] == res["query"]
         assert res["neighbours"][0]["score"] == pytest.approx(1.0, abs=1e-5)
     capsys.readouterr()
-    assert main(search) == 2  # no landmarks, not 112 x 112 crops: one line
+    assert main([*search, "--force"]) == 2  # no landmarks, not 112 x 112 crops: one line
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "but the model takes aligned 112x112 face crops" in err

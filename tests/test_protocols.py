@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config.load import load_config
+from pipeline.config.rules import load_checked as load_config
 from pipeline.config.schema import ConfigError, DataConfig, EvalConfig, ModelConfig
 from pipeline.eval import protocols
 from pipeline.eval.evaluator import evaluate_model
