@@ -34,6 +34,8 @@ import numpy as np
 
 from pipeline.data.index import (
     INDEX_FILE,
+    SHARD_BYTES,
+    SHARD_MD5,
     SIZES_FILE,
     SKIPPED_FILE,
     WRITTEN_FILES,
@@ -48,6 +50,7 @@ from pipeline.data.outdir import (
     swap_in,
     write_error,
 )
+from pipeline.data.storage import join, md5_file
 
 DEFAULT_MAX_SKIPPED_FRACTION = 0.01
 """make-shards fails when more than this fraction of a split's images is unreadable: a few bad
@@ -103,7 +106,7 @@ class WriteSummary:
             f"{self.directory}: {self.samples} samples, {self.classes} classes, "
             f"{self.shards} shards, {self.bytes / 1e6:.1f} MB, skipped {self.skipped} of "
             f"{self.listed} listed images"
-            + (f" (see {Path(self.directory) / SKIPPED_FILE})" if self.skipped else "")
+            + (f" (see {join(self.directory, SKIPPED_FILE)})" if self.skipped else "")
         )
 
 
@@ -490,6 +493,10 @@ def _write_tables(
 
     meta_keys = sorted({k for item in items for k in item.meta} - set(INDEX_COLUMNS))
     columns = {c: [r.get(c) for r in sink.rows] for c in (*INDEX_COLUMNS, *meta_keys)}
+    # Each shard's size and MD5, so that a copy (an object store's above all) can be checked.
+    checks = {n: (os.path.getsize(partial_dir / n), md5_file(partial_dir / n)) for n in sink.sizes}
+    columns[SHARD_BYTES] = [checks[r["shard"]][0] for r in sink.rows]
+    columns[SHARD_MD5] = [checks[r["shard"]][1] for r in sink.rows]
     table = pa.table(columns)
     pq.write_table(table, partial_dir / INDEX_FILE)
     # Shard order = write order, so sizes.json also lists the shards in global-index order.
