@@ -125,8 +125,9 @@ def refuse_secret_key(full: str) -> None:
     if any(word in full.rsplit(".", 1)[-1].lower() for word in SECRET_WORDS):
         raise ConfigError(
             f"config key {full!r} would hold a credential, and config files are saved with the "
-            "run and logged: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE "
-            "with ~/.aws/credentials) in the environment instead, and remove the key"
+            "run and logged: remove it and use the environment or the tool's own credential "
+            "file (for an object store AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or "
+            "AWS_PROFILE with ~/.aws/credentials)"
         )
 
 

@@ -82,6 +82,7 @@ def _is_s3_split(spec: str) -> bool:
 def _s3_split_urls(spec: str) -> list[str]:
     """The shards of a published split in an object store, in ``sizes.json`` order."""
     if not storage.exists(storage.join(spec, INDEX_FILE)):
+        storage.check_bucket(spec)
         raise storage.StorageNotFound(
             f"{storage.join(spec, INDEX_FILE)} does not exist, so {spec} is not a split (a split "
             "is published by writing its catalog last); write one there with `pipeline "

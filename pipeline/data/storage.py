@@ -427,6 +427,19 @@ def head(url: str) -> tuple[int, str]:
     return int(r["ContentLength"]), r["ETag"].strip('"')
 
 
+def check_bucket(url: str) -> None:
+    """Raise StorageNotFound naming the bucket of ``url`` when it does not exist (a HEAD of a
+    missing object and of an object in a missing bucket both answer 404)."""
+    bucket, _ = split_url(url)
+    try:
+        _with_retries("HEAD", f"{S3}{bucket}", lambda: _client().head_bucket(Bucket=bucket))
+    except StorageNotFound:
+        raise StorageNotFound(
+            f"{url}: bucket {bucket!r} does not exist at {_where()}; check the URL and "
+            "data.storage.endpoint_url / AWS_ENDPOINT_URL, or create the bucket"
+        ) from None
+
+
 def list_objects(prefix: str) -> dict[str, int]:
     """Name -> size of the objects directly under ``prefix`` (not in sub-prefixes)."""
     bucket, key = split_url(prefix)
@@ -434,7 +447,9 @@ def list_objects(prefix: str) -> dict[str, int]:
     out: dict[str, int] = {}
     for page in _pages(prefix, bucket, key):
         for obj in page.get("Contents", []):
-            out[obj["Key"][len(key) :]] = int(obj["Size"])
+            name = obj["Key"][len(key) :]
+            if name:  # not the folder marker some stores list for the prefix itself
+                out[name] = int(obj["Size"])
     return out
 
 

@@ -37,6 +37,7 @@ import torch
 from pipeline import distributed
 from pipeline.config import RunConfig, to_dict
 from pipeline.config_loader import load_config, save_config
+from pipeline.data import storage
 from pipeline.rundir import RunDir, eval_output_dir
 from pipeline.train import checkpoint
 from pipeline.train.checkpoint import TrainState
@@ -177,12 +178,16 @@ class MetricLogger:
         }
         if self.grad_norm is not None:
             metrics["train/grad_norm"] = self.grad_norm
+        # All ranks participate: transient shard-read failures retried so far, all ranks.
+        retries = distributed.all_reduce_sum(torch.tensor(float(storage.read_retries())))
+        metrics["data/read_retries"] = float(retries)
         self.tracker.log_metrics(metrics, step)
         img_s = metrics["train/images_per_s"]
         self.progress.set_postfix(loss=f"{loss:.4f}", img_s=f"{img_s:.0f}", refresh=False)
         log.info(
-            "step %d/%d: loss %.4f, lr %.3g, %.0f images/s, data wait %.0f%%",
+            "step %d/%d: loss %.4f, lr %.3g, %.0f images/s, data wait %.0f%%, %d read retries",
             *(step, self.total, loss, self.lr, img_s, 100 * metrics["train/data_wait_frac"]),
+            int(metrics["data/read_retries"]),
         )
         if not math.isfinite(loss):
             raise FloatingPointError(
