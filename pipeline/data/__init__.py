@@ -6,6 +6,8 @@ Modules (importing this package imports none of them):
 - ``converters``  list the samples of VGGFace2, iNaturalist 2018, SOP, IJB-C, ImageFolder trees
 - ``synthetic``   the built-in procedurally generated retrieval dataset
 - ``index``       shard naming, URL expansion, ``read_index`` / ``read_sizes``
+- ``storage``     local folders and ``s3://`` prefixes: reads (retried, counted), listings, uploads
+- ``publish``     ``make-shards --out s3://...``: upload under a temporary prefix, catalog last
 - ``validate``    ``pipeline validate-shards``
 - ``make_shards`` ``pipeline make-shards``
 - ``pk``          class groups of K and the P x K shuffle-buffer batcher (pure logic)

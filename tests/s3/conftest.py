@@ -37,13 +37,13 @@ def s3_env(s3_server, monkeypatch) -> S3Server:
     return s3_server
 
 
-def make_shards(out: str) -> None:
+def make_shards(out: str, *extra: str) -> None:
     """``pipeline make-shards synthetic --out OUT`` in this process (the CLI's own parser)."""
     from pipeline.data import make_shards as command
 
     parser = argparse.ArgumentParser()
     command.add_arguments(parser)
-    args = parser.parse_args(["synthetic", "--out", out, *MAKE_SHARDS, "--no-progress"])
+    args = parser.parse_args(["synthetic", "--out", out, *MAKE_SHARDS, "--no-progress", *extra])
     assert command.run(args) == 0
 
 

@@ -53,6 +53,11 @@ def test_make_shards_publishes_the_split_validate_shards_checks_it(s3_env, s3_da
     assert f"{url}/test: 24 samples read, 0 problems" in out
     with pytest.raises(ShardWriteError, match=rf"^{url}/train already holds \d+ object\(s\); pass"):
         make_shards(url)
+    before = {n: storage.head(f"{url}/train/{n}") for n in storage.list_objects(f"{url}/train")}
+    make_shards(url, "--overwrite")  # the same split again: the same objects
+    assert {
+        n: storage.head(f"{url}/train/{n}") for n in storage.list_objects(f"{url}/train")
+    } == before
 
 
 def test_validate_shards_trusts_the_catalog_not_the_listing(s3_env, s3_dataset):
@@ -208,3 +213,24 @@ def test_refused_credentials_or_a_missing_bucket_stop_the_run_at_preflight(
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "refused the credentials" in lines[0], done.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_pipeline_index_embeds_a_split_from_the_store_as_from_disk(s3_env, s3_dataset, tmp_path):
+    from pipeline.cli import main
+    from pipeline.config import ModelConfig
+    from pipeline.model import build_model, save_weights
+
+    url, local = s3_dataset
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone="resnet18", embedding_dim=8))
+    weights = save_weights(model.state_dict(), model.architecture, tmp_path / "m.safetensors")
+    cfg = ["data.image_size=24", "data.resize_size=24", "data.num_workers=0"]
+    for name, shards in (("s3", f"{url}/test"), ("disk", str(local / "test"))):
+        argv = ["index", f"checkpoint={weights}", *cfg, "--shards", shards]
+        assert main([*argv, "--out", str(tmp_path / name)]) == 0
+    files = sorted(p.name for p in (tmp_path / "disk").iterdir())
+    assert sorted(p.name for p in (tmp_path / "s3").iterdir()) == files
+    for name in files:
+        if name.endswith(".json"):  # the manifest names its source and timings
+            continue
+        assert (tmp_path / "s3" / name).read_bytes() == (tmp_path / "disk" / name).read_bytes()
