@@ -31,10 +31,11 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.config import ConfigError, RunConfig
+import numpy as np
+
+from pipeline.config.schema import ConfigError, RunConfig
 from pipeline.data import storage
-from pipeline.data.dealing import rank_shards, stream_shards, streams_per_rank
-from pipeline.data.index import (
+from pipeline.data.catalog import (
     INDEX_FILE,
     SHARD_BYTES,
     SIZES_FILE,
@@ -43,6 +44,7 @@ from pipeline.data.index import (
     read_index,
     read_sizes,
 )
+from pipeline.data.dealing import rank_shards, stream_shards, streams_per_rank
 
 TAR_BLOCK = 512
 """A tar member is a 512-byte header plus its data padded to 512 bytes."""
@@ -93,7 +95,6 @@ def _read_split(key: str, spec: str, validate_hint: str) -> _Split:
 
 
 def _read_indexes(split: _Split, key: str, spec: str, validate_hint: str) -> None:
-    import numpy as np
 
     by_dir: dict[str, list[str]] = defaultdict(list)
     for u in split.urls:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.config import ConfigError
-from pipeline.config_loader import load_config
+from pipeline.config.load import load_config
+from pipeline.config.schema import ConfigError
 from pipeline.data import storage
 
 

@@ -20,10 +20,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.data import storage
-from pipeline.data.index import check_name
+from pipeline.data import converters, storage
+from pipeline.data.catalog import check_name
+from pipeline.data.converters import LayoutError
 from pipeline.data.outdir import check_output, discard_partial
 from pipeline.data.publish import check_s3_output, publish_split
+from pipeline.data.synthetic import synthetic_items
 from pipeline.data.writer import DEFAULT_MAX_SKIPPED_FRACTION, ShardWriteError, write_split
 from pipeline.errors import UserError
 
@@ -93,8 +95,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _items(args: argparse.Namespace, split: str) -> tuple[list, dict]:
     """(items, extra files) of one split."""
     if args.format == "synthetic":
-        from pipeline.data.synthetic import synthetic_items
-
         return synthetic_items(
             split=split,
             num_classes=args.classes if split == "train" else args.test_classes,
@@ -103,7 +103,6 @@ def _items(args: argparse.Namespace, split: str) -> tuple[list, dict]:
             seed=args.seed,
             quality=args.quality,
         ), {}
-    from pipeline.data import converters
 
     return converters.list_split(args.format, args.root, split)
 
@@ -158,8 +157,6 @@ def check_arguments(args: argparse.Namespace, name: str, splits: list[str]) -> N
 
 def _inputs(args: argparse.Namespace) -> list[Path]:
     """The dataset folder(s) the output must not overlap (none for synthetic)."""
-    from pipeline.data.converters import LayoutError
-
     if args.format == "synthetic":
         return []
     if not args.root:

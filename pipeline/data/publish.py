@@ -24,8 +24,10 @@ import os
 import secrets
 from pathlib import Path
 
+import pyarrow.parquet as pq
+
 from pipeline.data import storage
-from pipeline.data.index import (
+from pipeline.data.catalog import (
     INDEX_FILE,
     SHARD_BYTES,
     SHARD_MD5,
@@ -66,8 +68,6 @@ def check_s3_output(out: str, split: str, *, overwrite: bool) -> None:
 
 def _expected(local: Path) -> dict[str, tuple[int, str]]:
     """Shard name -> (bytes, MD5) from the local catalog."""
-    import pyarrow.parquet as pq
-
     table = pq.read_table(local / INDEX_FILE, columns=["shard", SHARD_BYTES, SHARD_MD5])
     rows = zip(*(table.column(c).to_pylist() for c in ("shard", SHARD_BYTES, SHARD_MD5)))
     return {shard: (size, md5) for shard, size, md5 in rows}

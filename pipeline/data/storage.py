@@ -21,8 +21,10 @@ a folder does. The client is boto3 (botocore), AWS's own maintained SDK:
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
+import http.client
 import io
 import logging
 import multiprocessing as mp
@@ -33,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import StorageConfig
+from pipeline.config.schema import StorageConfig
 from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -222,23 +224,22 @@ def _code(error: BaseException) -> str:
 
 
 def _is_transient(error: BaseException) -> bool:
-    from botocore.exceptions import (
-        ConnectionError as BotoConnectionError,
-    )
+    from botocore.exceptions import ConnectionError as BotoConnectionError
     from botocore.exceptions import (
         HTTPClientError,
         IncompleteReadError,
         ResponseStreamingError,
     )
-    from urllib3.exceptions import HTTPError
 
+    # botocore turns urllib3's timeouts and broken bodies into its own errors; the standard
+    # library's are what a body cut short raises below that.
     if isinstance(
         error,
         BotoConnectionError
         | HTTPClientError
         | IncompleteReadError
         | ResponseStreamingError
-        | HTTPError
+        | http.client.HTTPException
         | ConnectionError
         | TimeoutError,
     ):
@@ -493,8 +494,6 @@ def md5_file(path: str | os.PathLike) -> str:
 def put_file(path: str | os.PathLike, url: str) -> str:
     """Upload a local file as one object (one part, so its ETag is its MD5; the store checks the
     body against Content-MD5) and return that MD5."""
-    import base64
-
     bucket, key = split_url(url)
     md5 = md5_file(path)
     content_md5 = base64.b64encode(bytes.fromhex(md5)).decode()

@@ -44,8 +44,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.config import DataConfig, SamplerConfig
+from pipeline.config.schema import DataConfig, SamplerConfig
 from pipeline.data import storage
+from pipeline.data.catalog import expand_urls
 from pipeline.data.dealing import (
     AUG,
     MIX,
@@ -55,7 +56,6 @@ from pipeline.data.dealing import (
     streams_per_rank,
 )
 from pipeline.data.dealing import rng as _rng
-from pipeline.data.index import expand_urls
 from pipeline.data.pk import PASS_END, Group, PKBatcher, Raw, class_runs
 from pipeline.data.transforms import (
     decode_image,
@@ -449,7 +449,7 @@ def eval_loader(
 
     Images as in ``eval_transform`` (float32 (B, 3, S, S)); labels are the shards' ``cls``
     (not namespaced); ``index`` is each sample's global index (its row in the split's
-    ``index.parquet``, see ``pipeline.data.index.read_index``). Across all ranks and workers
+    ``index.parquet``, see ``pipeline.data.catalog.read_index``). Across all ranks and workers
     every sample of ``urls`` appears exactly once; a rank may get fewer (or no) samples than
     another. Batches hold ``batch_size`` samples, the last of each worker fewer.
     ``normalise=False``: uint8 images, as in ``train_loader``.

@@ -25,8 +25,10 @@ import sys
 import tarfile
 from pathlib import Path
 
+from PIL import Image
+
 from pipeline.data import storage
-from pipeline.data.index import (
+from pipeline.data.catalog import (
     INDEX_FILE,
     SHARD_BYTES,
     SHARD_MD5,
@@ -41,8 +43,6 @@ MAX_PRINTED = 200
 
 
 def _check_sample(shard: str, key: str, members: dict[str, bytes], row: dict | None) -> list[str]:
-    from PIL import Image
-
     where = f"{shard}:{key}"
     problems = []
     if set(members) != MEMBERS:

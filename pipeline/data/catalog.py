@@ -22,6 +22,9 @@ import os
 import re
 from pathlib import Path
 
+import braceexpand  # webdataset's own dependency
+import pyarrow.parquet as pq
+
 from pipeline.data import storage
 
 INDEX_FILE = "index.parquet"
@@ -100,8 +103,6 @@ def expand_urls(spec: str) -> list[str]:
     (``pipe:aws s3 cp s3://bucket/x-{000000..000009}.tar -``).
     Raises ValueError naming the spec when it expands to nothing or names missing local files.
     """
-    import braceexpand  # webdataset's own dependency
-
     if not spec:
         raise ValueError("empty shard spec: give a directory, a brace pattern or a list file")
     if _is_s3_split(spec):
@@ -173,8 +174,6 @@ def read_index(urls_or_dir: str):  # -> pyarrow.Table (imported lazily)
 
     ``urls_or_dir``: the split directory, the parquet file itself, or a local shard spec.
     """
-    import pyarrow.parquet as pq
-
     if storage.is_s3(urls_or_dir):
         spec = str(urls_or_dir)
         url = spec if spec.endswith(".parquet") else str(split_dir(spec) / INDEX_FILE)
