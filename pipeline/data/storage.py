@@ -9,7 +9,8 @@ a folder does. The client is boto3 (botocore), AWS's own maintained SDK:
   AWS_REGION / AWS_DEFAULT_REGION. With an endpoint, path-style addressing (what MinIO, Ceph and
   SeaweedFS serve without wildcard DNS).
 - Clients are made per process, on first use: a DataLoader worker forked from a process that
-  holds one makes its own (a botocore connection pool must not be shared across a fork).
+  holds one makes its own (a botocore connection pool must not be shared across a fork), from
+  the boto3 session it inherits (whose loaded service model makes that take milliseconds).
 - botocore's own retries are off, so that every retry is ours: a transient failure (connection
   refused or reset, timeout, truncated body, 5xx, throttling) is retried after a wait that
   doubles, counted (:func:`read_retries`; shared with forked workers once
@@ -142,6 +143,7 @@ class _Settings:
 
 _config = StorageConfig()
 _clients: dict[tuple, Any] = {}
+_sessions: dict[tuple, Any] = {}
 _shared_retries: Any = None  # a multiprocessing.Value once share_retry_count ran
 _local_retries = 0
 
@@ -182,7 +184,11 @@ def _client() -> Any:
             read_timeout=30,
             s3={"addressing_style": "path"} if s.endpoint_url else None,
         )
-        _clients[key] = boto3.session.Session().client(
+        # The session (credentials, the loaded service model: most of a client's start-up) may
+        # come from the parent; only the client, which holds the connections, is per process.
+        if env not in _sessions:
+            _sessions[env] = boto3.session.Session()
+        _clients[key] = _sessions[env].client(
             "s3", endpoint_url=s.endpoint_url, region_name=s.region, config=config
         )
     return _clients[key]
