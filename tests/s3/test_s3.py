@@ -126,7 +126,7 @@ def _restart_later(server, delay_s: float) -> threading.Thread:
 
 def test_outage_mid_epoch_is_retried_counted_and_changes_no_batch(s3_env, s3_dataset):
     url, local = s3_dataset
-    patient = StorageConfig(read_attempts=12, retry_wait_s=0.1, retry_max_wait_s=2.0)
+    patient = StorageConfig(read_attempts=24, retry_wait_s=0.1, retry_max_wait_s=2.0)
     data, sampler = cfgs(f"{url}/train", p=3, k=2, steps=24, workers=2, buffer=3)
     data = dataclasses.replace(data, storage=patient)
     local_data, local_sampler = cfgs(
@@ -156,7 +156,7 @@ def test_a_read_cut_mid_object_resumes_at_its_offset(s3_env):
         storage.put_file(source, url)
     finally:
         source.unlink()
-    storage.configure(StorageConfig(read_attempts=12, retry_wait_s=0.1, retry_max_wait_s=2.0))
+    storage.configure(StorageConfig(read_attempts=24, retry_wait_s=0.1, retry_max_wait_s=2.0))
     try:
         before = storage.read_retries()
         with storage.open_read(url) as f:
