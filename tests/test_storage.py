@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from pipeline.config.load import load_config
 from pipeline.config.schema import ConfigError
@@ -63,3 +64,20 @@ def test_storage_settings_from_the_config_then_the_aws_variables(monkeypatch):
         storage.configure(load_config(None, []).data.storage)
     with pytest.raises(ConfigError, match=r"^data\.storage\.endpoint_url='store:9000': must be"):
         load_config(None, ["data.storage.endpoint_url=store:9000"])
+
+
+class _FailingShard(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        raise storage.StorageError("s3://bkt/ds/train/x-000001.tar: GET failed 8 times at E")
+        yield
+
+
+def test_a_shard_that_fails_in_a_loader_worker_is_still_one_line():
+    loader = torch.utils.data.DataLoader(
+        _FailingShard(), batch_size=None, num_workers=1, multiprocessing_context="fork"
+    )
+    with pytest.raises(storage.StorageError) as info:
+        next(iter(loader))
+    assert str(info.value) == (
+        "s3://bkt/ds/train/x-000001.tar: GET failed 8 times at E (DataLoader worker process 0)"
+    )

@@ -52,6 +52,12 @@ class StorageError(UserError, OSError):
     ``__str__`` is the message alone: readers such as webdataset append context to ``args``."""
 
     def __init__(self, message: str):
+        if message.startswith("Caught ") and "\n" in message:
+            # Re-raised by a DataLoader from its worker, with the worker's traceback: keep the
+            # one line (the traceback's last line is "module.Class: message").
+            where = message.split("\n", 1)[0].removeprefix("Caught ").rstrip(".")
+            last = message.rstrip().rsplit("\n", 1)[-1]
+            message = f"{last.split(': ', 1)[-1]} ({where.split(' in ', 1)[-1]})"
         super().__init__(message)
         self.message = message
 
@@ -288,7 +294,8 @@ def share_retry_count() -> None:
     workers); call in the parent before the workers start."""
     global _shared_retries
     if _shared_retries is None:
-        _shared_retries = mp.get_context("fork").Value("q", _local_retries)
+        method = "fork" if "fork" in mp.get_all_start_methods() else None
+        _shared_retries = mp.get_context(method).Value("q", _local_retries)
 
 
 def read_retries() -> int:
