@@ -188,6 +188,10 @@ def test_refused_credentials_or_a_missing_bucket_stop_the_run_at_preflight(
         r"train: bucket 'nobucket' does not exist at http://127\.0\.0\.1:\d+; check the URL",
     ):
         preflight(_cfg("s3://nobucket/synthetic/train", f"{url}/test"), world_size=2)
+    with pytest.raises(
+        ShardWriteError, match=r"^--out s3://nobucket/x: s3://nobucket/x/train: bucket 'nobucket'"
+    ):
+        make_shards("s3://nobucket/x")  # refused before any image is converted
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "someone-else")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
     with pytest.raises(
