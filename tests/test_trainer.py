@@ -100,7 +100,7 @@ def test_trainer_trains_checkpoints_and_records_the_run(
     retries = client.get_metric_history(result["run_id"], "data/read_retries")
     assert sorted((m.step, m.value) for m in retries) == [(1, 0.0), (2, 0.0)]  # local shards
     assert client.get_run(result["run_id"]).info.status == "FINISHED"
-    # The run's model, registered under tracking.register_model (issue 12): version 1 comes
+    # The run's model, registered under tracking.register_model: version 1 comes
     # from this run and embeds images as the saved weights do.
     versions = client.search_model_versions("name='tiny-embedder'")
     assert [(int(v.version), v.run_id) for v in versions] == [(1, result["run_id"])]

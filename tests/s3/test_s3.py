@@ -220,7 +220,7 @@ def test_refused_credentials_or_a_missing_bucket_stop_the_run_at_preflight(
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_pipeline_index_embeds_a_split_from_the_store_as_from_disk(s3_env, s3_dataset, tmp_path):
+def test_build_gallery_embeds_a_split_from_the_store_as_from_disk(s3_env, s3_dataset, tmp_path):
     from pipeline.cli import main
     from pipeline.config.schema import ModelConfig
     from pipeline.model import build_model
@@ -232,7 +232,7 @@ def test_pipeline_index_embeds_a_split_from_the_store_as_from_disk(s3_env, s3_da
     weights = save_weights(model.state_dict(), model.architecture, tmp_path / "m.safetensors")
     cfg = ["data.image_size=24", "data.resize_size=24", "data.num_workers=0"]
     for name, shards in (("s3", f"{url}/test"), ("disk", str(local / "test"))):
-        argv = ["index", f"checkpoint={weights}", *cfg, "--shards", shards]
+        argv = ["build-gallery", "--weights", str(weights), *cfg, "--shards", shards]
         assert main([*argv, "--out", str(tmp_path / name)]) == 0
     files = sorted(p.name for p in (tmp_path / "disk").iterdir())
     assert sorted(p.name for p in (tmp_path / "s3").iterdir()) == files
