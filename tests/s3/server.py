@@ -100,9 +100,11 @@ class S3Server:
             "-volume.max=8",
             f"-filer.port={p['filer']}",
             f"-filer.port.grpc={g['filer']}",
+            f"-filer.localSocket={self.root / 'filer.sock'}",
             "-s3",
             f"-s3.port={p['s3']}",
             f"-s3.port.grpc={g['s3']}",
+            f"-s3.localSocket={self.root / 's3.sock'}",
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
             f"-s3.config={self.identities}",
@@ -149,3 +151,6 @@ class S3Server:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=10)
         self.process = None
+        # The gRPC sockets it made in /tmp (no flag moves them), which a kill leaves behind.
+        for kind in ("master", "volume", "filer", "s3"):
+            Path(f"/tmp/seaweedfs-{kind}-grpc-{self.grpc[kind]}.sock").unlink(missing_ok=True)
