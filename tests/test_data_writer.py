@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import tarfile
@@ -91,6 +92,9 @@ def test_round_trip_tarfile_webdataset_and_index(tmp_path):
             "height": image.size[1],
             "source": meta["source"],
             "extra_id": meta["extra_id"],
+            # the shard file's size and MD5, computed here independently
+            "shard_bytes": (split / shard).stat().st_size,
+            "shard_md5": hashlib.md5((split / shard).read_bytes()).hexdigest(),
         }
         assert meta["index"] == i and meta["dataset"] == "toy" and meta["split"] == "train"
     # classes are contiguous, in a seeded order that is not simply sorted

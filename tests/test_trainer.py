@@ -100,6 +100,8 @@ def test_trainer_trains_checkpoints_and_records_the_run(
         (m.step, m.value) for m in client.get_metric_history(result["run_id"], "train/loss")
     )
     assert [s for s, _ in losses] == [1, 2] and all(math.isfinite(v) for _, v in losses)
+    retries = client.get_metric_history(result["run_id"], "data/read_retries")
+    assert sorted((m.step, m.value) for m in retries) == [(1, 0.0), (2, 0.0)]  # local shards
     assert client.get_run(result["run_id"]).info.status == "FINISHED"
     # The run's model, registered under tracking.register_model: version 1 comes
     # from this run and embeds images as the saved weights do.
@@ -109,6 +111,7 @@ def test_trainer_trains_checkpoints_and_records_the_run(
     log = run.log_file(0).read_text()
     for step in range(1, STEPS + 1):
         assert f"step {step}/{STEPS}: loss " in log
+    assert f"step {STEPS}/{STEPS}: " in log and ", 0 read retries" in log
     assert "final evaluation at step 2" in log
 
     # The same run again: nothing to train, the recorded result.

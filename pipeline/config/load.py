@@ -144,6 +144,22 @@ def _coerce_scalar(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
 
 
+SECRET_WORDS = ("secret", "password", "token", "access_key", "credential")
+"""A config key naming one of these would hold a credential, which a config file (saved with
+the run, logged to MLflow) must never carry."""
+
+
+def refuse_secret_key(full: str) -> None:
+    """Refuse, in one line, a config key that would hold a credential."""
+    if any(word in full.rsplit(".", 1)[-1].lower() for word in SECRET_WORDS):
+        raise ConfigError(
+            f"config key {full!r} would hold a credential, and config files are saved with the "
+            "run and logged: remove it and use the environment or the tool's own credential "
+            "file (for an object store AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or "
+            "AWS_PROFILE with ~/.aws/credentials)"
+        )
+
+
 def _build(cls: type, values: dict, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
@@ -151,6 +167,7 @@ def _build(cls: type, values: dict, prefix: str) -> Any:
     for key, value in values.items():
         full = f"{prefix}.{key}" if prefix else key
         if key not in hints or key not in names:
+            refuse_secret_key(full)
             raise ConfigError(
                 f"unknown config key {full!r}; valid keys{' of ' + prefix if prefix else ''}: "
                 + ", ".join(names)
@@ -210,6 +227,7 @@ def _apply_override(tree: dict, path: list[str], value: Any, text: str) -> None:
         node = node[part]
     names = [f.name for f in dataclasses.fields(cls)]
     if path[-1] not in names:
+        refuse_secret_key(".".join(path))
         prefix = ".".join(path[:-1])
         raise ConfigError(
             f"override {text!r}: unknown config key {'.'.join(path)!r}; "

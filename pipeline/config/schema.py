@@ -42,6 +42,49 @@ class DatasetSource:
 
 
 @dataclass
+class StorageConfig:
+    """How splits in an S3-compatible object store (``s3://bucket/prefix/split``) are reached.
+    Credentials are never set here: they come from the standard AWS sources (AWS_ACCESS_KEY_ID
+    and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, ~/.aws/credentials)."""
+
+    endpoint_url: str = ""
+    """The store's endpoint (MinIO, Ceph, SeaweedFS: http://host:port); '': AWS_ENDPOINT_URL,
+    else AWS itself."""
+    region: str = ""
+    """The store's region; '': AWS_REGION or AWS_DEFAULT_REGION, else the profile's."""
+    read_attempts: int = 8
+    """Attempts of one read before the shard is an error (a transient failure is retried,
+    with waits doubling from retry_wait_s up to retry_max_wait_s, and counted)."""
+    retry_wait_s: float = 0.25
+    """Wait before the first retry of a failed read, in seconds."""
+    retry_max_wait_s: float = 8.0
+    """Longest wait between two attempts, in seconds."""
+
+    def __post_init__(self) -> None:
+        _check(
+            self.endpoint_url == "" or "://" in self.endpoint_url,
+            "data.storage.endpoint_url",
+            self.endpoint_url,
+            "must be a URL such as http://127.0.0.1:9000, or '' for AWS_ENDPOINT_URL",
+        )
+        _check(
+            self.read_attempts >= 1,
+            "data.storage.read_attempts",
+            self.read_attempts,
+            "must be >= 1",
+        )
+        _check(
+            self.retry_wait_s >= 0, "data.storage.retry_wait_s", self.retry_wait_s, "must be >= 0"
+        )
+        _check(
+            self.retry_max_wait_s >= self.retry_wait_s,
+            "data.storage.retry_max_wait_s",
+            self.retry_max_wait_s,
+            f"must be >= data.storage.retry_wait_s ({self.retry_wait_s})",
+        )
+
+
+@dataclass
 class DataConfig:
     """Where shards come from and how images become tensors."""
 
@@ -65,6 +108,8 @@ class DataConfig:
     """With crop=loose/aligned: the stored crop's shorter side / side (0: the splits' own)."""
     allow_crop_mismatch: bool = False
     """Evaluate on shards of another crop mode than the model's (refused by default)."""
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    """Object-store access for s3:// shards (endpoint, region, read retries)."""
 
     def __post_init__(self) -> None:
         _check(self.image_size > 0, "data.image_size", self.image_size, "must be > 0")

@@ -11,6 +11,8 @@ Modules (importing this package imports none of them):
 - ``outdir``      what make-shards may write where; replacing a split safely
 - ``dealing``     which shards each rank and data worker reads
 - ``imagemode``   any decoded image to the RGB picture it shows
+- ``storage``     local folders and ``s3://`` prefixes: reads (retried, counted), listings, uploads
+- ``publish``     ``make-shards --out s3://...``: upload under a temporary prefix, catalog last
 - ``validate``    ``pipeline validate-shards``
 - ``make_shards`` ``pipeline make-shards``
 - ``pk``          class groups of K and the P x K shuffle-buffer batcher (pure logic)

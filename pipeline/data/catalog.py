@@ -1,6 +1,7 @@
 """Shard naming, shard URL expansion and the per-split index (``index.parquet``, ``sizes.json``).
 
-A written split lives in one directory::
+A written split lives in one directory, or under one ``s3://bucket/prefix`` of an object store
+(read through :mod:`pipeline.data.storage`; a prefix without ``index.parquet`` is not a split)::
 
     <out>/<split>/{name}-{split}-{index:06d}.tar   the shards
     <out>/<split>/index.parquet                   one row per sample, in write order
@@ -15,6 +16,7 @@ join metadata such as IJB-C template / media ids.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -22,6 +24,8 @@ from pathlib import Path
 
 import braceexpand  # webdataset's own dependency
 import pyarrow.parquet as pq
+
+from pipeline.data import storage
 
 INDEX_FILE = "index.parquet"
 SIZES_FILE = "sizes.json"
@@ -32,6 +36,10 @@ IJBC_TABLES = ("pairs.parquet", "gallery_G1.parquet", "gallery_G2.parquet", "pro
 WRITTEN_FILES = (INDEX_FILE, SIZES_FILE, SKIPPED_FILE, *IJBC_TABLES)
 """Every file a split folder holds besides its shards: all that ``make-shards --overwrite`` may
 remove (with the shards), so that a file it did not write is never deleted."""
+SHARD_BYTES, SHARD_MD5 = "shard_bytes", "shard_md5"
+"""Catalog columns (repeated on each row of a shard): the shard file's size and the hex MD5 of
+its bytes (an object's ETag when uploaded in one part), so that a reader can check a shard
+without trusting a listing. Splits written before they existed have neither."""
 NAME_RE = re.compile(r"^[A-Za-z0-9_]+$")
 """Dataset and split names: they become part of file names and of the ShardWriter pattern."""
 
@@ -64,18 +72,42 @@ def _is_remote(url: str) -> bool:
     return "://" in url or url.startswith("pipe:")
 
 
+def _is_s3_split(spec: str) -> bool:
+    """An ``s3://`` spec naming a split prefix (not a brace pattern, list file or one shard)."""
+    return (
+        storage.is_s3(spec)
+        and "{" not in spec
+        and "::" not in spec
+        and not spec.endswith((SHARD_SUFFIX, ".txt"))
+    )
+
+
+def _s3_split_urls(spec: str) -> list[str]:
+    """The shards of a published split in an object store, in ``sizes.json`` order."""
+    if not storage.exists(storage.join(spec, INDEX_FILE)):
+        storage.check_bucket(spec)
+        raise storage.StorageNotFound(
+            f"{storage.join(spec, INDEX_FILE)} does not exist, so {spec} is not a split (a split "
+            "is published by writing its catalog last); write one there with `pipeline "
+            "make-shards ... --out PREFIX` or check the URL"
+        )
+    return [storage.join(spec, n) for n in read_sizes(spec)]
+
+
 def expand_urls(spec: str) -> list[str]:
     """Expand a shard spec into a list of URLs, in a fixed order.
 
     ``spec`` is one of: a directory (its shards in ``sizes.json`` order, else every ``*.tar`` in
-    name order), a ``.txt`` file with one URL a line, or brace patterns
+    name order), an ``s3://bucket/prefix/split`` prefix (its ``sizes.json`` order), a ``.txt`` file with one URL a line, or brace patterns
     (``dir/x-{000000..000009}.tar``) joined by ``::``, which may be any URL webdataset opens
     (``pipe:aws s3 cp s3://bucket/x-{000000..000009}.tar -``).
     Raises ValueError naming the spec when it expands to nothing or names missing local files.
     """
     if not spec:
         raise ValueError("empty shard spec: give a directory, a brace pattern or a list file")
-    if not _is_remote(spec) and os.path.isdir(spec):
+    if _is_s3_split(spec):
+        urls = _s3_split_urls(spec)
+    elif not _is_remote(spec) and os.path.isdir(spec):
         sizes_path = Path(spec) / SIZES_FILE
         if sizes_path.is_file():
             names = list(read_sizes(spec))
@@ -112,9 +144,16 @@ def expand_urls(spec: str) -> list[str]:
     return urls
 
 
-def split_dir(urls_or_dir: str) -> Path:
+def split_dir(urls_or_dir: str) -> Path | storage.S3Path:
     """The directory holding ``index.parquet`` for a split directory, a parquet file or a shard
-    spec (the directory of its first shard). Remote specs must name the directory explicitly."""
+    spec (the directory of its first shard); for ``s3://`` specs the prefix (an ``S3Path``).
+    Other remote specs must name the directory explicitly."""
+    if storage.is_s3(urls_or_dir):
+        if _is_s3_split(urls_or_dir):
+            return storage.S3Path(urls_or_dir)
+        if urls_or_dir.endswith(".parquet"):
+            return storage.S3Path(storage.parent(urls_or_dir))
+        return storage.S3Path(storage.parent(expand_urls(urls_or_dir)[0]))
     if os.path.isdir(urls_or_dir):
         return Path(urls_or_dir)
     if urls_or_dir.endswith(".parquet"):
@@ -135,6 +174,10 @@ def read_index(urls_or_dir: str):  # -> pyarrow.Table (imported lazily)
 
     ``urls_or_dir``: the split directory, the parquet file itself, or a local shard spec.
     """
+    if storage.is_s3(urls_or_dir):
+        spec = str(urls_or_dir)
+        url = spec if spec.endswith(".parquet") else str(split_dir(spec) / INDEX_FILE)
+        return pq.read_table(io.BytesIO(storage.read_bytes(url)))
     path = (
         Path(urls_or_dir)
         if str(urls_or_dir).endswith(".parquet")
@@ -149,12 +192,13 @@ def read_index(urls_or_dir: str):  # -> pyarrow.Table (imported lazily)
 
 
 def read_sizes(directory: str | Path) -> dict[str, int]:
-    """``sizes.json`` of a split directory: shard file name -> sample count, in shard order."""
-    path = Path(directory) / SIZES_FILE
-    if not path.is_file():
+    """``sizes.json`` of a split directory (or ``s3://`` prefix): shard file name -> sample
+    count, in shard order."""
+    path = storage.join(directory, SIZES_FILE)
+    if not storage.is_s3(path) and not os.path.isfile(path):
         raise FileNotFoundError(f"{path} does not exist; was the split written by make-shards?")
     try:
-        sizes = json.loads(path.read_text())
+        sizes = json.loads(storage.read_bytes(path))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
     if not isinstance(sizes, dict) or not all(

@@ -13,16 +13,19 @@ does not exist, too many unreadable ones, a disk error) exit 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-from pipeline.data import converters, parts
+from pipeline.data import converters, parts, storage
 from pipeline.data.catalog import check_name
 from pipeline.data.converters import LayoutError
 from pipeline.data.faces import CROP_MODES, CropError, crop_record, describe
-from pipeline.data.outdir import check_output
+from pipeline.data.outdir import check_output, discard_partial
+from pipeline.data.publish import check_s3_output, publish_split
 from pipeline.data.synthetic import synthetic_items
 from pipeline.data.writer import DEFAULT_MAX_SKIPPED_FRACTION, ShardWriteError, write_split
 from pipeline.errors import UserError
@@ -48,7 +51,12 @@ class ShardArgumentError(UserError, ValueError):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("format", choices=FORMATS, help="the dataset's layout")
     parser.add_argument("--root", help="the dataset's directory (not needed for synthetic)")
-    parser.add_argument("--out", required=True, help="output directory; splits go to OUT/SPLIT/")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="output directory or s3://bucket/prefix; splits go to OUT/SPLIT/ (to a store: "
+        "written and validated on local disk under TMPDIR first, published catalog last)",
+    )
     parser.add_argument(
         "--split",
         help="comma-separated splits (default: train,test; ijbc: test; imagefolder: train "
@@ -212,6 +220,15 @@ def _inputs(args: argparse.Namespace) -> list[Path]:
     return [root]
 
 
+def _discard_staging(staging: Path, split: str) -> None:
+    """Remove the local copy of a split uploaded to an object store (only what the writer
+    wrote there: its split folder's files, then the two folders)."""
+    if (staging / split).is_dir():
+        discard_partial(staging / split)
+    with contextlib.suppress(OSError):
+        staging.rmdir()
+
+
 def run(args: argparse.Namespace) -> int:
     name = args.name or DEFAULT_NAMES.get(args.format, args.format)
     splits = [s.strip() for s in (args.split or DEFAULT_SPLITS[args.format]).split(",")]
@@ -221,8 +238,12 @@ def run(args: argparse.Namespace) -> int:
     crop = check_crop_arguments(args)
     parts.check_flags(args)
     inputs = _inputs(args)
+    remote = storage.is_s3(args.out)
     for split in splits:
-        check_output(args.out, split, overwrite=args.overwrite, inputs=inputs)
+        if remote:
+            check_s3_output(args.out, split, overwrite=args.overwrite)
+        else:
+            check_output(args.out, split, overwrite=args.overwrite, inputs=inputs)
     # Every split's listing too (a malformed list line is a LayoutError naming file and line),
     # so that no split is written when a later one cannot be.
     listed = {split: _items(args, split) for split in splits}
@@ -230,10 +251,11 @@ def run(args: argparse.Namespace) -> int:
         return parts.run(args, name, listed, inputs, crop)
     for split, (items, extra) in listed.items():
         start = time.time()
+        staging = Path(tempfile.mkdtemp(prefix="make-shards-")) if remote else None
         try:
             summary = write_split(
                 items,
-                args.out,
+                staging or args.out,
                 name=name,
                 split=split,
                 samples_per_shard=args.samples_per_shard,
@@ -248,9 +270,16 @@ def run(args: argparse.Namespace) -> int:
                 inputs=inputs,
                 crop=crop,
             )
+            if staging is not None:
+                summary.directory = publish_split(
+                    staging / split, args.out, split, overwrite=args.overwrite
+                )
         except (ShardWriteError, ValueError) as e:
             print(f"make-shards: error: {e}", file=sys.stderr)
             return 1
+        finally:
+            if staging is not None:
+                _discard_staging(staging, split)
         print(f"{summary.line()} in {time.time() - start:.1f} s; face crop: {describe(crop)}")
         if extra:
             print(f"  beside the shards: {', '.join(sorted(extra))}")

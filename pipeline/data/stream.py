@@ -45,6 +45,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config.schema import DataConfig, SamplerConfig
+from pipeline.data import storage
 from pipeline.data.catalog import expand_urls
 from pipeline.data.dealing import (
     AUG,
@@ -80,11 +81,24 @@ def split_label(label: int) -> tuple[int, int]:
     return label >> LABEL_BITS, label & ((1 << LABEL_BITS) - 1)
 
 
-def read_shard(url: str) -> Iterator[Raw]:
-    """The samples of one shard, undecoded, via webdataset's tar reader (any URL it opens)."""
+def tar_samples(url: str) -> Iterator[dict]:
+    """The samples (member dicts) of one shard by webdataset's tar reader. Local files and
+    ``s3://`` objects are streamed by :mod:`pipeline.data.storage` (reads retried and counted,
+    a shard that cannot be read is an error); other URLs (``pipe:``, http) by webdataset."""
     import webdataset as wds
 
-    for sample in wds.tarfile_samples([{"url": with_credentials(url)}]):
+    if (not storage.is_s3(url) and "://" in url) or url.startswith("pipe:"):
+        yield from wds.tarfile_samples([{"url": with_credentials(url)}])
+        return
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    with storage.open_read(url) as stream:
+        yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
+
+
+def read_shard(url: str) -> Iterator[Raw]:
+    """The samples of one shard, undecoded (see :func:`tar_samples`)."""
+    for sample in tar_samples(url):
         key = sample.get("__key__")
         if "jpg" not in sample or "cls" not in sample:
             raise ValueError(
@@ -143,6 +157,9 @@ class TrainStream(IterableDataset):
         self.data_cfg, self.sampler_cfg = data_cfg, sampler_cfg
         self.rank, self.world_size, self.epoch = rank, world_size, epoch
         self.start_step, self.output, self.normalise = start_step, output, normalise
+        # Before the workers fork: they inherit the settings and the shared retry count.
+        storage.configure(data_cfg.storage)
+        storage.share_retry_count()
         self.num_streams = streams_per_rank(data_cfg, sampler_cfg)
         self.urls = []
         for d, source in enumerate(data_cfg.train):
@@ -201,6 +218,7 @@ class TrainStream(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        storage.configure(self.data_cfg.storage)  # again: a spawned worker starts afresh
         batchers: dict[tuple[int, int], PKBatcher] = {}
         produced: dict[tuple[int, int], int] = {}
         transform = train_geometry(self.data_cfg)
@@ -352,6 +370,8 @@ class EvalStream(IterableDataset):
             raise ValueError(f"rank={rank}, world_size={world_size}: need 0 <= rank < world_size")
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: must be >= 1")
+        storage.configure(data_cfg.storage)
+        storage.share_retry_count()
         self.urls = expand_urls(urls)
         self.data_cfg = data_cfg
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
@@ -363,9 +383,7 @@ class EvalStream(IterableDataset):
         )
         c1 = c2 = 0
         for s in shards:
-            import webdataset as wds
-
-            for sample in wds.tarfile_samples([{"url": with_credentials(self.urls[s])}]):
+            for sample in tar_samples(self.urls[s]):
                 keep = c1 % m1 == r1
                 c1 += 1
                 if not keep:
@@ -378,6 +396,7 @@ class EvalStream(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        storage.configure(self.data_cfg.storage)
         transform = eval_geometry(self.data_cfg)
         min_side = draft_side(self.data_cfg, train=False)
         images, labels, indices = [], [], []
@@ -431,7 +450,7 @@ def eval_loader(
 
     Images as in ``eval_transform`` (float32 (B, 3, S, S)); labels are the shards' ``cls``
     (not namespaced); ``index`` is each sample's global index (its row in the split's
-    ``index.parquet``, see ``pipeline.data.index.read_index``). Across all ranks and workers
+    ``index.parquet``, see ``pipeline.data.catalog.read_index``). Across all ranks and workers
     every sample of ``urls`` appears exactly once; a rank may get fewer (or no) samples than
     another. Batches hold ``batch_size`` samples, the last of each worker fewer.
     ``normalise=False``: uint8 images, as in ``train_loader``.

@@ -8,12 +8,16 @@ every ``*.tar`` is listed; index rows equal the samples (row i has index i, keys
 row without its sample); each class is one contiguous run (training relies on it).
 
 The shards are read with Python's ``tarfile`` module, independently of the webdataset reader
-that training uses. Exit code 1 when there is any problem.
+that training uses. Where the catalog records each shard's size and MD5 (splits written since
+they were added), the bytes read are checked against them, so a split in an object store
+(``s3://bucket/prefix/split``) is checked without trusting the store's listing. Exit code 1
+when there is any problem.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import multiprocessing as mp
@@ -23,7 +27,16 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipeline.data.catalog import INDEX_FILE, SHARD_SUFFIX, SIZES_FILE, read_index, read_sizes
+from pipeline.data import storage
+from pipeline.data.catalog import (
+    INDEX_FILE,
+    SHARD_BYTES,
+    SHARD_MD5,
+    SHARD_SUFFIX,
+    SIZES_FILE,
+    read_index,
+    read_sizes,
+)
 from pipeline.data.faces import describe, split_crop
 
 MEMBERS = {"jpg", "cls", "json"}
@@ -79,9 +92,42 @@ def _check_sample(shard: str, key: str, members: dict[str, bytes], row: dict | N
     return problems
 
 
+class _Digest:
+    """A read-only stream that counts and hashes what is read through it."""
+
+    def __init__(self, stream: io.BufferedIOBase):
+        self.stream, self.size = stream, 0
+        self.md5 = hashlib.md5(usedforsecurity=False)
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(n)
+        self.md5.update(data)
+        self.size += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(storage.CHUNK):
+            pass
+
+
+def _size_and_md5_problems(name: str, digest: _Digest, rows: dict[str, dict]) -> list[str]:
+    row = next(iter(rows.values()), {})
+    want_size, want_md5 = row.get(SHARD_BYTES), row.get(SHARD_MD5)
+    problems = []
+    if want_size is not None and digest.size != want_size:
+        problems.append(f"{name}: {digest.size} bytes, {INDEX_FILE} says {want_size}")
+    elif want_md5 is not None and digest.md5.hexdigest() != want_md5:
+        problems.append(
+            f"{name}: MD5 {digest.md5.hexdigest()}, {INDEX_FILE} says {want_md5} (the shard "
+            "changed after it was written: rewrite or re-copy it)"
+        )
+    return problems
+
+
 def check_shard(path: str, rows: dict[str, dict]) -> tuple[list[str], list[str]]:
-    """(keys in order, problems) of one shard, read with ``tarfile``."""
-    name = Path(path).name
+    """(keys in order, problems) of one shard (a file or an ``s3://`` object), read with
+    ``tarfile``; its bytes are checked against the catalog's size and MD5 where it has them."""
+    name = storage.basename(path)
     keys: list[str] = []
     key_set: set[str] = set()
     problems: list[str] = []
@@ -101,7 +147,12 @@ def check_shard(path: str, rows: dict[str, dict]) -> tuple[list[str], list[str]]
             problems.extend(_check_sample(name, current, members, row))
 
     try:
-        with tarfile.open(path, "r|*") as tar:
+        source = storage.open_read(path)
+    except (storage.StorageError, OSError) as e:
+        return keys, [f"{name}: unreadable ({e})"]
+    digest = _Digest(source)
+    try:
+        with source, tarfile.open(fileobj=digest, mode="r|*") as tar:
             for info in tar:
                 if not info.isfile():
                     problems.append(f"{name}:{info.name}: not a regular file")
@@ -118,6 +169,10 @@ def check_shard(path: str, rows: dict[str, dict]) -> tuple[list[str], list[str]]
                     problems.append(f"{name}:{key}: member {ext!r} appears twice")
                 members[ext] = tar.extractfile(info).read()
             flush()
+            digest.drain()  # the tar's end blocks too: the whole file is hashed
+        problems.extend(_size_and_md5_problems(name, digest, rows))
+    except storage.StorageError as e:
+        problems.append(f"{name}: unreadable ({e})")
     except (tarfile.TarError, OSError, EOFError) as e:
         problems.append(f"{name}: unreadable tar ({type(e).__name__}: {e})")
     return keys, problems
@@ -127,21 +182,28 @@ def _check_shard_star(args: tuple[str, dict]) -> tuple[list[str], list[str]]:
     return check_shard(*args)
 
 
+def _listed_shards(directory: str | Path) -> set[str]:
+    """The shard names found in a split folder, or listed under an ``s3://`` prefix."""
+    if storage.is_s3(directory):
+        return {n for n in storage.list_objects(str(directory)) if n.endswith(SHARD_SUFFIX)}
+    return {p.name for p in Path(directory).glob(f"*{SHARD_SUFFIX}")}
+
+
 def validate_split(directory: str | Path, workers: int = 1) -> tuple[int, list[str]]:
-    """(samples read, problems) of one split directory."""
-    directory = Path(directory)
+    """(samples read, problems) of one split directory or ``s3://`` prefix."""
+    directory = directory if storage.is_s3(directory) else Path(directory)
     try:
         sizes = read_sizes(directory)
-        table = read_index(str(directory / INDEX_FILE))
-    except (FileNotFoundError, ValueError) as e:
+        table = read_index(storage.join(directory, INDEX_FILE))
+        on_disk = _listed_shards(directory)
+    except (FileNotFoundError, ValueError, storage.StorageError) as e:
         return 0, [f"{directory}: {e}"]
     rows_list = table.to_pylist()
     rows, problems = _rows_by_key(rows_list)
-    on_disk = {p.name for p in directory.glob(f"*{SHARD_SUFFIX}")}
     jobs = _shard_jobs(directory, sizes, rows, on_disk, problems)
     seen: set[str] = set()
     for (path, _), (keys, shard_problems) in zip(jobs, _check_shards(jobs, workers)):
-        shard = Path(path).name
+        shard = storage.basename(path)
         problems.extend(shard_problems)
         if len(keys) != sizes[shard]:
             problems.append(f"{shard}: {len(keys)} samples, {SIZES_FILE} says {sizes[shard]}")
@@ -171,7 +233,7 @@ def _rows_by_key(rows_list: list[dict]) -> tuple[dict[str, dict], list[str]]:
 
 
 def _shard_jobs(
-    directory: Path,
+    directory: str | Path,
     sizes: dict[str, int],
     rows: dict[str, dict],
     on_disk: set[str],
@@ -187,7 +249,7 @@ def _shard_jobs(
             problems.append(f"{shard}: listed in {SIZES_FILE} but missing")
         else:
             shard_rows = {k: r for k, r in rows.items() if r["shard"] == shard}
-            jobs.append((str(directory / shard), shard_rows))
+            jobs.append((storage.join(directory, shard), shard_rows))
     return jobs
 
 
@@ -219,8 +281,17 @@ def _class_contiguity_problems(rows_list: list[dict]) -> list[str]:
     ]
 
 
-def split_dirs(path: str | Path) -> list[Path]:
-    """The split directories at ``path``: itself if it holds sizes.json, else its children."""
+def split_dirs(path: str | Path) -> list[Path] | list[str]:
+    """The split directories at ``path``: itself if it holds sizes.json, else its children.
+    For an ``s3://`` prefix: itself if it holds a catalog, else its sub-prefixes that do."""
+    if storage.is_s3(path):
+        if storage.exists(storage.join(path, INDEX_FILE)):
+            return [str(path).rstrip("/")]
+        return [
+            p
+            for p in storage.list_prefixes(str(path))
+            if storage.exists(storage.join(p, INDEX_FILE))
+        ]
     path = Path(path)
     if (path / SIZES_FILE).is_file() or any(path.glob(f"*{SHARD_SUFFIX}")):
         return [path]
@@ -228,15 +299,23 @@ def split_dirs(path: str | Path) -> list[Path]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("dir", help="a split directory (OUT/SPLIT) or a dataset directory (OUT)")
+    parser.add_argument(
+        "dir",
+        help="a split directory (OUT/SPLIT) or a dataset directory (OUT); or an s3:// prefix "
+        "of either (endpoint and region from AWS_ENDPOINT_URL, AWS_REGION)",
+    )
     parser.add_argument("--workers", type=int, default=2, help="processes reading shards")
 
 
 def run(args: argparse.Namespace) -> int:
-    if not Path(args.dir).is_dir():
+    if not storage.is_s3(args.dir) and not Path(args.dir).is_dir():
         print(f"validate-shards: {args.dir} is not a directory", file=sys.stderr)
         return 1
-    dirs = split_dirs(args.dir)
+    try:
+        dirs = split_dirs(args.dir)
+    except storage.StorageError as e:
+        print(f"validate-shards: {e}", file=sys.stderr)
+        return 1
     if not dirs:
         print(
             f"validate-shards: {args.dir} holds no split ({SIZES_FILE} + shards); "

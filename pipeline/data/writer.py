@@ -38,6 +38,8 @@ from tqdm import tqdm
 
 from pipeline.data.catalog import (
     INDEX_FILE,
+    SHARD_BYTES,
+    SHARD_MD5,
     SIZES_FILE,
     SKIPPED_FILE,
     WRITTEN_FILES,
@@ -55,6 +57,7 @@ from pipeline.data.outdir import (
     swap_in,
     write_error,
 )
+from pipeline.data.storage import join, md5_file
 from pipeline.data.synthetic import render_jpeg
 from pipeline.data.validate import validate_split
 
@@ -97,7 +100,7 @@ class WriteSummary:
             f"{self.shards} shards, {self.bytes / 1e6:.1f} MB, skipped {self.skipped} of "
             f"{self.listed} listed images"
             + (f", {self.no_face} of them without face landmarks/box" if self.no_face else "")
-            + (f" (see {Path(self.directory) / SKIPPED_FILE})" if self.skipped else "")
+            + (f" (see {join(self.directory, SKIPPED_FILE)})" if self.skipped else "")
         )
 
 
@@ -507,6 +510,10 @@ def _write_tables(
     files of the written shards."""
     meta_keys = sorted({k for item in items for k in item.meta} - set(INDEX_COLUMNS))
     columns = {c: [r.get(c) for r in sink.rows] for c in (*INDEX_COLUMNS, *meta_keys)}
+    # Each shard's size and MD5, so that a copy (an object store's above all) can be checked.
+    checks = {n: (os.path.getsize(partial_dir / n), md5_file(partial_dir / n)) for n in sink.sizes}
+    columns[SHARD_BYTES] = [checks[r["shard"]][0] for r in sink.rows]
+    columns[SHARD_MD5] = [checks[r["shard"]][1] for r in sink.rows]
     # The face columns' types are shared with their readers (x1, y1, ..., x5, y5 in the source
     # image's pixels; null where the dataset gives none), whatever the Python values are.
     types = {"landmarks_5pt": pa.list_(pa.float32()), "det_score": pa.float32()}

@@ -38,6 +38,7 @@ from tqdm import tqdm
 from pipeline import logs
 from pipeline.config.load import load_config, save_config
 from pipeline.config.schema import ConfigError, RunConfig, to_dict
+from pipeline.data import storage
 from pipeline.data.stream import train_loader
 from pipeline.data.transforms import SCHEME_KEY, normalise_batch, resolve_crop, weights_scheme
 from pipeline.distributed import collectives, group
@@ -162,6 +163,7 @@ class MetricLogger:
         self, tracker: Any, *, log_every: int, total_steps: int, start_step: int, show: bool
     ) -> None:
         self.tracker, self.every, self.total = tracker, log_every, total_steps
+        self.retries_before = storage.read_retries()
         self.progress = tqdm(
             total=total_steps, initial=start_step, disable=not show, desc="train", mininterval=2.0
         )
@@ -201,12 +203,17 @@ class MetricLogger:
         }
         if self.grad_norm is not None:
             metrics["train/grad_norm"] = self.grad_norm
+        # All ranks participate: transient shard-read failures retried in this run, all ranks.
+        retried = storage.read_retries() - self.retries_before
+        retries = collectives.all_reduce_sum(torch.tensor(float(retried)))
+        metrics["data/read_retries"] = float(retries)
         self.tracker.log_metrics(metrics, step)
         img_s = metrics["train/images_per_s"]
         self.progress.set_postfix(loss=f"{loss:.4f}", img_s=f"{img_s:.0f}", refresh=False)
         log.info(
-            "step %d/%d: loss %.4f, lr %.3g, %.0f images/s, data wait %.0f%%",
+            "step %d/%d: loss %.4f, lr %.3g, %.0f images/s, data wait %.0f%%, %d read retries",
             *(step, self.total, loss, self.lr, img_s, 100 * metrics["train/data_wait_frac"]),
+            int(metrics["data/read_retries"]),
         )
         if not math.isfinite(loss):
             raise FloatingPointError(
@@ -363,8 +370,6 @@ class Trainer:
                 log.info("preflight passed in %.2f s", report.seconds)
             if cfg.tracking.enabled:
                 MlflowTracker.check(cfg.tracking)
-            if cfg.tracking.register_model:
-                pass
         except BaseException:
             self._lock.release()
             raise
