@@ -172,34 +172,50 @@ def _read_indexes(split: _Split, key: str, spec: str, validate_hint: str) -> Non
                 )
             least = int(need[i]) if i is not None else 0
             actual = os.path.getsize(u) if listed is None else listed.get(name, -1)
-            if actual < 0:
-                raise PreflightError(
-                    f"{key}={spec!r}: shard {u} is in {SIZES_FILE} but not in the store; "
-                    f"{validate_hint}, then upload the split again"
-                )
-            if actual < least:
-                raise PreflightError(
-                    f"{key}={spec!r}: shard {u} is {actual} bytes, but its {count} samples in "
-                    f"{INDEX_FILE} need at least {least}: the shard is truncated (an "
-                    f"interrupted write or copy); {validate_hint}, then re-copy or rewrite it"
-                )
-            if name in recorded and actual != recorded[name]:
-                raise PreflightError(
-                    f"{key}={spec!r}: shard {u} is {actual} bytes, but {INDEX_FILE} records "
-                    f"{recorded[name]}: it changed or was cut short after it was written; "
-                    f"{validate_hint}, then re-copy or rewrite it"
-                )
-            # The tar headers (and cls values) too: cheap on a local disk (not read from an
-            # object store), and a damaged one would otherwise end the run as a DataLoader
-            # worker's traceback.
-            problem = scan_shard(u) if listed is None else None
-            if problem:
-                raise PreflightError(
-                    f"{key}={spec!r}: shard {u}: {problem}; {validate_hint}, then re-copy or "
-                    "rewrite the shard with `pipeline make-shards`"
-                )
+            _check_shard_file(
+                f"{key}={spec!r}", u, count, least, actual, recorded.get(name), validate_hint
+            )
             split.samples[u] = count
             split.class_counts[u] = counts.get(name, {})
+
+
+def _check_shard_file(
+    where: str,
+    u: str,
+    count: int,
+    least: int,
+    actual: int,
+    recorded: int | None,
+    validate_hint: str,
+) -> None:
+    """One shard's file against its catalog: present (``actual`` >= 0 bytes), large enough for
+    the ``count`` samples it lists (``least`` bytes), the size the catalog ``recorded`` (newer
+    splits), and, on a local disk, tar headers and ``cls`` values that read."""
+    if actual < 0:
+        raise PreflightError(
+            f"{where}: shard {u} is in {SIZES_FILE} but not in the store; "
+            f"{validate_hint}, then upload the split again"
+        )
+    if actual < least:
+        raise PreflightError(
+            f"{where}: shard {u} is {actual} bytes, but its {count} samples in "
+            f"{INDEX_FILE} need at least {least}: the shard is truncated (an "
+            f"interrupted write or copy); {validate_hint}, then re-copy or rewrite it"
+        )
+    if recorded is not None and actual != recorded:
+        raise PreflightError(
+            f"{where}: shard {u} is {actual} bytes, but {INDEX_FILE} records "
+            f"{recorded}: it changed or was cut short after it was written; "
+            f"{validate_hint}, then re-copy or rewrite it"
+        )
+    # The tar headers (and cls values) too: cheap on a local disk (not read from an object
+    # store), and a damaged one would otherwise end the run as a DataLoader worker's traceback.
+    problem = None if storage.is_s3(u) else scan_shard(u)
+    if problem:
+        raise PreflightError(
+            f"{where}: shard {u}: {problem}; {validate_hint}, then re-copy or "
+            "rewrite the shard with `pipeline make-shards`"
+        )
 
 
 def _recorded_sizes(table) -> dict[str, int]:
