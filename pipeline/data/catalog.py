@@ -191,6 +191,17 @@ def read_index(urls_or_dir: str):  # -> pyarrow.Table (imported lazily)
     return pq.read_table(path)
 
 
+def read_catalog_metadata(urls_or_dir: str) -> dict[bytes, bytes]:
+    """The schema metadata of a split's ``index.parquet`` (local or ``s3://``; see
+    :func:`read_index` for the argument), without reading a local file's rows."""
+    spec = str(urls_or_dir)
+    if storage.is_s3(spec):
+        url = spec if spec.endswith(".parquet") else str(split_dir(spec) / INDEX_FILE)
+        return pq.read_schema(io.BytesIO(storage.read_bytes(url))).metadata or {}
+    path = Path(spec) if spec.endswith(".parquet") else split_dir(spec) / INDEX_FILE
+    return pq.read_schema(path).metadata or {}
+
+
 def read_sizes(directory: str | Path) -> dict[str, int]:
     """``sizes.json`` of a split directory (or ``s3://`` prefix): shard file name -> sample
     count, in shard order."""

@@ -247,14 +247,12 @@ def split_crop(urls: str) -> dict[str, Any] | None:
     """The crop record of the split that ``urls`` names; ``NO_CROP`` for a split written
     before crops were recorded; None when its catalog cannot be read here (remote shards)."""
     # Imported here, not at the top: this module is carried alone by the exported model's
-    # runtime (pipeline.serve.export), which has neither the catalog nor pyarrow.
-    import pyarrow.parquet as pq  # noqa: PLC0415
-
-    from pipeline.data.catalog import INDEX_FILE, split_dir  # noqa: PLC0415
+    # runtime (pipeline.serve.export), which has neither the catalog nor pyarrow. Local and
+    # s3:// splits alike.
+    from pipeline.data.catalog import read_catalog_metadata  # noqa: PLC0415
 
     try:
-        path = split_dir(urls) / INDEX_FILE
-        meta = pq.read_schema(path).metadata or {}
+        meta = read_catalog_metadata(urls)
     except (ValueError, OSError):
         return None
     raw = meta.get(CATALOG_KEY)
