@@ -113,8 +113,12 @@ def test_onnx_and_torchscript_equal_the_torch_model(assets, tmp_path, capsys):
 
 def test_serving_preprocessing_equals_the_eval_transform(assets, tmp_path):
     """pipeline.serve.runtime (NumPy + Pillow, no torch) against torchvision's eval transform."""
+    from pipeline.serve import export, runtime
     from pipeline.serve.export import export_model
     from pipeline.serve.runtime import OnnxEmbedder, read_spec, to_array
+
+    assert runtime.IMAGE_COLUMN == export.IMAGE_COLUMN  # runtime imports nothing of the package
+    assert export.RUNTIME_CODE.samefile(runtime.__file__)
 
     model = load_trained_model(assets["weights"])
     onnx_file, spec_file = export_model(model, _data_cfg(), "onnx", tmp_path / "m.onnx")

@@ -46,12 +46,16 @@ from pipeline.data.transforms import (
 )
 from pipeline.errors import UserError
 from pipeline.model import load_trained_model
-from pipeline.serve import runtime
 from pipeline.tracking.mlflow import MlflowTracker, ui_command
 
 FORMATS = ("onnx", "torchscript")
 SPEC_FORMAT = "smoothap-preprocessing-v1"
 """Also in ``pipeline.serve.runtime``, which imports nothing from the project (a test keeps them equal)."""
+IMAGE_COLUMN = "image"
+"""The MLflow model's input column; also in ``pipeline.serve.runtime`` (a test keeps them equal)."""
+RUNTIME_CODE = Path(__file__).with_name("runtime.py")
+"""The MLflow model's code, copied into the model. Read as a file, not imported: it imports
+mlflow at its top, which export and training load only when they log a model."""
 INPUT_NAME = "images"
 OUTPUT_NAME = "embeddings"
 # Exported with batch 2: torch.export specialises a dimension of size 1 to a constant.
@@ -303,14 +307,14 @@ def log_mlflow_model(
         # object; no pickled class, so loading needs neither this project nor torch.
         code = tmp / "embedding_model.py"
         code.write_text(
-            Path(runtime.__file__).read_text() + "\n\nmlflow.models.set_model(EmbeddingPyfunc())\n"
+            RUNTIME_CODE.read_text() + "\n\nmlflow.models.set_model(EmbeddingPyfunc())\n"
         )
         decode_package = _decode_package(tmp / "code")
         signature = ModelSignature(
-            inputs=Schema([ColSpec("binary", runtime.IMAGE_COLUMN)]),
+            inputs=Schema([ColSpec("binary", IMAGE_COLUMN)]),
             outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, dim), "embedding")]),
         )
-        example = pd.DataFrame({runtime.IMAGE_COLUMN: [_example_image(data_cfg.image_size)]})
+        example = pd.DataFrame({IMAGE_COLUMN: [_example_image(data_cfg.image_size)]})
         with _mlflow_uri(tracking_uri), mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name=name,
