@@ -1,6 +1,8 @@
-"""Shared fixtures: tiny synthetic shards written once per session, and the tiny run config as
-a YAML file. The builders themselves live in tests/tiny.py and tests/data_helpers (importable
-from spawned processes, where fixtures do not reach)."""
+"""Shared fixtures: tiny synthetic shards written once per session, the tiny run config as a
+YAML file, and the expensive services started once per session for every test that needs them:
+a real ``mlflow server`` on 127.0.0.1. The builders themselves live in tests/tiny.py,
+tests/data_helpers and tests/mlflow_server.py (importable from spawned processes, where
+fixtures do not reach)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.data_helpers import tiny_split
+from tests.mlflow_server import MlflowServer
 from tests.tiny import make_synthetic_shards, tiny_run_config, write_config
 
 
@@ -61,3 +64,18 @@ def tiny_config(tmp_path) -> Callable[..., Path]:
         return write_config(tmp_path / f"{name}.yaml", cfg)
 
     return write
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> MlflowServer:
+    """One real ``mlflow server`` on 127.0.0.1 for the session (its start costs 5-15 s of the
+    2 cores), stopped at the end. Shared: create your own experiment (a name no other test
+    uses) and never stop the server; a test that kills or restarts its server on purpose
+    starts its own ``MlflowServer``."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow_server"))
+    server.start()
+    try:
+        server.wait_healthy()
+        yield server
+    finally:
+        server.stop()
