@@ -1,8 +1,8 @@
 """Shared fixtures: tiny synthetic shards written once per session, the tiny run config as a
 YAML file, and the expensive services started once per session for every test that needs them:
-a real ``mlflow server`` on 127.0.0.1. The builders themselves live in tests/tiny.py,
-tests/data_helpers and tests/mlflow_server.py (importable from spawned processes, where
-fixtures do not reach)."""
+a real ``mlflow server`` on 127.0.0.1 and the multi-host Slurm of tests/cluster. The builders
+themselves live in tests/tiny.py, tests/data_helpers, tests/mlflow_server.py and
+tests/cluster (importable from spawned processes, where fixtures do not reach)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.cluster.cluster import NamespaceCluster
 from tests.data_helpers import tiny_split
 from tests.mlflow_server import MlflowServer
 from tests.tiny import make_synthetic_shards, tiny_run_config, write_config
@@ -79,3 +80,27 @@ def mlflow_server(tmp_path_factory) -> MlflowServer:
         yield server
     finally:
         server.stop()
+
+
+CLUSTER_HOSTS = 2
+
+
+@pytest.fixture(scope="session")
+def namespace_cluster() -> NamespaceCluster:
+    """The multi-host Slurm of tests/cluster/start_cluster.sh (2 hosts in network namespaces),
+    started once for the session when none answers (as root; skipped otherwise) and stopped at
+    the end, also when a test fails; a cluster started by hand is used and left running (only
+    the session's jobs are cancelled). A test that takes a host away gives it back before it
+    ends, so that the next test finds every host idle."""
+    cluster = NamespaceCluster(CLUSTER_HOSTS)
+    try:
+        cluster.ensure()
+    except PermissionError as e:
+        pytest.skip(str(e))
+    except BaseException:
+        cluster.close()  # a half-started cluster is stopped too
+        raise
+    try:
+        yield cluster
+    finally:
+        cluster.close()
