@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.config import TrackingConfig
-from pipeline.tracking import make_tracker
+from pipeline.config.schema import TrackingConfig
+from pipeline.tracking.session import make_tracker
 
 pytestmark = [pytest.mark.mlflow_server, pytest.mark.slow]
 

@@ -33,14 +33,37 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from pipeline import distributed
-from pipeline.config import RunConfig, to_dict
-from pipeline.config_loader import load_config, save_config
+from pipeline import logs
+from pipeline.config.load import load_config, save_config
+from pipeline.config.schema import ConfigError, RunConfig, to_dict
+from pipeline.data.stream import train_loader
+from pipeline.data.transforms import normalise_batch
+from pipeline.distributed import collectives, group
+from pipeline.eval.evaluator import evaluate_model
+from pipeline.loss import SmoothAPLoss
+from pipeline.model import build_model
+from pipeline.preflight import preflight
 from pipeline.rundir import RunDir, eval_output_dir
-from pipeline.train import checkpoint
+from pipeline.serve.export import log_mlflow_model
+from pipeline.tracking import sysmetrics
+from pipeline.tracking.base import NullTracker
+from pipeline.tracking.mlflow import MlflowTracker, resolve_uri, run_page
+from pipeline.tracking.session import log_curves, tracking_session
+from pipeline.train import checkpoint, elastic
 from pipeline.train.checkpoint import TrainState
+from pipeline.train.engine import (
+    build_engine,
+    describe,
+    fp32_state_dict,
+    grad_norm,
+    reported_grad_norm,
+)
+from pipeline.train.gradcache import forward_backward
 from pipeline.train.guard import RunLock, StopRequest, exit_with_parent
+from pipeline.train.optim import build_optimizer, build_scheduler
+from pipeline.weights import save_weights
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +87,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     # Joins the job's group with the run's collective timeout and always leaves it.
-    with distributed.process_group(timeout_s=cfg.train.collective_timeout_s):
+    with group.process_group(timeout_s=cfg.train.collective_timeout_s):
         result = train(cfg)
-        if distributed.is_main_process():
+        if group.is_main_process():
             # stdout carries exactly this line (scripts parse it); messages go to the log.
             print(json.dumps({k: result[k] for k in ("step", "metrics", "weights", "run_id")}))
     return 0
@@ -80,7 +103,8 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     ``tracking_uri``, ``metrics`` (final evaluation), ``weights`` (fp32 ``.safetensors``),
     ``resumed_from`` (step or None), ``output_dir``.
     """
-    distributed.setup_logging(RunDir.of(cfg).root)
+    rank = group.process_rank()
+    logs.setup_logging(RunDir.of(cfg).log_file(rank), rank=rank)
     return Trainer(cfg).train()
 
 
@@ -135,8 +159,6 @@ class MetricLogger:
     def __init__(
         self, tracker: Any, *, log_every: int, total_steps: int, start_step: int, show: bool
     ) -> None:
-        from tqdm import tqdm
-
         self.tracker, self.every, self.total = tracker, log_every, total_steps
         self.progress = tqdm(
             total=total_steps, initial=start_step, disable=not show, desc="train", mininterval=2.0
@@ -166,7 +188,7 @@ class MetricLogger:
             return None
         # All ranks participate: the mean of the ranks' losses is the loss of the global
         # batch (pipeline.loss).
-        loss = float(distributed.all_reduce_sum(self.loss.float())) / distributed.get_world_size()
+        loss = float(collectives.all_reduce_sum(self.loss.float())) / group.get_world_size()
         total = max(self.total_s, 1e-9)
         metrics = {
             "train/loss": loss,
@@ -214,8 +236,6 @@ class EvalHook:
     def evaluate(self, step: int, output_dir: Any = None) -> dict[str, float]:
         """Evaluate now; with ``output_dir``, also write (and log) the evaluation files.
         All ranks participate."""
-        from pipeline.eval.evaluator import evaluate_model
-
         model = self.engine.module
         was_training = model.training
         model.eval()
@@ -228,7 +248,7 @@ class EvalHook:
                 output_dir=output_dir,
                 tracker=self.tracker,
                 step=step,
-                progress=distributed.is_main_process(),
+                progress=group.is_main_process(),
             )
         finally:
             model.train(was_training)
@@ -266,16 +286,14 @@ class Trainer:
     """One training run (see the module doc). Every method runs on every rank."""
 
     def __init__(self, cfg: RunConfig) -> None:
-        from pipeline.loss import SmoothAPLoss
-
         self.cfg = cfg
         if not torch.distributed.is_initialized():
             # Once per process: a second Trainer (benchmarks) reuses the group, including
             # the one-process group DeepSpeed needs (pipeline.train.engine). The timeout
             # bounds every collective: a lost host ends the job instead of hanging it.
-            distributed.init(timeout_s=cfg.train.collective_timeout_s)
+            group.init(timeout_s=cfg.train.collective_timeout_s)
         _set_determinism(cfg.train.deterministic)
-        self.rank, self.world = distributed.get_rank(), distributed.get_world_size()
+        self.rank, self.world = group.get_rank(), group.get_world_size()
         self.is_main = self.rank == 0
         if self.world > 1:
             exit_with_parent()  # torchrun starts ranks in their own sessions (issue 10)
@@ -283,10 +301,10 @@ class Trainer:
         self._lock: RunLock | None = None
         # All ranks participate: rank 0 checks what the config, the shards, the checkpoints
         # and the tracking store can reveal in seconds, before DeepSpeed starts.
-        plan = distributed.on_main(self._plan)
+        plan = collectives.on_main(self._plan)
         self._adapt_to_world_size(plan)
         cfg = self.cfg
-        self.hosts = distributed.rank_hosts()  # named when a rank or host is lost
+        self.hosts = collectives.rank_hosts()  # named when a rank or host is lost
         self.steps_per_epoch = cfg.sampler.steps_per_epoch
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
         self.batch_size = cfg.sampler.batch_size_per_gpu
@@ -322,11 +340,7 @@ class Trainer:
         """Rank 0, before the engine: take the run directory's lock, choose the checkpoint
         to resume from (the newest complete one), work out P per rank for a resume on another
         world size, run the preflight checks of the config and shards, and check the
-        tracking store. Returns what every rank needs (see ``distributed.on_main``)."""
-        from pipeline.preflight import preflight
-        from pipeline.tracking import MlflowTracker
-        from pipeline.train import elastic
-
+        tracking store. Returns what every rank needs (see ``collectives.on_main``)."""
         cfg, root = self.cfg, self.run_dir.checkpoints
         self._lock = RunLock(self.run_dir.root).acquire()
         try:
@@ -348,7 +362,7 @@ class Trainer:
             if cfg.tracking.enabled:
                 MlflowTracker.check(cfg.tracking)
             if cfg.tracking.register_model:
-                import pipeline.export  # noqa: F401  (needs the export extra: fail now)
+                pass
         except BaseException:
             self._lock.release()
             raise
@@ -369,10 +383,6 @@ class Trainer:
             self.cfg = replace(self.cfg, sampler=sampler)
 
     def _build_engine(self) -> None:
-        from pipeline.model import build_model
-        from pipeline.train.engine import build_engine
-        from pipeline.train.optim import build_optimizer, build_scheduler
-
         cfg = self.cfg
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg.model)
@@ -385,8 +395,6 @@ class Trainer:
         )
         if cfg.model.sync_bn and self.world > 1:
             if not torch.cuda.is_available():
-                from pipeline.config import ConfigError
-
                 raise ConfigError(
                     "model.sync_bn=true: SyncBatchNorm runs on CUDA devices only; on CPU set "
                     "model.sync_bn=false (rank 0's statistics are then broadcast every step)"
@@ -409,15 +417,12 @@ class Trainer:
         state = checkpoint.resume(self.engine, root, self.engine.module.architecture, tag)
         if self.sync_buffers:
             # All ranks participate: a checkpoint holds rank 0's statistics only.
-            distributed.broadcast_buffers(self.engine.module)
+            collectives.broadcast_buffers(self.engine.module)
         self.step = state.step if state else 0
         self.resumed_from = self.step if state else None
         self.run_id = (state.mlflow_run_id if state else "") or self.run_dir.read_run_id()
 
     def _tracking_session(self) -> Any:
-        from pipeline.tracking import NullTracker, tracking_session
-        from pipeline.train.engine import describe
-
         if self.done:  # nothing to train: no run to start or continue
             return nullcontext(NullTracker())
         tags = {"world_size": str(self.world), "engine": describe(self.engine)}
@@ -445,8 +450,6 @@ class Trainer:
 
     def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's batches from the current step to the last, epoch by epoch."""
-        from pipeline.data.stream import train_loader
-
         spe = self.steps_per_epoch
         while self.step < self.total_steps:
             epoch, start = divmod(self.step, spe)
@@ -484,10 +487,6 @@ class Trainer:
         ``on_phase(name)`` is called after 'forward' and 'loss' (not with the gradient cache,
         whose phases interleave), 'backward' and 'optimizer'. All ranks participate.
         """
-        from pipeline.data.transforms import normalise_batch
-        from pipeline.train.engine import grad_norm, reported_grad_norm
-        from pipeline.train.gradcache import forward_backward
-
         engine = self.engine
         # Per-step reseeding makes a resumed step draw the same random numbers.
         torch.manual_seed(_step_seed(self.cfg.train.seed, self.rank, self.step))
@@ -515,7 +514,7 @@ class Trainer:
         engine.step()
         if self.sync_buffers:
             # All ranks participate: every rank continues with rank 0's BatchNorm statistics.
-            distributed.broadcast_buffers(engine.module)
+            collectives.broadcast_buffers(engine.module)
         if on_phase is not None:
             on_phase("optimizer")
         self.step += 1
@@ -540,7 +539,7 @@ class Trainer:
                 self.metrics.close()
                 result = self.finish()
             # All ranks participate: nobody leaves before rank 0 has written the result.
-            distributed.barrier()
+            collectives.barrier()
         finally:
             self._release_lock()
         return result
@@ -567,9 +566,9 @@ class Trainer:
                     self.evaluator.maybe_evaluate(self.step)
                     saved = self.checkpointer.maybe_save(self.step)
                     # All ranks participate: the ranks receive a signal at different moments.
-                    stopping = distributed.any_rank(stop.requested)
+                    stopping = collectives.any_rank(stop.requested)
                 except Exception as e:  # gloo's timeouts are plain RuntimeErrors
-                    if not distributed.is_collective_error(e):
+                    if not group.is_collective_error(e):
                         raise
                     raise self._lost_rank(e) from e
                 if stopping:
@@ -605,13 +604,10 @@ class Trainer:
     @contextmanager
     def _host_metrics(self) -> Iterator[None]:
         """Each host's first rank samples CPU/memory/GPU into the run (pipeline.sysmetrics)."""
-        from pipeline import sysmetrics
-        from pipeline.tracking import resolve_uri
-
         # All ranks participate: only rank 0 knows the run id.
-        run_id = distributed.on_main(lambda: self.tracker.run_id)
+        run_id = collectives.on_main(lambda: self.tracker.run_id)
         uri = resolve_uri(self.cfg.tracking)
-        local_rank = distributed.get_local_rank()
+        local_rank = group.get_local_rank()
         # A SQLite file is written by rank 0's host only: several hosts writing one file over
         # a network filesystem can corrupt it.
         if not uri.startswith(("http://", "https://")) and not self.is_main:
@@ -628,9 +624,6 @@ class Trainer:
             handle.stop()  # before the run ends: it writes the queued samples
 
     def _announce(self) -> None:
-        from pipeline.tracking import run_page
-        from pipeline.train.engine import describe
-
         if self.is_main:  # a file write; no collective in here
             save_config(self.cfg, self.run_dir.config)
         self.tracker.log_artifact(self.run_dir.config)
@@ -649,10 +642,6 @@ class Trainer:
     def finish(self) -> dict[str, Any]:
         """Final evaluation (files in the eval directory), weights, result and curves;
         returns the result. All ranks participate."""
-        from pipeline.model import save_weights
-        from pipeline.tracking import log_curves
-        from pipeline.train.engine import fp32_state_dict
-
         # All ranks participate in the final evaluation.
         final = self.evaluator.evaluate(self.step, output_dir=eval_output_dir(self.cfg))
         log.info("final evaluation at step %d: %s", self.step, final)
@@ -680,7 +669,6 @@ class Trainer:
         name = self.cfg.tracking.register_model
         if not (name and self.tracker.run_id):
             return
-        from pipeline.export import log_mlflow_model
 
         try:
             logged = log_mlflow_model(
