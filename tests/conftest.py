@@ -69,8 +69,8 @@ def tiny_config(tmp_path) -> Callable[..., Path]:
 
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory) -> MlflowServer:
-    """One real ``mlflow server`` on 127.0.0.1 for the session (its start costs 5-15 s of the
-    2 cores), stopped at the end. Shared: create your own experiment (a name no other test
+    """One real ``mlflow server`` on 127.0.0.1 for the session (a start costs about 7 CPU-s),
+    stopped at the end. Shared: create your own experiment (a name no other test
     uses) and never stop the server; a test that kills or restarts its server on purpose
     starts its own ``MlflowServer``."""
     server = MlflowServer(tmp_path_factory.mktemp("mlflow_server"))
