@@ -361,8 +361,6 @@ class Trainer:
                 log.info("preflight passed in %.2f s", report.seconds)
             if cfg.tracking.enabled:
                 MlflowTracker.check(cfg.tracking)
-            if cfg.tracking.register_model:
-                pass
         except BaseException:
             self._lock.release()
             raise
