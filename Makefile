@@ -34,8 +34,10 @@ lint: $(STAMP)
 # 2 minutes on 2 idle cores) is the edit loop; the slow tier is the rest: end-to-end runs of
 # the CLI, DeepSpeed training in several processes, a real Slurm, a real MLflow server, a
 # multi-host cluster. Between them they hold every test exactly once.
+# Each tier ends with its ten slowest tests (--durations), so that CI's log shows where the
+# time goes when a tier grows.
 SLOW_MARKERS := slow or slurm or mlflow_server or multinode
-PYTEST := $(BIN)/python -m pytest
+PYTEST := $(BIN)/python -m pytest --durations=10
 TIMED := .ci/timed
 
 test-fast: $(STAMP)

@@ -1,6 +1,8 @@
-"""Shared fixtures: tiny synthetic shards written once per session, and the tiny run config as
-a YAML file. The builders themselves live in tests/tiny.py and tests/data_helpers (importable
-from spawned processes, where fixtures do not reach)."""
+"""Shared fixtures: tiny synthetic shards written once per session, the tiny run config as a
+YAML file, and the expensive services started once per session for every test that needs them:
+a real ``mlflow server`` on 127.0.0.1 and the multi-host Slurm of tests/cluster. The builders
+themselves live in tests/tiny.py, tests/data_helpers, tests/mlflow_server.py and
+tests/cluster (importable from spawned processes, where fixtures do not reach)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.cluster.cluster import NamespaceCluster
 from tests.data_helpers import tiny_split
+from tests.mlflow_server import MlflowServer
 from tests.tiny import make_synthetic_shards, tiny_run_config, write_config
 
 
@@ -61,3 +65,42 @@ def tiny_config(tmp_path) -> Callable[..., Path]:
         return write_config(tmp_path / f"{name}.yaml", cfg)
 
     return write
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> MlflowServer:
+    """One real ``mlflow server`` on 127.0.0.1 for the session (a start costs about 7 CPU-s),
+    stopped at the end. Shared: create your own experiment (a name no other test
+    uses) and never stop the server; a test that kills or restarts its server on purpose
+    starts its own ``MlflowServer``."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow_server"))
+    server.start()
+    try:
+        server.wait_healthy()
+        yield server
+    finally:
+        server.stop()
+
+
+CLUSTER_HOSTS = 2
+
+
+@pytest.fixture(scope="session")
+def namespace_cluster() -> NamespaceCluster:
+    """The multi-host Slurm of tests/cluster/start_cluster.sh (2 hosts in network namespaces),
+    started once for the session when none answers (as root; skipped otherwise) and stopped at
+    the end, also when a test fails; a cluster started by hand is used and left running (only
+    the session's jobs are cancelled). A test that takes a host away gives it back before it
+    ends, so that the next test finds every host idle."""
+    cluster = NamespaceCluster(CLUSTER_HOSTS)
+    try:
+        cluster.ensure()
+    except PermissionError as e:
+        pytest.skip(str(e))
+    except BaseException:
+        cluster.close()  # a half-started cluster is stopped too
+        raise
+    try:
+        yield cluster
+    finally:
+        cluster.close()

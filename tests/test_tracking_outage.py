@@ -11,13 +11,11 @@ from __future__ import annotations
 import http.server
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -30,6 +28,7 @@ from pipeline.tracking.outbox import Outbox, write_undelivered
 from pipeline.tracking.session import make_tracker
 from pipeline.tracking.upload import main
 from tests.dist_helpers import free_port
+from tests.mlflow_server import MlflowServer
 
 HTTP_ENV = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
 
@@ -304,71 +303,11 @@ def test_upload_delivers_a_spool_file_once_and_is_idempotent(tmp_path):
 # --- a real mlflow server, killed and restarted ------------------------------------------
 
 
-class Server:
-    """An ``mlflow server`` on a fixed port and store, which the test can kill (SIGKILL, as
-    a crashed head node would) and start again."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        mlflow = Path(sys.executable).with_name("mlflow")
-        self.proc = subprocess.Popen(
-            [
-                str(mlflow),
-                "server",
-                "--backend-store-uri",
-                f"sqlite:///{self.root / 'server.db'}",
-                "--artifacts-destination",
-                str(self.root / "artifacts"),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--workers",
-                "1",
-            ],
-            cwd=self.root,
-            stdout=open(self.root / "server.log", "a"),  # noqa: SIM115 (closed with the process)
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: killed with its workers
-        )
-
-    def healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
-                return r.status == 200
-        except OSError:
-            return False
-
-    def ensure_up(self) -> None:
-        """Start it if a previous test left it down, and wait until it answers."""
-        if self.proc is None or self.proc.poll() is not None:
-            self.start()
-        self.wait_healthy()
-
-    def wait_healthy(self, timeout_s: float = 180) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not self.healthy():
-            if self.proc is None or self.proc.poll() is not None or time.monotonic() > deadline:
-                log = (self.root / "server.log").read_text()[-2000:]
-                pytest.fail(f"mlflow server on {self.url} did not start: {log}")
-            time.sleep(0.2)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=30)
-        self.proc = None
-        wait_until(lambda: not self.healthy(), 30, f"{self.url} to stop answering")
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = Server(tmp_path_factory.mktemp("mlflow_outage"))
+    """This module's own server (not the session's shared one): its tests kill it (SIGKILL,
+    as a crashed head node) and start it again on the same port and store."""
+    srv = MlflowServer(tmp_path_factory.mktemp("mlflow_outage"))
     srv.start()
     try:
         srv.wait_healthy()
