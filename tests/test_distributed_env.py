@@ -249,14 +249,20 @@ def _later_group_times_out(rank: int, world: int, out: str) -> None:
 
     import torch.distributed as dist
 
+    def both(mark: str) -> None:  # a file rendezvous: no collective, no store
+        Path(f"{out}.{mark}{rank}").touch()
+        deadline = time.monotonic() + 60
+        while not all(Path(f"{out}.{mark}{r}").exists() for r in range(world)):
+            assert time.monotonic() < deadline, f"the other rank never reached {mark}"
+            time.sleep(0.05)
+
+    # Neither rank leaves the harness's group while the other is still connecting to it
+    # ("connectFullMesh: Connection closed by peer"), and both leave before either rejoins on
+    # the same port (a rank that rejoined first reached rank 0's old store as it closed:
+    # "Broken pipe").
+    both("joined")
     group.destroy()  # run_distributed's group has 120 s; rejoin with 3 s
-    # Both ranks leave before either rejoins on the same port: a rank that rejoined first
-    # would reach rank 0's old store just before it closes ("Broken pipe").
-    Path(f"{out}.left{rank}").touch()
-    deadline = time.monotonic() + 60
-    while not all(Path(f"{out}.left{r}").exists() for r in range(world)):
-        assert time.monotonic() < deadline, "the other rank never left its group"
-        time.sleep(0.05)
+    both("left")
     group.init(timeout_s=3)
     dp_group = dist.new_group(list(range(world)))  # as DeepSpeed makes its data-parallel group
     # Rank 0's store serves new_group's closing barrier: rank 0 may not leave (and take the
