@@ -11,6 +11,7 @@ Layout::
     checkpoints/         DeepSpeed checkpoints and ``latest`` (pipeline.train.checkpoint)
     eval/                the final evaluation (unless ``eval.output_dir`` says otherwise)
     logs/rank<R>.log     one log per rank (pipeline.distributed.setup_logging)
+    .lock                held by the job training here (pipeline.train.runlock)
 
 Reading and writing go through :class:`RunDir`; other modules ask it for paths instead of
 joining names themselves, so a change of layout touches this file only.
@@ -76,6 +77,10 @@ class RunDir:
     @property
     def logs(self) -> Path:
         return self.root / "logs"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ".lock"
 
     def log_file(self, rank: int) -> Path:
         return self.logs / f"rank{rank}.log"

@@ -40,7 +40,8 @@ from pipeline.config_loader import load_config, save_config
 from pipeline.rundir import RunDir, eval_output_dir
 from pipeline.train import checkpoint
 from pipeline.train.checkpoint import TrainState
-from pipeline.train.guard import RunLock, StopRequest, exit_with_parent
+from pipeline.train.runlock import RunLock
+from pipeline.train.signals import StopRequest, exit_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -552,7 +553,7 @@ class Trainer:
 
     def _loop(self) -> None:
         """Steps to the last one; a SIGTERM/SIGUSR1 on any rank ends it after a checkpoint
-        (pipeline.train.guard), a lost rank with an error naming the hosts."""
+        (pipeline.train.signals), a lost rank with an error naming the hosts."""
         self.engine.train()
         batches = self._batches()
         with StopRequest(grace_s=self.cfg.train.stop_grace_s) as stop:
