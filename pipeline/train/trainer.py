@@ -39,6 +39,7 @@ from pipeline.config import RunConfig, to_dict
 from pipeline.config_loader import load_config, save_config
 from pipeline.rundir import RunDir, eval_output_dir
 from pipeline.train import checkpoint
+from pipeline.train.batchnorm import policy_for
 from pipeline.train.checkpoint import TrainState
 from pipeline.train.runlock import RunLock
 from pipeline.train.signals import StopRequest, exit_with_parent
@@ -99,20 +100,6 @@ def _set_determinism(on: bool) -> None:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False
-
-
-def _check_chunking(model: torch.nn.Module, cfg: RunConfig) -> None:
-    chunk = cfg.train.chunk_size
-    if chunk and chunk < cfg.sampler.batch_size_per_gpu and not cfg.model.freeze_bn:
-        has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
-        if has_bn:
-            log.warning(
-                "train.chunk_size=%d with model.freeze_bn=false: BatchNorm normalises each "
-                "chunk with its own statistics (and updates running statistics twice), so the "
-                "gradient cache is not exactly the full-batch gradient; set model.freeze_bn=true "
-                "for exact gradients",
-                chunk,
-            )
 
 
 def _then(fn: Callable, on_phase: Callable[[str], None], name: str) -> Callable:
@@ -377,23 +364,15 @@ class Trainer:
         cfg = self.cfg
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg.model)
-        _check_chunking(model, cfg)
-        # One model on every rank (issue 10): trainable BatchNorm either normalises over the
-        # global batch (SyncBatchNorm, CUDA) or keeps rank 0's running statistics, broadcast
-        # after every step (as torch's DDP does by default).
-        trainable_bn = not cfg.model.freeze_bn and any(
-            isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()
+        # One model on every rank: frozen, synchronised or broadcast BatchNorm.
+        self.batchnorm = policy_for(
+            model,
+            cfg.model,
+            world_size=self.world,
+            chunk_size=cfg.train.chunk_size,
+            batch=self.batch_size,
         )
-        if cfg.model.sync_bn and self.world > 1:
-            if not torch.cuda.is_available():
-                from pipeline.config import ConfigError
-
-                raise ConfigError(
-                    "model.sync_bn=true: SyncBatchNorm runs on CUDA devices only; on CPU set "
-                    "model.sync_bn=false (rank 0's statistics are then broadcast every step)"
-                )
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        self.sync_buffers = trainable_bn and not (cfg.model.sync_bn and self.world > 1)
+        model = self.batchnorm.prepare(model)
         optimizer = build_optimizer(model, cfg.optim, cfg.model.head_lr_mult)
         self.scheduler = build_scheduler(optimizer, cfg.optim, self.total_steps)
         # All ranks participate (process group, weight broadcast).
@@ -408,9 +387,8 @@ class Trainer:
         # All ranks participate: DeepSpeed loads every rank's partitions.
         root = self.run_dir.checkpoints
         state = checkpoint.resume(self.engine, root, self.engine.module.architecture, tag)
-        if self.sync_buffers:
-            # All ranks participate: a checkpoint holds rank 0's statistics only.
-            distributed.broadcast_buffers(self.engine.module)
+        # All ranks participate: a checkpoint holds rank 0's BatchNorm statistics only.
+        self.batchnorm.after_resume(self.engine.module)
         self.step = state.step if state else 0
         self.resumed_from = self.step if state else None
         self.run_id = (state.mlflow_run_id if state else "") or self.run_dir.read_run_id()
@@ -514,9 +492,8 @@ class Trainer:
         norm_before = grad_norm(engine)
         lr = self.scheduler.get_last_lr()[0]
         engine.step()
-        if self.sync_buffers:
-            # All ranks participate: every rank continues with rank 0's BatchNorm statistics.
-            distributed.broadcast_buffers(engine.module)
+        # All ranks participate (broadcast BatchNorm: rank 0's statistics to every rank).
+        self.batchnorm.after_step(engine.module)
         if on_phase is not None:
             on_phase("optimizer")
         self.step += 1
