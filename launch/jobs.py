@@ -106,7 +106,7 @@ def guard_requeue_signal() -> None:
 
 
 class TrainJob(submitit.helpers.Checkpointable):
-    """Run ``pipeline.train.trainer.train(cfg)`` in every task; requeued jobs resume from the checkpoint.
+    """Run ``pipeline.train.entry.train(cfg)`` in every task; requeued jobs resume from the checkpoint.
 
     Returns (per task) the dict ``train`` returns.
     """
@@ -121,12 +121,11 @@ class TrainJob(submitit.helpers.Checkpointable):
         # Imported in the job: submitting needs neither torch nor DeepSpeed. train() sets up
         # the rank-aware logging into the run directory.
         from pipeline import distributed
-        from pipeline.train.trainer import train
+        from pipeline.train.entry import train
 
-        try:
+        # The job's process group, left (destroyed) however the run ends.
+        with distributed.process_group(timeout_s=self.cfg.train.collective_timeout_s):
             return train(self.cfg)
-        finally:
-            distributed.destroy()
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         # The same call again: train() finds the latest collective checkpoint in

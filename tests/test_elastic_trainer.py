@@ -165,18 +165,18 @@ def main(config: str, states: str, overrides: list[str]) -> None:
     from pipeline.config_loader import load_config
     from pipeline.rundir import RunDir
     from pipeline.train import elastic
-    from pipeline.train.trainer import Trainer
+    from pipeline.train.entry import open_trainer
 
     cfg = load_config(config, overrides)
-    distributed.setup_logging(RunDir.of(cfg).root)
-    trainer = Trainer(cfg)
-    for name, when in (("resumed.pt", "start"), ("end.pt", "end")):
-        if when == "end":
-            trainer.train()
-        state = elastic.full_state(trainer.engine)  # all ranks participate
-        if distributed.is_main_process():
-            torch.save(state, Path(states) / name)
-    distributed.destroy()
+    with distributed.process_group(timeout_s=cfg.train.collective_timeout_s):
+        distributed.setup_logging(RunDir.of(cfg).root)
+        with open_trainer(cfg) as trainer:
+            for name, when in (("resumed.pt", "start"), ("end.pt", "end")):
+                if when == "end":
+                    trainer.train()
+                state = elastic.full_state(trainer.engine)  # all ranks participate
+                if distributed.is_main_process():
+                    torch.save(state, Path(states) / name)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""One training job per run directory: :class:`RunLock`.
+"""One training job per run directory: :class:`RunLock`, held by :func:`held`.
 
 Two ``pipeline train`` commands on the same ``train.output_dir`` corrupted each other's
 ``latest``. The lock file (its name: :attr:`pipeline.rundir.RunDir.lock`) names host and pid; a
@@ -14,8 +14,11 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+from pipeline import distributed
 from pipeline.errors import UserError
 from pipeline.rundir import RunDir
 
@@ -132,3 +135,18 @@ class RunLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+@contextmanager
+def held(run_dir: RunDir | str | Path) -> Iterator[None]:
+    """The run lock of ``run_dir`` for the block, taken by rank 0 of the job: the entry point
+    holds it around the whole run. All ranks participate: a refusal (another live job) is
+    raised on every rank."""
+    lock = RunLock(run_dir.root if isinstance(run_dir, RunDir) else run_dir)
+    # All ranks participate (one broadcast of rank 0's outcome).
+    distributed.on_main(lambda: bool(lock.acquire()))
+    try:
+        yield
+    finally:
+        if distributed.is_main_process():
+            lock.release()
