@@ -3,7 +3,7 @@
 One function per part, each given only its own config section: the model (with the BatchNorm
 policy applied), the optimizer and schedule, the DeepSpeed engine (reading its checkpoints
 safely) and the loss. The trainer receives the result, :class:`TrainParts`, and builds nothing
-itself, so a benchmark or a test can build the parts once and swap one.
+itself, so a benchmark or a test can build the parts once and swap one (a loss with state).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class TrainParts:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     """The learning-rate schedule (stepped by the engine)."""
     loss: nn.Module
-    """``loss(embeddings, labels)``."""
+    """``loss(embeddings, labels)``; may keep state across steps (pipeline.loss.LossState)."""
     batchnorm: BatchNormPolicy
     """Frozen, synchronised or broadcast BatchNorm (pipeline.train.batchnorm)."""
 

@@ -9,7 +9,7 @@ The trainer calls ``maybe(step)`` on every hook after each optimizer step, in or
   gradient norm every ``train.log_every`` steps and at the last one;
 * :class:`EvalHook`: retrieval metrics every ``eval.every`` steps (not the last one);
 * :class:`Checkpointer`: a collective checkpoint every ``train.checkpoint_every`` steps and at
-  the last one;
+  the last one, with the loss's state when it keeps one (pipeline.loss.LossState);
 * :class:`HostMetrics`: each host's CPU, memory and GPU sampled into the run;
 * :class:`FinalExport`: at the last step, the final evaluation (files in the eval folder), the
   fp32 weights, the curves, the MLflow model (registered under ``tracking.register_model``)
@@ -32,6 +32,7 @@ from pipeline import distributed, sysmetrics
 from pipeline.config import RunConfig, to_dict
 from pipeline.config_loader import save_config
 from pipeline.eval.evaluator import evaluate_model
+from pipeline.loss import LossState
 from pipeline.model import save_weights
 from pipeline.rundir import RunDir, eval_output_dir
 from pipeline.tracking import NullTracker, log_curves, resolve_uri, run_page, tracking_session
@@ -210,9 +211,10 @@ class Checkpointer:
         keep: int,
         total_steps: int,
         state_at: Callable[[int], TrainState],
+        loss_state: LossState | None,
     ) -> None:
         self.engine, self.root, self.every, self.keep = engine, run_dir.checkpoints, every, keep
-        self.total, self.state_at = total_steps, state_at
+        self.total, self.state_at, self.loss_state = total_steps, state_at, loss_state
         self.saved_step: int | None = None
 
     def maybe(self, step: int) -> bool:
@@ -223,7 +225,9 @@ class Checkpointer:
 
     def save(self, step: int) -> None:
         # All ranks participate (collective save; 'latest' moves once all have written).
-        checkpoint.save_state(self.engine, self.root, self.state_at(step), self.keep)
+        checkpoint.save_state(
+            self.engine, self.root, self.state_at(step), self.keep, loss_state=self.loss_state
+        )
         self.saved_step = step
 
     def close(self) -> None:

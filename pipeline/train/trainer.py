@@ -3,7 +3,8 @@
 A Trainer receives the config adapted to its plan (pipeline.train.plan) and its built parts
 (pipeline.train.build), inside the job's process group and under the run lock, both held by
 pipeline.train.entry. It resumes from the plan's checkpoint (weights, optimizer, schedule,
-step, data position, MLflow run); what runs beside the step is a hook (pipeline.train.hooks).
+step, data position, the loss's state, MLflow run); what runs beside the step is a hook
+(pipeline.train.hooks).
 
 Reproducibility: initial weights come from ``train.seed`` (DeepSpeed broadcasts rank 0's);
 the batches from (``sampler.seed``, epoch, rank, world size, step) (pipeline.data.stream);
@@ -28,6 +29,7 @@ from pipeline import distributed
 from pipeline.config import RunConfig
 from pipeline.data import stream
 from pipeline.data.transforms import normalise_batch
+from pipeline.loss import loss_state
 from pipeline.rundir import RunDir
 from pipeline.train import checkpoint, hooks
 from pipeline.train.build import TrainParts
@@ -72,6 +74,7 @@ class Trainer:
         assert cfg.sampler.classes_per_batch == plan.classes_per_batch, "pass plan.apply(cfg)"
         self.cfg, self.plan, self.parts = cfg, plan, parts
         self.engine, self.loss_fn, self.scheduler = parts.engine, parts.loss, parts.scheduler
+        self.loss_state = loss_state(parts.loss)
         self.rank, self.world = distributed.get_rank(), plan.world_size
         self.is_main = self.rank == 0
         self.run_dir = RunDir.of(cfg)
@@ -96,7 +99,7 @@ class Trainer:
     def _resume(self, tag: str | None) -> None:
         # All ranks participate: DeepSpeed loads every rank's partitions.
         root, module = self.run_dir.checkpoints, self.engine.module
-        state = checkpoint.resume(self.engine, root, module.architecture, tag)
+        state = checkpoint.resume(self.engine, root, module.architecture, tag, self.loss_state)
         # All ranks participate: a checkpoint holds rank 0's BatchNorm statistics only.
         self.parts.batchnorm.after_resume(module)
         self.step = state.step if state else 0
@@ -121,13 +124,14 @@ class Trainer:
             keep=cfg.train.keep_checkpoints,
             total_steps=total,
             state_at=self.train_state,
+            loss_state=self.loss_state,
         )
         self.final = hooks.FinalExport(cfg, engine, tracker, self.evaluator)
         self.final.run_id, self.final.resumed_from = self.run_id, self.resumed_from
         self.hooks: list[hooks.Hook] = [self.metrics, self.evaluator, self.checkpointer]
 
     def train_state(self, step: int) -> TrainState:
-        """What a checkpoint at ``step`` records besides weights and optimizer."""
+        """What a checkpoint at ``step`` records besides weights, optimizer and loss state."""
         return TrainState(
             step=step,
             epoch=step // self.steps_per_epoch,
@@ -206,6 +210,8 @@ class Trainer:
         # All ranks participate (broadcast BatchNorm: rank 0's statistics to every rank).
         self.parts.batchnorm.after_step(engine.module)
         self.step += 1
+        if self.loss_state is not None:
+            self.loss_state.after_step(self.step)
         if on_phase is not None:
             on_phase("optimizer")
         norm = reported_grad_norm(engine, norm_before)
