@@ -95,7 +95,7 @@ def _untrained_metrics(cfg: RunConfig) -> dict[str, float]:
     from pipeline.eval.evaluator import evaluate_model
     from pipeline.model import build_model
 
-    torch.manual_seed(cfg.train.seed)  # what pipeline.train.trainer does before building the model
+    torch.manual_seed(cfg.train.seed)  # what pipeline.train.build does before building the model
     model = build_model(cfg.model).eval()
     return evaluate_model(model, cfg.data, cfg.eval, device="cpu", progress=False)
 

@@ -1,7 +1,7 @@
 """Elastic resume through the real trainer (issue 11 part 4): a run trained by 2 ranks
 (torchrun) continues in 1 process, and (ZeRO 2) one trained by 1 process continues on 2 ranks.
 
-Each run is ``pipeline.train.trainer.train`` as ``pipeline train`` calls it, launched by this
+Each run is ``pipeline.train.entry.train`` as ``pipeline train`` calls it, launched by this
 module as a script (``python -m tests.test_elastic_trainer CONFIG STATE_DIR KEY=VALUE...``)
 so that it can also record ``elastic.full_state`` of the engine right after the resume and at
 the end. The stop is deterministic: the first run's config has fewer epochs, the next one more
@@ -159,7 +159,7 @@ def test_two_ranks_resume_in_one_process_and_back(tmp_path, shards, zero):
 
 
 def main(config: str, states: str, overrides: list[str]) -> None:
-    """``pipeline.train.trainer.train``, plus rank 0 saving ``elastic.full_state`` right
+    """``pipeline.train.entry.train``, plus rank 0 saving ``elastic.full_state`` right
     after the resume (``resumed.pt``) and at the end (``end.pt``)."""
     from pipeline import distributed
     from pipeline.config_loader import load_config
