@@ -5,7 +5,7 @@ in the same run, on the same preprocessed images.
     python benchmarks/export.py --backbone resnet50 --images 64
 
 Times: load (torch: ``load_trained_model`` from ``.safetensors``; ONNX: export with
-``pipeline.export.export_onnx`` and ``InferenceSession`` creation), and embedding of ``--images``
+``pipeline.serve.export.export_onnx`` and ``InferenceSession`` creation), and embedding of ``--images``
 images in batches of ``--batch`` (best of ``--repeats``, methods interleaved, after one warm-up
 batch each). Both use ``--threads`` intra-op threads. Preprocessing is excluded (it is the same
 for both).
@@ -38,9 +38,10 @@ def main() -> None:
     import onnxruntime as ort
     import torch
 
-    from pipeline.config import DataConfig, ModelConfig
-    from pipeline.export import export_onnx
-    from pipeline.model import build_model, load_trained_model, save_weights
+    from pipeline.config.schema import DataConfig, ModelConfig
+    from pipeline.model import build_model, load_trained_model
+    from pipeline.serve.export import export_onnx
+    from pipeline.weights import save_weights
 
     torch.set_num_threads(args.threads)
     data_cfg = DataConfig(image_size=args.size, resize_size=args.size)

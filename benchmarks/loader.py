@@ -53,7 +53,7 @@ def _make_images(root: Path, n: int, per_class: int, width: int, height: int) ->
 def _plain_worker(args: tuple[list[bytes], dict]) -> int:
     import torch
 
-    from pipeline.config import DataConfig
+    from pipeline.config.schema import DataConfig
     from pipeline.data.transforms import decode_image, draft_side, train_transform
 
     blobs, cfg = args
@@ -97,7 +97,7 @@ def bench_shards(
 ) -> int:
     """``uint8``: the workers ship uint8 batches and this process normalises them (what a GPU
     trainer would do on the device)."""
-    from pipeline.config import DataConfig, DatasetSource, SamplerConfig
+    from pipeline.config.schema import DataConfig, DatasetSource, SamplerConfig
     from pipeline.data.stream import train_loader
     from pipeline.data.transforms import normalise_batch
 
@@ -121,7 +121,7 @@ def bench_folder(root: Path, cfg: dict, batch: int) -> int:
     from torch.utils.data import DataLoader
     from torchvision.datasets import ImageFolder
 
-    from pipeline.config import DataConfig
+    from pipeline.config.schema import DataConfig
     from pipeline.data.transforms import train_transform
 
     data_cfg = DataConfig(**cfg)
@@ -153,7 +153,8 @@ def main() -> None:
     parser.add_argument("--dir", help="work directory (default: a temporary one)")
     args = parser.parse_args()
 
-    from pipeline.data.writer import SourceItem, write_split
+    from pipeline.data.items import SourceItem
+    from pipeline.data.writer import write_split
 
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         tmp = Path(tmp)

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline import distributed
-from pipeline.config_loader import load_config
+from pipeline.config.load import load_config
+from pipeline.distributed import group
 
 
 def _sync(device: torch.device) -> None:
@@ -50,8 +50,8 @@ def _batches(args, cfg, batch: int, device: torch.device):
         for images, labels in train_loader(
             cfg.data,
             cfg.sampler,
-            rank=distributed.get_rank(),
-            world_size=distributed.get_world_size(),
+            rank=group.get_rank(),
+            world_size=group.get_world_size(),
             epoch=epoch,
         ):
             yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
@@ -115,7 +115,7 @@ def bench(args, batch: int, chunk: int, run_dir: str) -> dict[str, float]:
                 phases[key].append(value)
     stack.close()
     med = {k: statistics.median(v) for k, v in phases.items()}
-    world = distributed.get_world_size()
+    world = group.get_world_size()
     med["images_per_s_per_rank"] = batch / med["step_s"]
     med["global_batch"] = batch * world
     med["loss_share"] = med["loss"] / med["step_s"]
@@ -136,7 +136,7 @@ def main() -> int:
     p.add_argument("--tensors", action="store_true", help="random tensors instead of shards")
     p.add_argument("--out", default="", help="write the results as JSON here")
     args = p.parse_args()
-    distributed.init()
+    group.init()
     rows = []
     # Trainers need a run directory; nothing is saved into it (no checkpoint is due).
     scratch = tempfile.TemporaryDirectory(prefix="train_step_bench_")
@@ -145,9 +145,9 @@ def main() -> int:
             r = bench(args, batch, chunk, scratch.name)
             r.update(batch_per_rank=batch, chunk=chunk)
             rows.append(r)
-            if distributed.is_main_process():
+            if group.is_main_process():
                 print(
-                    f"batch {batch:>4}/rank x {distributed.get_world_size()} chunk {chunk:>3}: "
+                    f"batch {batch:>4}/rank x {group.get_world_size()} chunk {chunk:>3}: "
                     + "  ".join(
                         f"{k} {r[k] * 1e3:7.1f} ms"
                         for k in ("data", "forward", "loss", "backward", "optimizer", "step_s")
@@ -156,11 +156,11 @@ def main() -> int:
                     + f"  loss share {100 * r['loss_share']:4.1f} %",
                     flush=True,
                 )
-    if args.out and distributed.is_main_process():
+    if args.out and group.is_main_process():
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         meta = {"source": "tensors" if args.tensors else args.data, **vars(args)}
         Path(args.out).write_text(json.dumps({"args": meta, "rows": rows}, indent=1))
-    distributed.destroy()
+    group.destroy()
     return 0
 
 

@@ -13,8 +13,10 @@ import subprocess
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from pipeline.config import LaunchConfig
-from pipeline.config_loader import CONF_DIR, read_yaml_mapping
+import torch  # only for a local launch that asks for GPUs
+
+from pipeline.config.load import CONF_DIR, read_yaml_mapping
+from pipeline.config.schema import LaunchConfig
 
 CLUSTER_DIR = CONF_DIR / "cluster"
 
@@ -65,8 +67,6 @@ def tasks_per_node(cfg: LaunchConfig) -> int:
 
 def local_gpu_count() -> int:
     """GPUs this machine's processes can use (CUDA_VISIBLE_DEVICES applies); 0 without CUDA."""
-    import torch  # only for a local launch that asks for GPUs
-
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 

@@ -14,17 +14,20 @@ from typing import Any
 import submitit
 
 from launch.jobs import export_distributed_env, guard_requeue_signal
-from pipeline.config import RunConfig
+from pipeline import logs
+from pipeline.config.schema import RunConfig
+from pipeline.distributed import group
+from pipeline.eval.parts import extract_part, merge_and_score
+from pipeline.rundir import RunDir, eval_output_dir
 
 
 def _start(cfg: RunConfig) -> None:
     """What every evaluation task does first: rank environment, then rank-aware logging."""
     guard_requeue_signal()
     export_distributed_env()
-    from pipeline import distributed
-    from pipeline.rundir import eval_output_dir
 
-    distributed.setup_logging(eval_output_dir(cfg))
+    rank = group.process_rank()
+    logs.setup_logging(RunDir(eval_output_dir(cfg)).log_file(rank), rank=rank)
 
 
 class ExtractPartJob(submitit.helpers.Checkpointable):
@@ -35,7 +38,6 @@ class ExtractPartJob(submitit.helpers.Checkpointable):
 
     def __call__(self) -> dict[str, Any]:
         _start(self.cfg)
-        from pipeline.eval.parts import extract_part
 
         return extract_part(self.cfg, self.checkpoint, self.part, self.urls)
 
@@ -50,6 +52,5 @@ class MergeEvalJob(submitit.helpers.Checkpointable):
     def __call__(self) -> dict[str, Any]:
         """Returns ``metrics``, ``run_id`` (MLflow; None off rank 0) and ``output_dir``."""
         _start(self.cfg)
-        from pipeline.eval.parts import merge_and_score
 
         return merge_and_score(self.cfg, self.checkpoint, self.plan)

@@ -25,7 +25,11 @@ from typing import Any
 import submitit
 from submitit.core.job_environment import JobEnvironment
 
-from pipeline.config import RunConfig
+from pipeline.config.schema import RunConfig
+from pipeline.distributed import group
+from pipeline.distributed.env import export_env, read_env
+from pipeline.eval.evaluator import run
+from pipeline.train.entry import train
 
 # A child of the pipeline logger: the entry points' setup_logging routes it (rank 0 prints,
 # every rank writes <run dir>/logs/rank<R>.log).
@@ -33,7 +37,7 @@ log = logging.getLogger("pipeline.launch.jobs")
 
 
 def export_distributed_env() -> dict[str, str]:
-    """Set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT for ``pipeline.distributed``.
+    """Set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT for ``pipeline.distributed.env``.
 
     ``set_cuda_visible_devices=False``: every task sees all GPUs of its node and DeepSpeed picks
     ``cuda:LOCAL_RANK`` itself; ``overwrite=True`` because the job, not the environment the job
@@ -62,17 +66,15 @@ def record_rank_env(run_dir: str | Path) -> Path:
     """Write ``<run_dir>/launch/rank<R>.json``: the rank variables this task trains with, its
     host and Slurm job; returns the file.
 
-    The variables are those ``pipeline.distributed.init`` exports (it is idempotent and is
+    The variables are those ``pipeline.distributed.group.init`` exports (it is idempotent and is
     called again by the training itself), so the record holds what DeepSpeed reads too,
     LOCAL_SIZE included. Written before training, so a rank that fails still says where it
     ran; a requeued job overwrites it. What a user reads when one host of a job misbehaves,
     and what the multi-host tests assert on (issue 11).
     """
-    from pipeline import distributed
-
-    env = distributed.read_env()
+    env = read_env()
     if env.world_size > 1:
-        distributed.export_env(env)
+        export_env(env)
     path = Path(run_dir) / "launch" / f"rank{env.rank}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {
@@ -118,13 +120,9 @@ class TrainJob(submitit.helpers.Checkpointable):
         guard_requeue_signal()
         export_distributed_env()
         record_rank_env(self.cfg.train.output_dir)
-        # Imported in the job: submitting needs neither torch nor DeepSpeed. train() sets up
-        # the rank-aware logging into the run directory.
-        from pipeline import distributed
-        from pipeline.train.entry import train
-
+        # train() sets up the rank-aware logging into the run directory.
         # The job's process group, left (destroyed) however the run ends.
-        with distributed.process_group(timeout_s=self.cfg.train.collective_timeout_s):
+        with group.process_group(timeout_s=self.cfg.train.collective_timeout_s):
             return train(self.cfg)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
@@ -148,7 +146,6 @@ class EvaluateJob(submitit.helpers.Checkpointable):
     def __call__(self) -> dict:
         guard_requeue_signal()
         export_distributed_env()
-        from pipeline.eval.evaluator import run
 
         # run() sets up the rank-aware logging into the evaluation's directory.
         code = run(argparse.Namespace(config=self.config, overrides=list(self.overrides)))

@@ -23,6 +23,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import submitit
+
+from launch import jobs
 from launch.cluster import (
     LaunchError,
     check_against_cluster,
@@ -30,10 +33,14 @@ from launch.cluster import (
     cluster_overrides,
     tasks_per_node,
 )
-from pipeline.config import ConfigError, LaunchConfig, RunConfig
-from pipeline.config_loader import load_config
-from pipeline.config_loader import split_checkpoint as config_split_checkpoint
+from launch.evaluation import ExtractPartJob, MergeEvalJob
+from launch.task import PYTHON
+from pipeline.config.load import load_config
+from pipeline.config.load import split_checkpoint as config_split_checkpoint
+from pipeline.config.schema import ConfigError, LaunchConfig, RunConfig
+from pipeline.eval.parts import plan_parts
 from pipeline.rundir import eval_output_dir
+from pipeline.tracking.mlflow import resolve_uri, ui_command
 
 # flag -> LaunchConfig field
 FLAG_FIELDS = {
@@ -105,7 +112,6 @@ def split_checkpoint(overrides: Sequence[str]) -> tuple[str, list[str]]:
 def _absolute_paths(cfg: RunConfig) -> RunConfig:
     # Jobs start in the submission directory, but absolute paths make the printed locations
     # and the saved config unambiguous.
-    from pipeline.tracking import resolve_uri
 
     train = replace(cfg.train, output_dir=str(Path(cfg.train.output_dir).resolve()))
     evaluation = replace(
@@ -119,10 +125,6 @@ def _absolute_paths(cfg: RunConfig) -> RunConfig:
 
 def make_executor(launch: LaunchConfig, *, local: bool, name: str) -> Any:
     """A submitit AutoExecutor ('slurm' or 'local') with the job's resources."""
-    import submitit
-
-    from launch.task import PYTHON
-
     executor = submitit.AutoExecutor(
         folder=launch.folder,
         cluster="local" if local else "slurm",
@@ -206,8 +208,6 @@ def submit(
     ``evaluate`` takes ``checkpoint=PATH`` among ``overrides``; ``parts`` > 0 splits it into
     an array job over shard ranges and a dependent merge job (``launch.evaluation``).
     """
-    from launch import jobs
-
     if parts < 0:
         raise LaunchError(
             f"--parts {parts}: the number of extraction array tasks must be >= 1 (leave --parts "
@@ -255,9 +255,6 @@ def submit(
 
 def _submit_parts(sub: Submission, checkpoint: str, parts: int) -> None:
     """The extraction array job, then the merge job that Slurm starts after it succeeded."""
-    from launch.evaluation import ExtractPartJob, MergeEvalJob
-    from pipeline.eval.parts import plan_parts
-
     cfg = sub.cfg
     try:
         plan = plan_parts(cfg.data.eval_urls, parts)
@@ -286,8 +283,6 @@ def _submit_parts(sub: Submission, checkpoint: str, parts: int) -> None:
 
 def describe(sub: Submission) -> str:
     """The lines printed after submission: job id, logs, checkpoints, how to follow MLflow."""
-    from pipeline.tracking import ui_command
-
     cfg, job = sub.cfg, sub.job
     launch = cfg.launch
     where = "locally" if sub.local else f"to partition {launch.partition or '(default)'}"

@@ -27,11 +27,14 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("pipeline.eval.evaluator", "extract embeddings and compute retrieval metrics"),
     "demo": ("pipeline.demo", "synthetic shards, 2-process CPU training, before/after table"),
     "export": (
-        "pipeline.export",
+        "pipeline.serve.export",
         "a trained model as ONNX / TorchScript (+ preprocessing JSON) or an MLflow model",
     ),
-    "index": ("pipeline.gallery", "embed a gallery (shards or image folder) into a FAISS index"),
-    "search": ("pipeline.search", "the nearest gallery items of query images"),
+    "index": (
+        "pipeline.serve.gallery",
+        "embed a gallery (shards or image folder) into a FAISS index",
+    ),
+    "search": ("pipeline.serve.search", "the nearest gallery items of query images"),
 }
 
 
@@ -82,13 +85,13 @@ def exit_code(run: Callable[[], int | None]) -> int:
 
 
 def end(code: int) -> NoReturn:
-    """End the process with ``code``: through ``pipeline.distributed.exit_process`` when this
-    process has loaded the collectives (so a rank's gloo threads cannot abort it in the
+    """End the process with ``code``: through ``pipeline.distributed.group.exit_process`` when this
+    process has loaded the process group's module (so a rank's gloo threads cannot abort it in the
     interpreter's teardown, see there), else a plain exit."""
-    distributed = sys.modules.get("pipeline.distributed")
-    if distributed is None:
+    group = sys.modules.get("pipeline.distributed.group")
+    if group is None:
         sys.exit(code)
-    distributed.exit_process(code)
+    group.exit_process(code)
 
 
 def console(argv: list[str] | None = None) -> NoReturn:

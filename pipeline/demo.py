@@ -24,10 +24,18 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from pipeline import distributed
-from pipeline.config import RunConfig
-from pipeline.config_loader import CONF_DIR, load_config
+import torch
+
+from pipeline import logs
+from pipeline.cli import main as cli
+from pipeline.config.load import CONF_DIR, load_config
+from pipeline.config.schema import RunConfig
+from pipeline.distributed import group
+from pipeline.eval.evaluator import evaluate_model, tracked_metrics
+from pipeline.model import build_model
 from pipeline.rundir import RunDir
+from pipeline.tracking.mlflow import run_page
+from pipeline.tracking.session import tracking_session
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +64,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _write_shards(args: argparse.Namespace) -> None:
-    from pipeline.cli import main as cli
-
     data = Path(args.data)
     if (data / "train" / "index.parquet").is_file() and (data / "test" / "index.parquet").is_file():
         log.info("using the synthetic shards in %s", data)
@@ -90,11 +96,6 @@ def _write_shards(args: argparse.Namespace) -> None:
 
 def _untrained_metrics(cfg: RunConfig) -> dict[str, float]:
     """Metrics of the model the training run starts from (one process)."""
-    import torch
-
-    from pipeline.eval.evaluator import evaluate_model
-    from pipeline.model import build_model
-
     torch.manual_seed(cfg.train.seed)  # what pipeline.train.build does before building the model
     model = build_model(cfg.model).eval()
     return evaluate_model(model, cfg.data, cfg.eval, device="cpu", progress=False)
@@ -133,7 +134,6 @@ def _train(args: argparse.Namespace, overrides: list[str], uri: str, out: Path) 
     ]
     cores = os.cpu_count() or 1
     env = dict(os.environ, OMP_NUM_THREADS=str(max(cores // args.procs, 1)))
-    import torch
 
     if not torch.cuda.is_available():
         # Naming DeepSpeed's CPU accelerator skips its GPU probe (and its warning).
@@ -144,9 +144,6 @@ def _train(args: argparse.Namespace, overrides: list[str], uri: str, out: Path) 
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.eval.evaluator import tracked_metrics
-    from pipeline.tracking import run_page, tracking_session
-
     start = time.time()
     data = Path(args.data)
     run_dir = RunDir(Path(args.runs) / time.strftime("demo-%Y%m%d-%H%M%S"))
@@ -157,7 +154,8 @@ def run(args: argparse.Namespace) -> int:
         *args.overrides,
     ]
     cfg = load_config(args.config, overrides)
-    distributed.setup_logging(run_dir.root)
+    rank = group.process_rank()
+    logs.setup_logging(run_dir.log_file(rank), rank=rank)
     _write_shards(args)
 
     log.info("evaluating the untrained model on the held-out classes ...")

@@ -24,7 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from pipeline import distributed
+from pipeline.distributed import collectives, group
 
 # Keep each chunk's (c, K, N) temporaries near 2^24 floats (64 MB) when the user
 # sets no chunk size: large enough that chunking costs nothing measurable.
@@ -232,12 +232,12 @@ class SmoothAPLoss(nn.Module):
 
     def _loss(self, emb_nD: torch.Tensor, labels_n: torch.Tensor) -> torch.Tensor:
         n = emb_nD.shape[0]
-        world = distributed.get_world_size()
-        rank = distributed.get_rank()
+        world = group.get_world_size()
+        rank = group.get_rank()
         if world > 1:
             # All ranks participate: the local batch sizes must agree, or the
             # gathers below would hang or misalign.
-            sizes = distributed.all_gather_nograd(torch.tensor([n], device=emb_nD.device))
+            sizes = collectives.all_gather_nograd(torch.tensor([n], device=emb_nD.device))
             if (sizes != n).any():
                 raise ValueError(
                     f"local batch sizes differ across ranks ({sizes.tolist()}); Smooth-AP "
@@ -245,9 +245,9 @@ class SmoothAPLoss(nn.Module):
                 )
         # All ranks participate. Embeddings carry gradients back to their owners:
         # every rank's queries are ranked against every rank's items.
-        items_ND = distributed.all_gather_with_grad(emb_nD)
+        items_ND = collectives.all_gather_with_grad(emb_nD)
         # All ranks participate. Labels need no gradient.
-        labels_N = distributed.all_gather_nograd(labels_n)
+        labels_N = collectives.all_gather_nograd(labels_n)
         query_ids_n = torch.arange(rank * n, (rank + 1) * n, device=emb_nD.device)
         # This rank's queries are taken from the gathered tensor so that each
         # embedding reaches the loss through one path only.

@@ -10,7 +10,6 @@ Shape legend: B images, C channels, H x W pixels, F backbone features, D embeddi
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import ModelConfig
-from pipeline.errors import UserError
-
-WEIGHTS_FORMAT = "smoothap-embedding-v1"
-"""The ``format`` entry of a weights file's metadata."""
-
-
-class ModelLoadError(UserError, ValueError):
-    """Weights do not fit the model; the message names the file, the mismatch and the fix."""
+from pipeline.config.schema import ModelConfig
+from pipeline.weights import ModelLoadError, read_state_dict, read_trained_weights
 
 
 class EmbeddingModel(nn.Module):
@@ -124,47 +116,6 @@ def build_model(model_cfg: ModelConfig) -> EmbeddingModel:
 # ---------------------------------------------------------------------------- reading files
 
 
-def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a ``.safetensors`` file, or the state dict of a torch file.
-
-    Torch files are read with ``weights_only=True`` (tensors and plain containers only); a
-    nested ``state_dict``/``model``/``module`` entry is unwrapped and a ``module.`` prefix
-    (DataParallel) removed.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ModelLoadError(f"weights file {str(path)!r} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                names = f.keys()  # a safe_open handle is not iterable
-                return {k: f.get_tensor(k) for k in names}, dict(f.metadata() or {})
-        except Exception as e:  # SafetensorError (a Rust exception) on a broken file
-            raise ModelLoadError(
-                f"cannot read {str(path)!r} as a .safetensors file ({type(e).__name__}: "
-                f"{str(e).splitlines()[0] if str(e) else 'no detail'}); the file is damaged or "
-                "not a safetensors file: re-copy it, or point to a run's model.safetensors "
-                "(written by `pipeline train`)"
-            ) from e
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ModelLoadError(
-            f"cannot read {str(path)!r} as a weights file with torch.load(weights_only=True) "
-            f"({type(e).__name__}: {str(e).splitlines()[0]}); save a plain state dict "
-            "(torch.save(model.state_dict(), f)) or a .safetensors file"
-        ) from e
-    for key in ("state_dict", "model", "module"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ModelLoadError(f"{str(path)!r} holds no state dict (a mapping of names to tensors)")
-    return {k.removeprefix("module."): v for k, v in obj.items()}, {}
-
-
 def _check_shapes(
     target: dict[str, torch.Tensor], source: dict[str, torch.Tensor], what: str, fix: str
 ) -> None:
@@ -205,35 +156,6 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
 # ---------------------------------------------------------------------------- trained weights
 
 
-def save_weights(state: dict[str, torch.Tensor], architecture: dict, path: str | Path) -> Path:
-    """Write a model's state dict as fp32 ``.safetensors``, with ``architecture``
-    (``EmbeddingModel.architecture``) as metadata."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
-    meta = {"format": WEIGHTS_FORMAT, "architecture": json.dumps(architecture)}
-    tmp = path.with_suffix(".tmp")
-    save_file(state, str(tmp), metadata=meta)
-    tmp.replace(path)  # a reader never sees half a file
-    return path
-
-
-def _checkpoint_model_file(path: Path) -> Path:
-    """The model states file of a DeepSpeed checkpoint directory (root or tag)."""
-    from pipeline.train.checkpoint import MODEL_STATES, model_states_file
-
-    file = model_states_file(path)
-    if file is None:
-        raise ModelLoadError(
-            f"{str(path)!r} is a directory but neither a DeepSpeed checkpoint tag (no "
-            f"{MODEL_STATES}) nor a checkpoint root (no 'latest' file); pass the run's "
-            "model.safetensors or its checkpoints/ directory"
-        )
-    return file
-
-
 def load_trained_model(path: str | Path, model_cfg: ModelConfig | None = None) -> EmbeddingModel:
     """An ``EmbeddingModel`` with trained weights, for evaluation.
 
@@ -242,17 +164,7 @@ def load_trained_model(path: str | Path, model_cfg: ModelConfig | None = None) -
     architecture comes from ``model_cfg`` if given (and must match the file's, else a
     :class:`ModelLoadError` names both), otherwise from the file's metadata.
     """
-    path = Path(path)
-    if path.is_dir():
-        file = _checkpoint_model_file(path)
-        states = torch.load(file, map_location="cpu", weights_only=True)
-        state = {k.removeprefix("module."): v for k, v in states["module"].items()}
-        # The training loop's client state records the architecture beside the module.
-        arch = states.get("architecture")
-    else:
-        file = path
-        state, meta = read_state_dict(file)
-        arch = json.loads(meta["architecture"]) if "architecture" in meta else None
+    state, arch, file = read_trained_weights(path)
     if model_cfg is None:
         if arch is None:
             raise ModelLoadError(

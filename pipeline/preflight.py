@@ -28,9 +28,12 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.config import ConfigError, RunConfig
+import numpy as np
+import pyarrow.parquet as pq
+
+from pipeline.config.schema import ConfigError, RunConfig
+from pipeline.data.catalog import INDEX_FILE, SIZES_FILE, _is_remote, expand_urls, read_sizes
 from pipeline.data.dealing import rank_shards, stream_shards, streams_per_rank
-from pipeline.data.index import INDEX_FILE, SIZES_FILE, _is_remote, expand_urls, read_sizes
 
 TAR_BLOCK = 512
 """A tar member is a 512-byte header plus its data padded to 512 bytes."""
@@ -75,8 +78,6 @@ def _read_split(key: str, spec: str, validate_hint: str) -> _Split:
     split = _Split(urls, remote=any(_is_remote(u) for u in urls))
     if split.remote:
         return split
-    import numpy as np
-    import pyarrow.parquet as pq
 
     by_dir: dict[Path, list[str]] = defaultdict(list)
     for u in urls:

@@ -10,7 +10,7 @@ Layout::
     demo.json            ``pipeline demo``: untrained vs trained metrics
     checkpoints/         DeepSpeed checkpoints and ``latest`` (pipeline.train.checkpoint)
     eval/                the final evaluation (unless ``eval.output_dir`` says otherwise)
-    logs/rank<R>.log     one log per rank (pipeline.distributed.setup_logging)
+    logs/rank<R>.log     one log per rank (pipeline.logs.setup_logging)
     .lock                held by the job training here (pipeline.train.runlock)
 
 Reading and writing go through :class:`RunDir`; other modules ask it for paths instead of
@@ -24,7 +24,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import RunConfig
+from pipeline.config.schema import RunConfig
 
 
 class RunDir:

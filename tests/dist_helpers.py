@@ -27,14 +27,14 @@ def _entry(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
-    from pipeline import distributed
+    from pipeline.distributed import group
 
-    with distributed.process_group(timeout_s=timeout_s):
+    with group.process_group(timeout_s=timeout_s):
         fn(rank, world_size, *args)
     # As a real rank ends (pipeline.cli.end): a plain return would exit through the
     # interpreter's teardown, where a gloo thread can abort the process (issue 9). A failure
     # raises instead, so mp.spawn reports the worker's traceback.
-    distributed.exit_process(0)
+    group.exit_process(0)
 
 
 def run_distributed(fn: Callable, world_size: int, *args, timeout_s: float = 120) -> None:

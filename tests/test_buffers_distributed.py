@@ -1,4 +1,4 @@
-"""BatchNorm statistics are one model's on every rank: distributed.broadcast_buffers with 2
+"""BatchNorm statistics are one model's on every rank: collectives.broadcast_buffers with 2
 real gloo processes."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def _net() -> torch.nn.Module:
 
 
 def _worker(rank: int, world: int, out: str) -> None:
-    from pipeline import distributed
+    from pipeline.distributed import collectives
 
     net = _net().train()
     # Each rank sees other data, so its running statistics drift apart from the others'.
@@ -30,11 +30,11 @@ def _worker(rank: int, world: int, out: str) -> None:
     net(torch.randn(5, 3, 8, 8) * (rank + 1))
     bn = net[1]
     mine = (bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone())
-    gathered = distributed.all_gather_nograd(bn.running_mean.unsqueeze(0))
+    gathered = collectives.all_gather_nograd(bn.running_mean.unsqueeze(0))
     assert not torch.equal(gathered[0], gathered[1])
-    distributed.broadcast_buffers(net, src=0)
+    collectives.broadcast_buffers(net, src=0)
     gathered = {
-        name: distributed.all_gather_nograd(buf.unsqueeze(0)) for name, buf in net.named_buffers()
+        name: collectives.all_gather_nograd(buf.unsqueeze(0)) for name, buf in net.named_buffers()
     }
     for name, g in gathered.items():
         assert torch.equal(g[0], g[1]), name
@@ -50,9 +50,9 @@ def test_broadcast_buffers_gives_every_rank_rank0s_statistics(tmp_path):
 
 
 def test_broadcast_buffers_is_a_no_op_in_one_process():
-    from pipeline import distributed
+    from pipeline.distributed import collectives
 
     net = _net()
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    distributed.broadcast_buffers(net)
+    collectives.broadcast_buffers(net)
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())

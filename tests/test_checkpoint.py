@@ -7,9 +7,11 @@ import pickle
 import pytest
 import torch
 
-from pipeline.config import ConfigError, OptimConfig, TrainConfig
+from pipeline import weights
+from pipeline.config.schema import ConfigError, OptimConfig, TrainConfig
 from pipeline.train import checkpoint
 from pipeline.train.engine import deepspeed_config
+from pipeline.train.safe_load import safe_load
 from tests.dist_helpers import run_distributed
 from tests.tiny import tiny_model_config
 
@@ -22,16 +24,16 @@ class _Payload:
 def test_safe_load_refuses_arbitrary_objects(tmp_path):
     torch.save({"w": torch.ones(2), "x": _Payload()}, tmp_path / "bad.pt")
     with pytest.raises(pickle.UnpicklingError, match="Unsupported global"):
-        checkpoint.safe_load(tmp_path / "bad.pt")
+        safe_load(tmp_path / "bad.pt")
     torch.save({"w": torch.ones(2), "n": 3, "s": "ok"}, tmp_path / "good.pt")
-    assert checkpoint.safe_load(tmp_path / "good.pt")["n"] == 3
+    assert safe_load(tmp_path / "good.pt")["n"] == 3
 
 
 def test_latest_and_pruning(tmp_path):
     for step in (2, 4, 6, 8):
         (tmp_path / checkpoint.tag_for(step)).mkdir()
     (tmp_path / "not_a_tag").mkdir()
-    assert checkpoint.latest_tag(tmp_path) is None
+    assert weights.latest_tag(tmp_path) is None
     checkpoint._write_latest(tmp_path, "step_00000004")
     # 'latest' is never pruned, even when older than the kept ones.
     assert checkpoint.prune(tmp_path, keep=2) == ["step_00000002"]
@@ -43,7 +45,7 @@ def test_latest_and_pruning(tmp_path):
     ]
     (tmp_path / "latest").write_text("step_00000099")
     with pytest.raises(checkpoint.CheckpointError, match="names checkpoint 'step_00000099'"):
-        checkpoint.latest_tag(tmp_path)
+        weights.latest_tag(tmp_path)
 
 
 def test_deepspeed_config_file_is_merged_and_checked(tmp_path):
@@ -113,7 +115,7 @@ def _restore_worker(rank: int, world_size: int, root: str) -> None:
     fresh = _engine(zero=2, precision="fp32")
     # The save's last act: a manifest that verifies.
     assert checkpoint.manifest.verify(f"{root}/step_00000002") is None
-    client = checkpoint.load_tag(fresh, root, checkpoint.latest_tag(root))
+    client = checkpoint.load_tag(fresh, root, weights.latest_tag(root))
     assert client["step"] == 2 and client["note"] == "x"
     _step(fresh, 3)
     got = _params(fresh)
@@ -122,8 +124,8 @@ def _restore_worker(rank: int, world_size: int, root: str) -> None:
     assert fresh.get_lr() == want_lr
 
     other = _engine(zero=2, precision="fp32", embedding_dim=16)
-    file = checkpoint.model_states_file(root)
-    found = checkpoint.read_client_state(file)["architecture"]
+    file = weights.model_states_file(root)
+    found = weights.read_client_state(file)["architecture"]
     try:
         checkpoint.check_architecture(found, other.module.architecture, file)
     except checkpoint.CheckpointError as e:
@@ -156,7 +158,7 @@ def test_restore_is_exact_and_bf16_keeps_fp32_weights(tmp_path):
     root = tmp_path / "ckpt"
     run_distributed(_restore_worker, 1, str(root))
     # keep=1 and a single save: exactly one complete tag, named by 'latest'.
-    assert checkpoint.latest_tag(root) == "step_00000002"
+    assert weights.latest_tag(root) == "step_00000002"
     files = sorted(p.name for p in (root / "step_00000002").iterdir())
     assert "mp_rank_00_model_states.pt" in files
     assert any(f.startswith("zero_pp_rank_0") for f in files)
@@ -192,13 +194,13 @@ def test_train_state_is_versioned_and_reads_the_previous_format(tmp_path):
 
 
 def test_model_states_file_follows_latest(tmp_path):
-    assert checkpoint.model_states_file(tmp_path) is None
+    assert weights.model_states_file(tmp_path) is None
     tag = tmp_path / checkpoint.tag_for(4)
     tag.mkdir()
-    (tag / checkpoint.MODEL_STATES).write_bytes(b"")
-    assert checkpoint.model_states_file(tag) == tag / checkpoint.MODEL_STATES
+    (tag / weights.MODEL_STATES).write_bytes(b"")
+    assert weights.model_states_file(tag) == tag / weights.MODEL_STATES
     checkpoint._write_latest(tmp_path, tag.name)
-    assert checkpoint.model_states_file(tmp_path) == tag / checkpoint.MODEL_STATES
+    assert weights.model_states_file(tmp_path) == tag / weights.MODEL_STATES
 
 
 def _fake_checkpoint(root, step: int, complete: bool = True):
@@ -206,7 +208,7 @@ def _fake_checkpoint(root, step: int, complete: bool = True):
 
     folder = root / checkpoint.tag_for(step)
     folder.mkdir(parents=True)
-    (folder / checkpoint.MODEL_STATES).write_bytes(b"m" * 100)
+    (folder / weights.MODEL_STATES).write_bytes(b"m" * 100)
     (folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"o" * 300)
     if complete:
         manifest.write(folder, {"step": step})
@@ -229,7 +231,7 @@ def test_resume_falls_back_to_the_newest_complete_checkpoint(tmp_path, caplog):
     # A newer folder without a manifest (its save never finished) is never used either.
     _fake_checkpoint(tmp_path, 12, complete=False)
     assert checkpoint.resumable_tag(tmp_path) == "step_00000004"
-    (tmp_path / "step_00000004" / checkpoint.MODEL_STATES).write_bytes(b"x" * 100)
+    (tmp_path / "step_00000004" / weights.MODEL_STATES).write_bytes(b"x" * 100)
     with pytest.raises(
         checkpoint.CheckpointError, match=r"^no complete checkpoint under .*SHA-256"
     ):

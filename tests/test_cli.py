@@ -14,7 +14,7 @@ def test_pipeline_help_lists_subcommands():
 
 def test_importing_pipeline_does_nothing():
     # The package does no work on import: no torch, no environment reads.
-    code = "import sys, pipeline, pipeline.config; print('torch' in sys.modules)"
+    code = "import sys, pipeline, pipeline.config.schema, pipeline.config.load; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -1,4 +1,4 @@
-"""The pipeline's collectives and the process group's lifecycle (pipeline.distributed).
+"""The pipeline's collectives and the process group's lifecycle (pipeline.distributed: collectives, group).
 
 2 real gloo processes must give what 1 process gives on the whole data."""
 
@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from pipeline import distributed
+from pipeline.distributed import collectives, group
 from pipeline.eval.knn import ExactIPIndex, iter_sharded_knn, knn_search, merge_topk
 from tests.dist_helpers import run_distributed
 
@@ -45,13 +45,13 @@ def _gather_job(rank: int, world_size: int, out: str) -> None:
     # Each rank searches its own half of the gallery; the merged lists cover the whole of it.
     lo, hi = (0, 12) if rank == 0 else (12, 23)
     s_loc, i_loc = ExactIPIndex(gallery[lo:hi], lo).search(queries, k)
-    s_all, i_all = distributed.all_gather_topk(s_loc, i_loc)  # all ranks participate
+    s_all, i_all = collectives.all_gather_topk(s_loc, i_loc)  # all ranks participate
     result = {
-        "emb": distributed.all_gather_rows(emb),
-        "idx": distributed.all_gather_rows(idx),
+        "emb": collectives.all_gather_rows(emb),
+        "idx": collectives.all_gather_rows(idx),
         "topk_parts": (s_all, i_all),
         "knn": knn_search(queries, gallery, k, query_block=4),
-        "on_main": distributed.on_main(lambda: {"rank": distributed.get_rank()}),
+        "on_main": collectives.on_main(lambda: {"rank": group.get_rank()}),
     }
     with open(f"{out}.{rank}", "wb") as f:
         pickle.dump(result, f)
@@ -64,8 +64,8 @@ def test_two_ranks_gather_what_one_rank_holds(tmp_path):
 
     # One process: its rows are the whole set and come back unchanged.
     parts = [_rows(r) for r in range(2)]
-    want_emb = distributed.all_gather_rows(np.concatenate([p[0] for p in parts]))
-    want_idx = distributed.all_gather_rows(np.concatenate([p[1] for p in parts]))
+    want_emb = collectives.all_gather_rows(np.concatenate([p[0] for p in parts]))
+    want_idx = collectives.all_gather_rows(np.concatenate([p[1] for p in parts]))
     queries, gallery = _problem()
     want_knn = knn_search(queries, gallery, 8, query_block=4)
     for g in got:  # every rank receives everything
@@ -88,11 +88,11 @@ def _on_main_error_job(rank: int, world_size: int, out: str) -> None:
         raise ValueError("bad protocol file")
 
     try:
-        distributed.on_main(fails)
+        collectives.on_main(fails)
     except Exception as e:
         text = f"{type(e).__name__}: {e}"
     # The group is still usable: nobody is left behind in the broadcast.
-    total = distributed.all_reduce_sum(torch.ones(1)).item()
+    total = collectives.all_reduce_sum(torch.ones(1)).item()
     with open(f"{out}.{rank}", "w") as f:
         f.write(f"{text}|{total}")
 
@@ -108,12 +108,12 @@ def test_an_error_on_rank_0_reaches_every_rank(tmp_path):
 
 def test_one_process_collectives_return_their_input():
     rows = np.arange(6, dtype=np.int64).reshape(3, 2)
-    assert distributed.all_gather_rows(rows) is rows
+    assert collectives.all_gather_rows(rows) is rows
     s, i = np.zeros((2, 3), np.float32), np.ones((2, 3), np.int64)
-    assert distributed.all_gather_topk(s, i) == ([s], [i])
-    assert distributed.on_main(lambda: 7) == 7
+    assert collectives.all_gather_topk(s, i) == ([s], [i])
+    assert collectives.on_main(lambda: 7) == 7
     with pytest.raises(KeyError):  # one process: the error itself, not a wrapped one
-        distributed.on_main(lambda: {}["x"])
+        collectives.on_main(lambda: {}["x"])
     queries, gallery = _problem()
     index = ExactIPIndex(gallery)
     blocks = list(iter_sharded_knn(queries, index, 4, query_block=5))
@@ -124,21 +124,21 @@ def test_process_group_builds_a_group_of_one_for_deepspeed_and_destroys_it(monke
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID"):
         monkeypatch.delenv(var, raising=False)
     assert not dist.is_initialized()
-    with distributed.process_group(timeout_s=30) as env:
+    with group.process_group(timeout_s=30) as env:
         assert env.world_size == 1 and not dist.is_initialized()  # one process: no group
-        distributed.ensure_process_group(timeout_s=30)
+        group.ensure_process_group(timeout_s=30)
         assert dist.is_initialized() and dist.get_world_size() == 1
-        assert distributed.get_world_size() == 1 and not distributed.is_distributed()
+        assert group.get_world_size() == 1 and not group.is_distributed()
         assert os.environ["LOCAL_RANK"] == "0"  # DeepSpeed reads it; srun does not set it
-        distributed.ensure_process_group(timeout_s=30)  # idempotent: still the one group
+        group.ensure_process_group(timeout_s=30)  # idempotent: still the one group
     assert not dist.is_initialized()
 
 
 def test_process_group_destroys_the_group_when_the_block_fails(monkeypatch):
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID"):
         monkeypatch.delenv(var, raising=False)
-    with pytest.raises(RuntimeError, match="boom"), distributed.process_group():
-        distributed.ensure_process_group()
+    with pytest.raises(RuntimeError, match="boom"), group.process_group():
+        group.ensure_process_group()
         raise RuntimeError("boom")
     assert not dist.is_initialized()
 
@@ -146,9 +146,9 @@ def test_process_group_destroys_the_group_when_the_block_fails(monkeypatch):
 def test_a_group_that_existed_on_entry_is_left_to_its_owner(monkeypatch):
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID"):
         monkeypatch.delenv(var, raising=False)
-    with distributed.process_group():
-        distributed.ensure_process_group()
-        with distributed.process_group():  # a nested entry point
+    with group.process_group():
+        group.ensure_process_group()
+        with group.process_group():  # a nested entry point
             pass
         assert dist.is_initialized()
     assert not dist.is_initialized()
@@ -157,7 +157,7 @@ def test_a_group_that_existed_on_entry_is_left_to_its_owner(monkeypatch):
 @pytest.mark.parametrize("bad", [0, -5, float("nan"), "60"])
 def test_a_timeout_must_be_a_positive_number_of_seconds(bad):
     with pytest.raises(ValueError, match=r"timeout_s=.*positive number of seconds"):
-        distributed.init(timeout_s=bad)
+        group.init(timeout_s=bad)
 
 
 def _timeout_job(rank: int, world_size: int, out: str) -> None:

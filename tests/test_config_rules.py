@@ -1,11 +1,11 @@
-"""Cross-section config rules (pipeline.config_loader.check): one-line errors at load time."""
+"""Cross-section config rules (pipeline.config.rules.check): one-line errors at load time."""
 
 from __future__ import annotations
 
 import pytest
 
-from pipeline.config import ConfigError
-from pipeline.config_loader import load_config
+from pipeline.config.load import load_config
+from pipeline.config.schema import ConfigError
 
 
 def load(*overrides: str):

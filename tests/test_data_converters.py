@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.cli import main
+from pipeline.data.catalog import IJBC_TABLES, read_index
 from pipeline.data.converters import IJBC_1N, LayoutError, list_split
-from pipeline.data.index import IJBC_TABLES, read_index
 from tests.data_helpers import write_image
 
 

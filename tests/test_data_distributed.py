@@ -17,19 +17,17 @@ STEPS = 6
 
 
 def _worker(rank: int, world_size: int, split: str, out: str) -> None:
-    from pipeline import distributed
+    from pipeline.distributed import collectives, group
 
-    assert (distributed.get_rank(), distributed.get_world_size()) == (rank, world_size)
+    assert (group.get_rank(), group.get_world_size()) == (rank, world_size)
     data, sampler = cfgs(split, p=3, k=2, steps=STEPS, workers=2)
     images, labels, gathered = [], [], []
-    for x, y in train_loader(
-        data, sampler, rank=distributed.get_rank(), world_size=world_size, epoch=1
-    ):
+    for x, y in train_loader(data, sampler, rank=group.get_rank(), world_size=world_size, epoch=1):
         images.append(x)
         labels.append(y)
         # all ranks participate, every step: a rank with fewer batches would hang here
-        gathered.append(distributed.all_gather_nograd(y))
-    steps = distributed.all_gather_nograd(torch.tensor([len(labels)]))
+        gathered.append(collectives.all_gather_nograd(y))
+    steps = collectives.all_gather_nograd(torch.tensor([len(labels)]))
     stream = TrainStream(data, sampler, rank=rank, world_size=world_size, epoch=1, output="raw")
     urls = sorted({u for batch in stream for u, _, _ in batch})
     torch.save(

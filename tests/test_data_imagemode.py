@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.data.writer import SourceItem, prepare_image, write_split
+from pipeline.data.items import SourceItem
+from pipeline.data.writer import prepare_image, write_split
 
 H, W = 32, 48
 QUALITY = 95

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from pipeline.data.index import expand_urls, read_index
+from pipeline.data.catalog import expand_urls, read_index
 from pipeline.data.stream import (
     TrainStream,
     eval_loader,

@@ -11,8 +11,9 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from pipeline.data.index import expand_urls, read_index, read_sizes
-from pipeline.data.writer import ShardWriteError, SourceItem, write_split
+from pipeline.data.catalog import expand_urls, read_index, read_sizes
+from pipeline.data.items import SourceItem
+from pipeline.data.writer import ShardWriteError, write_split
 from tests.data_helpers import jpeg_bytes, tiny_split, write_image
 
 

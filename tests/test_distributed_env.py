@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from pipeline import distributed
-from pipeline.distributed import DistributedEnvError, export_env, read_env
+from pipeline.distributed import collectives, group
+from pipeline.distributed.env import DistributedEnvError, export_env, read_env
 
 
 def test_single_process_when_nothing_is_set():
@@ -235,11 +235,11 @@ def test_export_keeps_deepspeed_local_size_consistent():
 
 def test_helpers_work_with_one_process():
     t = torch.arange(6.0, requires_grad=True)
-    assert distributed.get_rank() == 0 and distributed.get_world_size() == 1
-    assert distributed.is_main_process()
-    assert distributed.all_gather_with_grad(t) is t
-    assert distributed.all_gather_nograd(t) is t
-    distributed.barrier()
+    assert group.get_rank() == 0 and group.get_world_size() == 1
+    assert group.is_main_process()
+    assert collectives.all_gather_with_grad(t) is t
+    assert collectives.all_gather_nograd(t) is t
+    collectives.barrier()
 
 
 def _later_group_times_out(rank: int, world: int, out: str) -> None:
@@ -249,15 +249,15 @@ def _later_group_times_out(rank: int, world: int, out: str) -> None:
 
     import torch.distributed as dist
 
-    distributed.destroy()  # run_distributed's group has 120 s; rejoin with 3 s
-    distributed.init(timeout_s=3)
-    group = dist.new_group(list(range(world)))  # as DeepSpeed makes its data-parallel group
+    group.destroy()  # run_distributed's group has 120 s; rejoin with 3 s
+    group.init(timeout_s=3)
+    dp_group = dist.new_group(list(range(world)))  # as DeepSpeed makes its data-parallel group
     if rank == 0:
         t0 = time.monotonic()
         try:
-            dist.all_reduce(torch.ones(1), group=group)  # rank 1 never joins
+            dist.all_reduce(torch.ones(1), group=dp_group)  # rank 1 never joins
         except RuntimeError as e:  # gloo raises a plain RuntimeError, not DistError
-            assert distributed.is_collective_error(e), e
+            assert group.is_collective_error(e), e
             Path(out).write_text(str(time.monotonic() - t0))
     else:  # wait (without a collective) until rank 0 is done
         deadline = time.monotonic() + 60
@@ -281,8 +281,8 @@ def test_collective_timeout_bounds_groups_made_later(tmp_path):
 
 def test_collective_errors_are_recognised():
     gloo = "[/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting"
-    assert distributed.is_collective_error(RuntimeError(gloo))
-    assert distributed.is_collective_error(RuntimeError("Application timeout caused pair closure"))
-    assert distributed.is_collective_error(torch.distributed.DistError("store timeout"))
-    assert not distributed.is_collective_error(RuntimeError("mat1 and mat2 shapes cannot be"))
-    assert not distributed.is_collective_error(ValueError("gloo/transport"))
+    assert group.is_collective_error(RuntimeError(gloo))
+    assert group.is_collective_error(RuntimeError("Application timeout caused pair closure"))
+    assert group.is_collective_error(torch.distributed.DistError("store timeout"))
+    assert not group.is_collective_error(RuntimeError("mat1 and mat2 shapes cannot be"))
+    assert not group.is_collective_error(ValueError("gloo/transport"))

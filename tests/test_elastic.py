@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import ConfigError
+from pipeline import weights
+from pipeline.config.schema import ConfigError
 from pipeline.train import elastic
+from pipeline.train.safe_load import safe_load
 from tests.dist_helpers import run_distributed
 from tests.tiny import tiny_model_config
 
@@ -25,7 +27,7 @@ EMBEDDING_DIM = 7
 
 
 def _engine(zero: int, optim: str = "adam"):
-    from pipeline.config import OptimConfig, TrainConfig
+    from pipeline.config.schema import OptimConfig, TrainConfig
     from pipeline.model import build_model
     from pipeline.train.checkpoint import install_safe_loading
     from pipeline.train.engine import build_engine
@@ -72,16 +74,15 @@ def _save(rank: int, world: int, out: str) -> None:
 
 
 def _load(rank: int, world: int, out: str, saved_world: int) -> None:
-    from pipeline.train import checkpoint
 
     for stage, optim in CASES:
         root = _folder(out, saved_world, stage, optim)
-        before = checkpoint.safe_load(root / "before.pt")
+        before = safe_load(root / "before.pt")
         where = f"ZeRO {stage} {optim}, {saved_world} -> {world} ranks"
         engine = _engine(stage, optim)
         # The comparison is not vacuous: a fresh engine differs.
         assert elastic.state_differences(before["state"], elastic.full_state(engine)), where
-        client = elastic.load(engine, root, checkpoint.latest_tag(root))
+        client = elastic.load(engine, root, weights.latest_tag(root))
         assert client["step"] == 3 and client["world_size"] == saved_world
         after = elastic.full_state(engine)  # all ranks participate
         diff = elastic.state_differences(before["state"], after)
@@ -97,7 +98,7 @@ def _load(rank: int, world: int, out: str, saved_world: int) -> None:
         assert engine.global_steps == 4
         if stage == 1:
             try:
-                elastic.load(_engine(2, optim), root, checkpoint.latest_tag(root))
+                elastic.load(_engine(2, optim), root, weights.latest_tag(root))
             except elastic.ElasticResumeError as e:
                 assert "set train.zero_stage=1" in str(e), e
             else:

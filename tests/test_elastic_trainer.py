@@ -85,14 +85,15 @@ def _train(config: Path, states: Path, ranks: int, epochs: int) -> str:
 
 
 def _resumed_exactly(before: Path, after: Path) -> None:
-    from pipeline.train import checkpoint, elastic
+    from pipeline.train import elastic
+    from pipeline.train.safe_load import safe_load
 
-    saved = checkpoint.safe_load(before / "end.pt")
-    resumed = checkpoint.safe_load(after / "resumed.pt")
+    saved = safe_load(before / "end.pt")
+    resumed = safe_load(after / "resumed.pt")
     assert saved["optimizer"] and saved["global_steps"] > 0
     assert not elastic.state_differences(saved, resumed)
     # Not vacuous: the state moved on after the resume.
-    assert elastic.state_differences(resumed, checkpoint.safe_load(after / "end.pt"))
+    assert elastic.state_differences(resumed, safe_load(after / "end.pt"))
 
 
 def _history(tmp: Path) -> tuple[list, list[int]]:
@@ -161,21 +162,23 @@ def test_two_ranks_resume_in_one_process_and_back(tmp_path, shards, zero):
 def main(config: str, states: str, overrides: list[str]) -> None:
     """``pipeline.train.entry.train``, plus rank 0 saving ``elastic.full_state`` right
     after the resume (``resumed.pt``) and at the end (``end.pt``)."""
-    from pipeline import distributed
-    from pipeline.config_loader import load_config
+    from pipeline import logs
+    from pipeline.config.load import load_config
+    from pipeline.distributed import group
     from pipeline.rundir import RunDir
     from pipeline.train import elastic
     from pipeline.train.entry import open_trainer
 
     cfg = load_config(config, overrides)
-    with distributed.process_group(timeout_s=cfg.train.collective_timeout_s):
-        distributed.setup_logging(RunDir.of(cfg).root)
+    with group.process_group(timeout_s=cfg.train.collective_timeout_s):
+        rank = group.process_rank()
+        logs.setup_logging(RunDir.of(cfg).log_file(rank), rank=rank)
         with open_trainer(cfg) as trainer:
             for name, when in (("resumed.pt", "start"), ("end.pt", "end")):
                 if when == "end":
                     trainer.train()
                 state = elastic.full_state(trainer.engine)  # all ranks participate
-                if distributed.is_main_process():
+                if group.is_main_process():
                     torch.save(state, Path(states) / name)
 
 

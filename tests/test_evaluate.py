@@ -12,10 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.config import ConfigError, DataConfig, EvalConfig, ModelConfig
-from pipeline.config_loader import split_checkpoint
+from pipeline.config.load import split_checkpoint
+from pipeline.config.schema import ConfigError, DataConfig, EvalConfig, ModelConfig
 from pipeline.eval.evaluator import evaluate_model
-from pipeline.model import build_model, load_trained_model, save_weights
+from pipeline.model import build_model, load_trained_model
+from pipeline.weights import save_weights
 from tests.data_helpers import jpeg_bytes
 from tests.dist_helpers import run_distributed
 

@@ -1,4 +1,4 @@
-"""How a process that used a process group ends (pipeline.distributed.exit_process, issue 9).
+"""How a process that used a process group ends (pipeline.distributed.group.exit_process).
 
 A gloo worker thread releases a finished collective's tensors after the collective has
 returned to Python, and that release takes the GIL. During the interpreter's teardown,
@@ -63,7 +63,7 @@ SCENARIO = textwrap.dedent(
     while time.monotonic() < end:
         pass
     if how == "exit_process":
-        from pipeline.distributed import exit_process
+        from pipeline.distributed.group import exit_process
         exit_process(0)
     held = ReleasesTheGilInTeardown()
     sys.exit(0)
@@ -112,7 +112,7 @@ def test_a_gloo_thread_aborts_a_plain_exit_but_not_exit_process(tmp_path):
 EXIT_SCRIPT = textwrap.dedent(
     """
     import atexit, logging, sys, threading, time
-    from pipeline import distributed
+    from pipeline.distributed import group
 
     logging.basicConfig(filename=sys.argv[1], level=logging.INFO)
 
@@ -127,7 +127,7 @@ EXIT_SCRIPT = textwrap.dedent(
     atexit.register(lambda: print("thread joined before atexit:", bool(done)))
     logging.getLogger("x").info("logged")
     sys.stdout.write("buffered, no newline")
-    distributed.exit_process(int(sys.argv[2]))
+    group.exit_process(int(sys.argv[2]))
     """
 )
 
@@ -186,10 +186,10 @@ def test_a_rank_ends_through_exit_process(tmp_path, monkeypatch):
 
     from launch.slurm import make_executor
     from launch.task import PYTHON
-    from pipeline.config import LaunchConfig
+    from pipeline.config.schema import LaunchConfig
 
     calls = []
-    monkeypatch.setattr("pipeline.distributed.exit_process", calls.append)
+    monkeypatch.setattr("pipeline.distributed.group.exit_process", calls.append)
     cli.end(5)
     assert calls == [5]
 

@@ -20,9 +20,10 @@ import pytest
 import torch
 
 from pipeline.cli import main
-from pipeline.config import DataConfig, ModelConfig
+from pipeline.config.schema import DataConfig, ModelConfig
 from pipeline.data.transforms import decode_image, draft_side, eval_transform
-from pipeline.model import build_model, load_trained_model, save_weights
+from pipeline.model import build_model, load_trained_model
+from pipeline.weights import save_weights
 from tests.data_helpers import write_image
 
 SIZE, RESIZE = 32, 36
@@ -110,9 +111,9 @@ def test_onnx_and_torchscript_equal_the_torch_model(assets, tmp_path, capsys):
 
 
 def test_serving_preprocessing_equals_the_eval_transform(assets, tmp_path):
-    """pipeline.serving (NumPy + Pillow, no torch) against torchvision's eval transform."""
-    from pipeline.export import export_model
-    from pipeline.serving import OnnxEmbedder, read_spec, to_array
+    """pipeline.serve.runtime (NumPy + Pillow, no torch) against torchvision's eval transform."""
+    from pipeline.serve.export import export_model
+    from pipeline.serve.runtime import OnnxEmbedder, read_spec, to_array
 
     model = load_trained_model(assets["weights"])
     onnx_file, spec_file = export_model(model, _data_cfg(), "onnx", tmp_path / "m.onnx")
@@ -262,6 +263,6 @@ def test_mlflow_model_loads_in_another_process_from_the_registry(assets, tmp_pat
 
 
 def _tracking_uri(uri: str):
-    from pipeline.export import _mlflow_uri
+    from pipeline.serve.export import _mlflow_uri
 
     return _mlflow_uri(uri)

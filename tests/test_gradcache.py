@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.config import OptimConfig, TrainConfig
+from pipeline.config.schema import OptimConfig, TrainConfig
 from pipeline.loss import SmoothAPLoss
 from pipeline.model import build_model
 from pipeline.train.gradcache import forward_backward
@@ -90,7 +90,7 @@ def test_random_numbers_are_replayed_in_the_second_forward():
 
 
 def _deepspeed_worker(rank: int, world_size: int, init_path: str, out_path: str, zero: int) -> None:
-    from pipeline import distributed
+    from pipeline.distributed import collectives
     from pipeline.train.engine import build_engine
     from pipeline.train.optim import build_optimizer, build_scheduler
 
@@ -117,7 +117,7 @@ def _deepspeed_worker(rank: int, world_size: int, init_path: str, out_path: str,
         set_boundary=engine.set_gradient_accumulation_boundary,
     )
     engine.step()
-    mean_loss = distributed.all_reduce_sum(loss) / world_size
+    mean_loss = collectives.all_reduce_sum(loss) / world_size
     step = {k: (before[k] - p.detach()) / LR for k, p in engine.module.named_parameters()}
     result = {"step": step, "loss": mean_loss}
     if rank == 0:

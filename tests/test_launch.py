@@ -17,7 +17,7 @@ import yaml
 from launch import cluster as cluster_mod
 from launch import slurm
 from launch.cluster import LaunchError, _gpu_count, cluster_overrides, tasks_per_node
-from pipeline.config import ConfigError, LaunchConfig
+from pipeline.config.schema import ConfigError, LaunchConfig
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -166,12 +166,12 @@ def rank_sum_job() -> dict:
     import torch
 
     from launch.jobs import export_distributed_env
-    from pipeline import distributed
+    from pipeline.distributed import collectives, group
 
     exported = export_distributed_env()
-    env = distributed.init(timeout_s=60)
-    total = distributed.all_reduce_sum(torch.tensor([float(env.rank + 1)]))
-    distributed.destroy()
+    env = group.init(timeout_s=60)
+    total = collectives.all_reduce_sum(torch.tensor([float(env.rank + 1)]))
+    group.destroy()
     return {"rank": env.rank, "world": env.world_size, "sum": float(total), "env": exported}
 
 

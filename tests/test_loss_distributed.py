@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from pipeline import distributed
+from pipeline.distributed import collectives
 from pipeline.loss import SmoothAPLoss
 from tests.dist_helpers import run_distributed
 
@@ -37,8 +37,8 @@ def _worker(rank, world_size, out_path, loss_kw):
     sl = slice(rank * N_PER_RANK, (rank + 1) * N_PER_RANK)
     loss, w_grad, emb_grad = forward(x[sl], weight, LABELS[sl], **loss_kw)
     # Data-parallel training averages parameter gradients over ranks.
-    w_grad_avg = distributed.all_reduce_sum(w_grad) / world_size
-    loss_avg = distributed.all_reduce_sum(loss) / world_size
+    w_grad_avg = collectives.all_reduce_sum(w_grad) / world_size
+    loss_avg = collectives.all_reduce_sum(loss) / world_size
     torch.save(
         {"loss": loss, "loss_avg": loss_avg, "w_grad_avg": w_grad_avg, "emb_grad": emb_grad},
         f"{out_path}.{rank}",

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import distributed
+from pipeline.distributed import collectives
 from pipeline.loss import LossState, SmoothAPLoss, loss_state
 from pipeline.train.checkpoint import LOSS_STATE, CheckpointError, loss_state_file, tag_for
 from tests.dist_helpers import run_distributed
@@ -44,7 +44,7 @@ class GlobalMemory(SmoothAPLoss):
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         # All ranks participate (the loss and this gather).
-        self._batch = distributed.all_gather_nograd(labels)
+        self._batch = collectives.all_gather_nograd(labels)
         self.seen.append(labels.tolist())
         return super().forward(embeddings, labels)
 
@@ -87,7 +87,7 @@ def _state(loss: torch.nn.Module) -> dict:
 def _train(rank: int, world: int, config: str, loss_cls: str, out: str) -> None:
     """Plan, build, swap in the stateful loss, train; records the state right after the
     resume, the state at the end and the labels this rank saw, in ``out``-rank<R>.json."""
-    from pipeline.config_loader import load_config
+    from pipeline.config.load import load_config
     from pipeline.rundir import RunDir
     from pipeline.train import runlock
     from pipeline.train.build import build_components
@@ -111,7 +111,7 @@ def _train(rank: int, world: int, config: str, loss_cls: str, out: str) -> None:
 def _refused(rank: int, world: int, config: str, out: str) -> None:
     """A per-rank state on another world size, and a stateful checkpoint under a stateless
     loss: both refused before training, in one line."""
-    from pipeline.config_loader import load_config
+    from pipeline.config.load import load_config
     from pipeline.rundir import RunDir
     from pipeline.train import runlock
     from pipeline.train.build import build_components

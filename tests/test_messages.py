@@ -12,7 +12,8 @@ import pytest
 from launch import cluster as cluster_mod
 from launch import slurm
 from launch.cluster import LaunchError
-from pipeline.model import ModelLoadError, load_trained_model, read_state_dict
+from pipeline.model import load_trained_model
+from pipeline.weights import ModelLoadError, read_state_dict
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "conf" / "demo.yaml"

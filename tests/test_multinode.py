@@ -302,7 +302,7 @@ def test_launcher_on_two_hosts_trains_like_one_host_and_one_process(
 
     # No sample read twice: the job's streams are TrainStream(seed, epoch, rank, world 4) (the
     # one-process run trained on exactly these batches and ended with the same weights).
-    from pipeline.config_loader import load_config
+    from pipeline.config.load import load_config
     from pipeline.data.stream import TrainStream
 
     c = load_config(cfg)
@@ -495,7 +495,7 @@ def test_evaluation_and_host_metrics_across_hosts(cluster, shards, mlflow_server
     """`srun -N2 --ntasks-per-node=1` (the srun rank environment, gloo across the bridge):
     distributed extraction and the rank-sharded exact FAISS kNN equal one process (same ids,
     scores within 1e-6; measured: bitwise equal embeddings and scores); each host's local rank
-    0 meanwhile logs its system metrics (pipeline.sysmetrics) over http into one run, under its
+    0 meanwhile logs its system metrics (pipeline.tracking.sysmetrics) over http into one run, under its
     own host name. Measured: 28-30 s (load 15-20)."""
     from mlflow import MlflowClient
 

@@ -87,7 +87,7 @@ def test_installed_wheel_loads_conf_from_another_directory(wheel, tmp_path):
     script = textwrap.dedent(
         """
         import pipeline
-        from pipeline.config_loader import load_config
+        from pipeline.config.load import load_config
         from pipeline.train.engine import deepspeed_config
 
         print(pipeline.__file__)

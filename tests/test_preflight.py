@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from pipeline.config import EvalConfig, ModelConfig, RunConfig, TrainConfig
+from pipeline.config.schema import EvalConfig, ModelConfig, RunConfig, TrainConfig
 from pipeline.preflight import PreflightError, _tar_lower_bound, check_global_batch, preflight
 from tests.data_helpers import cfgs, tiny_split
 

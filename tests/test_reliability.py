@@ -419,7 +419,7 @@ def test_reported_metrics_are_those_of_the_saved_model(reference, tmp_path):
     `pipeline evaluate` on the saved weights in one process, and rank 1 embedded its share of
     the final evaluation with exactly the saved model (BatchNorm statistics included).
     Measured: 48-82 s (the reference run included)."""
-    from pipeline.tracking import metric_key
+    from pipeline.tracking.base import metric_key
 
     result = json.loads((reference / "result.json").read_text())
     assert result["step"] == STEPS

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.config import EvalConfig, RunConfig, TrainConfig
+from pipeline.config.schema import EvalConfig, RunConfig, TrainConfig
 from pipeline.rundir import RunDir, eval_output_dir
 
 

@@ -182,7 +182,7 @@ def test_requeued_job_resumes_from_its_checkpoint(slurm_cluster, shards, tmp_pat
 def test_bad_requests_fail_before_anything_is_submitted(slurm_cluster, tmp_path):
     from launch import slurm
     from launch.cluster import LaunchError
-    from pipeline.config import ConfigError
+    from pipeline.config.schema import ConfigError
 
     config = REPO / "conf" / "defaults.yaml"
     before = next_job_id()
@@ -217,7 +217,7 @@ def test_array_evaluation_matches_one_process(slurm_cluster, shards, tmp_path):
     import submitit
     import torch
 
-    from pipeline.config_loader import load_config
+    from pipeline.config.load import load_config
     from pipeline.eval.evaluator import compute_metrics
     from pipeline.eval.extract import extract_embeddings
     from pipeline.model import load_trained_model

@@ -1,4 +1,4 @@
-"""pipeline.sysmetrics against a real MLflow SQLite store, in this process.
+"""pipeline.tracking.sysmetrics against a real MLflow SQLite store, in this process.
 
 Two samplers with different host names stand for two hosts of one job logging into one run.
 Measured: 20 s on the shared 2-core machine (load ~13), 18 s of it creating the SQLite
@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from pipeline import sysmetrics
+from pipeline.tracking import sysmetrics
 
 
 @pytest.fixture(scope="module")

@@ -9,18 +9,10 @@ import sys
 
 import pytest
 
-from pipeline.config import TrackingConfig
-from pipeline.tracking import (
-    MlflowTracker,
-    NullTracker,
-    log_curves,
-    make_tracker,
-    metric_key,
-    resolve_uri,
-    run_page,
-    tracking_session,
-    ui_command,
-)
+from pipeline.config.schema import TrackingConfig
+from pipeline.tracking.base import NullTracker, metric_key
+from pipeline.tracking.mlflow import MlflowTracker, resolve_uri, run_page, ui_command
+from pipeline.tracking.session import log_curves, make_tracker, tracking_session
 
 # Runs in a fresh interpreter: what any other process (the MLflow UI) would see.
 READ_BACK = """

@@ -22,15 +22,12 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import TrackingConfig
-from pipeline.tracking import (
-    UNDELIVERED_FILE,
-    MlflowTracker,
-    TrackingUnavailable,
-    main,
-    make_tracker,
-)
-from pipeline.tracking_outbox import Outbox, write_undelivered
+from pipeline.config.schema import TrackingConfig
+from pipeline.tracking.base import TrackingUnavailable
+from pipeline.tracking.mlflow import MlflowTracker
+from pipeline.tracking.outbox import UNDELIVERED_FILE, Outbox, write_undelivered
+from pipeline.tracking.session import make_tracker
+from pipeline.tracking.upload import main
 from tests.dist_helpers import free_port
 
 HTTP_ENV = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")

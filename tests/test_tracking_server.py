@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import TrackingConfig
-from pipeline.tracking import make_tracker
+from pipeline.config.schema import TrackingConfig
+from pipeline.tracking.session import make_tracker
 from tests.dist_helpers import free_port
 
 pytestmark = [pytest.mark.mlflow_server, pytest.mark.slow]

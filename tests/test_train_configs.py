@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import ConfigError, TrainConfig
-from pipeline.config_loader import load_config
+from pipeline.config.load import load_config
+from pipeline.config.schema import ConfigError, TrainConfig
 from pipeline.train.engine import deepspeed_config
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from pipeline.config import ConfigError, OptimConfig
-from pipeline.config_loader import load_config
+from pipeline.config.load import load_config
+from pipeline.config.schema import ConfigError, OptimConfig
 from pipeline.model import build_model
 from pipeline.train.optim import build_optimizer, build_scheduler, lr_factor
 from tests.tiny import tiny_model_config

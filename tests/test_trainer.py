@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import distributed
-from pipeline.config import DataConfig
-from pipeline.config_loader import load_config
+from pipeline import logs, weights
+from pipeline.config.load import load_config
+from pipeline.config.schema import DataConfig
+from pipeline.distributed import group
 from pipeline.rundir import RunDir
 from pipeline.train import checkpoint
 
@@ -34,11 +35,11 @@ def single_process():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
-    distributed.destroy()  # the one-process group DeepSpeed needs (pipeline.train.engine)
+    group.destroy()  # the one-process group DeepSpeed needs (pipeline.train.engine)
     os.environ.pop("LOCAL_RANK", None)  # set for DeepSpeed by pipeline.train.engine
     os.environ.update(saved)
     torch.set_num_threads(threads)
-    root = logging.getLogger(distributed.LOGGER)
+    root = logging.getLogger(logs.LOGGER)
     for h in list(root.handlers):
         root.removeHandler(h)
         h.close()
@@ -77,9 +78,9 @@ def test_trainer_trains_checkpoints_and_records_the_run(
     assert (run.eval / "metrics.json").is_file()
 
     # The last checkpoint is the final step, and its client state is a TrainState.
-    assert checkpoint.latest_tag(run.checkpoints) == checkpoint.tag_for(STEPS)
-    file = checkpoint.model_states_file(run.checkpoints)
-    state = checkpoint.TrainState.from_client_state(checkpoint.read_client_state(file), file)
+    assert weights.latest_tag(run.checkpoints) == checkpoint.tag_for(STEPS)
+    file = weights.model_states_file(run.checkpoints)
+    state = checkpoint.TrainState.from_client_state(weights.read_client_state(file), file)
     assert (state.step, state.epoch, state.step_in_epoch) == (STEPS, 1, 0)
     assert state.world_size == 1 and state.mlflow_run_id == result["run_id"]
     assert state.architecture == {

@@ -14,7 +14,11 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.data.writer import SourceItem
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from pipeline.data.items import SourceItem
 from pipeline.errors import UserError
 
 
@@ -181,9 +185,6 @@ def _read_1n(path: Path) -> list[tuple[int, int]]:
 
 def _parquet_writer(columns: dict[str, list]) -> Callable[[Path], None]:
     def write(path: Path) -> None:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
         pq.write_table(pa.table({k: pa.array(v, pa.int64()) for k, v in columns.items()}), path)
 
     return write
@@ -256,8 +257,6 @@ def list_ijbc(root: Path, split: str) -> tuple[list[SourceItem], dict]:
 def list_imagefolder(root: Path, split: str) -> list[SourceItem]:
     """``<root>/<class>/<image>`` (images may sit in sub-folders of a class folder); any file
     extension PIL registers is an image, other files are ignored."""
-    from PIL import Image
-
     extensions = {e.lower() for e in Image.registered_extensions()}
     _require_dir(root, "an ImageFolder tree <root>/<class>/<image>")
     stray = sorted(p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in extensions)

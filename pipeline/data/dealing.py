@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.config import DataConfig, SamplerConfig
+from pipeline.config.schema import DataConfig, SamplerConfig
 
 # Seed-sequence tags keep the random streams of different purposes apart.
 SHARDS, STREAM, MIX, AUG = 1, 2, 3, 4

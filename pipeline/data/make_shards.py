@@ -18,8 +18,11 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.data.index import check_name
+from pipeline.data import converters
+from pipeline.data.catalog import check_name
+from pipeline.data.converters import LayoutError
 from pipeline.data.outdir import check_output
+from pipeline.data.synthetic import synthetic_items
 from pipeline.data.writer import DEFAULT_MAX_SKIPPED_FRACTION, ShardWriteError, write_split
 from pipeline.errors import UserError
 
@@ -84,8 +87,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _items(args: argparse.Namespace, split: str) -> tuple[list, dict]:
     """(items, extra files) of one split."""
     if args.format == "synthetic":
-        from pipeline.data.synthetic import synthetic_items
-
         return synthetic_items(
             split=split,
             num_classes=args.classes if split == "train" else args.test_classes,
@@ -94,7 +95,6 @@ def _items(args: argparse.Namespace, split: str) -> tuple[list, dict]:
             seed=args.seed,
             quality=args.quality,
         ), {}
-    from pipeline.data import converters
 
     return converters.list_split(args.format, args.root, split)
 
@@ -149,8 +149,6 @@ def check_arguments(args: argparse.Namespace, name: str, splits: list[str]) -> N
 
 def _inputs(args: argparse.Namespace) -> list[Path]:
     """The dataset folder(s) the output must not overlap (none for synthetic)."""
-    from pipeline.data.converters import LayoutError
-
     if args.format == "synthetic":
         return []
     if not args.root:

@@ -23,7 +23,7 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from pipeline.data.index import WRITTEN_FILES, is_shard_name
+from pipeline.data.catalog import WRITTEN_FILES, is_shard_name
 from pipeline.errors import UserError
 
 

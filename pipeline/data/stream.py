@@ -44,7 +44,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.config import DataConfig, SamplerConfig
+from pipeline.config.schema import DataConfig, SamplerConfig
+from pipeline.data.catalog import expand_urls
 from pipeline.data.dealing import (
     AUG,
     MIX,
@@ -54,7 +55,6 @@ from pipeline.data.dealing import (
     streams_per_rank,
 )
 from pipeline.data.dealing import rng as _rng
-from pipeline.data.index import expand_urls
 from pipeline.data.pk import PASS_END, Group, PKBatcher, Raw, class_runs
 from pipeline.data.transforms import (
     decode_image,

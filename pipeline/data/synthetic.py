@@ -27,7 +27,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipeline.data.writer import SourceItem, encode_jpeg
+from pipeline.data.items import SourceItem, encode_jpeg
 
 SHAPES = ("ellipse", "box", "triangle", "diamond", "star", "ring", "hexagon", "cross")
 TEXTURES = ("solid", "stripes", "checks", "dots")

@@ -21,15 +21,15 @@ import sys
 import tarfile
 from pathlib import Path
 
-from pipeline.data.index import INDEX_FILE, SHARD_SUFFIX, SIZES_FILE, read_index, read_sizes
+from PIL import Image
+
+from pipeline.data.catalog import INDEX_FILE, SHARD_SUFFIX, SIZES_FILE, read_index, read_sizes
 
 MEMBERS = {"jpg", "cls", "json"}
 MAX_PRINTED = 200
 
 
 def _check_sample(shard: str, key: str, members: dict[str, bytes], row: dict | None) -> list[str]:
-    from PIL import Image
-
     where = f"{shard}:{key}"
     problems = []
     if set(members) != MEMBERS:

@@ -31,8 +31,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+from tqdm import tqdm
 
-from pipeline.data.index import (
+from pipeline.data.catalog import (
     INDEX_FILE,
     SIZES_FILE,
     SKIPPED_FILE,
@@ -40,6 +44,8 @@ from pipeline.data.index import (
     check_name,
     shard_pattern,
 )
+from pipeline.data.imagemode import exif_orientation, swaps_axes, to_rgb
+from pipeline.data.items import SourceItem, encode_jpeg
 from pipeline.data.outdir import (
     ShardWriteError,  # defined beside the output checks; callers catch it from here
     check_output,
@@ -48,6 +54,8 @@ from pipeline.data.outdir import (
     swap_in,
     write_error,
 )
+from pipeline.data.synthetic import render_jpeg
+from pipeline.data.validate import validate_split
 
 DEFAULT_MAX_SKIPPED_FRACTION = 0.01
 """make-shards fails when more than this fraction of a split's images is unreadable: a few bad
@@ -66,24 +74,6 @@ INDEX_COLUMNS = (
     "height",
     "source",
 )
-
-
-@dataclass
-class SourceItem:
-    """One image to write: where it comes from and what it is."""
-
-    class_name: str
-    """The class (identity, species, product); labels are assigned from the sorted names."""
-    source: str
-    """Recorded in the metadata: the path as the dataset lists it (relative to its root)."""
-    path: str = ""
-    """The file to read; empty when the image is rendered (synthetic)."""
-    origin: str = ""
-    """Where the item was listed (``Ebay_train.txt:12``), for error messages."""
-    meta: dict[str, Any] = field(default_factory=dict)
-    """Dataset-specific ids (template_id, media_id, supercategory, ...): json + index columns."""
-    render: tuple = ()
-    """Synthetic only: the arguments of ``synthetic.render_jpeg``."""
 
 
 @dataclass
@@ -110,16 +100,6 @@ class WriteSummary:
 # ---------------------------------------------------------------------------- image preparation
 
 
-def encode_jpeg(image, quality: int) -> bytes:
-    """JPEG bytes of a PIL image, fixed settings so output is reproducible. A non-RGB image is
-    converted by ``imagemode.to_rgb``'s rules, never by PIL's clipping ``convert("RGB")``."""
-    from pipeline.data.imagemode import to_rgb
-
-    buf = io.BytesIO()
-    to_rgb(image).save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
-
-
 KEPT_JPEG_MODES = ("RGB", "L")
 """JPEGs stored byte for byte: any reader shows their pixels as they are. A CMYK JPEG or one with
 an EXIF rotation is re-encoded, since a plain decoder would show it inverted or turned."""
@@ -135,10 +115,6 @@ def prepare_image(data: bytes, resize: int, quality: int) -> tuple[bytes, int, i
     (the member is named ``jpg``). Raises on undecodable or truncated data, and
     ``imagemode.UnsupportedImage`` for pixels that have no stated conversion.
     """
-    from PIL import Image
-
-    from pipeline.data.imagemode import exif_orientation, swaps_axes, to_rgb
-
     image = Image.open(io.BytesIO(data))
     fmt = image.format
     orientation = exif_orientation(image)
@@ -166,12 +142,8 @@ def _prepare(item: SourceItem, resize: int, quality: int) -> tuple[str, Any]:
     """Worker: ('ok', (bytes, w, h)) | ('bad', reason) | ('missing', message)."""
     try:
         if item.render:
-            from pipeline.data.synthetic import render_jpeg
-
             data = render_jpeg(*item.render)
             if resize <= 0:
-                from PIL import Image
-
                 w, h = Image.open(io.BytesIO(data)).size
                 return "ok", (data, w, h)
         else:
@@ -351,8 +323,6 @@ def _write_files(
 ) -> tuple[list[dict[str, Any]], list[str], list[str], int]:
     """Write shards, skipped.txt, index.parquet, sizes.json and the extra files into
     ``partial_dir``; return (index rows, shard names, skipped lines, total image bytes)."""
-    from tqdm import tqdm
-
     ordered, labels = class_order(items, seed)
     class_sizes: dict[str, int] = {}
     for item in ordered:
@@ -485,9 +455,6 @@ def _write_tables(
     extra_files: dict[str, Callable[[Path], None]] | None,
 ) -> None:
     """Write index.parquet, sizes.json and the extra files of the written shards."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     meta_keys = sorted({k for item in items for k in item.meta} - set(INDEX_COLUMNS))
     columns = {c: [r.get(c) for r in sink.rows] for c in (*INDEX_COLUMNS, *meta_keys)}
     table = pa.table(columns)
@@ -504,8 +471,6 @@ def _check_written(
 ) -> None:
     """Refuse to swap in a split with too many unreadable images, or one that does not pass
     ``validate-shards``'s checks (read back with tarfile: what training will see)."""
-    from pipeline.data.validate import validate_split
-
     rows, _, skipped, _ = written
     if not rows:
         raise ShardWriteError(

@@ -23,17 +23,24 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
-from pipeline import distributed
-from pipeline.config import DataConfig, EvalConfig, RunConfig, to_dict
-from pipeline.config_loader import (
-    add_config_arguments,
-    load_config,
-    named_model,
-    split_checkpoint,
-)
+from pipeline import logs
+from pipeline.config.load import add_config_arguments, load_config, named_model, split_checkpoint
+from pipeline.config.schema import DataConfig, EvalConfig, RunConfig, to_dict
+from pipeline.data.catalog import read_index, split_dir
+from pipeline.data.stream import read_shard
+from pipeline.data.transforms import decode_image
+from pipeline.distributed import collectives, group
 from pipeline.eval.extract import Embeddings, extract_embeddings
-from pipeline.rundir import eval_output_dir
+from pipeline.eval.ijbc import ijbc_metrics, load_protocol
+from pipeline.eval.metrics import l2_normalize, retrieval_metrics
+from pipeline.model import load_trained_model
+from pipeline.plots import retrieval_grid_png, roc_png
+from pipeline.preflight import preflight
+from pipeline.rundir import RunDir, eval_output_dir
+from pipeline.tracking.mlflow import MlflowTracker, run_page
+from pipeline.tracking.session import tracking_session
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +53,6 @@ GRID_NEIGHBOURS = 5
 
 def _ijbc_ids(data_cfg: DataConfig, index_N: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Template and media id of each extracted sample, from the split's index.parquet."""
-    from pipeline.data.index import read_index
-
     table = read_index(data_cfg.eval_urls)
     missing = [c for c in ("template_id", "media_id") if c not in table.column_names]
     if missing:
@@ -73,8 +78,6 @@ def compute_metrics(
     All ranks participate and return the same values.
     """
     if eval_cfg.protocol == "ijbc":
-        from pipeline.data.index import split_dir
-        from pipeline.eval.ijbc import ijbc_metrics, load_protocol
 
         def ijbc() -> tuple[dict[str, float], dict[str, Any]]:
             templates, media = _ijbc_ids(data_cfg, e.index_N)
@@ -82,8 +85,7 @@ def compute_metrics(
             return ijbc_metrics(e.emb_ND, templates, media, protocol)
 
         # Plain NumPy on one process: pooling + 15.6M pairs take ~30 s on 2 cores.
-        return distributed.on_main(ijbc)  # all ranks participate
-    from pipeline.eval.metrics import retrieval_metrics
+        return collectives.on_main(ijbc)  # all ranks participate
 
     metrics = retrieval_metrics(
         e.emb_ND,
@@ -99,7 +101,7 @@ def compute_metrics(
 def tracked_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     """The MLflow names of evaluation metrics, the same for ``pipeline evaluate``, training
     and the merge of array parts: ``eval/<metric>`` (``eval/map@r`` is stored as
-    ``eval/map_at_r``, pipeline.tracking.metric_key)."""
+    ``eval/map_at_r``, pipeline.tracking.base.metric_key)."""
     return {f"eval/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
@@ -129,7 +131,7 @@ def evaluate_model(
         progress=progress,
     )
     metrics, extras = compute_metrics(e, data_cfg, eval_cfg, device=device)
-    if output_dir is not None and distributed.is_main_process():
+    if output_dir is not None and group.is_main_process():
         files = write_outputs(Path(output_dir), e, metrics, extras, data_cfg, eval_cfg)
         if tracker is not None:
             tracker.log_metrics(tracked_metrics(metrics), step)
@@ -137,7 +139,7 @@ def evaluate_model(
                 tracker.log_artifact(f, "eval")
     elif tracker is not None:
         tracker.log_metrics(tracked_metrics(metrics), step)
-    distributed.barrier()  # all ranks participate: files exist when evaluate_model returns
+    collectives.barrier()  # all ranks participate: files exist when evaluate_model returns
     return metrics
 
 
@@ -161,8 +163,6 @@ def write_outputs(
     files = [out / "metrics.json"]
     files[0].write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     if eval_cfg.protocol == "ijbc":
-        from pipeline.eval.plots import roc_png
-
         tar = {
             float(k.split("=", 1)[1]): v for k, v in metrics.items() if k.startswith("ijbc_tar@")
         }
@@ -183,12 +183,6 @@ def _grid_queries(labels_N: np.ndarray, n: int) -> np.ndarray:
 
 def _read_images(data_cfg: DataConfig, index: set[int], side: int = 96) -> dict[int, np.ndarray]:
     """Thumbnails of the samples with these global indices, read from their shards."""
-    from PIL import Image
-
-    from pipeline.data.index import read_index, split_dir
-    from pipeline.data.stream import read_shard
-    from pipeline.data.transforms import decode_image
-
     table = read_index(data_cfg.eval_urls).select(["index", "key", "shard"]).to_pydict()
     where = {i: (table["shard"][i], table["key"][i]) for i in index if i < len(table["index"])}
     root = split_dir(data_cfg.eval_urls)
@@ -206,9 +200,6 @@ def _read_images(data_cfg: DataConfig, index: set[int], side: int = 96) -> dict[
 def retrieval_grid(e: Embeddings, data_cfg: DataConfig, path: Path) -> Path | None:
     """Queries with their top-5 neighbours (green: same label, red: not), or None (and a
     printed reason) when the images cannot be read back (remote shards)."""
-    from pipeline.eval.metrics import l2_normalize
-    from pipeline.eval.plots import retrieval_grid_png
-
     q_rows = _grid_queries(e.labels_N, GRID_QUERIES)
     emb = l2_normalize(e.emb_ND)
     sims = emb[q_rows] @ emb.T  # a few rows of the similarity matrix
@@ -246,33 +237,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _preflight(cfg: RunConfig) -> None:
-    from pipeline.preflight import preflight
-    from pipeline.tracking import MlflowTracker
-
-    preflight(cfg, distributed.get_world_size(), train=False)
+    preflight(cfg, group.get_world_size(), train=False)
     if cfg.tracking.enabled:
         MlflowTracker.check(cfg.tracking)
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.model import load_trained_model
-    from pipeline.tracking import run_page, tracking_session
-
     checkpoint, overrides = split_checkpoint(args.overrides)
     cfg: RunConfig = load_config(args.config, overrides)
     out = eval_output_dir(cfg)
-    distributed.setup_logging(out)
+    rank = group.process_rank()
+    logs.setup_logging(RunDir(out).log_file(rank), rank=rank)
     # Joins the job's group (none for one process) and always leaves it.
-    with distributed.process_group():
+    with group.process_group():
         model = load_trained_model(checkpoint, named_model(args.config, overrides, cfg))
         # All ranks participate: the eval shards and the tracking store are checked in
         # seconds, before anything is embedded.
-        distributed.on_main(lambda: _preflight(cfg))
-        device = distributed.device()
+        collectives.on_main(lambda: _preflight(cfg))
+        device = group.device()
         model.to(device)
-        is_main = distributed.is_main_process()
+        is_main = group.is_main_process()
         params = {**to_dict(cfg), "checkpoint": checkpoint}
-        tags = {"kind": "evaluate", "world_size": str(distributed.get_world_size())}
+        tags = {"kind": "evaluate", "world_size": str(group.get_world_size())}
         with tracking_session(cfg.tracking, is_main=is_main, params=params, tags=tags) as tracker:
             # All ranks participate.
             metrics = evaluate_model(

@@ -12,9 +12,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from pipeline import distributed
-from pipeline.config import DataConfig
+from pipeline.config.schema import DataConfig
+from pipeline.data.stream import eval_loader
+from pipeline.distributed import collectives, group
 
 
 @dataclass
@@ -40,11 +42,7 @@ def extract_embeddings(
     All ranks participate. Raises ValueError if a sample index arrives twice (shards listed
     twice in ``urls``) or the set is empty.
     """
-    from tqdm import tqdm
-
-    from pipeline.data.stream import eval_loader
-
-    rank, world = distributed.get_rank(), distributed.get_world_size()
+    rank, world = group.get_rank(), group.get_world_size()
     loader = eval_loader(urls, data_cfg, rank=rank, world_size=world, batch_size=batch_size)
     dtype = next(model.parameters()).dtype  # bf16 under a DeepSpeed bf16 engine
     was_training = model.training
@@ -64,12 +62,12 @@ def extract_embeddings(
         model.train(was_training)
     # A rank may receive no samples; it still needs the embedding width to join the gather.
     dim = embs[0].shape[1] if embs else 0
-    dim = int(distributed.all_gather_nograd(torch.tensor([dim], device=distributed.device())).max())
+    dim = int(collectives.all_gather_nograd(torch.tensor([dim], device=group.device())).max())
     emb = np.concatenate(embs) if embs else np.zeros((0, dim), np.float32)
     lab = np.concatenate(labels) if labels else np.zeros(0, np.int64)
     idx = np.concatenate(indices) if indices else np.zeros(0, np.int64)
     # All ranks participate, a rank without samples too.
-    emb, lab, idx = (distributed.all_gather_rows(a) for a in (emb, lab, idx))
+    emb, lab, idx = (collectives.all_gather_rows(a) for a in (emb, lab, idx))
     if len(idx) == 0:
         raise ValueError(f"eval shards {urls!r} hold no samples; check data.eval_urls")
     e, repeated = sort_by_index(emb, lab, idx)

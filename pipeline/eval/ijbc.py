@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
+import torch
 
 FARS: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 FPIRS: tuple[float, ...] = (1e-2, 1e-1)
@@ -85,8 +87,6 @@ def _read_table(path: Path, columns: Sequence[str]) -> dict[str, np.ndarray]:
 
 
 def _read_parquet(path: Path, columns: Sequence[str]) -> dict[str, np.ndarray]:
-    import pyarrow.parquet as pq
-
     table = pq.read_table(path)
     missing = [c for c in columns if c not in table.column_names]
     if missing:
@@ -156,8 +156,6 @@ def pool_templates(
     ``template_ids_M[m]`` as part of media ``media_ids_M[m]``, so an image may serve several
     templates. Media are grouped within a template.
     """
-    import torch
-
     feats = np.asarray(features_ND, dtype=np.float32)
     t_ids = np.asarray(template_ids_M).astype(np.int64)
     m_ids = np.asarray(media_ids_M).astype(np.int64)
@@ -219,8 +217,6 @@ def pair_scores(
     still runs ~10x faster than gathering rows on CPU). Where pairs are sparser than that
     (product > 64x the pairs), the rows are gathered.
     """
-    import torch
-
     r1 = _rows_of(templates_T, np.asarray(t1_P), "1:1 pairs")
     r2 = _rows_of(templates_T, np.asarray(t2_P), "1:1 pairs")
     f = torch.from_numpy(np.ascontiguousarray(feats_TD, dtype=np.float32))

@@ -26,6 +26,9 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
+import torch
+
+from pipeline.distributed import collectives, group
 
 log = logging.getLogger(__name__)
 
@@ -187,8 +190,6 @@ class ExactIPIndex:
 
     def _search_torch(self, q_BD: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-k for k beyond FAISS's GPU limit: per-GPU gallery chunks, merged."""
-        import torch
-
         devices = [torch.device("cuda", g) for g in self.gpus] if self.gpus else ["cpu"]
         if self._torch_gallery is None:
             bounds = np.linspace(0, self.ntotal, len(devices) + 1).astype(int)
@@ -231,13 +232,11 @@ def iter_sharded_knn(
     via ``id_offset``); all ranks participate in each block and all receive the merged top-k of
     the whole gallery. With one process this is a blocked search of ``index``.
     """
-    from pipeline import distributed  # lazily, like torch: importing knn stays light
-
     if query_block < 1:
         raise ValueError(f"query_block={query_block}: must be >= 1")
     for start in range(0, queries_ND.shape[0], query_block):
         s_loc, i_loc = index.search(queries_ND[start : start + query_block], k)
-        s_all, i_all = distributed.all_gather_topk(s_loc, i_loc)  # all ranks participate
+        s_all, i_all = collectives.all_gather_topk(s_loc, i_loc)  # all ranks participate
         if len(s_all) == 1:
             yield start, s_all[0], i_all[0]
         else:
@@ -260,11 +259,9 @@ def knn_search(
     the merged result (all ranks participate). ``gpus='auto'``: this rank's GPU in a multi-rank
     job, every GPU FAISS sees in a single process, none with faiss-cpu.
     """
-    from pipeline import distributed
-
     gallery = as_float32_matrix(gallery_ND, "gallery")
     queries = as_float32_matrix(queries_ND, "queries")
-    rank, world = distributed.get_rank(), distributed.get_world_size()
+    rank, world = group.get_rank(), group.get_world_size()
     lo, hi = gallery_slice(gallery.shape[0], rank, world)
     index = ExactIPIndex(gallery[lo:hi], lo, gpus=resolve_gpus(gpus), cpu_shards=cpu_shards)
     out_s = np.empty((queries.shape[0], k), np.float32)
@@ -281,11 +278,8 @@ def resolve_gpus(gpus: Sequence[int] | str) -> list[int]:
     n = num_faiss_gpus()
     if n == 0:
         return []
-    from pipeline import distributed
 
-    if distributed.get_world_size() > 1:
-        import torch
-
+    if group.get_world_size() > 1:
         # One GPU per rank: the ranks already split the gallery between them.
         return [torch.cuda.current_device()]
     return list(range(n))

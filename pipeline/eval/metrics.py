@@ -23,10 +23,13 @@ Shape legend: N items, D dims, B query block, k list depth, C = largest class si
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+import torch
 
+from pipeline.distributed import collectives, group
 from pipeline.eval.knn import ExactIPIndex, as_float32_matrix, gallery_slice, iter_sharded_knn
 from pipeline.eval.knn import resolve_gpus as _resolve_gpus
 
@@ -138,12 +141,8 @@ compare pass each (~1.5 ns an item); beyond, one batched binary search (~6 ns an
 
 def _count_at_least(S_Bn: Any, a_BC: Any) -> Any:
     """``ge[b, j]`` = #{i: S[b, i] >= a[b, j]} (int64, B x C); ``a`` sorted ascending per row."""
-    import torch
-
     B, C = a_BC.shape
     if S_Bn.device.type == "cpu" and C <= COMPARE_PASSES_MAX:
-        from concurrent.futures import ThreadPoolExecutor
-
         S, a = S_Bn.numpy(), a_BC.cpu().numpy()
         ge = np.zeros((B, C), dtype=np.int64)
 
@@ -183,10 +182,6 @@ def full_ranking_ap(
     ranks. Every positive's score is read from the matrix that also counts it, so an item always
     counts itself.
     """
-    import torch
-
-    from pipeline import distributed
-
     N = emb_ND.shape[0]
     emb = torch.from_numpy(emb_ND).to(device)
     gal = emb[lo:hi]
@@ -214,9 +209,9 @@ def full_ranking_ap(
         pos = torch.full(member.shape, -torch.inf, device=device)
         rows = in_slice.nonzero()
         pos[rows[:, 0], rows[:, 1]] = S[rows[:, 0], member[rows[:, 0], rows[:, 1]] - lo]
-        if distributed.get_world_size() > 1:
+        if group.get_world_size() > 1:
             # All ranks participate: each positive's score lives on exactly one rank.
-            pos_c = pos.to(distributed.device())  # NCCL only moves CUDA tensors
+            pos_c = pos.to(group.device())  # NCCL only moves CUDA tensors
             torch.distributed.all_reduce(pos_c, op=torch.distributed.ReduceOp.MAX)
             pos = pos_c.to(device)
         pos[~is_pos] = torch.inf  # padding sorts last and no finite score reaches it
@@ -226,9 +221,9 @@ def full_ranking_ap(
         a = a[:, : max(1, int(R.max()))].contiguous()
         ge = _count_at_least(S, a)  # items of my slice scoring >= a_j
         del S
-        if distributed.get_world_size() > 1:
+        if group.get_world_size() > 1:
             # All ranks participate.
-            ge = distributed.all_reduce_sum(ge.to(distributed.device())).to(device)
+            ge = collectives.all_reduce_sum(ge.to(group.device())).to(device)
         first_tied = torch.searchsorted(a, a, right=False)
         pos_ge = (R[:, None] - first_tied).double()
         valid = torch.arange(a.shape[1], device=device)[None, :] < R[:, None]
@@ -258,8 +253,6 @@ def retrieval_metrics(
     ``num_queries`` (used) and ``num_queries_without_positive`` (left out: no other item of
     their label). ``device`` is where the full-ranking mAP pass multiplies (``cuda`` on GPUs).
     """
-    from pipeline import distributed
-
     ks = [int(k) for k in ks]
     if not ks or min(ks) < 1:
         raise ValueError(f"ks={ks}: give a non-empty list of positive cut-offs (e.g. [1, 10, 100])")
@@ -277,7 +270,7 @@ def retrieval_metrics(
     # that items tied at the list's end rank > K (see _list_ranks).
     K = min(max(max(ks), int(sizes.max()) - 1), N - 1)
     k_search = min(K + 2, N)
-    rank, world = distributed.get_rank(), distributed.get_world_size()
+    rank, world = group.get_rank(), group.get_world_size()
     lo, hi = gallery_slice(N, rank, world)
     index = ExactIPIndex(emb[lo:hi], lo, gpus=_resolve_gpus(gpus))
     per_query: dict[str, np.ndarray] = {}

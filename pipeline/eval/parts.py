@@ -22,10 +22,14 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import distributed
-from pipeline.config import RunConfig
-from pipeline.eval.extract import Embeddings
+from pipeline.config.schema import RunConfig, to_dict
+from pipeline.data.catalog import expand_urls, read_index
+from pipeline.distributed import collectives, group
+from pipeline.eval.evaluator import compute_metrics, tracked_metrics, write_outputs
+from pipeline.eval.extract import Embeddings, extract_embeddings, sort_by_index
+from pipeline.model import load_trained_model
 from pipeline.rundir import eval_output_dir
+from pipeline.tracking.session import tracking_session
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +42,6 @@ def part_path(out: Path, part: int) -> Path:
 
 def plan_parts(eval_urls: str, parts: int) -> list[list[str]]:
     """Split the eval shards into at most ``parts`` contiguous, balanced ranges (by count)."""
-    from pipeline.data.index import expand_urls
-
     if parts < 1:
         raise ValueError(f"--parts {parts}: must be >= 1")
     urls = expand_urls(eval_urls)
@@ -67,17 +69,14 @@ def extract_part(cfg: RunConfig, checkpoint: str, part: int, urls: list[str]) ->
     """Embed the shards ``urls`` with the weights ``checkpoint`` into part file ``part``
     (rank 0 writes); a part already computed from the same inputs is kept. Joins and leaves
     the process group itself. All ranks participate."""
-    from pipeline.eval.extract import extract_embeddings
-    from pipeline.model import load_trained_model
-
     path = part_path(eval_output_dir(cfg), part)
     stamp = fingerprint(checkpoint, urls)
     if read_fingerprint(path) == stamp:  # requeued or resubmitted: this part is done
         with np.load(path) as f:
             return {"part": part, "rows": int(f["index"].shape[0]), "path": str(path)}
     # Joins the job's group (none for one process) and always leaves it.
-    with distributed.process_group():
-        device = distributed.device()
+    with group.process_group():
+        device = group.device()
         model = load_trained_model(checkpoint, cfg.model).to(device)
         # All ranks participate: each embeds its share of these shards; all get every row.
         e = extract_embeddings(
@@ -88,12 +87,12 @@ def extract_part(cfg: RunConfig, checkpoint: str, part: int, urls: list[str]) ->
             batch_size=cfg.eval.batch_size,
             progress=False,
         )
-        if distributed.is_main_process():
+        if group.is_main_process():
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp.npz")
             np.savez(tmp, emb=e.emb_ND, labels=e.labels_N, index=e.index_N, fingerprint=stamp)
             os.replace(tmp, path)  # a part file is complete or absent
-        distributed.barrier()  # all ranks participate
+        collectives.barrier()  # all ranks participate
     log.info("part %d: %d samples from %d shards", part, len(e.index_N), len(urls))
     return {"part": part, "rows": len(e.index_N), "path": str(path)}
 
@@ -106,8 +105,6 @@ def merge_parts(
     ``stamps``: the fingerprint each part must carry. Raises ValueError naming a missing or
     stale part, a sample seen twice, or a wrong total.
     """
-    from pipeline.eval.extract import sort_by_index
-
     missing = [str(part_path(out, i)) for i in range(parts) if not part_path(out, i).is_file()]
     if missing:
         raise ValueError(
@@ -146,8 +143,6 @@ def merge_parts(
 
 def expected_rows(eval_urls: str) -> int | None:
     """Samples of the whole split when data.eval_urls is a split directory (else unknown)."""
-    from pipeline.data.index import read_index
-
     if not os.path.isdir(eval_urls):
         return None
     try:
@@ -162,26 +157,22 @@ def merge_and_score(cfg: RunConfig, checkpoint: str, plan: list[list[str]]) -> d
 
     Returns ``metrics``, ``run_id`` (MLflow; None off rank 0) and ``output_dir``.
     """
-    from pipeline.config import to_dict
-    from pipeline.eval.evaluator import compute_metrics, tracked_metrics, write_outputs
-    from pipeline.tracking import tracking_session
-
     out = eval_output_dir(cfg)
     stamps = [fingerprint(checkpoint, urls) for urls in plan]
     e = merge_parts(out, len(plan), expected_rows(cfg.data.eval_urls), stamps)
     # Joins the job's group (none for one process) and always leaves it.
-    with distributed.process_group():
-        is_main = distributed.is_main_process()
+    with group.process_group():
+        is_main = group.is_main_process()
         params = {**to_dict(cfg), "checkpoint": checkpoint, "parts": len(plan)}
         tags = {"kind": "evaluate", "parts": str(len(plan))}
         with tracking_session(cfg.tracking, is_main=is_main, params=params, tags=tags) as tracker:
             # All ranks participate (sharded kNN when the merge job has several).
-            metrics, extras = compute_metrics(e, cfg.data, cfg.eval, device=distributed.device())
+            metrics, extras = compute_metrics(e, cfg.data, cfg.eval, device=group.device())
             tracker.log_metrics(tracked_metrics(metrics), 0)
             if is_main:  # files only; no collective in here
                 for f in write_outputs(out, e, metrics, extras, cfg.data, cfg.eval):
                     tracker.log_artifact(f, "eval")
             run_id = tracker.run_id
         log.info("merged %d parts (%d samples): %s", len(plan), len(e.index_N), metrics)
-        distributed.barrier()  # all ranks participate: the files exist when any rank returns
+        collectives.barrier()  # all ranks participate: the files exist when any rank returns
     return {"metrics": metrics, "run_id": run_id, "output_dir": str(out)}

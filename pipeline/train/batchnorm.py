@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pipeline import distributed
-from pipeline.config import ConfigError, ModelConfig
+from pipeline.config.schema import ConfigError, ModelConfig
+from pipeline.distributed import collectives
 
 log = logging.getLogger(__name__)
 
@@ -87,13 +87,13 @@ class BatchNormPolicy:
         """After the engine is built and a checkpoint (if any) restored. All ranks
         participate (with ``broadcast``): a checkpoint holds rank 0's statistics only."""
         if self.broadcasts:
-            distributed.broadcast_buffers(model)
+            collectives.broadcast_buffers(model)
 
     def after_step(self, model: nn.Module) -> None:
         """All ranks participate (with ``broadcast``): every rank continues with rank 0's
         running statistics."""
         if self.broadcasts:
-            distributed.broadcast_buffers(model)
+            collectives.broadcast_buffers(model)
 
 
 def policy_for(

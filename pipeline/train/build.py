@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.config import LossConfig, RunConfig
+from pipeline.config.schema import LossConfig, RunConfig
 from pipeline.loss import SmoothAPLoss
 from pipeline.model import EmbeddingModel, build_model
 from pipeline.train import checkpoint

@@ -33,9 +33,8 @@ DeepSpeed reads anything.
 
 Loading: DeepSpeed reads its files with ``torch.load(weights_only=False)``, which runs
 arbitrary pickled code. :class:`SafeTorchCheckpointEngine` replaces that with
-``weights_only=True`` plus exactly three DeepSpeed classes that ZeRO optimizer files contain
-(``LossScaler``, a plain record of the loss scale; ``fragment_address``, a dataclass of two
-ints; ``ZeroStageEnum``, an int enum); anything else in a file is refused.
+:func:`pipeline.train.safe_load.safe_load` (``weights_only=True`` plus exactly the three record
+classes ZeRO optimizer files contain); anything else in a file is refused.
 """
 
 from __future__ import annotations
@@ -52,17 +51,14 @@ from typing import Any
 
 import torch
 
-from pipeline import distributed
-from pipeline.errors import UserError
+from pipeline.distributed import collectives, group
 from pipeline.loss import LossState
-from pipeline.train import manifest
+from pipeline.train import elastic, manifest
+from pipeline.train.safe_load import safe_load
+from pipeline.weights import LATEST, MODEL_STATES, CheckpointError, latest_tag, read_client_state
 
 log = logging.getLogger(__name__)
 
-LATEST = "latest"
-# The model states file of a DeepSpeed checkpoint tag (ZeRO 0-2): the module's full state
-# dict and the client state.
-MODEL_STATES = "mp_rank_00_model_states.pt"
 _TAG = re.compile(r"^step_(\d{8})$")
 # A loss's state in a tag's folder (pipeline.loss.LossState): once, or one file per rank.
 LOSS_STATE = "loss_state.pt"
@@ -76,10 +72,6 @@ def loss_state_file(rank: int) -> str:
 TRAIN_STATE_VERSION = 2
 # Version 1: the same entries as an untyped dict (before TrainState); it reads unchanged.
 _READABLE_VERSIONS = (1, TRAIN_STATE_VERSION)
-
-
-class CheckpointError(UserError, RuntimeError):
-    """A checkpoint cannot be resumed from; the message names it and the fix."""
 
 
 @dataclass(frozen=True)
@@ -134,22 +126,6 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def _safe_globals() -> list:
-    # The only non-container objects in DeepSpeed 0.19 checkpoints (ZeRO 1/2 optimizer
-    # partitions); tests/test_checkpoint.py checks that a file with anything else is refused.
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, ZeroStageEnum, fragment_address]
-
-
-def safe_load(path: str | Path, map_location: Any = None) -> Any:
-    """``torch.load`` with ``weights_only=True`` and only DeepSpeed's three record classes."""
-    with torch.serialization.safe_globals(_safe_globals()):
-        return torch.load(path, map_location=map_location, weights_only=True)
-
-
 def _safe_engine_class() -> type:
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import (
         TorchCheckpointEngine,
@@ -180,21 +156,6 @@ def install_safe_loading(engine: Any) -> None:
     safe = _safe_engine_class()(config_params=engine._config)
     safe.zipfile_serialization = current.zipfile_serialization
     engine.checkpoint_engine = safe
-
-
-def latest_tag(root: str | Path) -> str | None:
-    """The tag ``latest`` names, or None when nothing was saved yet: the one reader of
-    ``latest``."""
-    path = Path(root) / LATEST
-    if not path.is_file():
-        return None
-    tag = path.read_text().strip()
-    if not (Path(root) / tag).is_dir():
-        raise CheckpointError(
-            f"{path} names checkpoint {tag!r}, which does not exist under {root}; restore "
-            f"it, or point {path} at one of {sorted(p.name for p in Path(root).glob('step_*'))}"
-        )
-    return tag
 
 
 def _write_latest(root: Path, tag: str) -> None:
@@ -241,7 +202,7 @@ def _check_space(engine: Any, root: Path, tag: str) -> None:
         return ""
 
     # All ranks participate (one broadcast).
-    message = distributed.on_main(look)
+    message = collectives.on_main(look)
     if message:
         raise CheckpointError(message)
 
@@ -260,9 +221,9 @@ def _disk_full_message(root: Path, tag: str, need: int, free: int) -> str:
 def _save_loss_state(folder: Path, loss: LossState | None) -> None:
     """Each rank's part of the loss state (rank 0 alone for a global one); before DeepSpeed's
     save, whose final barrier then covers these files too."""
-    if loss is None or (loss.global_state and not distributed.is_main_process()):
+    if loss is None or (loss.global_state and not group.is_main_process()):
         return
-    name = LOSS_STATE if loss.global_state else loss_state_file(distributed.get_rank())
+    name = LOSS_STATE if loss.global_state else loss_state_file(group.get_rank())
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(loss.state_dict(), folder / name)
 
@@ -297,13 +258,13 @@ def save(
             if free < need:
                 raise CheckpointError(_disk_full_message(root, tag, need, free)) from e
         raise
-    if distributed.is_main_process():
+    if group.is_main_process():
         # The manifest is the save's last act: a folder without one was never finished.
         manifest.write(root / tag, {"step": step})
         _write_latest(root, tag)
         prune(root, keep)
     # All ranks participate: nobody resumes or saves again before 'latest' is in place.
-    distributed.barrier()
+    collectives.barrier()
     return tag
 
 
@@ -353,23 +314,6 @@ def resumable_tag(root: str | Path) -> str | None:
     )
 
 
-def model_states_file(path: str | Path) -> Path | None:
-    """The model states file of a checkpoint tag directory, or of the tag ``latest`` names
-    in a checkpoint root; None when ``path`` is neither."""
-    path = Path(path)
-    if (path / MODEL_STATES).is_file():
-        return path / MODEL_STATES
-    tag = latest_tag(path)
-    return None if tag is None else path / tag / MODEL_STATES
-
-
-def read_client_state(file: str | Path) -> dict[str, Any]:
-    """The entries of a model states file other than the weights (no DeepSpeed needed)."""
-    # mmap: the module's tensors are mapped, not read; only the small entries are.
-    states = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    return {k: v for k, v in states.items() if k != "module"}
-
-
 def check_architecture(found: dict | None, expected: dict, where: str | Path) -> None:
     """Refuse a checkpoint whose recorded model architecture differs from ``expected``."""
     if found is not None and found != expected:
@@ -384,8 +328,6 @@ def load_tag(engine: Any, root: str | Path, tag: str) -> dict:
     """Restore ``engine`` (weights, optimizer, scheduler) from ``root/tag``, written by any
     number of ranks (pipeline.train.elastic), and return its client state. All ranks
     participate."""
-    from pipeline.train import elastic
-
     root = Path(root)
     try:
         # All ranks participate (ZeRO partitions are read by their owners).
@@ -413,14 +355,14 @@ def _loss_state_to_load(folder: Path, loss: LossState | None, saved_world: int) 
                 "train.output_dir"
             )
         return None
-    name, world = type(loss).__name__, distributed.get_world_size()
+    name, world = type(loss).__name__, group.get_world_size()
     if not loss.global_state and saved_world != world:
         raise CheckpointError(
             f"{folder}: the loss {name} keeps a state per rank, saved by {saved_world} ranks, "
             f"which does not resume on {world} ranks; resume on {saved_world} ranks, or train "
             "into a new train.output_dir"
         )
-    file = folder / (LOSS_STATE if loss.global_state else loss_state_file(distributed.get_rank()))
+    file = folder / (LOSS_STATE if loss.global_state else loss_state_file(group.get_rank()))
     if not file.is_file():
         raise CheckpointError(
             f"{file} is missing: the checkpoint holds no state for the loss {name} (found "

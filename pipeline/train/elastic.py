@@ -23,7 +23,7 @@ engine's load (``universal_checkpoint.py``, outside the checkpoint engine, so
 arbitrary pickled code. It also needs an offline conversion step that writes a second full copy
 of the state (one file per parameter and state key), refuses a plain ``nn.Module`` checkpoint
 unless given ``--inject_missing_state``, and does not cover ZeRO 0. Here the old files are
-read with ``checkpoint.safe_load`` (``weights_only=True``), nothing is converted or written, and
+read with ``safe_load.safe_load`` (``weights_only=True``), nothing is converted or written, and
 every checkpoint already on disk resumes elastically.
 
 Cost: each new rank reads the old partition files one at a time (peak memory: its own new
@@ -46,8 +46,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pipeline.config import ConfigError
+from pipeline.config.schema import ConfigError
 from pipeline.errors import UserError
+from pipeline.train.safe_load import safe_load
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 
@@ -188,7 +189,6 @@ def load(engine: Any, root: str | Path, tag: str) -> dict:
 
 def _load_file(path: Path) -> dict:
     # Imported here: checkpoint.py calls this module from its load path.
-    from pipeline.train.checkpoint import safe_load
 
     states = safe_load(path, map_location="cpu")
     try:

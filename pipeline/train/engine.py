@@ -25,9 +25,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipeline import distributed
-from pipeline.config import ConfigError, TrainConfig
-from pipeline.config_loader import read_deepspeed_file
+from pipeline.config.deepspeed import read_deepspeed_file
+from pipeline.config.schema import ConfigError, TrainConfig
+from pipeline.distributed import group
 
 
 def use_bf16(train_cfg: TrainConfig) -> bool:
@@ -63,7 +63,7 @@ def deepspeed_config(train_cfg: TrainConfig, batch_size_per_gpu: int, world_size
 
 
 def _merge_user_config(config: dict, train_cfg: TrainConfig) -> None:
-    """Merge ``train.deepspeed_config`` (checked by pipeline.config_loader) into ``config``."""
+    """Merge ``train.deepspeed_config`` (checked by pipeline.config.deepspeed) into ``config``."""
     extra = read_deepspeed_file(train_cfg)
     if "torch_autocast" in extra and "torch_autocast" not in config:
         raise ConfigError(
@@ -118,12 +118,12 @@ def build_engine(
 ) -> Any:
     """A DeepSpeed engine around ``model`` (moved to this rank's device). All ranks
     participate (DeepSpeed broadcasts rank 0's initial weights)."""
-    distributed.ensure_process_group()
+    group.ensure_process_group()
     use_private_extension_dir()  # before DeepSpeed loads its CPU comm op
     import deepspeed
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    model.to(distributed.device())
+    model.to(group.device())
     config = deepspeed_config(train_cfg, batch_size_per_gpu, dist.get_world_size())
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config

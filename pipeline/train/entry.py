@@ -1,7 +1,7 @@
 """``pipeline train``: Smooth-AP training with DeepSpeed, one process, torchrun or srun.
 
 :func:`train` is what entry points call, inside the job's process group
-(``distributed.process_group``): it holds the run lock (pipeline.train.runlock) around the
+(``pipeline.distributed.group.process_group``): it holds the run lock (pipeline.train.runlock) around the
 whole run, plans it on rank 0 (pipeline.train.plan), builds its parts (pipeline.train.build)
 and trains them with a :class:`pipeline.train.trainer.Trainer`. The same call resumes from the
 run directory's newest complete checkpoint, and on a finished run returns the recorded result.
@@ -17,9 +17,10 @@ from typing import Any
 
 import torch
 
-from pipeline import distributed
-from pipeline.config import RunConfig
-from pipeline.config_loader import load_config
+from pipeline import logs
+from pipeline.config.load import load_config
+from pipeline.config.schema import RunConfig
+from pipeline.distributed import env, group
 from pipeline.rundir import RunDir
 from pipeline.train import runlock
 from pipeline.train.build import build_components
@@ -41,9 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     # Joins the job's group with the run's collective timeout and always leaves it.
-    with distributed.process_group(timeout_s=cfg.train.collective_timeout_s):
+    with group.process_group(timeout_s=cfg.train.collective_timeout_s):
         result = train(cfg)
-        if distributed.is_main_process():
+        if group.is_main_process():
             # stdout carries exactly this line (scripts parse it); messages go to the log.
             print(json.dumps({k: result[k] for k in ("step", "metrics", "weights", "run_id")}))
     return 0
@@ -56,7 +57,8 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     (MLflow, rank 0), ``tracking_uri``, ``metrics`` (final evaluation), ``weights`` (fp32
     ``.safetensors``), ``resumed_from`` (step or None), ``output_dir``.
     """
-    distributed.setup_logging(RunDir.of(cfg).root)
+    rank = group.process_rank()
+    logs.setup_logging(RunDir.of(cfg).log_file(rank), rank=rank)
     with open_trainer(cfg) as trainer:
         return trainer.train()
 
@@ -66,12 +68,12 @@ def open_trainer(cfg: RunConfig) -> Iterator[Trainer]:
     """The run lock, the plan, the parts and the :class:`Trainer` of ``cfg``; the lock and
     the tracking run are released when the block ends. All ranks participate."""
     if not torch.distributed.is_initialized():
-        launched = distributed.read_env().world_size
+        launched = env.read_env().world_size
         assert launched == 1, (
             f"{launched} ranks launched but this one has joined no process group: call "
-            "train() inside distributed.process_group(...), as the entry points do"
+            "train() inside group.process_group(...), as the entry points do"
         )
-    world = distributed.get_world_size()
+    world = group.get_world_size()
     if world > 1:
         exit_with_parent()  # torchrun starts ranks in their own sessions
     # All ranks participate: rank 0 holds the lock; its refusal is raised on every rank.

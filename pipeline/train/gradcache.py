@@ -82,7 +82,7 @@ def forward_backward(
         emb_BD = emb_BD.float()
     emb_BD.requires_grad_(True)
     # All ranks participate: the loss all-gathers the embeddings, and its backward sums
-    # every rank's gradient for this rank's embeddings (pipeline.distributed).
+    # every rank's gradient for this rank's embeddings (pipeline.distributed.collectives).
     loss = loss_fn(emb_BD, labels_B)
     (grad_BD,) = torch.autograd.grad(loss, emb_BD)
     for i, (x_cCHW, g_cD, state) in enumerate(zip(chunks, grad_BD.split(chunk_size), states)):

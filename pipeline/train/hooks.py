@@ -28,17 +28,21 @@ from typing import Any, Protocol
 import torch
 from tqdm import tqdm
 
-from pipeline import distributed, sysmetrics
-from pipeline.config import RunConfig, to_dict
-from pipeline.config_loader import save_config
+from pipeline.config.load import save_config
+from pipeline.config.schema import RunConfig, to_dict
+from pipeline.distributed import collectives, group
 from pipeline.eval.evaluator import evaluate_model
 from pipeline.loss import LossState
-from pipeline.model import save_weights
 from pipeline.rundir import RunDir, eval_output_dir
-from pipeline.tracking import NullTracker, log_curves, resolve_uri, run_page, tracking_session
+from pipeline.serve.export import log_mlflow_model
+from pipeline.tracking import sysmetrics
+from pipeline.tracking.base import NullTracker
+from pipeline.tracking.mlflow import resolve_uri, run_page
+from pipeline.tracking.session import log_curves, tracking_session
 from pipeline.train import checkpoint
 from pipeline.train.checkpoint import TrainState
 from pipeline.train.engine import describe, fp32_state_dict
+from pipeline.weights import save_weights
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +61,7 @@ def tracking(cfg: RunConfig, engine: Any, *, run_id: str | None, world: int, don
     tags = {"world_size": str(world), "engine": describe(engine)}
     return tracking_session(
         cfg.tracking,
-        is_main=distributed.is_main_process(),
+        is_main=group.is_main_process(),
         run_dir=RunDir.of(cfg).root,
         run_id=run_id,
         params=to_dict(cfg),
@@ -70,10 +74,10 @@ def announce(
 ) -> None:
     """The resolved config into the run directory and the run; one line on what trains."""
     run_dir = RunDir.of(cfg)
-    if distributed.is_main_process():  # a file write; no collective in here
+    if group.is_main_process():  # a file write; no collective in here
         save_config(cfg, run_dir.config)
     tracker.log_artifact(run_dir.config)
-    spe, world = cfg.sampler.steps_per_epoch, distributed.get_world_size()
+    spe, world = cfg.sampler.steps_per_epoch, group.get_world_size()
     log.info(
         "training %d steps (%d epochs x %d), %d ranks x %d images, %s%s",
         *(cfg.train.epochs * spe, cfg.train.epochs, spe, world, cfg.sampler.batch_size_per_gpu),
@@ -129,7 +133,7 @@ class MetricLogger:
             return None
         # All ranks participate: the mean of the ranks' losses is the loss of the global
         # batch (pipeline.loss).
-        loss = float(distributed.all_reduce_sum(self.loss.float())) / distributed.get_world_size()
+        loss = float(collectives.all_reduce_sum(self.loss.float())) / group.get_world_size()
         total = max(self.total_s, 1e-9)
         metrics = {
             "train/loss": loss,
@@ -189,7 +193,7 @@ class EvalHook:
                 output_dir=output_dir,
                 tracker=self.tracker,
                 step=step,
-                progress=distributed.is_main_process(),
+                progress=group.is_main_process(),
             )
         finally:
             model.train(was_training)
@@ -240,12 +244,12 @@ class HostMetrics:
 
     def __init__(self, cfg: RunConfig, tracker: Any) -> None:
         # All ranks participate: only rank 0 knows the run id.
-        run_id = distributed.on_main(lambda: tracker.run_id)
+        run_id = collectives.on_main(lambda: tracker.run_id)
         uri = resolve_uri(cfg.tracking)
-        local_rank = distributed.get_local_rank()
+        local_rank = group.get_local_rank()
         # A SQLite file is written by rank 0's host only: several hosts writing one file over
         # a network filesystem can corrupt it.
-        if not uri.startswith(("http://", "https://")) and not distributed.is_main_process():
+        if not uri.startswith(("http://", "https://")) and not group.is_main_process():
             local_rank = -1
         self.handle = sysmetrics.start(
             run_id,
@@ -293,7 +297,7 @@ class FinalExport:
             "resumed_from": self.resumed_from,
             "output_dir": str(self.run_dir.root),
         }
-        if distributed.is_main_process():  # files only; no collective in here
+        if group.is_main_process():  # files only; no collective in here
             save_weights(state, self.engine.module.architecture, self.run_dir.weights)
             self.tracker.log_artifact(self.run_dir.weights)
             log_curves(self.tracker, CURVES, self.run_dir.curves)
@@ -307,9 +311,6 @@ class FinalExport:
         name = self.cfg.tracking.register_model
         if not (name and self.tracker.run_id):
             return
-        # The serving layer sits above training: imported only when a model is registered.
-        from pipeline.export import log_mlflow_model
-
         weights, config = self.run_dir.weights, self.run_dir.config
         try:
             logged = log_mlflow_model(

@@ -13,11 +13,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, replace
 
-from pipeline import distributed
-from pipeline.config import RunConfig
+from pipeline.config.schema import RunConfig
+from pipeline.distributed import collectives
 from pipeline.preflight import preflight
 from pipeline.rundir import RunDir
-from pipeline.tracking import MlflowTracker
+from pipeline.tracking.mlflow import MlflowTracker
 from pipeline.train import checkpoint, elastic
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ class RunPlan:
 def plan_run(cfg: RunConfig, world: int) -> RunPlan:
     """Decide on rank 0 and share: all ranks participate (one broadcast); an error on rank 0
     (a bad shard, an unreachable tracking store) is raised on every rank."""
-    return distributed.on_main(lambda: _decide(cfg, world))
+    return collectives.on_main(lambda: _decide(cfg, world))
 
 
 def _decide(cfg: RunConfig, world: int) -> RunPlan:
@@ -80,8 +80,6 @@ def _decide(cfg: RunConfig, world: int) -> RunPlan:
         log.info("preflight passed in %.2f s", report.seconds)
     if cfg.tracking.enabled:
         MlflowTracker.check(cfg.tracking)
-    if cfg.tracking.register_model:
-        import pipeline.export  # noqa: F401  (needs the export extra: fail now)
     return RunPlan(
         world_size=world,
         resume_tag=tag,

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from pipeline import distributed
+from pipeline.distributed import collectives, group
 from pipeline.errors import UserError
 from pipeline.rundir import RunDir
 
@@ -144,9 +144,9 @@ def held(run_dir: RunDir | str | Path) -> Iterator[None]:
     raised on every rank."""
     lock = RunLock(run_dir.root if isinstance(run_dir, RunDir) else run_dir)
     # All ranks participate (one broadcast of rank 0's outcome).
-    distributed.on_main(lambda: bool(lock.acquire()))
+    collectives.on_main(lambda: bool(lock.acquire()))
     try:
         yield
     finally:
-        if distributed.is_main_process():
+        if group.is_main_process():
             lock.release()

@@ -25,10 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import distributed
-from pipeline.config import RunConfig
+from pipeline.config.schema import RunConfig
 from pipeline.data import stream
 from pipeline.data.transforms import normalise_batch
+from pipeline.distributed import collectives, group
 from pipeline.loss import loss_state
 from pipeline.rundir import RunDir
 from pipeline.train import checkpoint, hooks
@@ -67,18 +67,18 @@ class Trainer:
     """
 
     def __init__(self, cfg: RunConfig, plan: RunPlan, parts: TrainParts) -> None:
-        # The entry point owns the process group (distributed.process_group; the engine
+        # The entry point owns the process group (pipeline.distributed.group.process_group; the engine
         # made the group of one a single process needs); a trainer never creates one.
         assert torch.distributed.is_initialized(), "build_components(cfg, plan) first"
-        assert distributed.get_world_size() == plan.world_size, "a plan of another job"
+        assert group.get_world_size() == plan.world_size, "a plan of another job"
         assert cfg.sampler.classes_per_batch == plan.classes_per_batch, "pass plan.apply(cfg)"
         self.cfg, self.plan, self.parts = cfg, plan, parts
         self.engine, self.loss_fn, self.scheduler = parts.engine, parts.loss, parts.scheduler
         self.loss_state = loss_state(parts.loss)
-        self.rank, self.world = distributed.get_rank(), plan.world_size
+        self.rank, self.world = group.get_rank(), plan.world_size
         self.is_main = self.rank == 0
         self.run_dir = RunDir.of(cfg)
-        self.hosts = distributed.rank_hosts()  # named when a rank or host is lost
+        self.hosts = collectives.rank_hosts()  # named when a rank or host is lost
         self.steps_per_epoch = cfg.sampler.steps_per_epoch
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
         self.batch_size = cfg.sampler.batch_size_per_gpu
@@ -237,7 +237,7 @@ class Trainer:
             finally:
                 host_metrics.close()  # before the run ends: it writes the queued samples
         # All ranks participate: nobody leaves before rank 0 has written the result.
-        distributed.barrier()
+        collectives.barrier()
         return result
 
     def _loop(self) -> None:
@@ -256,9 +256,9 @@ class Trainer:
                     for hook in self.hooks:
                         hook.maybe(self.step)
                     # All ranks participate: the ranks receive a signal at different moments.
-                    stopping = distributed.any_rank(stop.requested)
+                    stopping = collectives.any_rank(stop.requested)
                 except Exception as e:  # gloo's timeouts are plain RuntimeErrors
-                    if not distributed.is_collective_error(e):
+                    if not group.is_collective_error(e):
                         raise
                     raise self._lost_rank(e) from e
                 if stopping:

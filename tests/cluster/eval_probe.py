@@ -7,7 +7,7 @@ Every rank (one process, or every task of ``srun``) embeds its share of ``data.e
 with the rank-sharded ``pipeline.eval.knn.knn_search`` (all ranks participate in both). Rank 0
 writes OUT_DIR/knn.npz (embeddings, global index, scores, ids); every rank writes
 OUT_DIR/rank<R>.json (host, gallery slice). With TRACKING_URI and RUN_ID, each host's local
-rank 0 samples its system metrics into that run meanwhile (pipeline.sysmetrics).
+rank 0 samples its system metrics into that run meanwhile (pipeline.tracking.sysmetrics).
 """
 
 from __future__ import annotations
@@ -20,16 +20,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import distributed, sysmetrics
-from pipeline.config_loader import load_config
+from pipeline.config.load import load_config
+from pipeline.distributed import collectives, group
 from pipeline.eval.extract import extract_embeddings
 from pipeline.eval.knn import gallery_slice, knn_search
 from pipeline.model import load_trained_model
+from pipeline.tracking import sysmetrics
 
 
 def main(config: str, weights: str, out_dir: str, k: int, uri: str = "", run_id: str = "") -> None:
     torch.set_num_threads(1)
-    env = distributed.init(timeout_s=120)
+    env = group.init(timeout_s=120)
     monitor = sysmetrics.start(
         run_id or None, tracking_uri=uri, local_rank=env.local_rank, interval_s=0.2
     )
@@ -43,14 +44,14 @@ def main(config: str, weights: str, out_dir: str, k: int, uri: str = "", run_id:
     finally:
         monitor.stop()
     out = Path(out_dir)
-    rank, world = distributed.get_rank(), distributed.get_world_size()
+    rank, world = group.get_rank(), group.get_world_size()
     lo, hi = gallery_slice(len(e.index_N), rank, world)
     facts = {"host": socket.gethostname(), "world": world, "slice": [lo, hi]}
     (out / f"rank{rank}.json").write_text(json.dumps(facts))
     if rank == 0:
         np.savez(out / "knn.npz", emb=e.emb_ND, index=e.index_N, scores=scores, ids=ids)
-    distributed.barrier()  # all ranks participate: the files exist when the step ends
-    distributed.destroy()
+    collectives.barrier()  # all ranks participate: the files exist when the step ends
+    group.destroy()
 
 
 if __name__ == "__main__":

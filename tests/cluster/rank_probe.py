@@ -12,14 +12,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pipeline import distributed
+from pipeline.distributed import group
 
 NAMES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK")
 NAMES += ("MASTER_ADDR", "MASTER_PORT", "LOCAL_SIZE")
 
 
 def main(out_dir: Path) -> None:
-    env = distributed.init(timeout_s=60)
+    env = group.init(timeout_s=60)
     total = torch.tensor([float(env.rank + 1)])
     dist.all_reduce(total)  # all ranks participate
     host = socket.gethostname()
@@ -33,7 +33,7 @@ def main(out_dir: Path) -> None:
         "backend": dist.get_backend(),
     }
     (out_dir / f"rank{env.rank}.json").write_text(json.dumps(facts))
-    distributed.destroy()
+    group.destroy()
 
 
 if __name__ == "__main__":

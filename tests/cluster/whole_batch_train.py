@@ -20,7 +20,7 @@ from dataclasses import replace
 import torch
 
 import pipeline.data.stream as stream
-from pipeline.config_loader import load_config
+from pipeline.config.load import load_config
 from pipeline.data.stream import TrainStream
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.config import DataConfig, DatasetSource, SamplerConfig
+from pipeline.config.schema import DataConfig, DatasetSource, SamplerConfig
 from pipeline.data.synthetic import synthetic_items
 from pipeline.data.writer import write_split
 

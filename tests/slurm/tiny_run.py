@@ -47,8 +47,9 @@ def random_weights(config: Path, path: Path) -> Path:
     """An untrained model of ``config`` saved as a run's weights file (evaluation input)."""
     import torch
 
-    from pipeline.config_loader import load_config
-    from pipeline.model import build_model, save_weights
+    from pipeline.config.load import load_config
+    from pipeline.model import build_model
+    from pipeline.weights import save_weights
 
     torch.manual_seed(0)
     model = build_model(load_config(config).model)

@@ -1,7 +1,7 @@
 """Loading a run config: typed defaults -> YAML file -> dotted ``key=value`` overrides.
 
-The schemas live in :mod:`pipeline.config`; this module turns files and overrides into a
-:class:`~pipeline.config.RunConfig`, saves it, and flattens it for MLflow. Unknown keys and
+The schemas live in :mod:`pipeline.config.schema`; this module turns files and overrides into a
+:class:`~pipeline.config.schema.RunConfig`, saves it, and flattens it for MLflow. Unknown keys and
 wrong types are errors that name the key and list the valid ones.
 
 Config files shipped with the package (``pipeline/conf/``, also reachable as ``conf/`` in a
@@ -20,11 +20,12 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import ConfigError, ModelConfig, RunConfig, TrainConfig, to_dict
+from pipeline.config.schema import ConfigError, ModelConfig, RunConfig, to_dict
 
-CONF_DIR = Path(__file__).resolve().parent / "conf"
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
 DEFAULTS_PATH = CONF_DIR / "defaults.yaml"
-DEEPSPEED_DIR = CONF_DIR / "deepspeed"
 
 
 def resolve_conf_path(path: str | Path) -> Path:
@@ -206,140 +207,10 @@ def load_config(
         cfg = _build(RunConfig, tree, "")
     except TypeError as e:  # a dataclass refused its kwargs
         raise ConfigError(str(e)) from e
+    from pipeline.config.rules import check
+
     check(cfg)
     return cfg
-
-
-# DeepSpeed keys the pipeline derives from its own config (pipeline.train.engine generates
-# them); a train.deepspeed_config file may not set them. Key -> where the value comes from.
-DEEPSPEED_OWNED_KEYS = {
-    "train_batch_size": "sampler.classes_per_batch x sampler.samples_per_class x ranks",
-    "train_micro_batch_size_per_gpu": "sampler.classes_per_batch x sampler.samples_per_class",
-    "gradient_accumulation_steps": "train.gradient_accumulation_steps (must be 1)",
-    "gradient_clipping": "train.gradient_clipping",
-    "optimizer": "optim.*",
-    "scheduler": "optim.*",
-    "fp16": "train.precision (fp16 is not supported: use bf16)",
-    "bf16": "train.precision (bf16 runs as torch_autocast)",
-}
-
-
-def read_deepspeed_file(train_cfg: TrainConfig) -> dict:
-    """The settings of ``train.deepspeed_config`` ({} when unset), checked against ``train.*``:
-    the file exists and holds a mapping, sets none of ``DEEPSPEED_OWNED_KEYS``, agrees with
-    ``train.zero_stage`` and sets ``torch_autocast`` only for bf16 (and only its module list)."""
-    if not train_cfg.deepspeed_config:
-        return {}
-    key = "train.deepspeed_config"
-    path = resolve_conf_path(train_cfg.deepspeed_config)
-    where = f"{key}={train_cfg.deepspeed_config!r}"
-    if not path.is_file():
-        shipped = ", ".join(
-            f"conf/deepspeed/{p.name}" for p in sorted(DEEPSPEED_DIR.glob("*.yaml"))
-        )
-        raise ConfigError(
-            f"{where}: the file does not exist ({path}); name an existing YAML/JSON file "
-            f"(shipped: {shipped}) or set {key}=''"
-        )
-    try:
-        extra = yaml.safe_load(path.read_text()) or {}  # YAML is a superset of JSON
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{where}: {path} is not valid YAML/JSON: {_one_line(e)}") from e
-    if not isinstance(extra, dict):
-        raise ConfigError(f"{where}: {path} must hold a mapping of DeepSpeed settings")
-    if "gradient_accumulation_steps" in extra:
-        raise ConfigError(
-            f"{where} sets gradient_accumulation_steps={extra['gradient_accumulation_steps']!r}: "
-            "refused, Smooth-AP ranks every query against the whole batch, so accumulating "
-            "micro-batches changes the objective; remove it and set train.chunk_size (the "
-            "gradient cache) to fit a large batch in memory"
-        )
-    for name, source in DEEPSPEED_OWNED_KEYS.items():
-        if name in extra:
-            raise ConfigError(
-                f"{where} sets {name!r}, which the pipeline derives from {source}; "
-                f"remove it from the file and set {source} instead"
-            )
-    zero = extra.get("zero_optimization") or {}
-    if not isinstance(zero, dict):
-        raise ConfigError(f"{where}: zero_optimization must be a mapping, got {zero!r}")
-    stage = zero.get("stage", train_cfg.zero_stage)
-    if stage != train_cfg.zero_stage:
-        raise ConfigError(
-            f"{where} sets zero_optimization.stage={stage} but train.zero_stage="
-            f"{train_cfg.zero_stage}: they must agree; set train.zero_stage={stage} or use "
-            f"conf/deepspeed/zero{train_cfg.zero_stage}.yaml"
-        )
-    autocast = extra.get("torch_autocast")
-    if autocast is not None:
-        if train_cfg.precision == "fp32":
-            raise ConfigError(
-                f"{where} sets torch_autocast, but train.precision='fp32' runs without "
-                "autocast; set train.precision=bf16 or use a file without torch_autocast"
-            )
-        owned = sorted({"enabled", "dtype"} & set(autocast or {}))
-        if owned:
-            raise ConfigError(
-                f"{where} sets torch_autocast.{owned[0]}, which the pipeline derives from "
-                "train.precision; keep only lower_precision_safe_modules in the file"
-            )
-    return extra
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())
-
-
-def check(cfg: RunConfig) -> None:
-    """Rules across sections, checked when a config loads (before any engine, data or job):
-    each broken rule raises a one-line ConfigError naming the keys, values, rule and fix.
-
-    Rules that need the shards or the world size are in :mod:`pipeline.preflight`.
-    """
-    data, sampler, train, model, ev, launch = (
-        cfg.data,
-        cfg.sampler,
-        cfg.train,
-        cfg.model,
-        cfg.eval,
-        cfg.launch,
-    )
-    # pipeline.data.stream: each DataLoader worker owns whole P x K streams (the rule lives
-    # with the dealing of shards to streams).
-    from pipeline.data.dealing import streams_per_rank
-
-    try:
-        streams_per_rank(data, sampler)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    # The BatchNorm policy's own rules (frozen vs synchronised, the gradient cache's chunks).
-    from pipeline.train.batchnorm import check_config as check_batchnorm
-
-    check_batchnorm(
-        model, chunk_size=train.chunk_size, batch_size_per_gpu=sampler.batch_size_per_gpu
-    )
-    read_deepspeed_file(train)
-    if ev.ijbc_protocol and ev.protocol != "ijbc":
-        raise ConfigError(
-            f"eval.ijbc_protocol={ev.ijbc_protocol!r} is set but eval.protocol={ev.protocol!r} "
-            "never reads it; set eval.protocol=ijbc or eval.ijbc_protocol=''"
-        )
-    if ev.protocol == "ijbc" and not ev.ijbc_protocol and _is_remote(data.eval_urls):
-        raise ConfigError(
-            f"eval.protocol=ijbc with remote data.eval_urls={data.eval_urls!r}: the IJB-C pair "
-            "lists and index.parquet are read from a local directory; copy the split's "
-            "pairs.parquet and index.parquet locally and set eval.ijbc_protocol=DIR"
-        )
-    if launch.gpus_per_node and launch.tasks_per_node > launch.gpus_per_node:
-        raise ConfigError(
-            f"launch.tasks_per_node={launch.tasks_per_node} with launch.gpus_per_node="
-            f"{launch.gpus_per_node}: every task (rank) needs a GPU of its own; set "
-            f"launch.tasks_per_node<={launch.gpus_per_node} (0: one per GPU)"
-        )
-
-
-def _is_remote(url: str) -> bool:
-    return "://" in url or url.startswith("pipe:")
 
 
 def split_checkpoint(tokens: list[str] | tuple[str, ...]) -> tuple[str, list[str]]:

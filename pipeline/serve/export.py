@@ -8,10 +8,10 @@ The exported graph is the whole :class:`pipeline.model.EmbeddingModel` (backbone
 L2 normalisation): float32 NCHW images of ``data.image_size`` in, unit-norm embeddings out, any
 batch size. Beside it goes ``<stem>.preprocessing.json`` (:func:`preprocessing_spec`): what a
 caller must do to an image first (the eval transform of ``pipeline.data.transforms``);
-``pipeline.serving`` implements it without torch.
+``pipeline.serve.runtime`` implements it without torch.
 
 The MLflow model (:func:`log_mlflow_model`) holds the ONNX graph, the spec and
-``pipeline/serving.py`` as its code: encoded image bytes in, embeddings out, preprocessing
+``pipeline/serve/runtime.py`` as its code: encoded image bytes in, embeddings out, preprocessing
 inside, and it needs onnxruntime, NumPy and Pillow only (the requirements are given explicitly,
 so MLflow never resolves packages or downloads anything).
 """
@@ -20,26 +20,31 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import io
+import json
+import os
 import tempfile
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 
-from pipeline.config import DataConfig, RunConfig
-from pipeline.config_loader import (
-    add_config_arguments,
-    load_config,
-    named_model,
-    split_checkpoint,
-)
+from pipeline.config.load import add_config_arguments, load_config, named_model, split_checkpoint
+from pipeline.config.schema import DataConfig, RunConfig
+from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD, draft_side
 from pipeline.errors import UserError
+from pipeline.model import load_trained_model
+from pipeline.serve import runtime
+from pipeline.tracking.mlflow import MlflowTracker, ui_command
 
 FORMATS = ("onnx", "torchscript")
 SPEC_FORMAT = "smoothap-preprocessing-v1"
-"""Also in ``pipeline.serving``, which imports nothing from the project (a test keeps them equal)."""
+"""Also in ``pipeline.serve.runtime``, which imports nothing from the project (a test keeps them equal)."""
 INPUT_NAME = "images"
 OUTPUT_NAME = "embeddings"
 # Exported with batch 2: torch.export specialises a dimension of size 1 to a constant.
@@ -51,14 +56,12 @@ class ExportError(UserError, ValueError):
 
 
 def preprocessing_spec(data_cfg: DataConfig, embedding_dim: int) -> dict[str, Any]:
-    """What an image must go through before the exported model (``pipeline.serving`` reads it).
+    """What an image must go through before the exported model (``pipeline.serve.runtime`` reads it).
 
     The eval transform: decode to RGB, shorter side resized to ``data.resize_size`` (Pillow's
     antialiased bilinear, longer side truncated), centre crop ``data.image_size``, scale to
     [0, 1], ImageNet mean/std, NCHW float32.
     """
-    from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD, draft_side
-
     side = data_cfg.image_size
     return {
         "format": SPEC_FORMAT,
@@ -94,8 +97,6 @@ def _example(model: torch.nn.Module, data_cfg: DataConfig) -> torch.Tensor:
 
 def _cpu_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A float32 CPU copy in eval mode: the caller's model (e.g. on a GPU in bf16) is untouched."""
-    import copy
-
     return copy.deepcopy(model).float().cpu().eval()
 
 
@@ -143,8 +144,6 @@ def export_model(
 
     Refuses (:class:`ExportError`) an unknown format and existing files unless ``force``.
     """
-    import json
-
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r} is not supported; use one of {', '.join(FORMATS)}")
     out = Path(out)
@@ -186,8 +185,6 @@ def _mlflow_uri(uri: str):
     state and the two variables are put back as they were, and a caller's own MLflow setup
     (or an ``MlflowClient`` created later) is untouched.
     """
-    import os
-
     import mlflow
     from mlflow.tracking._model_registry import utils as registry_utils
     from mlflow.tracking._tracking_service import utils as tracking_utils
@@ -211,9 +208,6 @@ def _mlflow_uri(uri: str):
 
 def _example_image(side: int) -> bytes:
     """A small JPEG for the model's input example (a colour gradient)."""
-    import numpy as np
-    from PIL import Image
-
     ramp = np.linspace(0, 255, side, dtype=np.float32)
     pixels = np.stack(np.broadcast_arrays(ramp[None, :], ramp[:, None], 255 - ramp[None, :]), -1)
     buf = io.BytesIO()
@@ -223,8 +217,6 @@ def _example_image(side: int) -> bytes:
 
 def _requirements() -> list[str]:
     """The serving model's packages, pinned to the versions here (no inference, no resolver)."""
-    from importlib.metadata import version
-
     return [f"{p}=={version(p)}" for p in ("mlflow", "onnxruntime", "numpy", "pillow", "pandas")]
 
 
@@ -245,28 +237,25 @@ def log_mlflow_model(
     Only rank 0 calls this (the training loop: at the end, with the run's tracking URI).
     """
     import mlflow
-    import numpy as np
     import pandas as pd
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema, TensorSpec
-
-    from pipeline import serving
 
     dim = int(model.head.out_features)
     with tempfile.TemporaryDirectory(prefix="smoothap-mlflow-") as tmp:
         tmp = Path(tmp)
         onnx_file, spec_file = export_model(model, data_cfg, "onnx", tmp / "model.onnx")
-        # Models from code: the model is serving.py plus the line that names its model
+        # Models from code: the model is runtime.py plus the line that names its model
         # object; no pickled class, so loading needs neither this project nor torch.
         code = tmp / "embedding_model.py"
         code.write_text(
-            Path(serving.__file__).read_text() + "\n\nmlflow.models.set_model(EmbeddingPyfunc())\n"
+            Path(runtime.__file__).read_text() + "\n\nmlflow.models.set_model(EmbeddingPyfunc())\n"
         )
         signature = ModelSignature(
-            inputs=Schema([ColSpec("binary", serving.IMAGE_COLUMN)]),
+            inputs=Schema([ColSpec("binary", runtime.IMAGE_COLUMN)]),
             outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, dim), "embedding")]),
         )
-        example = pd.DataFrame({serving.IMAGE_COLUMN: [_example_image(data_cfg.image_size)]})
+        example = pd.DataFrame({runtime.IMAGE_COLUMN: [_example_image(data_cfg.image_size)]})
         with _mlflow_uri(tracking_uri), mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name=name,
@@ -321,8 +310,6 @@ def load_checkpoint_model(config: str | None, tokens: list[str]) -> tuple[Any, R
     As in ``pipeline evaluate``: the file's recorded architecture is used unless the config
     names a model, in which case the two must agree (``ModelLoadError`` otherwise).
     """
-    from pipeline.model import load_trained_model
-
     checkpoint, overrides = split_checkpoint(tokens)
     cfg = load_config(config, overrides)
     model = load_trained_model(checkpoint, named_model(config, overrides, cfg))
@@ -349,8 +336,6 @@ def run(args: argparse.Namespace) -> int:
         out, spec = export_model(model, cfg.data, args.format, args.out, force=args.force)
         print(f"wrote {out} ({args.format}, batch dynamic, {cfg.data.image_size} px) and {spec}")
     if args.mlflow:
-        from pipeline.tracking import MlflowTracker, ui_command
-
         tracker = MlflowTracker(cfg.tracking)
         tracker.set_tags({"kind": "export", "checkpoint": checkpoint})
         try:

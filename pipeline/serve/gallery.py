@@ -37,12 +37,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
-from pipeline import distributed
-from pipeline.config import DataConfig
-from pipeline.config_loader import add_config_arguments
+from pipeline.config.load import add_config_arguments
+from pipeline.config.schema import DataConfig
+from pipeline.data.catalog import read_index, split_dir
+from pipeline.data.transforms import decode_image, draft_side, eval_transform
+from pipeline.distributed import collectives, group
 from pipeline.errors import UserError
+from pipeline.eval.extract import extract_embeddings, sort_by_index
+from pipeline.eval.knn import ExactIPIndex, as_float32_matrix, import_faiss, merge_topk
+from pipeline.serve.export import load_checkpoint_model, preprocessing_spec
 
 INDEX_FILE = "index.faiss"
 ITEMS_FILE = "items.parquet"
@@ -91,8 +98,6 @@ class IndexParams:
 
 def build_index(emb_ND: np.ndarray, params: IndexParams) -> tuple[Any, IndexParams]:
     """A FAISS index over ``emb_ND`` (inner product) and the parameters actually used."""
-    from pipeline.eval.knn import as_float32_matrix, import_faiss
-
     faiss = import_faiss()
     emb = as_float32_matrix(emb_ND, "gallery embeddings")
     n, dim = emb.shape
@@ -124,8 +129,6 @@ def build_index(emb_ND: np.ndarray, params: IndexParams) -> tuple[Any, IndexPara
 
 def set_search_params(index: Any, params: IndexParams) -> None:
     """Apply the query-time parameters (HNSW efSearch, IVF nprobe) to a loaded index."""
-    from pipeline.eval.knn import import_faiss
-
     faiss = import_faiss()
     if params.kind == "hnsw":
         faiss.downcast_index(index).hnsw.efSearch = params.ef_search
@@ -136,8 +139,6 @@ def set_search_params(index: Any, params: IndexParams) -> None:
 def search_index(index: Any, queries_QD: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-k (scores, gallery rows), score-descending, ties by ascending row, padded -inf / -1:
     the order of ``pipeline.eval.knn`` (so an exact index gives exactly the evaluation's kNN)."""
-    from pipeline.eval.knn import as_float32_matrix, merge_topk
-
     q = as_float32_matrix(queries_QD, "queries")
     k_eff = min(k, index.ntotal)
     scores, ids = index.search(q, k_eff)
@@ -158,8 +159,6 @@ def measure_recall(
 ) -> float:
     """recall@k of ``index`` against exact inner-product search, with up to ``queries`` gallery
     items (a seeded sample) as queries."""
-    from pipeline.eval.knn import ExactIPIndex
-
     rows = np.sort(np.random.default_rng(0).permutation(len(emb_ND))[:queries])
     _, exact = ExactIPIndex(emb_ND).search(emb_ND[rows], k)
     _, approx = search_index(index, emb_ND[rows], k)
@@ -186,8 +185,6 @@ def list_images(folder: Path) -> list[Path]:
 def load_image_tensor(path: Path, data_cfg: DataConfig) -> torch.Tensor:
     """Decode and eval-transform one file as the eval loader does; GalleryError if it is not
     an image."""
-    from pipeline.data.transforms import decode_image, draft_side, eval_transform
-
     try:
         image = decode_image(path.read_bytes(), draft_side(data_cfg, train=False))
     except Exception as e:
@@ -240,10 +237,8 @@ def _folder_gallery(
     model: torch.nn.Module, folder: Path, data_cfg: DataConfig, device: Any, batch_size: int
 ) -> tuple[np.ndarray, dict[str, list], list[tuple[Path, str]]]:
     """Embed an image folder, its files dealt to the ranks (all ranks participate)."""
-    from pipeline.eval.extract import sort_by_index
-
     files = list_images(folder)
-    rank, world = distributed.get_rank(), distributed.get_world_size()
+    rank, world = group.get_rank(), group.get_world_size()
     mine = list(range(rank, len(files), world))
     emb, kept, skipped = embed_files(
         model,
@@ -255,8 +250,8 @@ def _folder_gallery(
     )
     index = np.asarray([mine[i] for i in kept], np.int64)
     emb, index = (
-        distributed.all_gather_rows(emb),
-        distributed.all_gather_rows(index),
+        collectives.all_gather_rows(emb),
+        collectives.all_gather_rows(index),
     )  # all ranks participate
     if world > 1:
         every: list[Any] = [None] * world
@@ -280,9 +275,6 @@ def _shard_gallery(
     model: torch.nn.Module, shards: str, data_cfg: DataConfig, device: Any, batch_size: int
 ) -> tuple[np.ndarray, dict[str, list]]:
     """Embed a split of shards with the evaluation's extraction (all ranks participate)."""
-    from pipeline.data.index import read_index
-    from pipeline.eval.extract import extract_embeddings
-
     e = extract_embeddings(model, shards, data_cfg, device=device, batch_size=batch_size)
     table = read_index(shards).select(["key", "shard", "label", "class_name"]).to_pydict()
     rows = e.index_N.tolist()
@@ -299,11 +291,6 @@ def _shard_gallery(
 
 
 def write_gallery(out: Path, index: Any, items: dict[str, list], manifest: dict[str, Any]) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from pipeline.eval.knn import import_faiss
-
     out.mkdir(parents=True, exist_ok=True)
     import_faiss().write_index(index, str(out / INDEX_FILE))
     table = pa.table(
@@ -335,10 +322,6 @@ class Gallery:
 
 def read_gallery(directory: str | Path) -> Gallery:
     """Read an index directory written by ``pipeline index`` (GalleryError if it is not one)."""
-    import pyarrow.parquet as pq
-
-    from pipeline.eval.knn import import_faiss
-
     directory = Path(directory)
     missing = [f for f in (INDEX_FILE, ITEMS_FILE, MANIFEST_FILE) if not (directory / f).is_file()]
     if missing:
@@ -379,8 +362,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.export import load_checkpoint_model
-
     params = IndexParams(
         kind=args.kind,
         **{
@@ -405,8 +386,8 @@ def run(args: argparse.Namespace) -> int:
     model, cfg, checkpoint = load_checkpoint_model(args.config, args.overrides)
     batch_size = args.batch_size or cfg.eval.batch_size
     # Joins the job's group (none for one process) and always leaves it.
-    with distributed.process_group():
-        device = distributed.device()
+    with group.process_group():
+        device = group.device()
         model.to(device)
         start = time.perf_counter()
         skipped: list[tuple[Path, str]] = []
@@ -419,20 +400,17 @@ def run(args: argparse.Namespace) -> int:
         embed_s = time.perf_counter() - start
         if len(emb) == 0:  # the same on every rank (gathered)
             raise GalleryError(f"no image of {args.shards or args.images!r} could be embedded")
-        if distributed.is_main_process():
+        if group.is_main_process():
             _build_and_write(
                 out, emb, items, skipped, params, model, cfg, checkpoint, args, embed_s
             )
-        distributed.barrier()  # all ranks participate: the index exists when every rank returns
+        collectives.barrier()  # all ranks participate: the index exists when every rank returns
     return 0
 
 
 def _build_and_write(
     out, emb, items, skipped, params, model, cfg, checkpoint, args, embed_s
 ) -> None:
-    from pipeline.data.index import split_dir
-    from pipeline.export import preprocessing_spec
-
     start = time.perf_counter()
     index, params = build_index(emb, params)
     build_s = time.perf_counter() - start

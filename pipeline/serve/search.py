@@ -20,8 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
-from pipeline.gallery import Gallery, GalleryError, embed_files, read_gallery, search_index
+from pipeline.config.schema import DataConfig
+from pipeline.data.stream import read_shard
+from pipeline.data.transforms import decode_image
+from pipeline.model import load_trained_model
+from pipeline.plots import framed_image_grid, save_png
+from pipeline.serve.gallery import Gallery, GalleryError, embed_files, read_gallery, search_index
 
 THUMB = 96
 
@@ -29,8 +35,6 @@ THUMB = 96
 def load_query_model(gallery: Gallery, checkpoint: str | None = None):
     """The gallery's model (manifest checkpoint, or ``checkpoint``); its architecture must be
     the gallery's."""
-    from pipeline.model import load_trained_model
-
     path = checkpoint or gallery.manifest["checkpoint"]
     if not Path(path).exists():
         raise GalleryError(
@@ -50,8 +54,6 @@ def search_images(
     gallery: Gallery, files: list[Path], k: int, *, checkpoint: str | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k (scores Q x k, gallery rows Q x k) of each query file."""
-    from pipeline.config import DataConfig
-
     for f in files:
         if not f.is_file():
             raise GalleryError(f"query {str(f)!r} does not exist; pass image files")
@@ -71,18 +73,12 @@ def query_classes(gallery: Gallery, files: list[Path]) -> list[str | None]:
 
 
 def _thumb(data_or_path: bytes | Path) -> np.ndarray:
-    from PIL import Image
-
-    from pipeline.data.transforms import decode_image
-
     data = data_or_path.read_bytes() if isinstance(data_or_path, Path) else data_or_path
     return np.asarray(decode_image(data).resize((THUMB, THUMB), Image.BILINEAR))
 
 
 def gallery_thumbnails(gallery: Gallery, rows: set[int]) -> dict[int, np.ndarray]:
     """Thumbnails of gallery rows: read from their image files or back from their shards."""
-    from pipeline.data.stream import read_shard
-
     items, source = gallery.items, gallery.manifest["source"]
     out: dict[int, np.ndarray] = {}
     if "images" in source:
@@ -108,8 +104,6 @@ def grid_png(
 ) -> Path:
     """One row per query (black frame), its neighbours framed green (same class), red (other
     class) or grey (query class unknown), each captioned (score, class)."""
-    from pipeline.eval.plots import framed_image_grid, save_png
-
     colour = {True: "tab:green", False: "tab:red", None: "0.6"}
     cells = [
         [(query, "black", title)] + [(img, colour[ok], cap) for img, ok, cap in zip(row, oks, caps)]

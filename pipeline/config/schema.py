@@ -11,8 +11,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
-
 from pipeline.errors import UserError
 
 
@@ -458,12 +456,3 @@ class RunConfig:
 def to_dict(cfg: Any) -> dict:
     """The config as plain dicts and lists (what YAML and MLflow params need)."""
     return dataclasses.asdict(cfg)
-
-
-if __name__ == "__main__":  # python -m pipeline.config > pipeline/conf/defaults.yaml
-    print(
-        "# The defaults of every config key (generated: python -m pipeline.config > "
-        "pipeline/conf/defaults.yaml).\n# Experiment files under conf/ override a subset; "
-        "dotted key=value arguments override both."
-    )
-    print(yaml.safe_dump(to_dict(RunConfig()), sort_keys=False), end="")

@@ -14,31 +14,25 @@ are skipped, so every step appears once in the run's history.
 An outage never stops training (issue 10): the start checks that an http(s) server answers
 (a one-line :class:`TrackingUnavailable` in seconds otherwise); after that every record goes
 through a bounded queue that one thread delivers, retrying until the store is back
-(:mod:`pipeline.tracking_outbox`). What is still undelivered when the run ends is written
+(:mod:`pipeline.tracking.outbox`). What is still undelivered when the run ends is written
 to a file that ``python -m pipeline.tracking upload FILE`` delivers later, exactly once.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import re
-import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from pipeline.config import TrackingConfig
-from pipeline.errors import UserError
-from pipeline.tracking_outbox import (
+from pipeline.config.schema import TrackingConfig
+from pipeline.tracking.base import TrackingUnavailable, metric_key
+from pipeline.tracking.outbox import (
     MAX_QUEUED,
     RETRY_MAX_S,
-    UNDELIVERED_FILE,
     Outbox,
     deliver,
     is_transient,
@@ -49,13 +43,14 @@ from pipeline.tracking_outbox import (
 
 log = logging.getLogger(__name__)
 
+
 DEFAULT_DB = "mlflow.db"
 
-# MLflow accepts alphanumerics, '_', '-', '.', ' ', ':' and '/' in metric and param names.
-_INVALID_KEY_CHARS = re.compile(r"[^\w\-. :/]")
 
 # How long finish() waits for the queue before writing what is left to a file.
 DRAIN_TIMEOUT_S = 30.0
+
+
 # MLflow's own HTTP retries (default 7, back-off factor 2, 120 s timeout: minutes per call)
 # are what made a dead server fail the start after 4 minutes and freeze the loop. In a
 # training process the outbox retries forever on its own, so each HTTP call may fail fast:
@@ -63,6 +58,8 @@ DRAIN_TIMEOUT_S = 30.0
 # the first call to a cold server on a loaded machine took 2 s). The upload command, run by
 # hand, prefers patience.
 _HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
 _UPLOAD_HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
@@ -138,80 +135,6 @@ def run_page(uri: str, experiment_id: str | None, run_id: str) -> str:
     if uri.startswith(("http://", "https://")):
         return f"{uri.rstrip('/')}/{path}"
     return f"{ui_command(uri)}/{path}"
-
-
-def metric_key(name: str) -> str:
-    """A name MLflow accepts: ``recall@1`` -> ``recall_at_1``; other invalid chars -> ``_``."""
-    return _INVALID_KEY_CHARS.sub("_", name.replace("@", "_at_"))
-
-
-class Tracker(Protocol):
-    """What the pipeline logs through: :class:`MlflowTracker` on rank 0, else
-    :class:`NullTracker`."""
-
-    run_id: str | None
-    experiment_id: str | None
-    uri: str
-
-    def log_params(self, params: dict[str, Any]) -> None: ...
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
-
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
-
-    def set_tags(self, tags: dict[str, str]) -> None: ...
-
-    def metric_history(self, key: str) -> list[tuple[int, float]]: ...
-
-    def flush(self, timeout_s: float) -> bool: ...
-
-    def finish(
-        self,
-        status: str = "FINISHED",
-        *,
-        spool_dir: str | Path | None = None,
-        timeout_s: float | None = None,
-    ) -> Path | None: ...
-
-
-class NullTracker:
-    """Every method does nothing: the tracker of ranks other than 0 (and of disabled runs)."""
-
-    run_id: str | None = None
-    experiment_id: str | None = None
-    uri: str = ""
-
-    def log_params(self, params: dict[str, Any]) -> None:
-        pass
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        pass
-
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        pass
-
-    def set_tags(self, tags: dict[str, str]) -> None:
-        pass
-
-    def metric_history(self, key: str) -> list[tuple[int, float]]:
-        return []
-
-    def flush(self, timeout_s: float) -> bool:
-        return True
-
-    def finish(
-        self,
-        status: str = "FINISHED",
-        *,
-        spool_dir: str | Path | None = None,
-        timeout_s: float | None = None,
-    ) -> Path | None:
-        return None
-
-
-class TrackingUnavailable(UserError, RuntimeError):
-    """The tracking server does not answer when the run starts (a user error, reported in
-    one line before the engine is built)."""
 
 
 class MlflowTracker:
@@ -438,198 +361,3 @@ class MlflowTracker:
             self.undelivered_path,
         )
         return self.undelivered_path
-
-
-def make_tracker(
-    tracking_cfg: TrackingConfig, *, is_main: bool, run_id: str | None = None
-) -> Tracker:
-    """The real MLflow tracker on the main process (if tracking is enabled), else a null one.
-
-    ``run_id``: continue this run instead of creating one (resume).
-    """
-    if not (is_main and tracking_cfg.enabled):
-        return NullTracker()
-    return MlflowTracker(tracking_cfg, run_id=run_id)
-
-
-@contextmanager
-def tracking_session(
-    tracking_cfg: TrackingConfig,
-    *,
-    is_main: bool,
-    run_dir: str | Path | None = None,
-    run_id: str | None = None,
-    params: dict[str, Any] | None = None,
-    tags: dict[str, str] | None = None,
-) -> Iterator[Tracker]:
-    """A run for the duration of a ``with`` block; yields its tracker.
-
-    On the main process with tracking enabled: creates the run, or continues ``run_id``;
-    logs ``params`` (nested mappings are flattened: ``{'optim': {'lr': 1}}`` -> ``optim.lr``)
-    and ``tags``; writes the run id into ``run_dir`` (pipeline.rundir) so that a later job
-    continues the run. Elsewhere the tracker does nothing. The run ends FINISHED when the
-    block ends normally, KILLED on KeyboardInterrupt or SystemExit, FAILED on any other
-    exception (which propagates).
-    """
-    from pipeline.config_loader import flatten
-
-    tracker = make_tracker(tracking_cfg, is_main=is_main, run_id=run_id)
-    status = "FAILED"
-    try:
-        if run_dir is not None and tracker.run_id:
-            from pipeline.rundir import RunDir
-
-            RunDir(run_dir).write_run_id(tracker.run_id)
-        if params:
-            tracker.log_params(flatten(params))
-        if tags:
-            tracker.set_tags(tags)
-        yield tracker
-        status = "FINISHED"
-    except (KeyboardInterrupt, SystemExit):
-        status = "KILLED"
-        raise
-    finally:
-        # Whatever the store did not take in time goes to the run directory, with the
-        # command that uploads it (pipeline.tracking_outbox).
-        tracker.finish(status, spool_dir=run_dir)
-
-
-def log_curves(tracker: Tracker, panels: dict[str, list[str]], path: str | Path) -> Path | None:
-    """Plot the stored history of each panel's metrics (one subplot per panel) to a PNG and
-    log it as an artifact. Returns the file, or None when nothing was logged."""
-    histories = {
-        title: {k: tracker.metric_history(k) for k in keys} for title, keys in panels.items()
-    }
-    histories = {t: {k: h for k, h in hs.items() if h} for t, hs in histories.items()}
-    histories = {t: hs for t, hs in histories.items() if hs}
-    if not histories:
-        return None
-    from pipeline.eval.plots import pyplot, save_png
-
-    fig, axes = pyplot().subplots(
-        1, len(histories), figsize=(5 * len(histories), 3.5), squeeze=False
-    )
-    for ax, (title, series) in zip(axes[0], histories.items()):
-        for key, points in series.items():
-            steps, values = zip(*points)
-            ax.plot(steps, values, marker="." if len(points) < 30 else None, label=key)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-    path = save_png(fig, path, dpi=100)
-    tracker.log_artifact(path, "plots")
-    return path
-
-
-def upload(path: str | Path, uri: str | None = None) -> int:
-    """Deliver an undelivered file (written by :meth:`MlflowTracker.finish`) to its run.
-
-    Idempotent: metric (key, step) pairs already in the run, params it already has and
-    artifacts already uploaded are skipped, so the command can be run again after a failure.
-    ``uri`` overrides the file's tracking URI (a store that moved). Returns the number of
-    records that could not be delivered (0: all are in the store)."""
-    from mlflow import MlflowClient
-
-    path = Path(path)
-    segments: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []
-    with path.open() as f:
-        for n, line in enumerate(f, 1):
-            record = json.loads(line)
-            if record["kind"] == "header":
-                segments.append((record, []))
-            elif not segments:
-                raise ValueError(f"{path}:{n}: no header line before the first record")
-            else:
-                segments[-1][1].append(record)
-    failed = 0
-    for header, records in segments:
-        target = uri or header["tracking_uri"]
-        if _is_http(target):
-            _bound_http_requests(_UPLOAD_HTTP_DEFAULTS)
-        client = MlflowClient(tracking_uri=target)
-        run_id = header["run_id"]
-        try:
-            run = client.get_run(run_id)
-        except Exception as e:
-            if _is_http(target) and is_transient(e):
-                raise TrackingUnavailable(_unavailable_message(target, e)) from None
-            raise
-        stored: dict[str, set[int]] = {}  # key -> steps in the run, read once per key
-        counts = {"sent": 0, "skipped": 0}
-        for record in records:
-            record = _unsent_part(client, run, record, stored, counts)
-            if record is None:
-                continue
-            try:
-                deliver(client, run_id, [record])
-                counts["sent"] += 1
-            except Exception as e:
-                failed += 1
-                print(f"{path}: {record['kind']} record not delivered: {reason(e)}")
-        print(
-            f"run {run_id} at {target}: {counts['sent']} records delivered, "
-            f"{counts['skipped']} already there"
-        )
-    return failed
-
-
-def _unsent_part(
-    client: Any,
-    run: Any,
-    record: dict[str, Any],
-    stored: dict[str, set[int]],
-    counts: dict[str, int],
-) -> dict[str, Any] | None:
-    """``record`` less what the run already holds; None if it holds all of it."""
-    record = {k: v for k, v in record.items() if k != "error"}
-    kind, run_id = record["kind"], run.info.run_id
-    if kind == "metrics":
-        values = {}
-        for key, value in record["values"].items():
-            if key not in stored:
-                stored[key] = {m.step for m in client.get_metric_history(run_id, key)}
-            if record["step"] not in stored[key]:
-                values[key] = value
-                stored[key].add(record["step"])
-        if not values:
-            counts["skipped"] += 1
-            return None
-        return {**record, "values": values}
-    if kind == "params":
-        values = {k: v for k, v in record["values"].items() if k not in run.data.params}
-        if not values:
-            counts["skipped"] += 1
-            return None
-        return {**record, "values": values}
-    if kind == "artifact":
-        folder = record["artifact_path"]
-        there = {a.path for a in client.list_artifacts(run_id, folder)}
-        name = Path(record["path"]).name
-        if (f"{folder}/{name}" if folder else name) in there:
-            counts["skipped"] += 1
-            return None
-    return record  # tags and the status: setting them again changes nothing
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m pipeline.tracking upload FILE [--uri URI]``."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m pipeline.tracking")
-    commands = parser.add_subparsers(dest="command", required=True)
-    up = commands.add_parser("upload", help="deliver an undelivered file to its MLflow run")
-    up.add_argument("file", help=f"a {UNDELIVERED_FILE} written when a run ended")
-    up.add_argument("--uri", help="tracking URI to use instead of the one in the file")
-    args = parser.parse_args(argv)
-    try:
-        failed = upload(args.file, args.uri)
-    except (TrackingUnavailable, OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

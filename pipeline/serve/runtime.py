@@ -7,7 +7,7 @@ file is the reference implementation of it: the eval transform of ``pipeline.dat
 bilinear filter, centre crop to ``input_size``, /255, minus ``mean``, over ``std``, NCHW float32).
 
 This file is also the code of the MLflow pyfunc model (MLflow's "models from code":
-``pipeline.export.log_mlflow_model`` copies it into the model and appends the ``set_model``
+``pipeline.serve.export.log_mlflow_model`` copies it into the model and appends the ``set_model``
 call), which is why it must stay self-contained.
 
 Shape legend: N images, H x W pixels, S crop side, D embedding dimension.

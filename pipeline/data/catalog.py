@@ -20,6 +20,9 @@ import os
 import re
 from pathlib import Path
 
+import braceexpand  # webdataset's own dependency
+import pyarrow.parquet as pq
+
 INDEX_FILE = "index.parquet"
 SIZES_FILE = "sizes.json"
 SKIPPED_FILE = "skipped.txt"
@@ -70,8 +73,6 @@ def expand_urls(spec: str) -> list[str]:
     (``pipe:aws s3 cp s3://bucket/x-{000000..000009}.tar -``).
     Raises ValueError naming the spec when it expands to nothing or names missing local files.
     """
-    import braceexpand  # webdataset's own dependency
-
     if not spec:
         raise ValueError("empty shard spec: give a directory, a brace pattern or a list file")
     if not _is_remote(spec) and os.path.isdir(spec):
@@ -134,8 +135,6 @@ def read_index(urls_or_dir: str):  # -> pyarrow.Table (imported lazily)
 
     ``urls_or_dir``: the split directory, the parquet file itself, or a local shard spec.
     """
-    import pyarrow.parquet as pq
-
     path = (
         Path(urls_or_dir)
         if str(urls_or_dir).endswith(".parquet")

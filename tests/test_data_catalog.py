@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import DataConfig
-from pipeline.data.index import expand_urls, read_index, read_sizes, split_dir
+from pipeline.config.schema import DataConfig
+from pipeline.data.catalog import expand_urls, read_index, read_sizes, split_dir
 from pipeline.data.synthetic import render, render_jpeg, synthetic_items
 from pipeline.data.transforms import (
     IMAGENET_MEAN,

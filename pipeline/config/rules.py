@@ -1,0 +1,58 @@
+"""Rules across config sections: each broken rule raises a one-line ConfigError naming the keys,
+values, rule and fix. Rules that need the shards or the world size are in :mod:`pipeline.preflight`."""
+
+from __future__ import annotations
+
+from pipeline.config.deepspeed import read_deepspeed_file
+from pipeline.config.schema import ConfigError, RunConfig
+from pipeline.data.dealing import streams_per_rank
+from pipeline.train.batchnorm import check_config as check_batchnorm
+
+
+def check(cfg: RunConfig) -> None:
+    """Rules across sections, checked when a config loads (before any engine, data or job):
+    each broken rule raises a one-line ConfigError naming the keys, values, rule and fix.
+
+    Rules that need the shards or the world size are in :mod:`pipeline.preflight`.
+    """
+    data, sampler, train, model, ev, launch = (
+        cfg.data,
+        cfg.sampler,
+        cfg.train,
+        cfg.model,
+        cfg.eval,
+        cfg.launch,
+    )
+    # pipeline.data.stream: each DataLoader worker owns whole P x K streams (the rule lives
+    # with the dealing of shards to streams).
+
+    try:
+        streams_per_rank(data, sampler)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    # The BatchNorm policy's own rules (frozen vs synchronised, the gradient cache's chunks).
+    check_batchnorm(
+        model, chunk_size=train.chunk_size, batch_size_per_gpu=sampler.batch_size_per_gpu
+    )
+    read_deepspeed_file(train)
+    if ev.ijbc_protocol and ev.protocol != "ijbc":
+        raise ConfigError(
+            f"eval.ijbc_protocol={ev.ijbc_protocol!r} is set but eval.protocol={ev.protocol!r} "
+            "never reads it; set eval.protocol=ijbc or eval.ijbc_protocol=''"
+        )
+    if ev.protocol == "ijbc" and not ev.ijbc_protocol and _is_remote(data.eval_urls):
+        raise ConfigError(
+            f"eval.protocol=ijbc with remote data.eval_urls={data.eval_urls!r}: the IJB-C pair "
+            "lists and index.parquet are read from a local directory; copy the split's "
+            "pairs.parquet and index.parquet locally and set eval.ijbc_protocol=DIR"
+        )
+    if launch.gpus_per_node and launch.tasks_per_node > launch.gpus_per_node:
+        raise ConfigError(
+            f"launch.tasks_per_node={launch.tasks_per_node} with launch.gpus_per_node="
+            f"{launch.gpus_per_node}: every task (rank) needs a GPU of its own; set "
+            f"launch.tasks_per_node<={launch.gpus_per_node} (0: one per GPU)"
+        )
+
+
+def _is_remote(url: str) -> bool:
+    return "://" in url or url.startswith("pipe:")
