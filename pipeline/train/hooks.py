@@ -34,7 +34,6 @@ from pipeline.distributed import collectives, group
 from pipeline.eval.evaluator import evaluate_model
 from pipeline.loss import LossState
 from pipeline.rundir import RunDir, eval_output_dir
-from pipeline.serve.export import log_mlflow_model
 from pipeline.tracking import sysmetrics
 from pipeline.tracking.base import NullTracker
 from pipeline.tracking.mlflow import resolve_uri, run_page
@@ -311,6 +310,10 @@ class FinalExport:
         name = self.cfg.tracking.register_model
         if not (name and self.tracker.run_id):
             return
+        # The serving layer sits above training, and loading it defines the MLflow model
+        # class (mlflow.pyfunc prints warnings on stderr then): only when a model is registered.
+        from pipeline.serve.export import log_mlflow_model
+
         weights, config = self.run_dir.weights, self.run_dir.config
         try:
             logged = log_mlflow_model(
