@@ -24,9 +24,11 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/pipeline demo
 
+# Style, then the layering: import-linter's contracts in pyproject.toml ([tool.importlinter]).
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 # Test tiers, by pytest marker. The fast tier (unit tests and the 2-process gloo tests, about
 # 2 minutes on 2 idle cores) is the edit loop; the slow tier is the rest: end-to-end runs of

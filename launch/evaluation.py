@@ -1,4 +1,5 @@
-"""Large evaluations as a Slurm array job plus a dependent merge job (issue 6, part 2).
+"""Large evaluations as a Slurm array job plus a dependent merge job (one job would embed a
+million-image gallery alone for hours).
 
 The work is the library's (:mod:`pipeline.eval.parts`: planning, part files, fingerprints,
 merge and scoring); this module only wraps it in submitit jobs. Array task i embeds shard
@@ -18,7 +19,7 @@ from pipeline import logs
 from pipeline.config.schema import RunConfig
 from pipeline.distributed import group
 from pipeline.eval.parts import extract_part, merge_and_score
-from pipeline.rundir import RunDir, eval_output_dir
+from pipeline.rundir import EvalDir
 
 
 def _start(cfg: RunConfig) -> None:
@@ -27,7 +28,7 @@ def _start(cfg: RunConfig) -> None:
     export_distributed_env()
 
     rank = group.process_rank()
-    logs.setup_logging(RunDir(eval_output_dir(cfg)).log_file(rank), rank=rank)
+    logs.setup_logging(EvalDir.of(cfg).log_file(rank), rank=rank)
 
 
 class ExtractPartJob(submitit.helpers.Checkpointable):

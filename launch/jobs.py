@@ -4,7 +4,7 @@ Each callable is pickled by submitit and called once in every task (rank) of the
 exports the torch.distributed rendezvous variables from the Slurm (or local) job environment,
 then calls exactly what ``pipeline train`` / ``pipeline evaluate`` call.
 
-Requeue (issue 6): on preemption or near the time limit Slurm sends USR2; submitit's handler on
+Requeue: on preemption or near the time limit Slurm sends USR2; submitit's handler on
 rank 0 calls ``checkpoint()``, stores the returned resubmission and requeues the job. Nothing is
 saved from the signal handler: training checkpoints are collective and periodic
 (``train.checkpoint_every``), and the resubmitted job simply calls ``train`` again with the same
@@ -29,6 +29,7 @@ from pipeline.config.schema import RunConfig
 from pipeline.distributed import group
 from pipeline.distributed.env import export_env, read_env
 from pipeline.eval.evaluator import run
+from pipeline.rundir import EvalDir, RunDir
 from pipeline.train.entry import train
 
 # A child of the pipeline logger: the entry points' setup_logging routes it (rank 0 prints,
@@ -70,12 +71,12 @@ def record_rank_env(run_dir: str | Path) -> Path:
     called again by the training itself), so the record holds what DeepSpeed reads too,
     LOCAL_SIZE included. Written before training, so a rank that fails still says where it
     ran; a requeued job overwrites it. What a user reads when one host of a job misbehaves,
-    and what the multi-host tests assert on (issue 11).
+    and what the multi-host tests assert on.
     """
     env = read_env()
     if env.world_size > 1:
         export_env(env)
-    path = Path(run_dir) / "launch" / f"rank{env.rank}.json"
+    path = RunDir(run_dir).launch_record(env.rank)
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "env": {k: os.environ.get(k) for k in RANK_ENV_NAMES},
@@ -120,8 +121,8 @@ class TrainJob(submitit.helpers.Checkpointable):
         guard_requeue_signal()
         export_distributed_env()
         record_rank_env(self.cfg.train.output_dir)
-        # train() sets up the rank-aware logging into the run directory.
-        # The job's process group, left (destroyed) however the run ends.
+        # train() sets up the rank-aware logging into the run directory. The job joins the
+        # group with the run's collective timeout and always leaves it, as `pipeline train`.
         with group.process_group(timeout_s=self.cfg.train.collective_timeout_s):
             return train(self.cfg)
 
@@ -135,20 +136,26 @@ class TrainJob(submitit.helpers.Checkpointable):
 class EvaluateJob(submitit.helpers.Checkpointable):
     """Run ``pipeline evaluate`` (``pipeline.eval.evaluator.run``) in every task.
 
-    ``overrides`` holds ``checkpoint=PATH`` and the config overrides, exactly as on the
-    ``pipeline evaluate`` command line. Returns the metrics it wrote (``metrics.json`` in
+    ``overrides`` holds the config overrides and ``weights`` the trained weights, exactly as on
+    the ``pipeline evaluate`` command line. Returns the metrics it wrote (``metrics.json`` in
     ``metrics_dir``). A requeued evaluation starts again (it keeps no state).
     """
 
-    def __init__(self, config: str, overrides: list[str], metrics_dir: str) -> None:
+    def __init__(self, config: str, overrides: list[str], metrics_dir: str, weights: str) -> None:
         self.config, self.overrides, self.metrics_dir = config, overrides, metrics_dir
+        self.weights = weights
 
     def __call__(self) -> dict:
         guard_requeue_signal()
         export_distributed_env()
 
         # run() sets up the rank-aware logging into the evaluation's directory.
-        code = run(argparse.Namespace(config=self.config, overrides=list(self.overrides)))
+        # A job pickled before --weights existed holds checkpoint=PATH among its overrides.
+        weights = getattr(self, "weights", None)
+        args = argparse.Namespace(
+            config=self.config, overrides=list(self.overrides), weights=weights
+        )
+        code = run(args)
         if code:
             raise RuntimeError(f"pipeline evaluate exited with {code}")
-        return json.loads((Path(self.metrics_dir) / "metrics.json").read_text())
+        return EvalDir(self.metrics_dir).read_metrics()

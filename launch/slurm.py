@@ -3,7 +3,7 @@
     python -m launch.slurm train --config conf/experiments/sop.yaml --nodes 2 \\
         --gpus-per-node 8 --partition gpu --time 240 [key=value ...]
     python -m launch.slurm evaluate --config conf/experiments/vggface2.yaml \\
-        checkpoint=runs/vggface2/model.safetensors --parts 32 --gpus-per-node 1
+        --weights runs/vggface2/model.safetensors --parts 32 --gpus-per-node 1
     python -m launch.slurm train --config FILE --local --gpus-per-node 0 --tasks-per-node 2
 
 Resources resolve in this order, later winning: the config's ``launch`` section (defaults.yaml,
@@ -35,11 +35,11 @@ from launch.cluster import (
 )
 from launch.evaluation import ExtractPartJob, MergeEvalJob
 from launch.task import PYTHON
-from pipeline.config.load import load_config
-from pipeline.config.load import split_checkpoint as config_split_checkpoint
+from pipeline.config.load import split_weights
+from pipeline.config.rules import load_checked
 from pipeline.config.schema import ConfigError, LaunchConfig, RunConfig
 from pipeline.eval.parts import plan_parts
-from pipeline.rundir import eval_output_dir
+from pipeline.rundir import EvalDir, eval_output_dir
 from pipeline.tracking.mlflow import resolve_uri, ui_command
 
 # flag -> LaunchConfig field
@@ -96,15 +96,16 @@ def resolve_config(
     cluster: str | None = None,
     flags: dict[str, Any] | None = None,
 ) -> RunConfig:
-    """The run config with the launch section resolved (see the module docstring for order)."""
-    return load_config(config, layered_overrides(overrides, cluster=cluster, flags=flags))
+    """The run config with the launch section resolved (see the module docstring for order),
+    checked by the cross-section rules before anything is submitted."""
+    return load_checked(config, layered_overrides(overrides, cluster=cluster, flags=flags))
 
 
-def split_checkpoint(overrides: Sequence[str]) -> tuple[str, list[str]]:
-    """``checkpoint=PATH`` (absolute) and the other overrides, as ``pipeline evaluate`` takes
-    them; a missing or doubled checkpoint is an error before submission."""
+def weights_and_overrides(weights: str | None, overrides: Sequence[str]) -> tuple[str, list[str]]:
+    """``--weights PATH`` (absolute) and the config overrides, as ``pipeline evaluate`` takes
+    them; missing or doubled weights are an error before submission."""
     try:
-        return config_split_checkpoint(list(overrides))
+        return split_weights(weights, list(overrides))
     except ConfigError as e:
         raise LaunchError(f"evaluate: {e}") from None
 
@@ -202,10 +203,12 @@ def submit(
     flags: dict[str, Any] | None = None,
     local: bool = False,
     parts: int = 0,
+    weights: str | None = None,
 ) -> Submission:
     """Check, then submit ``command`` ('train' or 'evaluate') and return the submission.
 
-    ``evaluate`` takes ``checkpoint=PATH`` among ``overrides``; ``parts`` > 0 splits it into
+    ``evaluate`` takes the trained weights (``weights``; the old ``checkpoint=PATH`` among
+    ``overrides`` still works); ``parts`` > 0 splits it into
     an array job over shard ranges and a dependent merge job (``launch.evaluation``).
     """
     if parts < 0:
@@ -216,7 +219,7 @@ def submit(
     if parts and command != "evaluate":
         raise LaunchError("--parts splits an evaluation; it does not apply to train")
     checkpoint, overrides = (
-        split_checkpoint(overrides) if command == "evaluate" else ("", overrides)
+        weights_and_overrides(weights, overrides) if command == "evaluate" else ("", overrides)
     )
     cfg = prepare(command, config, overrides, cluster=cluster, flags=flags, local=local)
     sub = Submission(command, cfg, [], local)
@@ -234,16 +237,15 @@ def submit(
             "eval.output_dir": str(out),
         }
         job_overrides = [
-            f"checkpoint={checkpoint}",
             *layered_overrides(overrides, cluster=cluster, flags=flags),
             *(f"{k}={json.dumps(v)}" for k, v in pinned.items()),
         ]
         executor = make_executor(cfg.launch, local=local, name="smoothap-evaluate")
         job = executor.submit(
-            jobs.EvaluateJob(str(Path(config).resolve()), job_overrides, str(out))
+            jobs.EvaluateJob(str(Path(config).resolve()), job_overrides, str(out), checkpoint)
         )
         sub.jobs.append(job)
-        sub.notes.append(f"metrics: {out}/metrics.json")
+        sub.notes.append(f"metrics: {EvalDir(out).metrics}")
     if cfg.tracking.enabled and cfg.tracking.uri.startswith("sqlite:") and not local:
         sub.notes.append(
             "MLflow store is a SQLite file: fine for one job on one node, unsafe on NFS/Lustre "
@@ -277,7 +279,7 @@ def _submit_parts(sub: Submission, checkpoint: str, parts: int) -> None:
     out = eval_output_dir(cfg)
     sub.notes.append(
         f"{len(plan)} extraction task(s) write {out}/parts/; job {sub.jobs[-1].job_id} merges "
-        f"them into {out}/metrics.json once all succeeded"
+        f"them into {EvalDir(out).metrics} once all succeeded"
     )
 
 
@@ -357,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("command", choices=("train", "evaluate"))
     p.add_argument("--config", required=True, help="run config YAML (as for `pipeline train`)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=1e-4")
+    p.add_argument(
+        "--weights", metavar="PATH", help="evaluate: the trained weights (model.safetensors)"
+    )
     p.add_argument("--cluster", help="site defaults: conf/cluster/NAME.yaml or a YAML path")
     p.add_argument("--nodes", type=_at_least(1, "nodes of the job"))
     p.add_argument("--gpus-per-node", type=_at_least(0, "0: a CPU-only job"))
@@ -406,6 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             flags=flags,
             local=args.local,
             parts=args.parts,
+            weights=args.weights,
         )
     except (ConfigError, LaunchError) as e:
         print(f"error: {e}", file=sys.stderr)

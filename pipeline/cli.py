@@ -14,6 +14,8 @@ import traceback
 from collections.abc import Callable
 from typing import NoReturn
 
+from pipeline.config.load import LEGACY_WEIGHTS
+from pipeline.config.rules import load_checked
 from pipeline.errors import UserError
 
 # subcommand -> (module, one-line help)
@@ -30,12 +32,29 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "pipeline.serve.export",
         "a trained model as ONNX / TorchScript (+ preprocessing JSON) or an MLflow model",
     ),
-    "index": (
+    "build-gallery": (
         "pipeline.serve.gallery",
-        "embed a gallery (shards or image folder) into a FAISS index",
+        "embed a gallery (shards or image folder) into a searchable FAISS index",
     ),
     "search": ("pipeline.serve.search", "the nearest gallery items of query images"),
 }
+
+
+# Old command names users may have in scripts -> the name now; they still run, with a message.
+RENAMED: dict[str, str] = {"index": "build-gallery"}
+
+
+def _renamed(argv: list[str]) -> list[str]:
+    """``argv`` with an old command name replaced by its new one (a message on stderr)."""
+    at = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if at is None or argv[at] not in RENAMED:
+        return argv
+    new = RENAMED[argv[at]]
+    print(
+        f"deprecated: `pipeline {argv[at]}` is now `pipeline {new}`; the old name will stop working",
+        file=sys.stderr,
+    )
+    return [*argv[:at], new, *argv[at + 1 :]]
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
@@ -54,11 +73,21 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
+def check_config(args: argparse.Namespace) -> None:
+    """Apply the cross-section config rules to the config a command names (its ``--config``
+    and ``KEY=VALUE`` overrides), before the command runs: the commands below the rules load
+    and type-check their config themselves."""
+    if not (hasattr(args, "config") and hasattr(args, "overrides")):
+        return
+    load_checked(args.config, [o for o in args.overrides if not o.startswith(LEGACY_WEIGHTS)])
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _renamed(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
+        check_config(args)
         return int(args._run(args) or 0)
     except UserError as e:  # bad input, explained in one line; anything else keeps its traceback
         print(f"pipeline {args.command}: error: {e}", file=sys.stderr)

@@ -27,9 +27,10 @@ from pathlib import Path
 import torch
 
 from pipeline import logs
-from pipeline.cli import main as cli
-from pipeline.config.load import CONF_DIR, load_config
+from pipeline.config.load import CONF_DIR
+from pipeline.config.rules import load_checked
 from pipeline.config.schema import RunConfig
+from pipeline.data import make_shards
 from pipeline.distributed import group
 from pipeline.eval.evaluator import evaluate_model, tracked_metrics
 from pipeline.model import build_model
@@ -70,7 +71,6 @@ def _write_shards(args: argparse.Namespace) -> None:
         return
     log.info("writing synthetic shards to %s ...", data)
     argv = [
-        "make-shards",
         "synthetic",
         "--out",
         str(data),
@@ -90,8 +90,10 @@ def _write_shards(args: argparse.Namespace) -> None:
         # No --overwrite: --data may name a folder with the user's own shards in it; a split
         # already there is refused in one line (pipeline.data.outdir), never replaced.
     ]
-    if cli(argv) != 0:
-        raise SystemExit("[demo] writing the synthetic shards failed (see above)")
+    # A refused output folder is a one-line error of `pipeline demo` itself (the CLI prints it).
+    parser = argparse.ArgumentParser(prog="pipeline make-shards")
+    make_shards.add_arguments(parser)
+    make_shards.run(parser.parse_args(argv))
 
 
 def _untrained_metrics(cfg: RunConfig) -> dict[str, float]:
@@ -153,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
         f"train.output_dir={run_dir.root}",
         *args.overrides,
     ]
-    cfg = load_config(args.config, overrides)
+    cfg = load_checked(args.config, overrides)
     rank = group.process_rank()
     logs.setup_logging(run_dir.log_file(rank), rank=rank)
     _write_shards(args)

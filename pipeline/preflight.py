@@ -1,5 +1,5 @@
-"""Checks that the shard index can answer in seconds, before DeepSpeed starts (DESIGN.md: "errors
-that the config and the shard index can reveal come before the engine starts").
+"""Checks that the shard index can answer in seconds, before DeepSpeed starts: an error that the
+config and the shard index can reveal should cost seconds, not a queued job's engine start-up.
 
 ``preflight(cfg, world_size)`` reads only ``index.parquet``, ``sizes.json`` and the shards' file
 sizes (``os.stat``), never a shard's contents. It refuses, with a one-line

@@ -8,8 +8,12 @@ Layout::
     model.safetensors    the final fp32 weights, architecture in the metadata
     curves.png           loss and retrieval curves of the run
     demo.json            ``pipeline demo``: untrained vs trained metrics
+    mlflow_undelivered.jsonl  tracking records the store did not take in time, for
+                         ``python -m pipeline.tracking upload`` (pipeline.tracking.outbox)
     checkpoints/         DeepSpeed checkpoints and ``latest`` (pipeline.train.checkpoint)
-    eval/                the final evaluation (unless ``eval.output_dir`` says otherwise)
+    eval/                the final evaluation (unless ``eval.output_dir`` says otherwise): an
+                         :class:`EvalDir`
+    launch/rank<R>.json  where each rank of a Slurm job ran (launch.jobs.record_rank_env)
     logs/rank<R>.log     one log per rank (pipeline.logs.setup_logging)
     .lock                held by the job training here (pipeline.train.runlock)
 
@@ -85,6 +89,13 @@ class RunDir:
     def log_file(self, rank: int) -> Path:
         return self.logs / f"rank{rank}.log"
 
+    @property
+    def undelivered(self) -> Path:
+        return self.root / "mlflow_undelivered.jsonl"
+
+    def launch_record(self, rank: int) -> Path:
+        return self.root / "launch" / f"rank{rank}.json"
+
     # Small files --------------------------------------------------------------------------
     def read_run_id(self) -> str | None:
         """The recorded MLflow run id, or None."""
@@ -114,3 +125,66 @@ def _write_text(path: Path, text: str) -> None:
 def eval_output_dir(cfg: RunConfig) -> Path:
     """Where evaluation writes: ``eval.output_dir``, else the run directory's ``eval/``."""
     return Path(cfg.eval.output_dir) if cfg.eval.output_dir else RunDir.of(cfg).eval
+
+
+class EvalDir:
+    """An evaluation's folder (``pipeline evaluate``, a run's final evaluation, the parts of a
+    split evaluation): the one place that names its files. Layout::
+
+        metrics.json          the metrics (what ``pipeline evaluate`` prints)
+        embeddings.npy        the embeddings, one row per sample, in row order
+        labels.npy            their labels
+        index.npy             their rows (a sample's global position in the split)
+        roc.png               IJB-C: the ROC curve
+        retrieval_grid.png    other protocols: queries and their nearest neighbours
+        parts/part_NNNNN.npz  a split evaluation's parts, before the merge (pipeline.eval.parts)
+        logs/rank<R>.log      one log per rank of ``pipeline evaluate``
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    @classmethod
+    def of(cls, cfg: RunConfig) -> EvalDir:
+        """The evaluation folder of a run config (:func:`eval_output_dir`)."""
+        return cls(eval_output_dir(cfg))
+
+    def __repr__(self) -> str:
+        return f"EvalDir({str(self.root)!r})"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.json"
+
+    @property
+    def embeddings(self) -> Path:
+        return self.root / "embeddings.npy"
+
+    @property
+    def labels(self) -> Path:
+        return self.root / "labels.npy"
+
+    @property
+    def rows(self) -> Path:
+        return self.root / "index.npy"  # the name evaluations have always written
+
+    @property
+    def roc(self) -> Path:
+        return self.root / "roc.png"
+
+    @property
+    def retrieval_grid(self) -> Path:
+        return self.root / "retrieval_grid.png"
+
+    @property
+    def parts(self) -> Path:
+        return self.root / "parts"
+
+    def part(self, part: int) -> Path:
+        return self.parts / f"part_{part:05d}.npz"
+
+    def log_file(self, rank: int) -> Path:
+        return self.root / "logs" / f"rank{rank}.log"
+
+    def read_metrics(self) -> dict[str, float]:
+        return json.loads(self.metrics.read_text())

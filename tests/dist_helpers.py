@@ -32,7 +32,7 @@ def _entry(
     with group.process_group(timeout_s=timeout_s):
         fn(rank, world_size, *args)
     # As a real rank ends (pipeline.cli.end): a plain return would exit through the
-    # interpreter's teardown, where a gloo thread can abort the process (issue 9). A failure
+    # interpreter's teardown, where a gloo thread can abort the process (tests/test_exit.py). A failure
     # raises instead, so mp.spawn reports the worker's traceback.
     group.exit_process(0)
 

@@ -52,6 +52,9 @@ def _gather_job(rank: int, world_size: int, out: str) -> None:
         "topk_parts": (s_all, i_all),
         "knn": knn_search(queries, gallery, k, query_block=4),
         "on_main": collectives.on_main(lambda: {"rank": group.get_rank()}),
+        "max": collectives.all_reduce_max(torch.tensor([float(rank), 5.0 - rank, -1.0])),
+        "objects": collectives.all_gather_objects({"rank": rank, "skipped": ["x"] * rank}),
+        "sum_over": collectives.all_reduce_sum_over(torch.tensor([rank + 1.0]), dist.group.WORLD),
     }
     with open(f"{out}.{rank}", "wb") as f:
         pickle.dump(result, f)
@@ -81,6 +84,12 @@ def test_two_ranks_gather_what_one_rank_holds(tmp_path):
         np.testing.assert_array_equal(g["knn"][1], want_knn[1])
         np.testing.assert_array_equal(g["knn"][0], want_knn[0])
         assert g["on_main"] == {"rank": 0}  # rank 0's result on every rank
+    for rank in (0, 1):
+        with open(f"{tmp_path / 'out'}.{rank}", "rb") as f:
+            got = pickle.load(f)
+        assert got["max"].tolist() == [1.0, 5.0, -1.0]  # elementwise over the ranks' values
+        assert got["objects"] == [{"rank": 0, "skipped": []}, {"rank": 1, "skipped": ["x"]}]
+        assert got["sum_over"].tolist() == [3.0]
 
 
 def _on_main_error_job(rank: int, world_size: int, out: str) -> None:
@@ -112,6 +121,9 @@ def test_one_process_collectives_return_their_input():
     s, i = np.zeros((2, 3), np.float32), np.ones((2, 3), np.int64)
     assert collectives.all_gather_topk(s, i) == ([s], [i])
     assert collectives.on_main(lambda: 7) == 7
+    t = torch.tensor([1.0, -2.0])
+    assert collectives.all_reduce_max(t) is t
+    assert collectives.all_gather_objects({"a": 1}) == [{"a": 1}]
     with pytest.raises(KeyError):  # one process: the error itself, not a wrapped one
         collectives.on_main(lambda: {}["x"])
     queries, gallery = _problem()

@@ -1,21 +1,23 @@
-"""Cross-section config rules (pipeline.config.rules.check): one-line errors at load time."""
+"""Cross-section config rules (pipeline.config.rules): one-line errors before anything runs."""
 
 from __future__ import annotations
 
 import pytest
 
+from pipeline.cli import main
 from pipeline.config.load import load_config
+from pipeline.config.rules import load_checked
 from pipeline.config.schema import ConfigError
 
 
 def load(*overrides: str):
-    return load_config(None, list(overrides))
+    return load_checked(None, list(overrides))
 
 
 def test_defaults_and_shipped_experiments_pass_the_rules():
     load()
     for name in ("demo", "experiments/sop", "experiments/inat", "experiments/vggface2"):
-        load_config(f"conf/{name}.yaml")
+        load_checked(f"conf/{name}.yaml")
 
 
 def test_streams_must_be_a_multiple_of_workers():
@@ -137,5 +139,18 @@ def test_rule_errors_are_one_line():
 
 def test_sync_bn_needs_trainable_batchnorm():
     with pytest.raises(ConfigError, match=r"^model\.sync_bn=true with model\.freeze_bn=true"):
-        load_config(None, ["model.sync_bn=true", "model.freeze_bn=true"])
-    assert load_config(None, ["model.sync_bn=true", "model.freeze_bn=false"]).model.sync_bn
+        load_checked(None, ["model.sync_bn=true", "model.freeze_bn=true"])
+    assert load_checked(None, ["model.sync_bn=true", "model.freeze_bn=false"]).model.sync_bn
+
+
+def test_loading_parses_only_and_every_command_applies_the_rules(tmp_path, capsys):
+    """load_config type-checks; the rules are the entry points' (the CLI, before a command
+    runs: here evaluate, which would otherwise first look for its weights)."""
+    broken = ["model.sync_bn=true", "model.freeze_bn=true"]
+    assert load_config(None, broken).model.sync_bn
+    weights = tmp_path / "model.safetensors"
+    weights.write_text("")
+    assert main(["evaluate", "--weights", str(weights), *broken]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pipeline evaluate: error: model.sync_bn=true with model.freeze_bn=true")
+    assert len(err.splitlines()) == 1

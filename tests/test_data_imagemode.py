@@ -1,4 +1,4 @@
-"""Every image mode PIL opens becomes the RGB picture it shows (issue 10: a 16-bit PNG became a
+"""Every image mode PIL opens becomes the RGB picture it shows (a 16-bit PNG once became a
 near-white JPEG). Each case is checked against a reference computed here with numpy from the
 pixels the test wrote, independently of pipeline.data.imagemode.
 

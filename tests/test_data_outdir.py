@@ -1,4 +1,4 @@
-"""Shard writing never destroys input (issue 10): no output overlapping the input, an existing
+"""Shard writing never destroys input: no output overlapping the input, an existing
 split only replaced with --overwrite and only the files make-shards wrote, an interrupted or
 failed write leaves the old split, bad arguments and unwritable outputs refused up front."""
 

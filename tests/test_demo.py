@@ -92,12 +92,13 @@ def test_demo_runs_end_to_end(tmp_path):
     assert client.get_run(run_id).info.status == "FINISHED"
 
 
-def test_demo_never_replaces_a_split_already_in_its_data_folder(tmp_path, capsys):
+def test_demo_never_replaces_a_split_already_in_its_data_folder(tmp_path):
     """--data may name a folder holding the user's own shards: a split already there (here
     train/ without test/) is refused in one line, and nothing in it is touched."""
     import argparse
 
     from pipeline import demo
+    from pipeline.errors import UserError
 
     (tmp_path / "train").mkdir()
     (tmp_path / "train" / "index.parquet").write_text("the user's index")
@@ -109,8 +110,7 @@ def test_demo_never_replaces_a_split_already_in_its_data_folder(tmp_path, capsys
         image_size=32,
         samples_per_shard=16,
     )
-    with pytest.raises(SystemExit):
+    with pytest.raises(UserError, match="train already exists; pass --overwrite"):
         demo._write_shards(args)
-    assert "train already exists; pass --overwrite" in capsys.readouterr().err
     assert [p.name for p in (tmp_path / "train").iterdir()] == ["index.parquet"]
     assert (tmp_path / "train" / "index.parquet").read_text() == "the user's index"

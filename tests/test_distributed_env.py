@@ -250,8 +250,20 @@ def _later_group_times_out(rank: int, world: int, out: str) -> None:
     import torch.distributed as dist
 
     group.destroy()  # run_distributed's group has 120 s; rejoin with 3 s
+    # Both ranks leave before either rejoins on the same port: a rank that rejoined first
+    # would reach rank 0's old store just before it closes ("Broken pipe").
+    Path(f"{out}.left{rank}").touch()
+    deadline = time.monotonic() + 60
+    while not all(Path(f"{out}.left{r}").exists() for r in range(world)):
+        assert time.monotonic() < deadline, "the other rank never left its group"
+        time.sleep(0.05)
     group.init(timeout_s=3)
     dp_group = dist.new_group(list(range(world)))  # as DeepSpeed makes its data-parallel group
+    # Rank 0's store serves new_group's closing barrier: rank 0 may not leave (and take the
+    # store with it) before rank 1 is out of new_group, which on a loaded machine can take
+    # longer than rank 0's 3 s wait below ("Failed to recv" on rank 1, once in 4 full runs).
+    joined = Path(f"{out}.joined{rank}")
+    joined.touch()
     if rank == 0:
         t0 = time.monotonic()
         try:
@@ -259,6 +271,9 @@ def _later_group_times_out(rank: int, world: int, out: str) -> None:
         except RuntimeError as e:  # gloo raises a plain RuntimeError, not DistError
             assert group.is_collective_error(e), e
             Path(out).write_text(str(time.monotonic() - t0))
+        deadline = time.monotonic() + 60
+        while not Path(f"{out}.joined1").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
     else:  # wait (without a collective) until rank 0 is done
         deadline = time.monotonic() + 60
         while not Path(out).exists() and time.monotonic() < deadline:

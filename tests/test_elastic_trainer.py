@@ -1,4 +1,4 @@
-"""Elastic resume through the real trainer (issue 11 part 4): a run trained by 2 ranks
+"""Elastic resume through the real trainer: a run trained by 2 ranks
 (torchrun) continues in 1 process, and (ZeRO 2) one trained by 1 process continues on 2 ranks.
 
 Each run is ``pipeline.train.entry.train`` as ``pipeline train`` calls it, launched by this

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.config.load import split_checkpoint
+from pipeline.config.load import split_weights
 from pipeline.config.schema import ConfigError, DataConfig, EvalConfig, ModelConfig
 from pipeline.eval.evaluator import evaluate_model
 from pipeline.model import build_model, load_trained_model
@@ -68,7 +68,8 @@ def test_cli_writes_embeddings_metrics_figure_and_mlflow_run(assets, tmp_path):
     code = main(
         [
             "evaluate",
-            f"checkpoint={assets['weights']}",
+            "--weights",
+            str(assets["weights"]),
             f"data.eval_urls={assets['split']}",
             f"data.image_size={SIZE}",
             f"data.resize_size={SIZE}",
@@ -214,18 +215,29 @@ def test_ijbc_protocol_reads_template_ids_from_the_index(assets, tmp_path):
     assert (out / "roc.png").is_file()
 
 
-def test_checkpoint_argument_is_required_once_and_must_exist(tmp_path):
-    with pytest.raises(ConfigError, match="pass the trained weights once as checkpoint=PATH"):
-        split_checkpoint(["eval.ks=[1]"])
-    with pytest.raises(ConfigError, match="once as checkpoint=PATH"):
-        split_checkpoint(["checkpoint=a", "checkpoint=b"])
-    with pytest.raises(ConfigError, match=r"checkpoint='/nope/model.safetensors' does not exist"):
-        split_checkpoint(["checkpoint=/nope/model.safetensors"])
+def test_weights_are_required_once_and_must_exist(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="pass the trained weights once, as --weights PATH"):
+        split_weights(None, ["eval.ks=[1]"])
+    with pytest.raises(ConfigError, match="once, as --weights PATH"):
+        split_weights("a", ["checkpoint=b"])
+    with pytest.raises(ConfigError, match=r"--weights '/nope/model.safetensors' does not exist"):
+        split_weights("/nope/model.safetensors", [])
     (tmp_path / "w").write_text("")
-    assert split_checkpoint([f"checkpoint={tmp_path / 'w'}", "eval.ks=[1]"]) == (
+    assert split_weights(str(tmp_path / "w"), ["eval.ks=[1]"]) == (
         str(tmp_path / "w"),
         ["eval.ks=[1]"],
     )
+    assert capsys.readouterr().err.count("deprecated") == 1  # only the old spelling above
+
+
+def test_the_old_checkpoint_spelling_still_names_the_weights(tmp_path, capsys):
+    """Scripts that pass checkpoint=PATH keep working; stderr names the new spelling."""
+    (tmp_path / "w").write_text("")
+    assert split_weights(None, [f"checkpoint={tmp_path / 'w'}", "eval.ks=[1]"]) == (
+        str(tmp_path / "w"),
+        ["eval.ks=[1]"],
+    )
+    assert "checkpoint=PATH names the weights as --weights PATH now" in capsys.readouterr().err
 
 
 def test_a_config_naming_another_model_is_refused(assets, capsys):
@@ -235,7 +247,8 @@ def test_a_config_naming_another_model_is_refused(assets, capsys):
     code = main(
         [
             "evaluate",
-            f"checkpoint={assets['weights']}",
+            "--weights",
+            str(assets["weights"]),
             "model.backbone=resnet18",
             "model.embedding_dim=32",
             "tracking.enabled=false",

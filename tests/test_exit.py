@@ -97,7 +97,7 @@ def _two_ranks(tmp_path: Path, how: str) -> list[subprocess.CompletedProcess]:
 
 def test_a_gloo_thread_aborts_a_plain_exit_but_not_exit_process(tmp_path):
     """The same two ranks, ended by ``sys.exit(0)`` and by ``exit_process(0)``: the first
-    aborts rank 0 (SIGABRT, the message of issue 9), the second exits 0 on both ranks.
+    aborts rank 0 (SIGABRT, "terminate called without an active exception"), the second exits 0 on both ranks.
     Measured over 27 runs of this test (10 of them beside two CPU burners; the last 5 with
     the 1 s margin rank 0 now waits): every plain exit aborted and no exit_process run did;
     7-17 s."""

@@ -78,7 +78,8 @@ def test_onnx_and_torchscript_equal_the_torch_model(assets, tmp_path, capsys):
         code = main(
             [
                 "export",
-                f"checkpoint={assets['weights']}",
+                "--weights",
+                str(assets["weights"]),
                 *CFG,
                 "--format",
                 fmt,
@@ -141,7 +142,8 @@ def test_unknown_format_is_a_one_line_error(assets, tmp_path, capsys):
     code = main(
         [
             "export",
-            f"checkpoint={assets['weights']}",
+            "--weights",
+            str(assets["weights"]),
             "--format",
             "tflite",
             "--out",
@@ -155,7 +157,7 @@ def test_unknown_format_is_a_one_line_error(assets, tmp_path, capsys):
 
 
 def test_format_without_out_is_a_one_line_error(assets, capsys):
-    assert main(["export", f"checkpoint={assets['weights']}", "--format", "onnx"]) == 2
+    assert main(["export", "--weights", str(assets["weights"]), "--format", "onnx"]) == 2
     assert "--format and --out go together" in _one_line_error(capsys)
 
 
@@ -164,7 +166,8 @@ def test_checkpoint_of_another_architecture_is_a_one_line_error(assets, tmp_path
         code = main(
             [
                 "export",
-                f"checkpoint={assets['weights']}",
+                "--weights",
+                str(assets["weights"]),
                 override,
                 "--format",
                 "onnx",
@@ -184,7 +187,8 @@ def test_existing_output_is_not_overwritten(assets, tmp_path, capsys):
     out.write_text("mine")
     argv = [
         "export",
-        f"checkpoint={assets['weights']}",
+        "--weights",
+        str(assets["weights"]),
         *CFG,
         "--format",
         "onnx",
@@ -219,7 +223,7 @@ def test_mlflow_model_loads_in_another_process_from_the_registry(assets, tmp_pat
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    argv = ["export", f"checkpoint={assets['weights']}", *CFG, f"tracking.uri={uri}", "--mlflow"]
+    argv = ["export", "--weights", str(assets["weights"]), *CFG, f"tracking.uri={uri}", "--mlflow"]
     for _ in range(2):  # a new version per call
         assert main([*argv, "--register-model", "faces"]) == 0
     out = capsys.readouterr().out

@@ -226,7 +226,7 @@ def test_local_evaluate_runs_pipeline_evaluate_in_two_tasks(tmp_path, synthetic_
     config = tiny_config(tmp_path / "run.yaml", shards, tmp_path, steps=2, ckpt_every=2)
     weights = random_weights(config, tmp_path / "w.safetensors")
     proc = launcher_cli(
-        *("evaluate", "--config", str(config), f"checkpoint={weights}", "--local"),
+        *("evaluate", "--config", str(config), "--weights", str(weights), "--local"),
         *("--gpus-per-node", "0", "--tasks-per-node", "2", "--time", "10"),
         *("--folder", f"{tmp_path}/jobs/%j"),
         timeout_s=300,
@@ -261,9 +261,9 @@ def test_plan_parts_is_contiguous_balanced_and_complete(tmp_path):
 
 
 def _write_part(out: Path, i: int, index: list[int], stamp: str) -> None:
-    from pipeline.eval.parts import part_path
+    from pipeline.rundir import EvalDir
 
-    path = part_path(out, i)
+    path = EvalDir(out).part(i)
     path.parent.mkdir(parents=True, exist_ok=True)
     idx = np.array(index, np.int64)
     emb = np.stack([idx * 1.0, -idx * 1.0], axis=1).astype(np.float32)
@@ -298,9 +298,9 @@ def test_merge_parts_refuses_missing_stale_duplicate_and_short(tmp_path):
 
 
 def test_evaluate_needs_one_existing_checkpoint(tmp_path):
-    with pytest.raises(LaunchError, match=r"pass the trained weights once as checkpoint=PATH"):
+    with pytest.raises(LaunchError, match=r"pass the trained weights once, as --weights PATH"):
         slurm.submit("evaluate", REPO / "conf" / "defaults.yaml", ["eval.ks=[1]"], local=True)
-    with pytest.raises(LaunchError, match=r"checkpoint='nope.safetensors' does not exist"):
+    with pytest.raises(LaunchError, match=r"--weights 'nope.safetensors' does not exist"):
         slurm.submit("evaluate", REPO / "conf" / "defaults.yaml", ["checkpoint=nope.safetensors"])
     with pytest.raises(LaunchError, match=r"--parts splits an evaluation"):
         slurm.submit("train", REPO / "conf" / "defaults.yaml", local=True, parts=2)

@@ -1,4 +1,4 @@
-"""Bad input named in one line (issue 10 part 5): a damaged weights file, a wrong launcher
+"""Bad input named in one line: a damaged weights file, a wrong launcher
 flag, GPUs asked of a machine without them, and no literal ``%j`` folder from local runs."""
 
 from __future__ import annotations

@@ -325,7 +325,7 @@ def test_launcher_on_two_hosts_trains_like_one_host_and_one_process(
     latest_at = (ckpt / "latest").stat().st_mtime_ns
     assert all(p.stat().st_mtime_ns <= latest_at for p in files)
     manifest = ckpt / tag / "manifest.json"
-    if manifest.is_file():  # checkpoint manifests (issue 11 part 3) where the trainer writes them
+    if manifest.is_file():  # checkpoint manifests, where the trainer writes them
         from pipeline.train import manifest as manifests
 
         assert manifests.verify(ckpt / tag) is None

@@ -1,6 +1,6 @@
 """The project as a wheel: it builds, ships every YAML under pipeline/conf, and a non-editable
-install run from another directory loads conf/... configs (DESIGN.md: "a wheel works outside
-the repo")."""
+install run from another directory loads conf/... configs (users install the wheel, not the
+repository)."""
 
 from __future__ import annotations
 

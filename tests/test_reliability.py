@@ -1,4 +1,4 @@
-"""Issue 10, end to end: what a 2-rank `pipeline train` promises when it is killed, signalled,
+"""End to end: what a 2-rank `pipeline train` promises when it is killed, signalled,
 started twice, given a damaged checkpoint or bad input, with trainable BatchNorm.
 
 Two training runs serve every test (CI has 2 cores):
@@ -74,7 +74,7 @@ def _config(tmp: Path, shards: Path, name: str) -> Path:
             "num_workers": 0,
         },
         "sampler": {"classes_per_batch": 4, "samples_per_class": 4, "steps_per_epoch": 6},
-        # Trainable BatchNorm: the ranks' running statistics must stay one model (issue 10).
+        # Trainable BatchNorm: the ranks' running statistics must stay one model.
         "model": {"backbone": "test_byobnet", "embedding_dim": 16, "freeze_bn": False},
         "optim": {"lr": 1e-3, "scheduler": "step", "step_size": 5, "gamma": 0.5},
         "loss": {"temperature": 0.05},
@@ -434,7 +434,8 @@ def test_reported_metrics_are_those_of_the_saved_model(reference, tmp_path):
         [
             *(sys.executable, "-m", "pipeline.cli", "evaluate"),
             *("--config", str(reference / "config.yaml")),
-            f"checkpoint={reference / 'model.safetensors'}",
+            "--weights",
+            str(reference / "model.safetensors"),
             f"eval.output_dir={out}",
             "tracking.enabled=false",
         ],

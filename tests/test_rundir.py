@@ -23,3 +23,22 @@ def test_eval_output_dir_defaults_to_the_run_directory(tmp_path):
     assert eval_output_dir(cfg) == tmp_path / "run" / "eval"
     other = RunConfig(train=cfg.train, eval=EvalConfig(output_dir=str(tmp_path / "e")))
     assert eval_output_dir(other) == tmp_path / "e"
+
+
+def test_eval_dir_names_the_files_of_an_evaluation(tmp_path):
+    """Old evaluation folders keep reading: the rows are still written as index.npy."""
+    from pipeline.rundir import EvalDir
+
+    ev = EvalDir(tmp_path)
+    assert ev.metrics == tmp_path / "metrics.json"
+    assert ev.rows == tmp_path / "index.npy"
+    assert ev.part(3) == tmp_path / "parts" / "part_00003.npz"
+    assert ev.log_file(1) == tmp_path / "logs" / "rank1.log"
+    ev.metrics.write_text('{"recall@1": 0.5}')
+    assert ev.read_metrics() == {"recall@1": 0.5}
+
+
+def test_run_dir_names_the_tracking_and_launch_records(tmp_path):
+    run = RunDir(tmp_path)
+    assert run.undelivered == tmp_path / "mlflow_undelivered.jsonl"
+    assert run.launch_record(3) == tmp_path / "launch" / "rank3.json"

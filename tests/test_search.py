@@ -33,7 +33,16 @@ def assets(tmp_path_factory, synthetic_split) -> dict:
     model = build_model(ModelConfig(backbone="resnet18", embedding_dim=16))
     weights = save_weights(model.state_dict(), model.architecture, root / "model.safetensors")
     index_dir = root / "gallery"
-    argv = ["index", f"checkpoint={weights}", *CFG, "--shards", str(split), "--out", str(index_dir)]
+    argv = [
+        "build-gallery",
+        "--weights",
+        str(weights),
+        *CFG,
+        "--shards",
+        str(split),
+        "--out",
+        str(index_dir),
+    ]
     assert main(argv) == 0
     return {"root": root, "split": split, "weights": weights, "index": index_dir}
 
@@ -109,7 +118,14 @@ def test_query_that_is_not_an_image_is_a_one_line_error(assets, tmp_path, capsys
 
 
 def test_index_directory_is_not_overwritten(assets, capsys):
-    argv = ["index", f"checkpoint={assets['weights']}", *CFG, "--shards", str(assets["split"])]
+    argv = [
+        "build-gallery",
+        "--weights",
+        str(assets["weights"]),
+        *CFG,
+        "--shards",
+        str(assets["split"]),
+    ]
     assert main([*argv, "--out", str(assets["index"])]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
 
@@ -122,16 +138,19 @@ def test_image_folder_gallery_skips_bad_files_and_finds_itself(assets, tmp_path,
     (folder / "dogs" / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
     out = tmp_path / "gallery"
     argv = [
-        "index",
-        f"checkpoint={assets['weights']}",
+        "index",  # the old name of build-gallery
+        "--weights",
+        str(assets["weights"]),
         *CFG,
         "--images",
         str(folder),
         "--out",
         str(out),
     ]
-    assert main(argv) == 0
-    assert "skipped 1 unreadable images" in capsys.readouterr().out
+    assert main(argv) == 0  # the old command name still works, with a message
+    captured = capsys.readouterr()
+    assert "skipped 1 unreadable images" in captured.out
+    assert "`pipeline index` is now `pipeline build-gallery`" in captured.err
     assert "broken.jpg" in (out / "skipped.txt").read_text()
     query = folder / "dogs" / "1.jpg"
     res = tmp_path / "res.json"

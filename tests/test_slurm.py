@@ -227,7 +227,7 @@ def test_array_evaluation_matches_one_process(slurm_cluster, shards, tmp_path):
     out = tmp_path / "eval"
     jobs = tmp_path / "jobs"
     proc = launcher_cli(
-        *("evaluate", "--config", str(config), f"checkpoint={weights}", f"eval.output_dir={out}"),
+        *("evaluate", "--config", str(config), "--weights", str(weights), f"eval.output_dir={out}"),
         *("--cluster", "localslurm", "--tasks-per-node", "1", "--parts", "2"),
         *("--folder", f"{jobs}/%j"),
     )

@@ -1,4 +1,4 @@
-"""Issue 10: a tracking outage never stops training.
+"""A tracking outage never stops training.
 
 Fast tests: the start-up check against a port nothing listens on, the outbox (order,
 spilling, retries, rejections) against a fake store, and the upload command against SQLite.
@@ -23,9 +23,10 @@ from pathlib import Path
 import pytest
 
 from pipeline.config.schema import TrackingConfig
+from pipeline.rundir import RunDir
 from pipeline.tracking.base import TrackingUnavailable
 from pipeline.tracking.mlflow import MlflowTracker
-from pipeline.tracking.outbox import UNDELIVERED_FILE, Outbox, write_undelivered
+from pipeline.tracking.outbox import Outbox, write_undelivered
 from pipeline.tracking.session import make_tracker
 from pipeline.tracking.upload import main
 from tests.dist_helpers import free_port
@@ -282,7 +283,7 @@ def test_upload_delivers_a_spool_file_once_and_is_idempotent(tmp_path):
         {"kind": "status", "status": "FINISHED", "end_time": 5},
     ]
     spool = write_undelivered(records, tmp_path / "run", uri, tracker.run_id)
-    assert spool == (tmp_path / "run" / UNDELIVERED_FILE).resolve()
+    assert spool == RunDir(tmp_path / "run").undelivered.resolve()
 
     first = upload_cli(spool)
     assert first.returncode == 0, first.stderr
@@ -440,7 +441,7 @@ def test_a_server_killed_and_restarted_mid_run_costs_the_loop_nothing(
     assert slowest < 0.5
     server.wait_healthy()
     assert tracker.finish(timeout_s=60) is None  # everything delivered: no file
-    assert not (tmp_path / "run" / UNDELIVERED_FILE).exists()
+    assert not RunDir(tmp_path / "run").undelivered.exists()
     assert_each_step_once(server.url, tracker.run_id, ["train/loss", "train/lr"], range(1, 61))
     err = capsys.readouterr().err
     assert f"{server.url} does not answer" in err and "answers again" in err
@@ -471,7 +472,7 @@ def test_a_server_that_never_comes_back_leaves_a_file_that_upload_delivers_once(
     # timeout, 10 s, for the call in flight).
     finish_s = time.monotonic() - start
     assert finish_s < bound_s + 2
-    assert spool == (run_dir / UNDELIVERED_FILE).resolve() == tracker.undelivered_path
+    assert spool == RunDir(run_dir).undelivered.resolve() == tracker.undelivered_path
     lines = [json.loads(line) for line in spool.read_text().splitlines()]
     assert lines[0] == {
         "kind": "header",

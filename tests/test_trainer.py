@@ -98,7 +98,7 @@ def test_trainer_trains_checkpoints_and_records_the_run(
     )
     assert [s for s, _ in losses] == [1, 2] and all(math.isfinite(v) for _, v in losses)
     assert client.get_run(result["run_id"]).info.status == "FINISHED"
-    # The run's model, registered under tracking.register_model (issue 12): version 1 comes
+    # The run's model, registered under tracking.register_model: version 1 comes
     # from this run and embeds images as the saved weights do.
     versions = client.search_model_versions("name='tiny-embedder'")
     assert [(int(v.version), v.run_id) for v in versions] == [(1, result["run_id"])]

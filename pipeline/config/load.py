@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import types
 import typing
 from pathlib import Path
@@ -183,7 +184,10 @@ def load_config(
     overrides: list[str] | tuple[str, ...] = (),
     defaults: str | Path | None = DEFAULTS_PATH,
 ) -> RunConfig:
-    """Defaults (dataclass defaults, then ``conf/defaults.yaml``) -> YAML ``path`` -> overrides."""
+    """Defaults (dataclass defaults, then ``conf/defaults.yaml``) -> YAML ``path`` -> overrides.
+
+    Parses and type-checks (unknown keys, wrong types, each section's own rules); the rules
+    across sections are :func:`pipeline.config.rules.load_checked`'s, which entry points use."""
     tree = to_dict(RunConfig())
     for source in (defaults, path):
         if source is None:
@@ -207,35 +211,52 @@ def load_config(
         cfg = _build(RunConfig, tree, "")
     except TypeError as e:  # a dataclass refused its kwargs
         raise ConfigError(str(e)) from e
-    from pipeline.config.rules import check
-
-    check(cfg)
     return cfg
 
 
-def split_checkpoint(tokens: list[str] | tuple[str, ...]) -> tuple[str, list[str]]:
-    """``checkpoint=PATH`` (made absolute) and the remaining config overrides.
+LEGACY_WEIGHTS = "checkpoint="
+"""The old spelling of ``--weights PATH`` among the overrides (still read, with a message)."""
 
-    ``pipeline evaluate`` and its SLURM launcher take the trained weights this way; the path
-    must be given once and exist.
+
+def split_weights(
+    weights: str | None, tokens: list[str] | tuple[str, ...]
+) -> tuple[str, list[str]]:
+    """The trained weights (``--weights PATH``, made absolute) and the config overrides.
+
+    ``pipeline evaluate``, ``export`` and ``build-gallery`` and the SLURM launcher take the
+    weights this way; the path must be given once and exist. The old spelling
+    ``checkpoint=PATH`` among the overrides still works and prints a deprecation message.
     """
-    found = [t.split("=", 1)[1] for t in tokens if t.startswith("checkpoint=")]
-    rest = [t for t in tokens if not t.startswith("checkpoint=")]
+    legacy = [t.removeprefix(LEGACY_WEIGHTS) for t in tokens if t.startswith(LEGACY_WEIGHTS)]
+    rest = [t for t in tokens if not t.startswith(LEGACY_WEIGHTS)]
+    if legacy:
+        print(
+            f"deprecated: {LEGACY_WEIGHTS}PATH names the weights as --weights PATH now "
+            f"(--weights {legacy[0]}); the old spelling will stop working",
+            file=sys.stderr,
+        )
+    found = ([weights] if weights is not None else []) + legacy
     if len(found) != 1 or not found[0]:
         raise ConfigError(
-            "pass the trained weights once as checkpoint=PATH (a run's model.safetensors or "
+            "pass the trained weights once, as --weights PATH (a run's model.safetensors or "
             "its checkpoints/ directory), e.g. "
-            "`pipeline evaluate --config conf/demo.yaml checkpoint=runs/demo/model.safetensors`"
+            "`pipeline evaluate --config conf/demo.yaml --weights runs/demo/model.safetensors`"
         )
     path = Path(found[0]).resolve()
     if not path.exists():
-        raise ConfigError(f"checkpoint={found[0]!r} does not exist ({path})")
+        raise ConfigError(f"--weights {found[0]!r} does not exist ({path})")
     return str(path), rest
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, overrides_help: str) -> None:
-    """``--config YAML`` (optional: the typed defaults without it) and the positional
-    ``KEY=VALUE`` overrides, as the commands that load a trained model take them."""
+    """``--weights PATH``, ``--config YAML`` (optional: the typed defaults without it) and the
+    positional ``KEY=VALUE`` overrides, as the commands that load a trained model take them."""
+    parser.add_argument(
+        "--weights",
+        default=None,
+        metavar="PATH",
+        help="the trained weights: a run's model.safetensors or its checkpoints/ directory",
+    )
     parser.add_argument("--config", default=None, help="experiment YAML (e.g. conf/demo.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=overrides_help)
 

@@ -1,16 +1,36 @@
 """Rules across config sections: each broken rule raises a one-line ConfigError naming the keys,
-values, rule and fix. Rules that need the shards or the world size are in :mod:`pipeline.preflight`."""
+values, rule and fix. Rules that need the shards or the world size are in :mod:`pipeline.preflight`.
+
+Loading a config (:func:`pipeline.config.load.load_config`) parses and type-checks it only; these
+rules consult the components they are about (the dealing of shards to data workers, the
+evaluation protocols, the BatchNorm policy), so they sit above them, and every entry point
+applies them through :func:`load_checked`: the CLI for each command that names a config, the
+SLURM launcher before it submits, the demo.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pipeline.config.deepspeed import read_deepspeed_file
+from pipeline.config.load import load_config
 from pipeline.config.schema import ConfigError, RunConfig
 from pipeline.data.dealing import streams_per_rank
 from pipeline.train.batchnorm import check_config as check_batchnorm
 
 
+def load_checked(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> RunConfig:
+    """The config of ``path`` and ``overrides`` (:func:`load_config`), checked by :func:`check`:
+    what an entry point runs before anything else."""
+    cfg = load_config(path, overrides)
+    check(cfg)
+    return cfg
+
+
 def check(cfg: RunConfig) -> None:
-    """Rules across sections, checked when a config loads (before any engine, data or job):
+    """Rules across sections, checked before any engine, data or job starts:
     each broken rule raises a one-line ConfigError naming the keys, values, rule and fix.
 
     Rules that need the shards or the world size are in :mod:`pipeline.preflight`.

@@ -1,11 +1,16 @@
-"""Shards: writing (converters, synthetic data), the index, validation, streaming P x K batches.
+"""Shards: writing (converters, synthetic data), the catalog, validation, streaming P x K batches.
 
 Modules (importing this package imports none of them):
 
+- ``items``       ``SourceItem`` (what a converter lists) and the shared JPEG encoding
 - ``writer``      write one split as WebDataset tar shards + ``index.parquet`` + ``sizes.json``
 - ``converters``  list the samples of VGGFace2, iNaturalist 2018, SOP, IJB-C, ImageFolder trees
 - ``synthetic``   the built-in procedurally generated retrieval dataset
-- ``index``       shard naming, URL expansion, ``read_index`` / ``read_sizes``
+- ``catalog``     the shard table (``index.parquet``): shard naming, URL expansion,
+                  ``read_index`` / ``read_sizes``
+- ``outdir``      what make-shards may write where; replacing a split safely
+- ``dealing``     which shards each rank and data worker reads
+- ``imagemode``   any decoded image to the RGB picture it shows
 - ``validate``    ``pipeline validate-shards``
 - ``make_shards`` ``pipeline make-shards``
 - ``pk``          class groups of K and the P x K shuffle-buffer batcher (pure logic)

@@ -84,7 +84,7 @@ def list_inaturalist(root: Path, split: str) -> list[SourceItem]:
     for n, line in _lines(list_file):
         parts = line.split("/")
         # Exactly four levels: with one missing (train_val2018/Plantae/x.jpg) the class would
-        # silently become the super-category folder (issue 10).
+        # silently become the super-category folder.
         if len(parts) != INAT_LEVELS or not all(parts):
             raise LayoutError(
                 f"{list_file}:{n}: {line!r} is not of the form {INAT_LAYOUT} ({len(parts)} "

@@ -1,7 +1,7 @@
 """Turn any decoded image into the 8-bit RGB picture it shows, by stated rules.
 
 Shards hold RGB JPEGs. PIL's ``convert("RGB")`` is not enough: it clips high-bit-depth pixels
-to 255 (a 16-bit grayscale PNG became a near-white JPEG without a warning, issue 10), drops an
+to 255 (a 16-bit grayscale PNG became a near-white JPEG without a warning), drops an
 alpha channel onto whatever colour the transparent pixels happen to store, and ignores the EXIF
 orientation a camera wrote. The rules, in order:
 

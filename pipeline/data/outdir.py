@@ -1,8 +1,8 @@
 """The output side of make-shards: what may be written where, and replacing a split safely.
 
-Issue 10: ``make-shards imagefolder --root D/train --out D`` deleted its own source images, and
-writing into an existing output silently deleted the old split with any user file in it. The
-rules here (DESIGN.md "Bad input": no command deletes what it did not write):
+``make-shards imagefolder --root D/train --out D`` once deleted its own source images, and
+writing into an existing output silently deleted the old split with any user file in it. No
+command may delete or overwrite what it did not write, so the rules here are:
 
 - The output folder and every input folder must not overlap (one inside the other, after
   resolving links): refused before anything is written.

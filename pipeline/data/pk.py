@@ -1,7 +1,7 @@
 """Class groups of K and the P x K shuffle-buffer batcher (pure logic: no files, no torch).
 
 The paper's sampler (Brown et al. 2020, Sec. 4) fills every batch with P classes x K images. From
-a class-contiguous stream (DESIGN.md "Class-balanced streaming"):
+a class-contiguous stream, without random access:
 
 1. consecutive samples of one label within a shard form a *run* (``class_runs``);
 2. a run is shuffled and cut into groups of K (``cut_groups``): the last incomplete group is

@@ -2,7 +2,7 @@
 
 Every sample is ``{__key__, jpg, cls, json}`` (see ``shards/README.md``). Samples are written
 class-contiguous: all of a class's samples together, classes in a seeded random order, so that a
-streaming reader can cut class groups without random access (DESIGN.md "Shards"). A shard is
+streaming reader can cut class groups without random access (the P x K sampler). A shard is
 closed early rather than split a class that would not fit, so a class spans several shards only
 when it alone holds more than ``samples_per_shard`` samples.
 

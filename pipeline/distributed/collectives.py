@@ -78,13 +78,38 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """Elementwise maximum over ranks (returns a new tensor; all ranks participate)."""
+    if not is_distributed():
+        return tensor
+    out = tensor.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return out
+
+
+def all_reduce_sum_over(tensor: torch.Tensor, process_group: Any) -> torch.Tensor:
+    """Sum ``tensor`` in place over ``process_group``, a subgroup such as DeepSpeed's
+    data-parallel group; returns it. Every rank of that group participates."""
+    dist.all_reduce(tensor, group=process_group)
+    return tensor
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's picklable ``obj``, in rank order (all ranks participate)."""
+    if not is_distributed():
+        return [obj]
+    every: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(every, obj)
+    return every
+
+
 def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
     """Give every rank ``src``'s buffers (BatchNorm running statistics), in place.
 
     All ranks participate. DeepSpeed, unlike torch's DDP, does not broadcast buffers, so with
     trainable BatchNorm each rank would keep statistics of its own batches: the evaluation
     would embed each rank's share with another model, and the saved weights (rank 0's) would
-    not be the evaluated ones (issue 10). One flat broadcast per dtype keeps it to a few
+    not be the evaluated ones. One flat broadcast per dtype keeps it to a few
     messages per step.
     """
     if not is_distributed():

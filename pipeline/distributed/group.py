@@ -151,7 +151,7 @@ def exit_process(code: int) -> NoReturn:
     unwinding through the C++ destructor calls ``std::terminate``: a rank that finished its
     work aborts ("terminate called without an active exception", exit -6) instead of exiting
     with its code. ``destroy_process_group`` does not join those threads, and DeepSpeed
-    holds its groups until its modules are torn down. Issue 9: 1 full test run in 2 lost a
+    holds its groups until its modules are torn down. Once, 1 full test run in 2 lost a
     rank this way; a core dump shows ``ProcessGroupGloo::runLoop`` -> ``~AsyncWork`` ->
     ``TensorImpl::decref_pyobject`` -> ``take_gil`` -> ``pthread_exit`` -> ``std::terminate``
     (``tests/test_exit.py`` reproduces it with a plain exit).

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from pipeline import logs
-from pipeline.config.load import add_config_arguments, load_config, named_model, split_checkpoint
+from pipeline.config.load import add_config_arguments, load_config, named_model, split_weights
 from pipeline.config.schema import DataConfig, EvalConfig, RunConfig, to_dict
 from pipeline.data.catalog import read_index, split_dir
 from pipeline.data.stream import read_shard
@@ -38,7 +38,7 @@ from pipeline.eval.metrics import l2_normalize, retrieval_metrics
 from pipeline.model import load_trained_model
 from pipeline.plots import retrieval_grid_png, roc_png
 from pipeline.preflight import preflight
-from pipeline.rundir import RunDir, eval_output_dir
+from pipeline.rundir import EvalDir, eval_output_dir
 from pipeline.tracking.mlflow import MlflowTracker, run_page
 from pipeline.tracking.session import tracking_session
 
@@ -157,18 +157,19 @@ def write_outputs(
     """Write embeddings (.npy), metrics.json and the protocol's figure; return the small files
     worth logging (metrics and figure, not the embeddings)."""
     out.mkdir(parents=True, exist_ok=True)
-    np.save(out / "embeddings.npy", e.emb_ND)
-    np.save(out / "labels.npy", e.labels_N)
-    np.save(out / "index.npy", e.index_N)
-    files = [out / "metrics.json"]
+    names = EvalDir(out)
+    np.save(names.embeddings, e.emb_ND)
+    np.save(names.labels, e.labels_N)
+    np.save(names.rows, e.index_N)
+    files = [names.metrics]
     files[0].write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     if eval_cfg.protocol == "ijbc":
         tar = {
             float(k.split("=", 1)[1]): v for k, v in metrics.items() if k.startswith("ijbc_tar@")
         }
-        files.append(roc_png(extras["fpr"], extras["tpr"], tar, out / "roc.png"))
+        files.append(roc_png(extras["fpr"], extras["tpr"], tar, names.roc))
     else:
-        grid = retrieval_grid(e, data_cfg, out / "retrieval_grid.png")
+        grid = retrieval_grid(e, data_cfg, names.retrieval_grid)
         if grid is not None:
             files.append(grid)
     return files
@@ -231,8 +232,7 @@ def retrieval_grid(e: Embeddings, data_cfg: DataConfig, path: Path) -> Path | No
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(
         parser,
-        "checkpoint=PATH (required: a run's model.safetensors or its checkpoints/ directory), "
-        "then config overrides such as eval.protocol=ijbc data.eval_urls=DIR",
+        "config overrides such as eval.protocol=ijbc data.eval_urls=DIR",
     )
 
 
@@ -243,11 +243,11 @@ def _preflight(cfg: RunConfig) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    checkpoint, overrides = split_checkpoint(args.overrides)
+    checkpoint, overrides = split_weights(args.weights, args.overrides)
     cfg: RunConfig = load_config(args.config, overrides)
     out = eval_output_dir(cfg)
     rank = group.process_rank()
-    logs.setup_logging(RunDir(out).log_file(rank), rank=rank)
+    logs.setup_logging(EvalDir(out).log_file(rank), rank=rank)
     # Joins the job's group (none for one process) and always leaves it.
     with group.process_group():
         model = load_trained_model(checkpoint, named_model(args.config, overrides, cfg))

@@ -211,9 +211,8 @@ def full_ranking_ap(
         pos[rows[:, 0], rows[:, 1]] = S[rows[:, 0], member[rows[:, 0], rows[:, 1]] - lo]
         if group.get_world_size() > 1:
             # All ranks participate: each positive's score lives on exactly one rank.
-            pos_c = pos.to(group.device())  # NCCL only moves CUDA tensors
-            torch.distributed.all_reduce(pos_c, op=torch.distributed.ReduceOp.MAX)
-            pos = pos_c.to(device)
+            # NCCL only moves CUDA tensors.
+            pos = collectives.all_reduce_max(pos.to(group.device())).to(device)
         pos[~is_pos] = torch.inf  # padding sorts last and no finite score reaches it
         R = is_pos.sum(1)
         # Only as many positive slots as this block's largest class needs.

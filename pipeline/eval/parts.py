@@ -1,4 +1,5 @@
-"""Evaluation in parts: embed shard ranges separately, then merge and score (issue 6, part 2).
+"""Evaluation in parts: embed shard ranges separately, then merge and score (a Slurm array job
+for evaluations too large for one job, launch.evaluation).
 
 Part i embeds a contiguous range of the eval shards (with as many ranks as its job has) and
 writes ``<eval dir>/parts/part_{i:05d}.npz`` (embeddings, labels, global sample indices and a
@@ -28,16 +29,10 @@ from pipeline.distributed import collectives, group
 from pipeline.eval.evaluator import compute_metrics, tracked_metrics, write_outputs
 from pipeline.eval.extract import Embeddings, extract_embeddings, sort_by_index
 from pipeline.model import load_trained_model
-from pipeline.rundir import eval_output_dir
+from pipeline.rundir import EvalDir, eval_output_dir
 from pipeline.tracking.session import tracking_session
 
 log = logging.getLogger(__name__)
-
-PARTS_DIR = "parts"
-
-
-def part_path(out: Path, part: int) -> Path:
-    return out / PARTS_DIR / f"part_{part:05d}.npz"
 
 
 def plan_parts(eval_urls: str, parts: int) -> list[list[str]]:
@@ -69,7 +64,7 @@ def extract_part(cfg: RunConfig, checkpoint: str, part: int, urls: list[str]) ->
     """Embed the shards ``urls`` with the weights ``checkpoint`` into part file ``part``
     (rank 0 writes); a part already computed from the same inputs is kept. Joins and leaves
     the process group itself. All ranks participate."""
-    path = part_path(eval_output_dir(cfg), part)
+    path = EvalDir.of(cfg).part(part)
     stamp = fingerprint(checkpoint, urls)
     if read_fingerprint(path) == stamp:  # requeued or resubmitted: this part is done
         with np.load(path) as f:
@@ -105,7 +100,9 @@ def merge_parts(
     ``stamps``: the fingerprint each part must carry. Raises ValueError naming a missing or
     stale part, a sample seen twice, or a wrong total.
     """
-    missing = [str(part_path(out, i)) for i in range(parts) if not part_path(out, i).is_file()]
+    missing = [
+        str(EvalDir(out).part(i)) for i in range(parts) if not EvalDir(out).part(i).is_file()
+    ]
     if missing:
         raise ValueError(
             f"{len(missing)} of {parts} evaluation parts are missing ({', '.join(missing[:3])}"
@@ -113,14 +110,14 @@ def merge_parts(
             "the job folder, then resubmit (finished parts are kept)"
         )
     for i, stamp in enumerate(stamps or []):
-        if read_fingerprint(part_path(out, i)) != stamp:
+        if read_fingerprint(EvalDir(out).part(i)) != stamp:
             raise ValueError(
-                f"{part_path(out, i)} was computed from other weights or shards than this "
+                f"{EvalDir(out).part(i)} was computed from other weights or shards than this "
                 "evaluation: delete the parts folder (or use another eval.output_dir) and resubmit"
             )
     embs, labels, indices = [], [], []
     for i in range(parts):
-        with np.load(part_path(out, i)) as f:
+        with np.load(EvalDir(out).part(i)) as f:
             embs.append(f["emb"])
             labels.append(f["labels"])
             indices.append(f["index"])
@@ -129,13 +126,13 @@ def merge_parts(
     )
     if len(repeated):
         raise ValueError(
-            f"sample index {int(repeated[0])} appears in two parts under {out / PARTS_DIR}: "
+            f"sample index {int(repeated[0])} appears in two parts under {EvalDir(out).parts}: "
             "data.eval_urls lists a shard twice, or the parts come from different runs; "
             "delete the parts folder and resubmit"
         )
     if expected_rows is not None and len(e.index_N) != expected_rows:
         raise ValueError(
-            f"the parts under {out / PARTS_DIR} hold {len(e.index_N)} samples, the eval split's "
+            f"the parts under {EvalDir(out).parts} hold {len(e.index_N)} samples, the eval split's "
             f"index.parquet lists {expected_rows}: delete the parts folder and resubmit"
         )
     return e

@@ -1,8 +1,8 @@
 """``pipeline export``: a trained model as ONNX or TorchScript, or as an MLflow pyfunc model.
 
-    pipeline export --config conf/demo.yaml checkpoint=runs/demo/model.safetensors \
+    pipeline export --config conf/demo.yaml --weights runs/demo/model.safetensors \
         --format onnx --out model.onnx
-    pipeline export --config conf/demo.yaml checkpoint=... --mlflow --register-model demo-embedder
+    pipeline export --config conf/demo.yaml --weights ... --mlflow --register-model demo-embedder
 
 The exported graph is the whole :class:`pipeline.model.EmbeddingModel` (backbone, head and the
 L2 normalisation): float32 NCHW images of ``data.image_size`` in, unit-norm embeddings out, any
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.config.load import add_config_arguments, load_config, named_model, split_checkpoint
+from pipeline.config.load import add_config_arguments, load_config, named_model, split_weights
 from pipeline.config.schema import DataConfig, RunConfig
 from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD, draft_side
 from pipeline.errors import UserError
@@ -281,7 +281,6 @@ def log_mlflow_model(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(
         parser,
-        "checkpoint=PATH (a run's model.safetensors or its checkpoints/ directory), then "
         "config overrides (data.image_size, data.resize_size, tracking.uri, ...)",
     )
     parser.add_argument("--format", default=None, help=f"one of {', '.join(FORMATS)}")
@@ -304,16 +303,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def load_checkpoint_model(config: str | None, tokens: list[str]) -> tuple[Any, RunConfig, str]:
-    """The trained model of ``checkpoint=PATH`` in ``tokens``, the config and the path.
+def load_weights_model(
+    config: str | None, weights: str | None, tokens: list[str]
+) -> tuple[Any, RunConfig, str]:
+    """The trained model of ``--weights`` (``weights``), the config and the weights' path.
 
     As in ``pipeline evaluate``: the file's recorded architecture is used unless the config
     names a model, in which case the two must agree (``ModelLoadError`` otherwise).
     """
-    checkpoint, overrides = split_checkpoint(tokens)
+    path, overrides = split_weights(weights, tokens)
     cfg = load_config(config, overrides)
-    model = load_trained_model(checkpoint, named_model(config, overrides, cfg))
-    return model, cfg, checkpoint
+    model = load_trained_model(path, named_model(config, overrides, cfg))
+    return model, cfg, path
 
 
 def run(args: argparse.Namespace) -> int:
@@ -331,7 +332,7 @@ def run(args: argparse.Namespace) -> int:
         raise ExportError(
             f"--format {args.format!r} is not supported; use one of {', '.join(FORMATS)}"
         )
-    model, cfg, checkpoint = load_checkpoint_model(args.config, args.overrides)
+    model, cfg, checkpoint = load_weights_model(args.config, args.weights, args.overrides)
     if args.format is not None:
         out, spec = export_model(model, cfg.data, args.format, args.out, force=args.force)
         print(f"wrote {out} ({args.format}, batch dynamic, {cfg.data.image_size} px) and {spec}")

@@ -1,7 +1,7 @@
-"""``pipeline index``: embed a gallery with a trained model into a FAISS index on disk.
+"""``pipeline build-gallery``: embed a gallery with a trained model into a FAISS index on disk.
 
-    pipeline index --config CFG checkpoint=PATH --shards data/sop/test --out gallery/
-    pipeline index --config CFG checkpoint=PATH --images my_photos/ --out gallery/ --kind hnsw
+    pipeline build-gallery --config CFG --weights PATH --shards data/sop/test --out gallery/
+    pipeline build-gallery --config CFG --weights PATH --images my_photos/ --out gallery/ --kind hnsw
 
 An index directory holds:
 
@@ -49,7 +49,7 @@ from pipeline.distributed import collectives, group
 from pipeline.errors import UserError
 from pipeline.eval.extract import extract_embeddings, sort_by_index
 from pipeline.eval.knn import ExactIPIndex, as_float32_matrix, import_faiss, merge_topk
-from pipeline.serve.export import load_checkpoint_model, preprocessing_spec
+from pipeline.serve.export import load_weights_model, preprocessing_spec
 
 INDEX_FILE = "index.faiss"
 ITEMS_FILE = "items.parquet"
@@ -253,10 +253,8 @@ def _folder_gallery(
         collectives.all_gather_rows(emb),
         collectives.all_gather_rows(index),
     )  # all ranks participate
-    if world > 1:
-        every: list[Any] = [None] * world
-        torch.distributed.all_gather_object(every, skipped)  # all ranks participate
-        skipped = sorted(s for part in every for s in part)
+    every = collectives.all_gather_objects(skipped)  # all ranks participate
+    skipped = sorted(s for part in every for s in part)
     e, _ = sort_by_index(emb, np.zeros(len(index), np.int64), index)
     kept_files = [files[int(i)] for i in e.index_N]
     classes = sorted({str(f.parent.relative_to(folder)) for f in kept_files} - {"."})
@@ -321,19 +319,19 @@ class Gallery:
 
 
 def read_gallery(directory: str | Path) -> Gallery:
-    """Read an index directory written by ``pipeline index`` (GalleryError if it is not one)."""
+    """Read an index directory written by ``pipeline build-gallery`` (GalleryError if it is not one)."""
     directory = Path(directory)
     missing = [f for f in (INDEX_FILE, ITEMS_FILE, MANIFEST_FILE) if not (directory / f).is_file()]
     if missing:
         raise GalleryError(
             f"{str(directory)!r} is not an index directory (no {', '.join(missing)}); build one "
-            "with `pipeline index ... --out DIR`"
+            "with `pipeline build-gallery ... --out DIR`"
         )
     manifest = json.loads((directory / MANIFEST_FILE).read_text())
     if manifest.get("format") != MANIFEST_FORMAT:
         raise GalleryError(
             f"{directory / MANIFEST_FILE}: format {manifest.get('format')!r} is not "
-            f"{MANIFEST_FORMAT!r}; rebuild the index with this version's `pipeline index`"
+            f"{MANIFEST_FORMAT!r}; rebuild the index with this version's `pipeline build-gallery`"
         )
     index = import_faiss().read_index(str(directory / INDEX_FILE))
     gallery = Gallery(directory, index, pq.read_table(directory / ITEMS_FILE).to_pydict(), manifest)
@@ -345,9 +343,7 @@ def read_gallery(directory: str | Path) -> Gallery:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(
-        parser, "checkpoint=PATH (required), then config overrides (data.image_size, ...)"
-    )
+    add_config_arguments(parser, "config overrides (data.image_size, ...)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--shards", default=None, help="a split of shards (directory or spec)")
     source.add_argument("--images", default=None, help="a folder of images (class sub-folders)")
@@ -380,10 +376,10 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise GalleryError(
-            f"--out {str(out)!r} exists and is not empty; pipeline index does not overwrite: "
+            f"--out {str(out)!r} exists and is not empty; pipeline build-gallery does not overwrite: "
             "pick a new directory"
         )
-    model, cfg, checkpoint = load_checkpoint_model(args.config, args.overrides)
+    model, cfg, checkpoint = load_weights_model(args.config, args.weights, args.overrides)
     batch_size = args.batch_size or cfg.eval.batch_size
     # Joins the job's group (none for one process) and always leaves it.
     with group.process_group():

@@ -114,7 +114,7 @@ def grid_png(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("index_dir", help="a directory written by `pipeline index`")
+    parser.add_argument("index_dir", help="a directory written by `pipeline build-gallery`")
     parser.add_argument("images", nargs="+", help="query image files")
     parser.add_argument("--k", type=int, default=10, help="neighbours per query")
     parser.add_argument("--checkpoint", default=None, help="default: the manifest's checkpoint")

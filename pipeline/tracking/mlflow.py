@@ -11,7 +11,7 @@ never logged twice at the same step. A run killed after logging step 17 but chec
 step 12 recomputes steps 13-17 on resume; those (key, step) pairs are already in the store and
 are skipped, so every step appears once in the run's history.
 
-An outage never stops training (issue 10): the start checks that an http(s) server answers
+An outage never stops training (a run must not die with its tracking server): the start checks that an http(s) server answers
 (a one-line :class:`TrackingUnavailable` in seconds otherwise); after that every record goes
 through a bounded queue that one thread delivers, retrying until the store is back
 (:mod:`pipeline.tracking.outbox`). What is still undelivered when the run ends is written
@@ -143,11 +143,12 @@ class MlflowTracker:
     Start-up talks to the store synchronously and fails fast (:class:`TrackingUnavailable`)
     when an http(s) server does not answer. After that nothing waits for the store: metrics,
     params and tags go into an :class:`Outbox` that one background thread delivers in order,
-    retrying with back-off through an outage (issue 10). Metrics of one call share a
+    retrying with back-off through an outage. Metrics of one call share a
     timestamp and step; params are the flattened config; on a continued run only params the
     run lacks are added (MLflow refuses to change a param), and changed values are reported
     and tagged. :meth:`finish` waits a bounded time for the queue, then writes what is left
-    to ``UNDELIVERED_FILE`` for ``python -m pipeline.tracking upload``.
+    to the run directory's undelivered file (``RunDir.undelivered``) for ``python -m
+    pipeline.tracking upload``.
     """
 
     def __init__(
@@ -341,7 +342,7 @@ class MlflowTracker:
     ) -> Path | None:
         """End the run with ``status``, waiting up to ``timeout_s`` (default
         ``drain_timeout_s``) for the queue. Records still undelivered then (the status
-        included) are appended to ``spool_dir/UNDELIVERED_FILE`` (default: the constructor's
+        included) are appended to ``RunDir(spool_dir).undelivered`` (default: the constructor's
         ``spool_dir``, else a temporary file), and the upload command is printed. Returns
         that file, or None when everything was delivered. A second call does nothing."""
         if self._finished:

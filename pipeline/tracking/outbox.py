@@ -1,5 +1,5 @@
-"""The queue between the MLflow tracker and its store (issue 10: a tracking outage never
-stops training).
+"""The queue between the MLflow tracker and its store, so that a tracking outage never stops
+training.
 
 Records are plain JSON-able dicts, one per tracker call, so that the same record can wait
 in memory, spill to disk, go into the undelivered file and be read back by the upload
@@ -30,11 +30,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from pipeline.rundir import RunDir
+
 # Records held in memory; past it the queue spills to a file (a long outage on a long run).
 MAX_QUEUED = 10_000
 # The longest pause between two tries of a failed send (back-off from 0.5 s, doubling).
 RETRY_MAX_S = 10.0
-UNDELIVERED_FILE = "mlflow_undelivered.jsonl"
 _SPOOL_VERSION = 1
 # MLflow's per-call limits (log_batch); a chunk the thread sends is cut to fit them.
 _MAX_METRICS, _MAX_PARAMS, _MAX_TAGS = 1000, 100, 100
@@ -111,13 +112,14 @@ def deliver(client: Any, run_id: str, records: list[dict[str, Any]]) -> None:
 def write_undelivered(
     records: list[dict[str, Any]], directory: Path | None, uri: str, run_id: str
 ) -> Path:
-    """Append a header line and ``records`` (JSON lines) to the undelivered file. Appending
+    """Append a header line and ``records`` (JSON lines) to the undelivered file of the run
+    directory ``directory`` (``RunDir.undelivered``; a temporary file without one). Appending
     keeps the records of an earlier attempt of the same run directory."""
     path = None
     if directory is not None:
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            path = directory / UNDELIVERED_FILE
+            path = RunDir(directory).undelivered
             path.open("a").close()
         except OSError as e:
             # Called while a run ends (often in a `finally`): a temporary file, not a crash.

@@ -4,8 +4,8 @@ One sampler per host: the rank with LOCAL_RANK 0 of each host runs MLflow's own
 ``SystemMetricsMonitor`` (a daemon thread) with the host's name as its node id, so every host's
 metrics land in the one run of the job under ``system/<host>/<metric>``, e.g.
 ``system/node7/cpu_utilization_percentage``, ``system/node7/system_memory_usage_megabytes``,
-``system/node7/gpu_0_utilization_percentage`` (issue 11, part 5). Other ranks hold a do-nothing
-handle, decided once here (house style: no rank branches in the loop).
+``system/node7/gpu_0_utilization_percentage``. Other ranks hold a do-nothing handle, decided
+once here, so that the training loop has no rank branches.
 
 Steps: MLflow numbers system-metric records 0, 1, 2, ... per host (one record per
 ``interval_s``), not by training step; the record's timestamp places it on the run's timeline.

@@ -17,7 +17,6 @@ from pipeline.tracking.mlflow import (
     _unavailable_message,
 )
 from pipeline.tracking.outbox import (
-    UNDELIVERED_FILE,
     deliver,
     is_transient,
     reason,
@@ -119,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.tracking")
     commands = parser.add_subparsers(dest="command", required=True)
     up = commands.add_parser("upload", help="deliver an undelivered file to its MLflow run")
-    up.add_argument("file", help=f"a {UNDELIVERED_FILE} written when a run ended")
+    up.add_argument(
+        "file", help="a run directory's mlflow_undelivered.jsonl, written when the run ended"
+    )
     up.add_argument("--uri", help="tracking URI to use instead of the one in the file")
     args = parser.parse_args(argv)
     try:

@@ -44,9 +44,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from pipeline.config.schema import ConfigError
+from pipeline.distributed import collectives
+from pipeline.distributed.group import get_world_size
 from pipeline.errors import UserError
 from pipeline.train.safe_load import safe_load
 
@@ -176,7 +177,7 @@ def load(engine: Any, root: str | Path, tag: str) -> dict:
             f"{layout.folder} holds a ZeRO-{layout.zero_stage} checkpoint but this run uses "
             f"ZeRO-{stage}; set train.zero_stage={layout.zero_stage}"
         )
-    world = dist.get_world_size()
+    world = get_world_size()
     if stage == 0 or layout.world_size == world:
         _, client = engine.load_checkpoint(str(root), tag=tag)
         return client
@@ -403,7 +404,7 @@ def _gather(zero: Any, group: int, param: torch.Tensor, partition: torch.Tensor)
         lp, hp = m.lp_fragment_address, m.hp_fragment_address
         buf[lp.start : lp.start + lp.numel] = partition[hp.start : hp.start + hp.numel]
     # All ranks participate: every element comes from exactly one rank, the others add 0.
-    dist.all_reduce(buf, group=zero.real_dp_process_group[group])
+    collectives.all_reduce_sum_over(buf, zero.real_dp_process_group[group])
     return buf.view(param.shape).cpu()
 
 

@@ -89,7 +89,7 @@ def use_private_extension_dir() -> None:
     different virtual environments (a CI clone beside a working copy) rebuild the same .so in
     turn, and GNU ld rewrites it in place (same inode): a rank that loads it meanwhile fails
     with ``ImportError: ... file too short`` or ``invalid ELF header`` (reproduced with a
-    relink loop beside the 2-process DeepSpeed test, issue 9). One directory per environment
+    relink loop beside the 2-process DeepSpeed test). One directory per environment
     makes the build deterministic: it is compiled once (``make venv`` does it, see
     :func:`build_cpu_ops`) and never rewritten by another checkout.
     """
