@@ -59,7 +59,9 @@ def _batches(args, cfg, batch: int, device: torch.device):
 
 
 def bench(args, batch: int, chunk: int, run_dir: str) -> dict[str, float]:
-    from pipeline.train.trainer import Trainer
+    from contextlib import ExitStack
+
+    from pipeline.train.entry import open_trainer
 
     k = 4
     overrides = [
@@ -82,7 +84,8 @@ def bench(args, batch: int, chunk: int, run_dir: str) -> dict[str, float]:
     ]
     cfg = load_config(None, overrides)
     # The training loop's own step: model, engine, loss and step as `pipeline train` runs them.
-    trainer = Trainer(cfg)
+    stack = ExitStack()
+    trainer = stack.enter_context(open_trainer(cfg))
     device = trainer.device
     data = _batches(args, cfg, batch, device)
     marks: dict[str, float] = {}
@@ -110,7 +113,7 @@ def bench(args, batch: int, chunk: int, run_dir: str) -> dict[str, float]:
         if i >= args.warmup:
             for key, value in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t5 - t0)):
                 phases[key].append(value)
-    trainer.close()
+    stack.close()
     med = {k: statistics.median(v) for k, v in phases.items()}
     world = group.get_world_size()
     med["images_per_s_per_rank"] = batch / med["step_s"]

@@ -30,7 +30,7 @@ from pipeline.distributed import group
 from pipeline.distributed.env import export_env, read_env
 from pipeline.eval.evaluator import run
 from pipeline.rundir import EvalDir, RunDir
-from pipeline.train.trainer import train
+from pipeline.train.entry import train
 
 # A child of the pipeline logger: the entry points' setup_logging routes it (rank 0 prints,
 # every rank writes <run dir>/logs/rank<R>.log).
@@ -109,7 +109,7 @@ def guard_requeue_signal() -> None:
 
 
 class TrainJob(submitit.helpers.Checkpointable):
-    """Run ``pipeline.train.trainer.train(cfg)`` in every task; requeued jobs resume from the checkpoint.
+    """Run ``pipeline.train.entry.train(cfg)`` in every task; requeued jobs resume from the checkpoint.
 
     Returns (per task) the dict ``train`` returns.
     """

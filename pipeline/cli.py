@@ -24,7 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "make-shards": ("pipeline.data.make_shards", "convert a dataset into WebDataset shards"),
     "validate-shards": ("pipeline.data.validate", "read every shard and report problems"),
     "train": (
-        "pipeline.train.trainer",
+        "pipeline.train.entry",
         "train with Smooth-AP (DeepSpeed; 1 process, torchrun or srun)",
     ),
     "evaluate": ("pipeline.eval.evaluator", "extract embeddings and compute retrieval metrics"),

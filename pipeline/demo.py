@@ -100,7 +100,7 @@ def _write_shards(args: argparse.Namespace) -> None:
 
 def _untrained_metrics(cfg: RunConfig) -> dict[str, float]:
     """Metrics of the model the training run starts from (one process)."""
-    torch.manual_seed(cfg.train.seed)  # what pipeline.train.trainer does before building the model
+    torch.manual_seed(cfg.train.seed)  # what pipeline.train.build does before building the model
     model = build_model(cfg.model).eval()
     return evaluate_model(model, cfg.data, cfg.eval, device="cpu", progress=False)
 

@@ -19,6 +19,8 @@ positives per query, D embedding dimension, c queries of one chunk.
 
 from __future__ import annotations
 
+from typing import Any, Protocol, runtime_checkable
+
 import torch
 from torch import nn
 
@@ -274,3 +276,35 @@ class SmoothAPLoss(nn.Module):
             return emb_nD.sum() * 0.0
         # mean over ranks of (1 - world * S_r / V) = 1 - sum_r S_r / V.
         return 1.0 - ap_n[valid_n].sum() * (world / num_valid)
+
+
+@runtime_checkable
+class LossState(Protocol):
+    """A loss that keeps state across steps (a cross-batch memory, a running estimate).
+
+    The trainer calls :meth:`after_step` after every optimizer step, and the checkpoint saves
+    :meth:`state_dict` and gives it back through :meth:`load_state_dict` on a resume, so that
+    a resumed run continues with the state an uninterrupted one would have. A loss without
+    state (Smooth-AP) does not implement this protocol and nothing is saved for it.
+
+    ``global_state`` decides what a resume on another number of ranks does: True when the
+    state is identical on every rank (built from gathered values): it is saved once, by rank
+    0, and loaded by every rank of any world size; False when each rank keeps its own: each
+    rank saves its part, and a resume on another world size is refused with a one-line error.
+    The state dict holds tensors and plain Python values only (loaded with
+    ``weights_only=True``).
+    """
+
+    global_state: bool
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> Any: ...
+
+    def after_step(self, step: int) -> None:
+        """The optimizer step ``step`` (counted from 1) is done. All ranks call it."""
+
+
+def loss_state(loss: object) -> LossState | None:
+    """``loss`` as a :class:`LossState` when it keeps state, else None."""
+    return loss if isinstance(loss, LossState) else None

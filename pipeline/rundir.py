@@ -15,6 +15,7 @@ Layout::
                          :class:`EvalDir`
     launch/rank<R>.json  where each rank of a Slurm job ran (launch.jobs.record_rank_env)
     logs/rank<R>.log     one log per rank (pipeline.logs.setup_logging)
+    .lock                held by the job training here (pipeline.train.runlock)
 
 Reading and writing go through :class:`RunDir`; other modules ask it for paths instead of
 joining names themselves, so a change of layout touches this file only.
@@ -81,6 +82,10 @@ class RunDir:
     @property
     def logs(self) -> Path:
         return self.root / "logs"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ".lock"
 
     def log_file(self, rank: int) -> Path:
         return self.logs / f"rank{rank}.log"

@@ -4,7 +4,7 @@ Run exactly like the CLI (``python -m tests.gated_train train --config ...``, al
 torchrun). With ``GATE_STEP=S`` and ``GATE_DIR=DIR`` in the environment, each rank listed in
 ``GATE_RANKS`` (default all) stops before its step S+1, writes ``DIR/rank<R>.json`` (its pid,
 step and MLflow run id) and waits until it has recorded a stop signal (SIGTERM/SIGUSR1,
-pipeline.train.guard.StopRequest); then the step runs as usual. So a test signals, or
+pipeline.train.signals.StopRequest); then the step runs as usual. So a test signals, or
 SIGKILLs, a job at a known step instead of racing its progress: a signal recorded at the
 gate makes the job stop after step S+1. A rank that waits longer than ``GATE_TIMEOUT_S``
 (default 600) exits with code 99, so that a failed test leaves no process behind.
@@ -20,7 +20,7 @@ from pathlib import Path
 
 
 def _install(step: int, ranks: set[int] | None, where: Path, timeout_s: float) -> None:
-    from pipeline.train.guard import StopRequest
+    from pipeline.train.signals import StopRequest
     from pipeline.train.trainer import Trainer
 
     signalled: list[int] = []  # a plain flag: a signal handler must not take locks

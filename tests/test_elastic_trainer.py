@@ -1,7 +1,7 @@
 """Elastic resume through the real trainer: a run trained by 2 ranks
 (torchrun) continues in 1 process, and (ZeRO 2) one trained by 1 process continues on 2 ranks.
 
-Each run is ``pipeline.train.trainer.train`` as ``pipeline train`` calls it, launched by this
+Each run is ``pipeline.train.entry.train`` as ``pipeline train`` calls it, launched by this
 module as a script (``python -m tests.test_elastic_trainer CONFIG STATE_DIR KEY=VALUE...``)
 so that it can also record ``elastic.full_state`` of the engine right after the resume and at
 the end. The stop is deterministic: the first run's config has fewer epochs, the next one more
@@ -160,26 +160,26 @@ def test_two_ranks_resume_in_one_process_and_back(tmp_path, shards, zero):
 
 
 def main(config: str, states: str, overrides: list[str]) -> None:
-    """``pipeline.train.trainer.train``, plus rank 0 saving ``elastic.full_state`` right
+    """``pipeline.train.entry.train``, plus rank 0 saving ``elastic.full_state`` right
     after the resume (``resumed.pt``) and at the end (``end.pt``)."""
     from pipeline import logs
     from pipeline.config.load import load_config
     from pipeline.distributed import group
     from pipeline.rundir import RunDir
     from pipeline.train import elastic
-    from pipeline.train.trainer import Trainer
+    from pipeline.train.entry import open_trainer
 
     cfg = load_config(config, overrides)
-    rank = group.process_rank()
-    logs.setup_logging(RunDir.of(cfg).log_file(rank), rank=rank)
-    trainer = Trainer(cfg)
-    for name, when in (("resumed.pt", "start"), ("end.pt", "end")):
-        if when == "end":
-            trainer.train()
-        state = elastic.full_state(trainer.engine)  # all ranks participate
-        if group.is_main_process():
-            torch.save(state, Path(states) / name)
-    group.destroy()
+    with group.process_group(timeout_s=cfg.train.collective_timeout_s):
+        rank = group.process_rank()
+        logs.setup_logging(RunDir.of(cfg).log_file(rank), rank=rank)
+        with open_trainer(cfg) as trainer:
+            for name, when in (("resumed.pt", "start"), ("end.pt", "end")):
+                if when == "end":
+                    trainer.train()
+                state = elastic.full_state(trainer.engine)  # all ranks participate
+                if group.is_main_process():
+                    torch.save(state, Path(states) / name)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Signals, the run lock and the launcher's death (pipeline.train.guard): real signals, real
+"""Signals, the run lock and the launcher's death (pipeline.train.signals, pipeline.train.runlock): real signals, real
 processes, real files."""
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ import time
 
 import pytest
 
-from pipeline.train.guard import RunLock, RunLockError, StopRequest, exit_with_parent
+from pipeline.rundir import RunDir
+from pipeline.train.runlock import RunLock, RunLockError
+from pipeline.train.signals import StopRequest, exit_with_parent
 
 
 def test_stop_request_records_the_signal_and_restores_handlers():
@@ -39,7 +41,7 @@ def test_a_stop_that_does_not_finish_exits_after_the_grace_period():
     proc = _run(
         """
         import os, signal, time
-        from pipeline.train.guard import StopRequest
+        from pipeline.train.signals import StopRequest
         with StopRequest(grace_s=1.0) as stop:
             print("ready", flush=True)
             while True:   # a step blocked forever (a collective with a lost rank)
@@ -57,7 +59,7 @@ def test_a_second_signal_exits_at_once():
     proc = _run(
         """
         import time
-        from pipeline.train.guard import StopRequest
+        from pipeline.train.signals import StopRequest
         with StopRequest(grace_s=600) as stop:
             print("ready", flush=True)
             while True:
@@ -79,7 +81,7 @@ def test_a_rank_exits_when_its_launcher_dies(tmp_path):
         import subprocess, sys, time
         child = subprocess.Popen([sys.executable, "-c", '''
         import os, time
-        from pipeline.train.guard import exit_with_parent
+        from pipeline.train.signals import exit_with_parent
         assert exit_with_parent()
         open({str(pid_file)!r}, "w").write(str(os.getpid()))
         time.sleep(120)
@@ -124,7 +126,7 @@ def test_run_lock_refuses_a_second_job_and_is_released(tmp_path):
             RunLockError, match=rf"in use by another training job .*pid {os.getpid()}"
         ):
             RunLock(tmp_path).acquire()
-    assert not (tmp_path / RunLock.FILE).exists()
+    assert not (RunDir(tmp_path).lock).exists()
     RunLock(tmp_path).acquire().release()
 
 
@@ -133,7 +135,7 @@ def test_run_lock_of_a_dead_process_is_taken_over(tmp_path, caplog):
     dead.wait()
     lock = RunLock(tmp_path)
     lock.path.write_text(json.dumps({"host": lock.host, "pid": dead.pid, "started": 0}))
-    with caplog.at_level("WARNING", logger="pipeline.train.guard"), lock:
+    with caplog.at_level("WARNING", logger="pipeline.train.runlock"), lock:
         assert json.loads(lock.path.read_text())["pid"] == os.getpid()
     assert f"process {dead.pid}" in caplog.text and "stale lock" in caplog.text
 

@@ -622,7 +622,7 @@ def test_bad_input_fails_in_seconds_before_the_engine(shards, tmp_path, override
 
 _CHILD = """
 import os, sys, time
-from pipeline.train.guard import StopRequest, exit_with_parent
+from pipeline.train.signals import StopRequest, exit_with_parent
 out = open(sys.argv[1], "a", buffering=1)
 exit_with_parent()
 with StopRequest(grace_s=60) as stop:

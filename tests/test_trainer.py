@@ -61,7 +61,7 @@ def test_trainer_trains_checkpoints_and_records_the_run(
     shards, tmp_path, tiny_config, single_process
 ):
     from pipeline.data.transforms import read_weights_scheme
-    from pipeline.train.trainer import Trainer, train
+    from pipeline.train.entry import open_trainer, train
 
     out = tmp_path / "run"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -115,19 +115,18 @@ def test_trainer_trains_checkpoints_and_records_the_run(
     assert "final evaluation at step 2" in log
 
     # The same run again: nothing to train, the recorded result.
-    again = Trainer(cfg)
-    assert again.done and again.step == STEPS
-    assert again.train() == result
+    with open_trainer(cfg) as again:
+        assert again.done and again.step == STEPS
+        assert again.train() == result
 
 
 def test_train_step_returns_the_local_loss(shards, tmp_path, tiny_config, single_process):
-    from pipeline.train.trainer import Trainer
+    from pipeline.train.entry import open_trainer
 
-    trainer = Trainer(_config(tiny_config, shards, "tracking.enabled=false"))
-    images, labels = next(trainer._batches())
-    phases = []
-    loss = trainer.train_step(images, labels, on_phase=phases.append)
-    trainer.close()
+    with open_trainer(_config(tiny_config, shards, "tracking.enabled=false")) as trainer:
+        images, labels = next(trainer._batches())
+        phases = []
+        loss = trainer.train_step(images, labels, on_phase=phases.append)
     assert loss.ndim == 0 and torch.isfinite(loss) and 0 <= float(loss) <= 1
     assert trainer.step == 1 and phases == ["forward", "loss", "backward", "optimizer"]
     assert not (tmp_path / "run" / "checkpoints").exists()  # a checkpoint is the loop's hook

@@ -17,6 +17,7 @@ from pipeline.config.load import load_config
 from pipeline.config.schema import ConfigError, RunConfig
 from pipeline.data.dealing import streams_per_rank
 from pipeline.eval.protocols import check_config as check_protocols
+from pipeline.train.batchnorm import check_config as check_batchnorm
 
 
 def load_checked(
@@ -43,26 +44,10 @@ def check(cfg: RunConfig) -> None:
         streams_per_rank(data, sampler)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if model.sync_bn and model.freeze_bn:
-        raise ConfigError(
-            "model.sync_bn=true with model.freeze_bn=true: frozen BatchNorm has no batch "
-            "statistics to synchronise; set model.freeze_bn=false to train BatchNorm, or "
-            "model.sync_bn=false"
-        )
-    batch = sampler.batch_size_per_gpu
-    chunk = train.chunk_size
-    # pipeline.train.gradcache cuts the local batch into chunks of train.chunk_size; a last
-    # chunk of one image cannot be normalised by a BatchNorm in training mode.
-    if 0 < chunk < batch and (chunk == 1 or batch % chunk == 1) and not model.freeze_bn:
-        fits = [c for c in range(max(chunk, 2), batch) if batch % c != 1][:1] or [0]
-        raise ConfigError(
-            f"train.chunk_size={chunk} cuts the per-GPU batch of {batch} images "
-            f"(sampler.classes_per_batch x sampler.samples_per_class) into chunks of which "
-            f"{'every one' if chunk == 1 else 'the last'} holds 1 image, and BatchNorm in "
-            "training mode fails on a single image "
-            f"(model.freeze_bn=false); choose a chunk size that leaves no 1-image chunk "
-            f"(e.g. train.chunk_size={fits[0]}) or set model.freeze_bn=true"
-        )
+    # The BatchNorm policy's own rules (frozen vs synchronised, the gradient cache's chunks).
+    check_batchnorm(
+        model, chunk_size=train.chunk_size, batch_size_per_gpu=sampler.batch_size_per_gpu
+    )
     read_deepspeed_file(train)
     # Each evaluation protocol's rules live with the protocol (pipeline.eval.protocols).
     check_protocols(cfg)

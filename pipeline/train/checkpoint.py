@@ -20,6 +20,12 @@ the space needed, and ``latest`` keeps naming the previous checkpoint.
 
 World size: a checkpoint resumes on another number of ranks (pipeline.train.elastic).
 
+Loss state: a loss that keeps state across steps (pipeline.loss.LossState) has it saved in the
+tag's folder beside DeepSpeed's files, before the manifest: ``loss_state.pt`` once (rank 0's)
+when the loss declares it global, else ``loss_state_rank<R>.pt`` per rank, which resumes on the
+same number of ranks only. A checkpoint without such files (every one written before losses
+could keep state) resumes a stateless loss unchanged.
+
 Run state: :class:`TrainState` (step, data position, seeds, world size, architecture, MLflow
 run id) travels as DeepSpeed's client state, i.e. as top-level entries of the model states
 file, and carries a version; :func:`resume` checks the version and the architecture before
@@ -43,7 +49,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from pipeline.distributed import collectives, group
+from pipeline.loss import LossState
 from pipeline.train import elastic, manifest
 from pipeline.train.safe_load import safe_load
 from pipeline.weights import LATEST, MODEL_STATES, CheckpointError, latest_tag, read_client_state
@@ -51,6 +60,14 @@ from pipeline.weights import LATEST, MODEL_STATES, CheckpointError, latest_tag, 
 log = logging.getLogger(__name__)
 
 _TAG = re.compile(r"^step_(\d{8})$")
+# A loss's state in a tag's folder (pipeline.loss.LossState): once, or one file per rank.
+LOSS_STATE = "loss_state.pt"
+_LOSS_STATE_RANKS = "loss_state_rank*.pt"
+
+
+def loss_state_file(rank: int) -> str:
+    return f"loss_state_rank{rank:05d}.pt"
+
 
 TRAIN_STATE_VERSION = 2
 # Version 1: the same entries as an untyped dict (before TrainState); it reads unchanged.
@@ -201,13 +218,31 @@ def _disk_full_message(root: Path, tag: str, need: int, free: int) -> str:
     )
 
 
-def save(engine: Any, root: str | Path, step: int, client_state: dict, keep: int) -> str:
-    """Save a checkpoint of ``engine`` at ``step`` (manifest last, then ``latest``). All ranks
-    participate."""
+def _save_loss_state(folder: Path, loss: LossState | None) -> None:
+    """Each rank's part of the loss state (rank 0 alone for a global one); before DeepSpeed's
+    save, whose final barrier then covers these files too."""
+    if loss is None or (loss.global_state and not group.is_main_process()):
+        return
+    name = LOSS_STATE if loss.global_state else loss_state_file(group.get_rank())
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(loss.state_dict(), folder / name)
+
+
+def save(
+    engine: Any,
+    root: str | Path,
+    step: int,
+    client_state: dict,
+    keep: int,
+    loss_state: LossState | None = None,
+) -> str:
+    """Save a checkpoint of ``engine`` (and ``loss_state``) at ``step`` (manifest last, then
+    ``latest``). All ranks participate."""
     root = Path(root)
     tag = tag_for(step)
     # All ranks participate.
     _check_space(engine, root, tag)
+    _save_loss_state(root / tag, loss_state)
     try:
         # All ranks participate: DeepSpeed's save is collective and ends with a barrier, so
         # after it every rank's files are on disk.
@@ -307,13 +342,47 @@ def load_tag(engine: Any, root: str | Path, tag: str) -> dict:
         ) from e
 
 
+def _loss_state_to_load(folder: Path, loss: LossState | None, saved_world: int) -> Path | None:
+    """The file this rank restores ``loss``'s state from (None: nothing to restore), or a
+    CheckpointError when the checkpoint and the loss disagree."""
+    found = sorted(p.name for p in folder.glob(_LOSS_STATE_RANKS))
+    found += [LOSS_STATE] if (folder / LOSS_STATE).is_file() else []
+    if loss is None:
+        if found:
+            raise CheckpointError(
+                f"{folder} holds a loss state ({found[0]}) but the configured loss keeps none; "
+                "resume with the loss settings it was trained with, or train into a new "
+                "train.output_dir"
+            )
+        return None
+    name, world = type(loss).__name__, group.get_world_size()
+    if not loss.global_state and saved_world != world:
+        raise CheckpointError(
+            f"{folder}: the loss {name} keeps a state per rank, saved by {saved_world} ranks, "
+            f"which does not resume on {world} ranks; resume on {saved_world} ranks, or train "
+            "into a new train.output_dir"
+        )
+    file = folder / (LOSS_STATE if loss.global_state else loss_state_file(group.get_rank()))
+    if not file.is_file():
+        raise CheckpointError(
+            f"{file} is missing: the checkpoint holds no state for the loss {name} (found "
+            f"{found or 'none'}); resume with the loss settings it was trained with, or train "
+            "into a new train.output_dir"
+        )
+    return file
+
+
 def resume(
-    engine: Any, root: str | Path, architecture: dict, tag: str | None = None
+    engine: Any,
+    root: str | Path,
+    architecture: dict,
+    tag: str | None = None,
+    loss_state: LossState | None = None,
 ) -> TrainState | None:
-    """Restore ``engine`` from checkpoint ``tag`` under ``root`` (default: the tag ``latest``
-    names) and return its :class:`TrainState`, or None when there is none. The state's
-    version and architecture are checked before DeepSpeed reads anything. All ranks
-    participate."""
+    """Restore ``engine`` (and ``loss_state``) from checkpoint ``tag`` under ``root``
+    (default: the tag ``latest`` names) and return its :class:`TrainState`, or None when
+    there is none. The state's version, the architecture and the loss state's files are
+    checked before DeepSpeed reads anything. All ranks participate."""
     root = Path(root)
     tag = tag or latest_tag(root)
     if tag is None:
@@ -321,11 +390,20 @@ def resume(
     file = root / tag / MODEL_STATES
     state = TrainState.from_client_state(read_client_state(file), file)
     check_architecture(state.architecture, architecture, file)
+    loss_file = _loss_state_to_load(root / tag, loss_state, state.world_size)
     # All ranks participate.
     load_tag(engine, root, tag)
+    if loss_state is not None and loss_file is not None:
+        loss_state.load_state_dict(safe_load(loss_file, map_location="cpu"))
     return state
 
 
-def save_state(engine: Any, root: str | Path, state: TrainState, keep: int) -> str:
+def save_state(
+    engine: Any,
+    root: str | Path,
+    state: TrainState,
+    keep: int,
+    loss_state: LossState | None = None,
+) -> str:
     """:func:`save` with ``state`` as the client state. All ranks participate."""
-    return save(engine, root, state.step, state.to_client_state(), keep)
+    return save(engine, root, state.step, state.to_client_state(), keep, loss_state)

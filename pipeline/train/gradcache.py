@@ -12,9 +12,10 @@ Limited Setup", 2021) keeps the objective and bounds activation memory by the ch
    parameters (the surrogate ``sum(emb_chunk * g_chunk)`` has exactly that gradient).
 
 The parameter gradients equal those of one full forward/backward when the network computes
-the same embeddings in both passes: no batch statistics (freeze BatchNorm) and the same
-random numbers (each chunk's RNG state is replayed in its second forward, so dropout and
-drop-path masks match).
+the same embeddings in both passes: no batch statistics (frozen BatchNorm; the BatchNorm
+policy, pipeline.train.batchnorm, refuses 1-image chunks and warns about trainable BatchNorm)
+and the same random numbers (each chunk's RNG state is replayed in its second forward, so
+dropout and drop-path masks match).
 
 Shape legend: B local images, c images of one chunk, D embedding dimension.
 """

@@ -1,14 +1,10 @@
-"""``pipeline train``: Smooth-AP training with DeepSpeed, one process, torchrun or srun.
+"""The training loop and step: :class:`Trainer`.
 
-:class:`Trainer` holds a run: ``Trainer(cfg)`` builds the model, engine, loss, tracker and run
-state (resuming from the latest checkpoint of ``train.output_dir``); :meth:`Trainer.train`
-loops over :meth:`Trainer.train_step`, and three hooks each decide their own cadence: the
-:class:`MetricLogger` (``train.log_every``), the :class:`EvalHook` (``eval.every``) and the
-:class:`Checkpointer` (``train.checkpoint_every``); :meth:`Trainer.finish` evaluates once more
-and writes the weights, the result and the curves. :func:`train` is what entry points call.
-
-The same call resumes: weights, optimizer, schedule, step, data position and MLflow run come
-back from the checkpoint; on a finished run it returns the recorded result.
+A Trainer receives the config adapted to its plan (pipeline.train.plan) and its built parts
+(pipeline.train.build), inside the job's process group and under the run lock, both held by
+pipeline.train.entry. It resumes from the plan's checkpoint (weights, optimizer, schedule,
+step, data position, the loss's state, MLflow run); what runs beside the step is a hook
+(pipeline.train.hooks).
 
 Reproducibility: initial weights come from ``train.seed`` (DeepSpeed broadcasts rank 0's);
 the batches from (``sampler.seed``, epoch, rank, world size, step) (pipeline.data.stream);
@@ -20,125 +16,34 @@ uninterrupted one (tests/test_train_resume.py).
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import math
-import os
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager, nullcontext
-from dataclasses import replace
+from contextlib import ExitStack
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from pipeline import logs
-from pipeline.config.load import load_config, save_config
-from pipeline.config.schema import ConfigError, RunConfig, to_dict
-from pipeline.data import storage
-from pipeline.data.stream import train_loader
-from pipeline.data.transforms import SCHEME_KEY, normalise_batch, resolve_crop, weights_scheme
+from pipeline.config.schema import RunConfig
+from pipeline.data import stream
+from pipeline.data.transforms import normalise_batch
 from pipeline.distributed import collectives, group
-from pipeline.eval.evaluator import evaluate_model
-from pipeline.eval.protocols import preflight  # the shard checks, then the protocol's
-from pipeline.loss import SmoothAPLoss
-from pipeline.model import build_model
-from pipeline.rundir import RunDir, eval_output_dir
-from pipeline.serve.export import log_mlflow_model
-from pipeline.tracking import sysmetrics
-from pipeline.tracking.base import NullTracker
-from pipeline.tracking.mlflow import MlflowTracker, resolve_uri, run_page
-from pipeline.tracking.session import log_curves, tracking_session
-from pipeline.train import checkpoint, elastic
+from pipeline.loss import loss_state
+from pipeline.rundir import RunDir
+from pipeline.train import checkpoint, hooks
+from pipeline.train.build import TrainParts
 from pipeline.train.checkpoint import TrainState
-from pipeline.train.engine import (
-    build_engine,
-    describe,
-    fp32_state_dict,
-    grad_norm,
-    reported_grad_norm,
-)
+from pipeline.train.engine import grad_norm, reported_grad_norm
 from pipeline.train.gradcache import forward_backward
-from pipeline.train.guard import RunLock, StopRequest, exit_with_parent
-from pipeline.train.optim import build_optimizer, build_scheduler
-from pipeline.weights import save_weights
+from pipeline.train.plan import RunPlan
+from pipeline.train.signals import StopRequest
 
 log = logging.getLogger(__name__)
-
-# Panels of the curves artifact: title -> metric keys.
-CURVES = {
-    "loss": ["train/loss"],
-    "retrieval": ["eval/recall_at_1", "eval/map_at_r"],
-}
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="experiment YAML (conf/experiments/)")
-    parser.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="KEY=VALUE",
-        help="dotted overrides, e.g. optim.lr=0.0001 train.output_dir=runs/x",
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
-    # Joins the job's group with the run's collective timeout and always leaves it.
-    with group.process_group(timeout_s=cfg.train.collective_timeout_s):
-        result = train(cfg)
-        if group.is_main_process():
-            # stdout carries exactly this line (scripts parse it); messages go to the log.
-            print(json.dumps({k: result[k] for k in ("step", "metrics", "weights", "run_id")}))
-    return 0
-
-
-def train(cfg: RunConfig) -> dict[str, Any]:
-    """Train (or resume) the run ``cfg`` describes; returns its result on every rank.
-
-    Runs on every rank of the job (reads the rank environment through
-    ``pipeline.distributed.init``). The result: ``step``, ``run_id`` (MLflow, rank 0),
-    ``tracking_uri``, ``metrics`` (final evaluation), ``weights`` (fp32 ``.safetensors``),
-    ``resumed_from`` (step or None), ``output_dir``.
-    """
-    # The training splits' face crop picks the transforms; a mismatched eval split is refused.
-    cfg = replace(cfg, data=resolve_crop(cfg.data, train=True))
-    rank = group.process_rank()
-    logs.setup_logging(RunDir.of(cfg).log_file(rank), rank=rank)
-    return Trainer(cfg).train()
-
-
-# ---------------------------------------------------------------------------- helpers
 
 
 def _step_seed(seed: int, rank: int, step: int) -> int:
     return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
-
-
-def _set_determinism(on: bool) -> None:
-    if not on:
-        return
-    # cuBLAS needs a fixed workspace for deterministic results (read when CUDA starts).
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.benchmark = False
-
-
-def _check_chunking(model: torch.nn.Module, cfg: RunConfig) -> None:
-    chunk = cfg.train.chunk_size
-    if chunk and chunk < cfg.sampler.batch_size_per_gpu and not cfg.model.freeze_bn:
-        has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
-        if has_bn:
-            log.warning(
-                "train.chunk_size=%d with model.freeze_bn=false: BatchNorm normalises each "
-                "chunk with its own statistics (and updates running statistics twice), so the "
-                "gradient cache is not exactly the full-batch gradient; set model.freeze_bn=true "
-                "for exact gradients",
-                chunk,
-            )
 
 
 def _then(fn: Callable, on_phase: Callable[[str], None], name: str) -> Callable:
@@ -152,298 +57,81 @@ def _then(fn: Callable, on_phase: Callable[[str], None], name: str) -> Callable:
     return call
 
 
-# ---------------------------------------------------------------------------- hooks
-
-
-class MetricLogger:
-    """Training metrics: gathered every step, logged every ``train.log_every`` steps and at
-    the last one (MLflow, the progress bar, a line in the rank's log file)."""
-
-    def __init__(
-        self, tracker: Any, *, log_every: int, total_steps: int, start_step: int, show: bool
-    ) -> None:
-        self.tracker, self.every, self.total = tracker, log_every, total_steps
-        self.retries_before = storage.read_retries()
-        self.progress = tqdm(
-            total=total_steps, initial=start_step, disable=not show, desc="train", mininterval=2.0
-        )
-        self._reset()
-
-    def _reset(self) -> None:
-        self.data_s = self.total_s = 0.0
-        self.steps = self.images = 0
-
-    def record(
-        self, loss: torch.Tensor, *, lr: float, grad_norm: float | None, images: int
-    ) -> None:
-        """What the step just done produced (called by :meth:`Trainer.train_step`)."""
-        self.loss, self.lr, self.grad_norm = loss, lr, grad_norm
-        self.steps += 1
-        self.images += images
-        self.progress.update(1)
-
-    def add_time(self, data_s: float, step_s: float) -> None:
-        self.data_s += data_s
-        self.total_s += step_s
-
-    def maybe_log(self, step: int) -> float | None:
-        """Log when due; returns the global batch's loss then. All ranks participate."""
-        if step % self.every and step != self.total:
-            return None
-        # All ranks participate: the mean of the ranks' losses is the loss of the global
-        # batch (pipeline.loss).
-        loss = float(collectives.all_reduce_sum(self.loss.float())) / group.get_world_size()
-        total = max(self.total_s, 1e-9)
-        metrics = {
-            "train/loss": loss,
-            "train/lr": self.lr,
-            "train/images_per_s": self.images / total,
-            "train/data_wait_frac": self.data_s / total,
-            "train/step_time_s": total / max(self.steps, 1),
-        }
-        if self.grad_norm is not None:
-            metrics["train/grad_norm"] = self.grad_norm
-        # All ranks participate: transient shard-read failures retried in this run, all ranks.
-        retried = storage.read_retries() - self.retries_before
-        retries = collectives.all_reduce_sum(torch.tensor(float(retried)))
-        metrics["data/read_retries"] = float(retries)
-        self.tracker.log_metrics(metrics, step)
-        img_s = metrics["train/images_per_s"]
-        self.progress.set_postfix(loss=f"{loss:.4f}", img_s=f"{img_s:.0f}", refresh=False)
-        log.info(
-            "step %d/%d: loss %.4f, lr %.3g, %.0f images/s, data wait %.0f%%, %d read retries",
-            *(step, self.total, loss, self.lr, img_s, 100 * metrics["train/data_wait_frac"]),
-            int(metrics["data/read_retries"]),
-        )
-        if not math.isfinite(loss):
-            raise FloatingPointError(
-                f"loss is {loss} at step {step}: lower optim.lr, or check "
-                "train.gradient_clipping and the data"
-            )
-        self._reset()
-        return loss
-
-    def close(self) -> None:
-        self.progress.close()
-
-
-class EvalHook:
-    """Retrieval metrics of the model during training: every ``eval.every`` steps (not at
-    the last, which :meth:`Trainer.finish` evaluates), logged as ``eval/<metric>``."""
-
-    def __init__(self, cfg: RunConfig, engine: Any, tracker: Any, *, total_steps: int) -> None:
-        self.cfg, self.engine, self.tracker, self.total = cfg, engine, tracker, total_steps
-
-    def maybe_evaluate(self, step: int) -> dict[str, float] | None:
-        every = self.cfg.eval.every
-        if not every or step % every or step >= self.total:
-            return None
-        metrics = self.evaluate(step)
-        log.info("step %d: %s", step, metrics)
-        return metrics
-
-    def evaluate(self, step: int, output_dir: Any = None) -> dict[str, float]:
-        """Evaluate now; with ``output_dir``, also write (and log) the evaluation files.
-        All ranks participate."""
-        model = self.engine.module
-        was_training = model.training
-        model.eval()
-        try:
-            metrics = evaluate_model(
-                model,
-                self.cfg.data,
-                self.cfg.eval,
-                device=self.engine.device,
-                output_dir=output_dir,
-                tracker=self.tracker,
-                step=step,
-                progress=group.is_main_process(),
-            )
-        finally:
-            model.train(was_training)
-        return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-
-
-class Checkpointer:
-    """Collective checkpoints every ``train.checkpoint_every`` steps and at the last one."""
-
-    def __init__(
-        self,
-        engine: Any,
-        run_dir: RunDir,
-        *,
-        every: int,
-        keep: int,
-        total_steps: int,
-        state_at: Callable[[int], TrainState],
-    ) -> None:
-        self.engine, self.root, self.every, self.keep = engine, run_dir.checkpoints, every, keep
-        self.total, self.state_at = total_steps, state_at
-
-    def maybe_save(self, step: int) -> bool:
-        if step % self.every and step != self.total:
-            return False
-        # All ranks participate (collective save; 'latest' moves once all have written).
-        checkpoint.save_state(self.engine, self.root, self.state_at(step), self.keep)
-        return True
-
-
-# ---------------------------------------------------------------------------- the trainer
-
-
 class Trainer:
-    """One training run (see the module doc). Every method runs on every rank."""
+    """One training run: the loop and the step. Every method runs on every rank.
 
-    def __init__(self, cfg: RunConfig) -> None:
-        self.cfg = cfg
-        if not torch.distributed.is_initialized():
-            # Once per process: a second Trainer (benchmarks) reuses the group, including
-            # the one-process group DeepSpeed needs (pipeline.train.engine). The timeout
-            # bounds every collective: a lost host ends the job instead of hanging it.
-            group.init(timeout_s=cfg.train.collective_timeout_s)
-        _set_determinism(cfg.train.deterministic)
-        self.rank, self.world = group.get_rank(), group.get_world_size()
+    ``cfg`` is the config adapted to ``plan`` (``plan.apply``); ``parts`` come from
+    :func:`pipeline.train.build.build_components`. Construction resumes from the plan's
+    checkpoint and opens the tracking run; use it as a context manager (or call
+    :meth:`close`) so that the run ends with the status the block ends with.
+    """
+
+    def __init__(self, cfg: RunConfig, plan: RunPlan, parts: TrainParts) -> None:
+        # The entry point owns the process group (pipeline.distributed.group.process_group; the engine
+        # made the group of one a single process needs); a trainer never creates one.
+        assert torch.distributed.is_initialized(), "build_components(cfg, plan) first"
+        assert group.get_world_size() == plan.world_size, "a plan of another job"
+        assert cfg.sampler.classes_per_batch == plan.classes_per_batch, "pass plan.apply(cfg)"
+        self.cfg, self.plan, self.parts = cfg, plan, parts
+        self.engine, self.loss_fn, self.scheduler = parts.engine, parts.loss, parts.scheduler
+        self.loss_state = loss_state(parts.loss)
+        self.rank, self.world = group.get_rank(), plan.world_size
         self.is_main = self.rank == 0
-        if self.world > 1:
-            exit_with_parent()  # torchrun starts ranks in their own sessions (issue 10)
         self.run_dir = RunDir.of(cfg)
-        self._lock: RunLock | None = None
-        # All ranks participate: rank 0 checks what the config, the shards, the checkpoints
-        # and the tracking store can reveal in seconds, before DeepSpeed starts.
-        plan = collectives.on_main(self._plan)
-        self._adapt_to_world_size(plan)
-        cfg = self.cfg
         self.hosts = collectives.rank_hosts()  # named when a rank or host is lost
         self.steps_per_epoch = cfg.sampler.steps_per_epoch
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
         self.batch_size = cfg.sampler.batch_size_per_gpu
-        self._build_engine()
-        self.loss_fn = SmoothAPLoss(
-            cfg.loss.temperature, cfg.loss.query_in_positives, cfg.loss.query_chunk_size
-        )
-        self._resume(plan["tag"])
-        self.done = self.step >= self.total_steps and self.run_dir.result.is_file()
-        with ExitStack() as stack:
-            self.tracker = stack.enter_context(self._tracking_session())
-            self.metrics = MetricLogger(
-                self.tracker,
-                log_every=cfg.train.log_every,
-                total_steps=self.total_steps,
-                start_step=self.step,
-                show=self.is_main and not self.done,
-            )
-            stack.callback(self.metrics.close)
-            self.evaluator = EvalHook(cfg, self.engine, self.tracker, total_steps=self.total_steps)
-            self.checkpointer = Checkpointer(
-                self.engine,
-                self.run_dir,
-                every=cfg.train.checkpoint_every,
-                keep=cfg.train.keep_checkpoints,
-                total_steps=self.total_steps,
-                state_at=self.train_state,
-            )
-            # Closed by train() (or close()), with the status the run ended with.
-            self._session = stack.pop_all()
-
-    def _plan(self) -> dict[str, Any]:
-        """Rank 0, before the engine: take the run directory's lock, choose the checkpoint
-        to resume from (the newest complete one), work out P per rank for a resume on another
-        world size, run the preflight checks of the config and shards, and check the
-        tracking store. Returns what every rank needs (see ``collectives.on_main``)."""
-        cfg, root = self.cfg, self.run_dir.checkpoints
-        self._lock = RunLock(self.run_dir.root).acquire()
-        try:
-            tag = checkpoint.resumable_tag(root)
-            per_rank = cfg.sampler.classes_per_batch
-            global_batch = None
-            if tag is not None:
-                layout = elastic.saved_layout(root / tag)
-                global_batch = layout.world_size * layout.batch_size_per_gpu
-                if layout.world_size != self.world:
-                    k = cfg.sampler.samples_per_class
-                    per_rank = elastic.classes_per_batch_for(
-                        layout.world_size, layout.classes_per_batch(k), self.world
-                    )
-            planned = replace(cfg, sampler=replace(cfg.sampler, classes_per_batch=per_rank))
-            if not self.run_dir.result.is_file():  # a finished run needs no data
-                report = preflight(planned, self.world, global_batch=global_batch)
-                log.info("preflight passed in %.2f s", report.seconds)
-            if cfg.tracking.enabled:
-                MlflowTracker.check(cfg.tracking)
-        except BaseException:
-            self._lock.release()
-            raise
-        return {"tag": tag, "classes_per_batch": per_rank}
-
-    def _adapt_to_world_size(self, plan: dict[str, Any]) -> None:
-        """Resuming on another number of ranks keeps the global batch: P per rank changes
-        (pipeline.train.elastic); the rest of the interrupted epoch is drawn in another order."""
-        per_rank = plan["classes_per_batch"]
-        if per_rank != self.cfg.sampler.classes_per_batch:
-            log.warning(
-                "resuming %s on %d ranks: sampler.classes_per_batch %d -> %d keeps the "
-                "checkpoint's global batch; the rest of the interrupted epoch is drawn in "
-                "another order than on the old number of ranks",
-                *(plan["tag"], self.world, self.cfg.sampler.classes_per_batch, per_rank),
-            )
-            sampler = replace(self.cfg.sampler, classes_per_batch=per_rank)
-            self.cfg = replace(self.cfg, sampler=sampler)
-
-    def _build_engine(self) -> None:
-        cfg = self.cfg
-        torch.manual_seed(cfg.train.seed)
-        model = build_model(cfg.model)
-        _check_chunking(model, cfg)
-        # One model on every rank (issue 10): trainable BatchNorm either normalises over the
-        # global batch (SyncBatchNorm, CUDA) or keeps rank 0's running statistics, broadcast
-        # after every step (as torch's DDP does by default).
-        trainable_bn = not cfg.model.freeze_bn and any(
-            isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()
-        )
-        if cfg.model.sync_bn and self.world > 1:
-            if not torch.cuda.is_available():
-                raise ConfigError(
-                    "model.sync_bn=true: SyncBatchNorm runs on CUDA devices only; on CPU set "
-                    "model.sync_bn=false (rank 0's statistics are then broadcast every step)"
-                )
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        self.sync_buffers = trainable_bn and not (cfg.model.sync_bn and self.world > 1)
-        optimizer = build_optimizer(model, cfg.optim, cfg.model.head_lr_mult)
-        self.scheduler = build_scheduler(optimizer, cfg.optim, self.total_steps)
-        # All ranks participate (process group, weight broadcast).
-        self.engine = build_engine(model, optimizer, self.scheduler, cfg.train, self.batch_size)
-        checkpoint.install_safe_loading(self.engine)
         self.device = self.engine.device
         self.on_gpu = torch.device(self.device).type == "cuda"
-        chunk = cfg.train.chunk_size
-        self.chunked = 0 < chunk < self.batch_size
+        self.chunked = 0 < cfg.train.chunk_size < self.batch_size
+        self._resume(plan.resume_tag)
+        self.done = self.step >= self.total_steps and plan.finished
+        with ExitStack() as stack:
+            session = hooks.tracking(
+                cfg, self.engine, run_id=self.run_id, world=self.world, done=self.done
+            )
+            self.tracker = stack.enter_context(session)
+            self._make_hooks(stack)
+            # Closed by close() (or the with block), with the status the run ended with.
+            self._session = stack.pop_all()
 
     def _resume(self, tag: str | None) -> None:
         # All ranks participate: DeepSpeed loads every rank's partitions.
-        root = self.run_dir.checkpoints
-        state = checkpoint.resume(self.engine, root, self.engine.module.architecture, tag)
-        if self.sync_buffers:
-            # All ranks participate: a checkpoint holds rank 0's statistics only.
-            collectives.broadcast_buffers(self.engine.module)
+        root, module = self.run_dir.checkpoints, self.engine.module
+        state = checkpoint.resume(self.engine, root, module.architecture, tag, self.loss_state)
+        # All ranks participate: a checkpoint holds rank 0's BatchNorm statistics only.
+        self.parts.batchnorm.after_resume(module)
         self.step = state.step if state else 0
         self.resumed_from = self.step if state else None
         self.run_id = (state.mlflow_run_id if state else "") or self.run_dir.read_run_id()
 
-    def _tracking_session(self) -> Any:
-        if self.done:  # nothing to train: no run to start or continue
-            return nullcontext(NullTracker())
-        tags = {"world_size": str(self.world), "engine": describe(self.engine)}
-        return tracking_session(
-            self.cfg.tracking,
-            is_main=self.is_main,
-            run_dir=self.run_dir.root,
-            run_id=self.run_id,
-            params=to_dict(self.cfg),
-            tags=tags,
+    def _make_hooks(self, stack: ExitStack) -> None:
+        cfg, engine, tracker, total = self.cfg, self.engine, self.tracker, self.total_steps
+        self.metrics = hooks.MetricLogger(
+            tracker,
+            log_every=cfg.train.log_every,
+            total_steps=total,
+            start_step=self.step,
+            show=self.is_main and not self.done,
         )
+        stack.callback(self.metrics.close)
+        self.evaluator = hooks.EvalHook(cfg, engine, tracker, total_steps=total)
+        self.checkpointer = hooks.Checkpointer(
+            engine,
+            self.run_dir,
+            every=cfg.train.checkpoint_every,
+            keep=cfg.train.keep_checkpoints,
+            total_steps=total,
+            state_at=self.train_state,
+            loss_state=self.loss_state,
+        )
+        self.final = hooks.FinalExport(cfg, engine, tracker, self.evaluator)
+        self.final.run_id, self.final.resumed_from = self.run_id, self.resumed_from
+        self.hooks: list[hooks.Hook] = [self.metrics, self.evaluator, self.checkpointer]
 
     def train_state(self, step: int) -> TrainState:
-        """What a checkpoint at ``step`` records besides weights and optimizer."""
+        """What a checkpoint at ``step`` records besides weights, optimizer and loss state."""
         return TrainState(
             step=step,
             epoch=step // self.steps_per_epoch,
@@ -460,7 +148,7 @@ class Trainer:
         spe = self.steps_per_epoch
         while self.step < self.total_steps:
             epoch, start = divmod(self.step, spe)
-            loader = train_loader(
+            loader = stream.train_loader(
                 self.cfg.data,
                 self.cfg.sampler,
                 rank=self.rank,
@@ -519,46 +207,42 @@ class Trainer:
         norm_before = grad_norm(engine)
         lr = self.scheduler.get_last_lr()[0]
         engine.step()
-        if self.sync_buffers:
-            # All ranks participate: every rank continues with rank 0's BatchNorm statistics.
-            collectives.broadcast_buffers(engine.module)
+        # All ranks participate (broadcast BatchNorm: rank 0's statistics to every rank).
+        self.parts.batchnorm.after_step(engine.module)
+        self.step += 1
+        if self.loss_state is not None:
+            self.loss_state.after_step(self.step)
         if on_phase is not None:
             on_phase("optimizer")
-        self.step += 1
         norm = reported_grad_norm(engine, norm_before)
         self.metrics.record(loss, lr=lr, grad_norm=norm, images=self.batch_size * self.world)
         return loss
 
     def train(self) -> dict[str, Any]:
-        """Train to the last step, then :meth:`finish`; returns the result on every rank."""
+        """Train to the last step, then the final export; returns the result on every rank."""
         if self.done:
             log.info(
                 "%s: already trained (%d steps); result in %s",
                 *(self.run_dir.root, self.step, self.run_dir.result),
             )
-            self._release_lock()
             return self.run_dir.read_result()
-        try:
-            # Ends the MLflow run FINISHED, KILLED or FAILED with the way this block ends.
-            with self._session, self._host_metrics():
-                self._announce()
+        # Ends the MLflow run FINISHED, KILLED or FAILED with the way this block ends.
+        with self._session:
+            host_metrics = hooks.HostMetrics(self.cfg, self.tracker)
+            try:
+                hooks.announce(self.cfg, self.tracker, self.engine, self.step, self.resumed_from)
                 self._loop()
                 self.metrics.close()
-                result = self.finish()
-            # All ranks participate: nobody leaves before rank 0 has written the result.
-            collectives.barrier()
-        finally:
-            self._release_lock()
+                result = self.final.maybe(self.step)
+            finally:
+                host_metrics.close()  # before the run ends: it writes the queued samples
+        # All ranks participate: nobody leaves before rank 0 has written the result.
+        collectives.barrier()
         return result
-
-    def _release_lock(self) -> None:
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
 
     def _loop(self) -> None:
         """Steps to the last one; a SIGTERM/SIGUSR1 on any rank ends it after a checkpoint
-        (pipeline.train.guard), a lost rank with an error naming the hosts."""
+        (pipeline.train.signals), a lost rank with an error naming the hosts."""
         self.engine.train()
         batches = self._batches()
         with StopRequest(grace_s=self.cfg.train.stop_grace_s) as stop:
@@ -569,9 +253,8 @@ class Trainer:
                 try:
                     self.train_step(images, labels)
                     self.metrics.add_time(data_s, time.perf_counter() - t0)
-                    self.metrics.maybe_log(self.step)
-                    self.evaluator.maybe_evaluate(self.step)
-                    saved = self.checkpointer.maybe_save(self.step)
+                    for hook in self.hooks:
+                        hook.maybe(self.step)
                     # All ranks participate: the ranks receive a signal at different moments.
                     stopping = collectives.any_rank(stop.requested)
                 except Exception as e:  # gloo's timeouts are plain RuntimeErrors
@@ -579,17 +262,11 @@ class Trainer:
                         raise
                     raise self._lost_rank(e) from e
                 if stopping:
-                    self._stop(stop, saved)
+                    self._stop(stop)
 
-    def _stop(self, stop: StopRequest, saved: bool) -> None:
-        if not saved:
-            # All ranks participate (collective save).
-            checkpoint.save_state(
-                self.engine,
-                self.run_dir.checkpoints,
-                self.train_state(self.step),
-                self.cfg.train.keep_checkpoints,
-            )
+    def _stop(self, stop: StopRequest) -> None:
+        if self.checkpointer.saved_step != self.step:
+            self.checkpointer.save(self.step)  # all ranks participate (collective save)
         log.warning(
             "stopping at step %d on %s: checkpoint written; run the same command to resume",
             self.step,
@@ -608,95 +285,12 @@ class Trainer:
             f"{tag or 'the start'} in the same MLflow run"
         )
 
-    @contextmanager
-    def _host_metrics(self) -> Iterator[None]:
-        """Each host's first rank samples CPU/memory/GPU into the run (pipeline.sysmetrics)."""
-        # All ranks participate: only rank 0 knows the run id.
-        run_id = collectives.on_main(lambda: self.tracker.run_id)
-        uri = resolve_uri(self.cfg.tracking)
-        local_rank = group.get_local_rank()
-        # A SQLite file is written by rank 0's host only: several hosts writing one file over
-        # a network filesystem can corrupt it.
-        if not uri.startswith(("http://", "https://")) and not self.is_main:
-            local_rank = -1
-        handle = sysmetrics.start(
-            run_id,
-            tracking_uri=uri,
-            local_rank=local_rank,
-            interval_s=self.cfg.tracking.system_metrics_interval_s,
-        )
-        try:
-            yield
-        finally:
-            handle.stop()  # before the run ends: it writes the queued samples
-
-    def _announce(self) -> None:
-        if self.is_main:  # a file write; no collective in here
-            save_config(self.cfg, self.run_dir.config)
-        self.tracker.log_artifact(self.run_dir.config)
-        tcfg = self.cfg.train
-        resumed = self.resumed_from is not None
-        log.info(
-            "training %d steps (%d epochs x %d), %d ranks x %d images, %s%s",
-            *(self.total_steps, tcfg.epochs, self.steps_per_epoch, self.world, self.batch_size),
-            describe(self.engine),
-            f"; resumed at step {self.step} from {self.run_dir.checkpoints}" if resumed else "",
-        )
-        if self.tracker.run_id:
-            page = run_page(self.tracker.uri, self.tracker.experiment_id, self.tracker.run_id)
-            log.info("MLflow run %s: %s", self.tracker.run_id, page)
-
-    def finish(self) -> dict[str, Any]:
-        """Final evaluation (files in the eval directory), weights, result and curves;
-        returns the result. All ranks participate."""
-        # All ranks participate in the final evaluation.
-        final = self.evaluator.evaluate(self.step, output_dir=eval_output_dir(self.cfg))
-        log.info("final evaluation at step %d: %s", self.step, final)
-        state = fp32_state_dict(self.engine)
-        result = {
-            "step": self.step,
-            "run_id": self.tracker.run_id or self.run_id,
-            "tracking_uri": self.tracker.uri,
-            "metrics": final,
-            "weights": str(self.run_dir.weights),
-            "resumed_from": self.resumed_from,
-            "output_dir": str(self.run_dir.root),
-        }
-        if self.is_main:  # files only; no collective in here
-            scheme = {SCHEME_KEY: json.dumps(weights_scheme(self.cfg.data))}
-            save_weights(state, self.engine.module.architecture, self.run_dir.weights, scheme)
-            self.tracker.log_artifact(self.run_dir.weights)
-            log_curves(self.tracker, CURVES, self.run_dir.curves)
-            self._log_model()
-            self.run_dir.write_result(result)
-        return result
-
-    def _log_model(self) -> None:
-        """Rank 0: the model as an MLflow model, registered under tracking.register_model.
-        Tracking never stops training: a failure is reported with the command to redo it."""
-        name = self.cfg.tracking.register_model
-        if not (name and self.tracker.run_id):
-            return
-
-        try:
-            logged = log_mlflow_model(
-                self.engine.module,
-                self.cfg.data,
-                tracking_uri=self.tracker.uri,
-                run_id=self.tracker.run_id,
-                registered_model_name=name,
-            )
-            log.info("MLflow model %s version %s: %s", name, logged.version, logged.model_uri)
-        except Exception as e:
-            log.error(
-                "could not log the model to MLflow (%s: %s); the weights are in %s: register "
-                "them later with `pipeline export --config %s checkpoint=%s --mlflow "
-                "--register-model %s`",
-                *(type(e).__name__, e, self.run_dir.weights, self.run_dir.config),
-                *(self.run_dir.weights, name),
-            )
-
     def close(self) -> None:
         """End the MLflow run (FINISHED) without training, e.g. after benchmarking steps."""
         self._session.close()
-        self._release_lock()
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._session.__exit__(*exc)

@@ -6,7 +6,7 @@ CONFIG is the multi-rank run's config (P classes per rank). This process trains 
 ``sampler.classes_per_batch = RANKS * P`` and ``pipeline.data.stream.train_loader`` replaced by
 one that yields, per step, the batches of ranks 0..RANKS-1 (the same ``TrainStream`` the job's
 ranks ran, with their (seed, epoch, rank, world size)) concatenated in rank order: exactly the
-global batch the loss all-gathers. Everything else is ``pipeline.train.trainer.train``.
+global batch the loss all-gathers. Everything else is ``pipeline.train.entry.train``.
 
 Test-only: the replacement is the one hook; a trainer that stops reading
 ``pipeline.data.stream.train_loader`` makes this script fail (it checks the hook was used).
@@ -58,7 +58,7 @@ def main(ranks: int, config: str, overrides: list[str]) -> None:
             yield torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
 
     stream.train_loader = global_batches
-    from pipeline.train.trainer import train
+    from pipeline.train.entry import train
 
     train(whole)
     if not calls:
