@@ -254,7 +254,7 @@ def test_array_evaluation_matches_one_process(slurm_cluster, shards, tmp_path):
     np.testing.assert_array_equal(np.load(out / "index.npy"), whole.index_N)
     np.testing.assert_array_equal(np.load(out / "labels.npy"), whole.labels_N)
     np.testing.assert_allclose(np.load(out / "embeddings.npy"), whole.emb_ND, atol=1e-5)
-    expected, _ = compute_metrics(whole, cfg.data, cfg.eval)
+    expected = compute_metrics(whole, cfg.data, cfg.eval).metrics
     assert merged["metrics"] == pytest.approx(expected, abs=1e-6)
     on_disk = json.loads((out / "metrics.json").read_text())
     assert on_disk == pytest.approx(expected, abs=1e-6)
