@@ -6,6 +6,9 @@ of workers (--workers: processes, or for (b) decoding threads), measured in one 
 
   (a) plain    decode + transform in a plain loop over the images held in memory, split over
                the workers (multiprocessing): the compute ceiling, no I/O, no batching
+  (a') plain_same_ops  (a) with the stream's own per-sample operations (``TrainAugment``
+               drawing from a per-sample generator, ``normalise_into`` a preallocated image)
+               instead of torchvision's RandomResizedCrop + flip + ToDtype + Normalize
   (b) shards   pipeline.data.stream.train_loader (data.loader=threads, the default): tar
                shards, class groups, P x K batches; --workers threads of this process decode
                and transform into the batch in place
@@ -56,19 +59,32 @@ def _make_images(root: Path, n: int, per_class: int, width: int, height: int) ->
     return paths
 
 
-def _plain_worker(args: tuple[list[bytes], dict]) -> int:
+def _plain_worker(args: tuple[list[bytes], dict, bool]) -> int:
+    import numpy as np
     import torch
 
     from pipeline.config.schema import DataConfig
-    from pipeline.data.transforms import decode_image, draft_side, train_transform
+    from pipeline.data.transforms import (
+        TrainAugment,
+        decode_image,
+        draft_side,
+        normalise_into,
+        train_transform,
+    )
 
-    blobs, cfg = args
+    blobs, cfg, same_ops = args
     torch.set_num_threads(1)  # as in a DataLoader worker
     data_cfg = DataConfig(**cfg)
-    transform = train_transform(data_cfg)
+    transform, augment = train_transform(data_cfg), TrainAugment(data_cfg)
     min_side = draft_side(data_cfg, train=True)
-    for blob in blobs:
-        transform(decode_image(blob, min_side))
+    side = data_cfg.image_size
+    for i, blob in enumerate(blobs):
+        image = decode_image(blob, min_side)
+        if same_ops:  # the stream's own per-sample work, into a preallocated image
+            out = torch.empty((3, side, side))
+            normalise_into(out, augment(image, np.random.default_rng(i)))
+        else:
+            transform(image)
     return len(blobs)
 
 
@@ -88,9 +104,9 @@ def _timed(fn) -> tuple[int, float, float]:
     return done, time.perf_counter() - wall, _cpu_s() - cpu
 
 
-def bench_plain(paths: list[Path], cfg: dict, workers: int) -> int:
+def bench_plain(paths: list[Path], cfg: dict, workers: int, same_ops: bool = False) -> int:
     blobs = [p.read_bytes() for p in paths]
-    parts = [(blobs[w::workers], cfg) for w in range(workers)]
+    parts = [(blobs[w::workers], cfg, same_ops) for w in range(workers)]
     pool = mp.get_context("fork").Pool(workers)
     done = sum(pool.map(_plain_worker, parts))
     pool.close()
@@ -242,6 +258,7 @@ def main() -> None:
             for name, fn in (
                 *methods,
                 ("plain", lambda: bench_plain(paths[:n], cfg, args.workers)),
+                ("plain_same_ops", lambda: bench_plain(paths[:n], cfg, args.workers, True)),
                 (
                     "shards",
                     lambda: bench_shards(
@@ -285,6 +302,8 @@ def main() -> None:
         "shards/folder": round(wall["shards"] / wall["folder"], 3),
         "shards/plain per cpu_s": round(cpu["shards"] / cpu["plain"], 3),
         "shards/folder per cpu_s": round(cpu["shards"] / cpu["folder"], 3),
+        "shards/plain_same_ops": round(wall["shards"] / wall["plain_same_ops"], 3),
+        "shards/plain_same_ops per cpu_s": round(cpu["shards"] / cpu["plain_same_ops"], 3),
         "shards_processes/plain": round(wall["shards_processes"] / wall["plain"], 3),
         "shards_processes/plain per cpu_s": round(cpu["shards_processes"] / cpu["plain"], 3),
         "load_average": [round(x, 2) for x in os.getloadavg()],

@@ -141,3 +141,18 @@ def test_augment_equals_pil_crop_resize_and_flip():
     out = aligned(square, np.random.default_rng(3))
     mirrored = torch.flip(torch.from_numpy(np.array(square)).permute(2, 0, 1), dims=[2])
     assert torch.equal(out, mirrored) or torch.equal(out, mirrored.flip(2))
+
+
+def test_batch_memory_is_reused_only_when_nobody_holds_the_batch(split):
+    data, sampler = cfgs(str(split), steps=16, workers=2)
+    kw = dict(rank=0, world_size=1, epoch=0)
+    want = list(train_loader(_with(data, loader="processes"), sampler, **kw))
+    kept_view, clones, pointers = None, [], set()
+    for b, (images, labels) in enumerate(train_loader(data, sampler, **kw)):
+        clones.append((images.clone(), labels))
+        pointers.add(images.data_ptr())
+        if b == 3:
+            kept_view = images[2:5]  # a view the caller keeps: its batch is never reused
+    assert _equal(clones, want)
+    assert torch.equal(kept_view, want[3][0][2:5])
+    assert len(pointers) < 16  # dropped batches' memory came back

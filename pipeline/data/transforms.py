@@ -24,6 +24,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from safetensors import safe_open
@@ -161,11 +162,21 @@ def normalise_batch(images_uint8: torch.Tensor | list[torch.Tensor]) -> torch.Te
     return images_uint8.to(torch.float32).mul_(_SCALE.to(device)).add_(_SHIFT.to(device))
 
 
+_SCALE_NP = _SCALE[0].numpy()
+_SHIFT_NP = _SHIFT[0].numpy()
+
+
 def normalise_into(out: torch.Tensor, image_uint8: torch.Tensor) -> None:
-    """Write one uint8 (3, S, S) image into ``out``, a float32 (3, S, S) view (e.g. a row of a
-    batch), normalised exactly as ``normalise_batch`` does it (the same two elementwise float32
-    operations, so bitwise the same values)."""
-    out.copy_(image_uint8).mul_(_SCALE[0]).add_(_SHIFT[0])
+    """Write one uint8 (3, S, S) image into ``out``, a float32 (3, S, S) CPU view (e.g. a row
+    of a batch), normalised exactly as ``normalise_batch`` does it: the same two elementwise
+    float32 operations (uint8 -> float32 is exact), so bitwise the same values.
+
+    In numpy, which runs them on the calling thread with the GIL released: torch would split
+    each into its intra-op thread pool, and several decoding threads doing so at once
+    oversubscribe the cores (spinning OpenMP threads burn the CPU the decoders need)."""
+    o = out.numpy()
+    np.multiply(image_uint8.numpy(), _SCALE_NP, out=o)
+    np.add(o, _SHIFT_NP, out=o)
 
 
 def decode_image(data: bytes, min_side: int = 0) -> Image.Image:
