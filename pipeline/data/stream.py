@@ -478,7 +478,12 @@ def train_loader(
 
     ``normalise=False`` yields the images as uint8 (P*K, 3, S, S) instead, for the caller to
     normalise with ``pipeline.data.transforms.normalise_batch`` (e.g. on the GPU, after a 4x
-    smaller host-to-device copy); the workers then ship a quarter of the bytes.
+    smaller host-to-device copy).
+
+    ``data.loader=threads`` (with num_workers > 0) returns a ``ThreadedTrainLoader`` (decoding
+    threads of this process, batches made in place); ``processes`` a DataLoader over worker
+    processes; num_workers=0 a DataLoader that runs the stream in this thread. All three give
+    the same batches.
     """
     stream = TrainStream(
         data_cfg,
