@@ -65,7 +65,10 @@ class ThreadedTrainLoader:
 
     def _produce(self, pool: ThreadPoolExecutor, ready: queue.Queue, stop: threading.Event):
         stream = self.stream
-        buffers = BatchBuffers(limit=self.prefetch + 4)
+        # Pinned batches (a CUDA host) come from torch's caching host allocator, which already
+        # reuses them and knows when an asynchronous host-to-device copy from one has ended;
+        # reusing them here could overwrite a batch that is still being copied.
+        buffers = None if stream.pin_memory else BatchBuffers(limit=self.prefetch + 4)
         try:
             for b, dataset, groups in stream.plans():
                 images, labels = stream.empty_batch(dataset, groups, buffers)
