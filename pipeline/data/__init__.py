@@ -17,6 +17,7 @@ Modules (importing this package imports none of them):
 - ``make_shards`` ``pipeline make-shards``
 - ``pk``          class groups of K and the P x K shuffle-buffer batcher (pure logic)
 - ``stream``      ``train_loader`` / ``eval_loader``
+- ``threaded``    training batches decoded by threads of the training process (default)
 - ``transforms``  torchvision v2 train / eval transforms
 
 The format is described in ``shards/README.md``.

@@ -16,8 +16,14 @@ its own order). A stream cycles over its shards endlessly, reshuffled every pass
 yields exactly ``steps_per_epoch - start_step`` batches whatever the shard sizes (no hang).
 
 Randomness: one generator per stream (seed, epoch, rank, dataset, stream) for shard order,
-groups and the shuffle buffer; augmentation draws from torch's generator reseeded per batch
-(seed, epoch, rank, batch) inside ``torch.random.fork_rng`` (the caller's RNG is untouched).
+groups and the shuffle buffer; each sample's augmentation draws from its own generator seeded by
+(seed, epoch, rank, batch, row in the batch) (``TrainAugment``), never from a global RNG (the
+caller's is untouched), so samples may be decoded on any thread in any order.
+
+Where the work runs (``data.loader``): ``threads`` (default) has a producer thread form the
+batches and num_workers threads of the training process decode and transform them in place
+(``ThreadedTrainLoader``); ``processes`` runs the streams in DataLoader worker processes, as
+below. Both give the same batches; threads copy no batch between processes.
 ``start_step=s`` replays the streams' first s batches without reading their images' pixels:
 the skipped batches cost tar reading only.
 
@@ -57,12 +63,14 @@ from pipeline.data.dealing import (
 )
 from pipeline.data.dealing import rng as _rng
 from pipeline.data.pk import PASS_END, Group, PKBatcher, Raw, class_runs
+from pipeline.data.threaded import BatchBuffers, ThreadedTrainLoader
 from pipeline.data.transforms import (
+    TrainAugment,
     decode_image,
     draft_side,
     eval_geometry,
     normalise_batch,
-    train_geometry,
+    normalise_into,
 )
 from pipeline.secrets import with_credentials
 
@@ -157,6 +165,9 @@ class TrainStream(IterableDataset):
         self.data_cfg, self.sampler_cfg = data_cfg, sampler_cfg
         self.rank, self.world_size, self.epoch = rank, world_size, epoch
         self.start_step, self.output, self.normalise = start_step, output, normalise
+        self.pin_memory = False
+        self._augment: TrainAugment | None = None
+        self._min_side = 0
         # Before the workers fork: they inherit the settings and the shared retry count.
         storage.configure(data_cfg.storage)
         storage.share_retry_count()
@@ -215,14 +226,14 @@ class TrainStream(IterableDataset):
         """The batches (epoch positions) that worker ``worker`` of ``num_workers`` yields."""
         return range(self.start_step + worker, self.sampler_cfg.steps_per_epoch, num_workers)
 
-    def __iter__(self):
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+    def plans(
+        self, worker: int = 0, num_workers: int = 1
+    ) -> Iterator[tuple[int, int, list[Group]]]:
+        """(batch b, dataset, its P groups of K undecoded samples) for the batches of
+        ``batch_indices(worker, num_workers)``, in order; reads the shards, decodes nothing."""
         storage.configure(self.data_cfg.storage)  # again: a spawned worker starts afresh
         batchers: dict[tuple[int, int], PKBatcher] = {}
         produced: dict[tuple[int, int], int] = {}
-        transform = train_geometry(self.data_cfg)
-        min_side = draft_side(self.data_cfg, train=True)
         for b in self.batch_indices(worker, num_workers):
             sid = (int(self.mix[b]), b % self.num_streams)
             if sid not in batchers:
@@ -235,25 +246,56 @@ class TrainStream(IterableDataset):
                 produced[sid] += 1
             groups = batchers[sid].next_batch()
             produced[sid] += 1
-            if self.output == "raw":
-                yield [(r.url, r.key, namespaced_label(sid[0], r.label)) for g in groups for r in g]
-            else:
-                yield self._tensors(b, sid[0], groups, transform, min_side)
+            yield b, sid[0], groups
 
-    def _tensors(
-        self, b: int, dataset: int, groups: list[Group], transform, min_side: int
+    def __iter__(self):
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        for b, dataset, groups in self.plans(worker, num_workers):
+            if self.output == "raw":
+                yield [
+                    (r.url, r.key, namespaced_label(dataset, r.label)) for g in groups for r in g
+                ]
+            else:
+                images, labels = self.empty_batch(dataset, groups)
+                for g in range(len(groups)):
+                    self.fill_group(images, b, groups, g)
+                yield images, labels
+
+    def empty_batch(
+        self, dataset: int, groups: list[Group], buffers: BatchBuffers | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        images = [_decode_group(g, min_side) for g in groups]
-        seed = np.random.SeedSequence(
-            [self.sampler_cfg.seed, AUG, self.epoch, self.rank, b]
-        ).generate_state(1, np.uint64)[0]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(seed))
-            tensors = [transform(im) for group in images for im in group]
+        """(an uninitialised images tensor for the batch, its labels); from ``buffers`` when
+        given (memory of an earlier batch that nobody holds any more)."""
+        n, side = sum(len(g) for g in groups), self.data_cfg.image_size
+        shape = (n, 3, side, side)
+        dtype = torch.float32 if self.normalise else torch.uint8
+        if buffers is not None:
+            images = buffers.take(shape, dtype, self.pin_memory)
+        else:
+            images = torch.empty(shape, dtype=dtype, pin_memory=self.pin_memory)
         labels = torch.tensor(
             [namespaced_label(dataset, g[0].label) for g in groups for _ in g], dtype=torch.int64
         )
-        return (normalise_batch(tensors) if self.normalise else torch.stack(tensors)), labels
+        return images, labels
+
+    def fill_group(self, images: torch.Tensor, b: int, groups: list[Group], g: int) -> None:
+        """Decode and transform group ``g`` of batch ``b`` into its rows of ``images``. Each
+        sample's augmentation draws from its own generator, seeded by (sampler.seed, epoch,
+        rank, batch, row in the batch): groups may be filled in any order, on any thread."""
+        if self._augment is None:
+            self._augment = TrainAugment(self.data_cfg)
+            self._min_side = draft_side(self.data_cfg, train=True)
+        row = sum(len(x) for x in groups[:g])
+        for j, image in enumerate(_decode_group(groups[g], self._min_side)):
+            rng = np.random.default_rng(
+                [self.sampler_cfg.seed, AUG, self.epoch, self.rank, b, row + j]
+            )
+            image = self._augment(image, rng)
+            if self.normalise:
+                normalise_into(images[row + j], image)
+            else:
+                images[row + j].copy_(image)
 
 
 def _decode_group(group: Group, min_side: int) -> list:
@@ -307,7 +349,7 @@ def train_loader(
     epoch: int,
     start_step: int = 0,
     normalise: bool = True,
-) -> DataLoader:
+) -> DataLoader | ThreadedTrainLoader:
     """P x K training batches of one rank for one epoch.
 
     Yields exactly ``sampler_cfg.steps_per_epoch - start_step`` tuples ``(images, labels)``:
@@ -320,7 +362,12 @@ def train_loader(
 
     ``normalise=False`` yields the images as uint8 (P*K, 3, S, S) instead, for the caller to
     normalise with ``pipeline.data.transforms.normalise_batch`` (e.g. on the GPU, after a 4x
-    smaller host-to-device copy); the workers then ship a quarter of the bytes.
+    smaller host-to-device copy).
+
+    ``data.loader=threads`` (with num_workers > 0) returns a ``ThreadedTrainLoader`` (decoding
+    threads of this process, batches made in place); ``processes`` a DataLoader over worker
+    processes; num_workers=0 a DataLoader that runs the stream in this thread. All three give
+    the same batches.
     """
     stream = TrainStream(
         data_cfg,
@@ -331,6 +378,9 @@ def train_loader(
         start_step=start_step,
         normalise=normalise,
     )
+    if data_cfg.loader == "threads" and data_cfg.num_workers > 0:
+        stream.pin_memory = torch.cuda.is_available()
+        return ThreadedTrainLoader(stream, data_cfg.num_workers, prefetch=2 * data_cfg.num_workers)
     return _loader(stream, data_cfg.num_workers)
 
 

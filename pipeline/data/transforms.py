@@ -9,10 +9,10 @@ size, and fit any other image the same way the evaluation of whole images does).
 
 Both transforms take a PIL RGB image and return a float32 (3, S, S) tensor, ImageNet-normalised.
 Geometry runs on the PIL image (crop before converting: fewer pixels to convert and normalise).
-Randomness comes from torch's global generator; the train stream seeds it per batch. The streams
-apply the geometry per image and ``normalise_batch`` once per batch, in the DataLoader workers
-(same result; the training thread stays free). ``normalise_batch`` also takes a uint8 batch
-tensor, e.g. to normalise on the GPU.
+``train_transform`` draws from torch's global generator; the train stream uses
+``TrainAugment`` instead, which draws from a generator per sample (seeded by the sample's
+position), so that samples may be transformed on several threads reproducibly.
+``normalise_batch`` also takes a uint8 batch tensor, e.g. to normalise on the GPU.
 """
 
 from __future__ import annotations
@@ -20,13 +20,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from safetensors import safe_open
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
 
 from pipeline.config.schema import DataConfig
 from pipeline.data import faces
@@ -55,6 +58,60 @@ def train_geometry(data_cfg: DataConfig) -> v2.Compose:
             v2.ToImage(),
         ]
     )
+
+
+class TrainAugment:
+    """The training augmentation with its random draws taken from a generator the caller
+    passes, not from torch's global one: PIL image, ``np.random.Generator`` -> uint8 (3, S, S).
+
+    Whole images and loose crops: a random resized crop (area fraction uniform in
+    [crop_scale_min, 1], log aspect ratio uniform in [log 3/4, log 4/3], up to 10 tries, then
+    the largest centred crop of a clamped aspect ratio, as torchvision's RandomResizedCrop
+    draws it) resized to S, then a horizontal flip with probability 1/2. Aligned faces: fitted
+    to S (identity on an S x S crop), then the flip. Each sample can thus own a generator
+    seeded by its position in the stream, so samples may be transformed in any order, on any
+    thread, with the same result.
+    """
+
+    RATIO = (3 / 4, 4 / 3)
+
+    def __init__(self, data_cfg: DataConfig):
+        self.size = data_cfg.image_size
+        self.aligned = data_cfg.crop == "aligned"
+        self.scale = (data_cfg.crop_scale_min, 1.0)
+
+    def crop_box(self, width: int, height: int, rng) -> tuple[int, int, int, int]:
+        """(top, left, height, width) of the crop, drawn from ``rng``."""
+        area = width * height
+        log_ratio = (math.log(self.RATIO[0]), math.log(self.RATIO[1]))
+        for _ in range(10):
+            target = area * rng.uniform(*self.scale)
+            aspect = math.exp(rng.uniform(*log_ratio))
+            w = round(math.sqrt(target * aspect))
+            h = round(math.sqrt(target / aspect))
+            if 0 < w <= width and 0 < h <= height:
+                top = int(rng.integers(0, height - h + 1))
+                left = int(rng.integers(0, width - w + 1))
+                return top, left, h, w
+        ratio = width / height
+        if ratio < self.RATIO[0]:
+            w, h = width, round(width / self.RATIO[0])
+        elif ratio > self.RATIO[1]:
+            w, h = round(height * self.RATIO[1]), height
+        else:
+            w, h = width, height
+        return (height - h) // 2, (width - w) // 2, h, w
+
+    def __call__(self, image: Image.Image, rng) -> torch.Tensor:
+        side = [self.size, self.size]
+        if self.aligned:
+            image = F.center_crop(F.resize(image, self.size, antialias=True), side)
+        else:
+            top, left, h, w = self.crop_box(image.width, image.height, rng)
+            image = F.resized_crop(image, top, left, h, w, side, antialias=True)
+        if rng.random() < 0.5:
+            image = F.horizontal_flip(image)
+        return F.pil_to_tensor(image)
 
 
 def _fit(side: int) -> list:
@@ -103,6 +160,23 @@ def normalise_batch(images_uint8: torch.Tensor | list[torch.Tensor]) -> torch.Te
         images_uint8 = torch.stack(images_uint8)
     device = images_uint8.device  # on a GPU, normalise there (a 4x smaller host copy)
     return images_uint8.to(torch.float32).mul_(_SCALE.to(device)).add_(_SHIFT.to(device))
+
+
+_SCALE_NP = _SCALE[0].numpy()
+_SHIFT_NP = _SHIFT[0].numpy()
+
+
+def normalise_into(out: torch.Tensor, image_uint8: torch.Tensor) -> None:
+    """Write one uint8 (3, S, S) image into ``out``, a float32 (3, S, S) CPU view (e.g. a row
+    of a batch), normalised exactly as ``normalise_batch`` does it: the same two elementwise
+    float32 operations (uint8 -> float32 is exact), so bitwise the same values.
+
+    In numpy, which runs them on the calling thread with the GIL released: torch would split
+    each into its intra-op thread pool, and several decoding threads doing so at once
+    oversubscribe the cores (spinning OpenMP threads burn the CPU the decoders need)."""
+    o = out.numpy()
+    np.multiply(image_uint8.numpy(), _SCALE_NP, out=o)
+    np.add(o, _SHIFT_NP, out=o)
 
 
 def decode_image(data: bytes, min_side: int = 0) -> Image.Image:

@@ -140,7 +140,8 @@ def test_outage_mid_epoch_is_retried_counted_and_changes_no_batch(s3_env, s3_dat
     restart = _restart_later(s3_env, 1.0)
     got.extend(batches)
     restart.join()
-    # the workers (forked processes) met the outage: their retries reach this process's count
+    # the stream's reader thread met the outage (forked workers' retries, with
+    # data.loader=processes, reach this process's count too)
     assert storage.read_retries() > before
     assert len(got) == len(want) == 24
     for (x, y), (x2, y2) in zip(got, want):
