@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from pipeline.data.catalog import INDEX_FILE, SHARD_BYTES, SHARD_MD5, SIZES_FILE, shard_pattern
 from pipeline.data.faces import CATALOG_KEY, NO_CROP
 from pipeline.data.items import SourceItem
-from pipeline.data.storage import md5_file
+from pipeline.data.storage_ops import md5_file
 
 INDEX_COLUMNS = (
     "index",
