@@ -37,7 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config.schema import ConfigError, RunConfig
+from pipeline.config.runconfig import RunConfig
+from pipeline.config.schema import ConfigError
 from pipeline.data import storage, storage_ops
 from pipeline.data.catalog import (
     INDEX_FILE,

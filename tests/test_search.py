@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from pipeline.cli import main
-from pipeline.config.schema import DataConfig, ModelConfig
+from pipeline.config.schema import DataConfig
+from pipeline.config.schema_train import ModelConfig
 from pipeline.model import build_model, load_trained_model
 from pipeline.weights import save_weights
 from tests.data_helpers import write_image

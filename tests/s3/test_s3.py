@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config.schema import RunConfig, StorageConfig
+from pipeline.config.runconfig import RunConfig
+from pipeline.config.schema import StorageConfig
 from pipeline.data import storage, storage_ops
 from pipeline.data.catalog import expand_urls
 from pipeline.data.stream import eval_loader, train_loader
@@ -224,7 +225,7 @@ def test_refused_credentials_or_a_missing_bucket_stop_the_run_at_preflight(
 
 def test_build_gallery_embeds_a_split_from_the_store_as_from_disk(s3_env, s3_dataset, tmp_path):
     from pipeline.cli import main
-    from pipeline.config.schema import ModelConfig
+    from pipeline.config.schema_train import ModelConfig
     from pipeline.model import build_model
     from pipeline.weights import save_weights
 
