@@ -38,7 +38,8 @@ def main() -> None:
     import onnxruntime as ort
     import torch
 
-    from pipeline.config.schema import DataConfig, ModelConfig
+    from pipeline.config.schema import DataConfig
+    from pipeline.config.schema_train import ModelConfig
     from pipeline.model import build_model, load_trained_model
     from pipeline.serve.export import export_onnx
     from pipeline.weights import save_weights

@@ -1,5 +1,5 @@
 """Gallery index benchmark: build time, query latency (p50, p99) and recall@10 of the exact and
-compressed indexes of ``pipeline.serve.gallery`` over N synthetic D-dimensional unit vectors.
+compressed indexes of ``pipeline.serve.gallery_index`` over N synthetic D-dimensional unit vectors.
 
     python benchmarks/index.py                              # 1M x 512: exact + IVF-PQ (~6 min, 2 cores)
     python benchmarks/index.py --n 200000 --kinds exact,ivfpq,hnsw
@@ -60,7 +60,7 @@ def main() -> None:
     if args.threads:
         faiss.omp_set_num_threads(args.threads)
 
-    from pipeline.serve.gallery import IndexParams, build_index, recall_at_k, search_index
+    from pipeline.serve.gallery_index import IndexParams, build_index, recall_at_k, search_index
 
     print(
         f"N={args.n} D={args.dim} noise={args.noise}; faiss {faiss.__version__}, {os.cpu_count()} CPUs, "

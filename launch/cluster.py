@@ -16,7 +16,7 @@ from pathlib import Path
 import torch  # only for a local launch that asks for GPUs
 
 from pipeline.config.load import CONF_DIR, read_yaml_mapping
-from pipeline.config.schema import LaunchConfig
+from pipeline.config.schema_services import LaunchConfig
 
 CLUSTER_DIR = CONF_DIR / "cluster"
 

@@ -16,7 +16,7 @@ import submitit
 
 from launch.jobs import export_distributed_env, guard_requeue_signal
 from pipeline import logs
-from pipeline.config.schema import RunConfig
+from pipeline.config.runconfig import RunConfig
 from pipeline.distributed import group
 from pipeline.eval.parts import extract_part, merge_and_score
 from pipeline.rundir import EvalDir

@@ -25,7 +25,7 @@ from typing import Any
 import submitit
 from submitit.core.job_environment import JobEnvironment
 
-from pipeline.config.schema import RunConfig
+from pipeline.config.runconfig import RunConfig
 from pipeline.distributed import group
 from pipeline.distributed.env import export_env, read_env
 from pipeline.eval.evaluator import run

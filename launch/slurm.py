@@ -37,7 +37,9 @@ from launch.evaluation import ExtractPartJob, MergeEvalJob
 from launch.task import PYTHON
 from pipeline.config.load import split_weights
 from pipeline.config.rules import load_checked
-from pipeline.config.schema import ConfigError, LaunchConfig, RunConfig
+from pipeline.config.runconfig import RunConfig
+from pipeline.config.schema import ConfigError
+from pipeline.config.schema_services import LaunchConfig
 from pipeline.eval.parts import plan_parts
 from pipeline.rundir import EvalDir, eval_output_dir
 from pipeline.secrets import strip_uri

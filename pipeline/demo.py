@@ -29,7 +29,7 @@ import torch
 from pipeline import logs
 from pipeline.config.load import CONF_DIR
 from pipeline.config.rules import load_checked
-from pipeline.config.schema import RunConfig
+from pipeline.config.runconfig import RunConfig
 from pipeline.data import make_shards
 from pipeline.distributed import group
 from pipeline.errors import UserError

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config.schema import ModelConfig
+from pipeline.config.schema_train import ModelConfig
 from pipeline.weights import (
     ModelLoadError,
     check_finite,

@@ -37,8 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config.schema import ConfigError, RunConfig
-from pipeline.data import storage
+from pipeline.config.runconfig import RunConfig
+from pipeline.config.schema import ConfigError
+from pipeline.data import storage, storage_ops
 from pipeline.data.catalog import (
     INDEX_FILE,
     SHARD_BYTES,
@@ -121,7 +122,7 @@ def _read_indexes(split: _Split, key: str, spec: str, validate_hint: str) -> Non
     by_dir: dict[str, list[str]] = defaultdict(list)
     for u in split.urls:
         by_dir[storage.parent(u)].append(u)
-    has_index = {d: storage.exists(storage.join(d, INDEX_FILE)) for d in by_dir}
+    has_index = {d: storage_ops.exists(storage.join(d, INDEX_FILE)) for d in by_dir}
     split.indexed = all(has_index.values())
     for directory, dir_urls in by_dir.items():
         if not has_index[directory]:
@@ -157,8 +158,10 @@ def _read_indexes(split: _Split, key: str, spec: str, validate_hint: str) -> Non
         ):
             counts[shard][label] = n
         where = {name: i for i, name in enumerate(names)}
-        sizes = read_sizes(directory) if storage.exists(storage.join(directory, SIZES_FILE)) else {}
-        listed = storage.list_objects(directory) if storage.is_s3(directory) else None
+        sizes = (
+            read_sizes(directory) if storage_ops.exists(storage.join(directory, SIZES_FILE)) else {}
+        )
+        listed = storage_ops.list_objects(directory) if storage.is_s3(directory) else None
         recorded = _recorded_sizes(table)
         for u in dir_urls:
             name = storage.basename(u)

@@ -28,7 +28,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pipeline.config.schema import RunConfig
+from pipeline.config.runconfig import RunConfig
 from pipeline.secrets import redact_tree
 
 

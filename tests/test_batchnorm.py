@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.config.schema import ConfigError, ModelConfig
+from pipeline.config.schema import ConfigError
+from pipeline.config.schema_train import ModelConfig
 from pipeline.train.batchnorm import BatchNormPolicy, check_config, policy_for
 from tests.dist_helpers import run_distributed
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from pipeline import weights
-from pipeline.config.schema import ConfigError, OptimConfig, TrainConfig
+from pipeline.config.schema import ConfigError
+from pipeline.config.schema_train import OptimConfig, TrainConfig
 from pipeline.train import checkpoint
 from pipeline.train.engine import deepspeed_config
 from pipeline.train.safe_load import safe_load

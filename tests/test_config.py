@@ -4,7 +4,8 @@ import sys
 import pytest
 
 from pipeline.config.load import DEFAULTS_PATH, flatten, load_config, save_config
-from pipeline.config.schema import ConfigError, RunConfig, to_dict
+from pipeline.config.runconfig import RunConfig, to_dict
+from pipeline.config.schema import ConfigError
 
 
 def test_defaults_file_is_the_dataclass_defaults():

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from pipeline.cli import main
-from pipeline.data import parts
+from pipeline.data import part_records, parts
 from pipeline.data.catalog import read_index
 from pipeline.data.items import SourceItem
 from pipeline.data.make_shards import add_arguments
@@ -44,19 +44,19 @@ def test_plan_is_contiguous_complete_and_as_balanced_as_brute_force():
     for _ in range(300):
         counts = [int(c) for c in rng.integers(1, 20, size=int(rng.integers(1, 9)))]
         tasks = int(rng.integers(1, len(counts) + 1))
-        plan = parts.plan_parts(counts, tasks)
+        plan = part_records.plan_parts(counts, tasks)
         assert len(plan) == tasks and all(len(r) >= 1 for r in plan)
         assert [i for r in plan for i in r] == list(range(len(counts)))  # contiguous, in order
         largest = max(sum(counts[i] for i in r) for r in plan)
         assert largest == brute_force_min_max(counts, tasks), (counts, tasks, plan)
-        assert parts.plan_parts(counts, tasks) == plan  # deterministic
+        assert part_records.plan_parts(counts, tasks) == plan  # deterministic
 
 
 def test_more_tasks_than_classes_is_refused():
     with pytest.raises(
-        parts.PartsError, match=r"--tasks 4: the split has only 3 classes.*3 or fewer"
+        part_records.PartsError, match=r"--tasks 4: the split has only 3 classes.*3 or fewer"
     ):
-        parts.plan_parts([5, 1, 2], 4)
+        part_records.plan_parts([5, 1, 2], 4)
 
 
 @pytest.fixture
@@ -117,24 +117,26 @@ def samples(split_dir: Path) -> list[tuple[str, str, bytes]]:
 
 def test_parts_cover_the_class_order_and_merge_equals_one_task(listing, tmp_path):
     ordered, _ = class_order(listing, SEED)
-    runs = parts.class_runs(listing, SEED)
+    runs = part_records.class_runs(listing, SEED)
     assert [i for run in runs for i in run] == ordered
 
     write_split(listing, tmp_path / "one", name="toy", split="train", seed=SEED,
                 max_skipped_fraction=0.5, **OPTIONS)  # fmt: skip
     write_parts(listing, tmp_path / "many", 3)
     records = [
-        json.loads((parts.part_dir(tmp_path / "many", "train", t, 3) / "part.json").read_text())
+        json.loads(
+            (part_records.part_dir(tmp_path / "many", "train", t, 3) / "part.json").read_text()
+        )
         for t in range(3)
     ]
     # Each record: its settings, classes with their listed counts, shards with sizes, skips.
-    plan = parts.plan_parts([len(r) for r in runs], 3)
+    plan = part_records.plan_parts([len(r) for r in runs], 3)
     for record, span in zip(records, plan):
         assert record["settings"] == SETTINGS
         assert record["classes"] == [
             [r[0].class_name, len(r)] for r in runs[span.start : span.stop]
         ]
-        folder = parts.part_dir(tmp_path / "many", "train", record["task"], 3) / "train"
+        folder = part_records.part_dir(tmp_path / "many", "train", record["task"], 3) / "train"
         for shard, info in record["shards"].items():
             assert info["bytes"] == (folder / shard).stat().st_size
     assert sum(r["written"] for r in records) == len(listing) - 1
@@ -149,14 +151,14 @@ def test_parts_cover_the_class_order_and_merge_equals_one_task(listing, tmp_path
     assert sorted(p.name for p in many.iterdir()) == names
     for name in names:  # and in fact the very same split, shard boundaries included
         assert (many / name).read_bytes() == (one / name).read_bytes(), name
-    assert not parts.parts_dir(tmp_path / "many", "train").exists()  # the parts are removed
+    assert not part_records.parts_dir(tmp_path / "many", "train").exists()  # the parts are removed
 
 
 def test_merge_names_each_missing_or_other_part_and_writes_nothing(listing, tmp_path):
     out = tmp_path / "out"
     write_parts(listing, out, 4, which=[0, 2])
     write_parts(listing, out, 4, which=[3], settings={**SETTINGS, "quality": 80})
-    with pytest.raises(parts.PartsError) as err:
+    with pytest.raises(part_records.PartsError) as err:
         merge(listing, out, 4)
     lines = str(err.value).splitlines()
     assert lines[0].startswith("2 of 4 parts of split 'train'") and "--task I" in lines[0]
@@ -174,11 +176,11 @@ def test_merge_names_each_missing_or_other_part_and_writes_nothing(listing, tmp_
 def test_damaged_parts_are_refused(listing, tmp_path):
     out = tmp_path / "out"
     write_parts(listing, out, 3)
-    folder = [parts.part_dir(out, "train", t, 3) for t in range(3)]
+    folder = [part_records.part_dir(out, "train", t, 3) for t in range(3)]
     shard = sorted((folder[1] / "train").glob("*.tar"))[0]
     shard.write_bytes(shard.read_bytes()[:-512])  # truncated
     (folder[2] / "part.json").write_text('{"version": 1, ')  # a record cut short
-    with pytest.raises(parts.PartsError) as err:
+    with pytest.raises(part_records.PartsError) as err:
         merge(listing, out, 3)
     lines = str(err.value).splitlines()
     assert len(lines) == 3
@@ -192,7 +194,9 @@ def test_damaged_parts_are_refused(listing, tmp_path):
     data = bytearray(shard.read_bytes())
     data[700] ^= 0xFF
     shard.write_bytes(bytes(data))
-    with pytest.raises(parts.PartsError, match=r"part 1: .* changed since the part was written"):
+    with pytest.raises(
+        part_records.PartsError, match=r"part 1: .* changed since the part was written"
+    ):
         merge(listing, out, 3)
     assert not (out / "train").exists()
     assert not list(out.glob("train.partial-*"))
@@ -201,13 +205,13 @@ def test_damaged_parts_are_refused(listing, tmp_path):
 def test_a_changed_listing_is_refused(listing, tmp_path):
     write_parts(listing, tmp_path, 2)
     renamed = [*listing[:-1], SourceItem(listing[-1].class_name, "elsewhere.jpg", listing[-1].path)]
-    with pytest.raises(parts.PartsError, match=r"another listing of the dataset"):
+    with pytest.raises(part_records.PartsError, match=r"another listing of the dataset"):
         merge(renamed, tmp_path, 2)
 
 
 def test_rerun_replaces_a_killed_attempt_and_merge_keeps_foreign_files(listing, tmp_path):
     write_parts(listing, tmp_path, 2)
-    folder = parts.part_dir(tmp_path, "train", 0, 2)
+    folder = part_records.part_dir(tmp_path, "train", 0, 2)
     # What a task killed mid-write leaves: a partial folder and no record.
     (folder / "part.json").unlink()
     stale = folder / "train.partial-abc123"
@@ -244,8 +248,12 @@ def test_task_flags_are_checked(argv, message):
 
 
 def test_settings_are_the_arguments_that_change_the_output():
-    a = parts.settings_of(flags("--tasks", "3", "--task", "1", "--workers", "8", "--quality", "80"))
-    b = parts.settings_of(flags("--tasks", "3", "--merge", "--no-progress", "--quality", "80"))
+    a = part_records.settings_of(
+        flags("--tasks", "3", "--task", "1", "--workers", "8", "--quality", "80")
+    )
+    b = part_records.settings_of(
+        flags("--tasks", "3", "--merge", "--no-progress", "--quality", "80")
+    )
     assert a == b and a["quality"] == 80 and a["format"] == "synthetic"
     assert not {"workers", "task", "merge", "out", "tasks"} & set(a)
 

@@ -12,9 +12,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from pipeline.data.catalog import expand_urls, read_index
+from pipeline.data.eval_stream import eval_loader
 from pipeline.data.stream import (
     TrainStream,
-    eval_loader,
     rank_shards,
     split_label,
     stream_shards,

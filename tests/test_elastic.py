@@ -27,7 +27,7 @@ EMBEDDING_DIM = 7
 
 
 def _engine(zero: int, optim: str = "adam"):
-    from pipeline.config.schema import OptimConfig, TrainConfig
+    from pipeline.config.schema_train import OptimConfig, TrainConfig
     from pipeline.model import build_model
     from pipeline.train.checkpoint import install_safe_loading
     from pipeline.train.engine import build_engine

@@ -13,7 +13,9 @@ import torch
 from PIL import Image
 
 from pipeline.config.load import split_weights
-from pipeline.config.schema import ConfigError, DataConfig, EvalConfig, ModelConfig
+from pipeline.config.schema import ConfigError, DataConfig
+from pipeline.config.schema_services import EvalConfig
+from pipeline.config.schema_train import ModelConfig
 from pipeline.eval.evaluator import evaluate_model
 from pipeline.model import build_model, load_trained_model
 from pipeline.weights import save_weights

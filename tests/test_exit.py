@@ -186,7 +186,7 @@ def test_a_rank_ends_through_exit_process(tmp_path, monkeypatch):
 
     from launch.slurm import make_executor
     from launch.task import PYTHON
-    from pipeline.config.schema import LaunchConfig
+    from pipeline.config.schema_services import LaunchConfig
 
     calls = []
     monkeypatch.setattr("pipeline.distributed.group.exit_process", calls.append)

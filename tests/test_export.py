@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from pipeline.cli import main
-from pipeline.config.schema import DataConfig, ModelConfig
+from pipeline.config.schema import DataConfig
+from pipeline.config.schema_train import ModelConfig
 from pipeline.data.transforms import decode_image, draft_side, eval_transform
 from pipeline.model import build_model, load_trained_model
 from pipeline.weights import save_weights

@@ -283,7 +283,7 @@ def _encode_as(mode: str, im: Image.Image) -> bytes:
 def test_face_search_finds_each_query_as_its_own_gallery_entry(tmp_path, capsys):
     """16-bit, palette, alpha, CMYK and EXIF-rotated photos with their landmarks: made into
     aligned shards, indexed, then searched with the original files and their landmarks."""
-    from pipeline.config.schema import ModelConfig
+    from pipeline.config.schema_train import ModelConfig
     from pipeline.model import build_model
 
     root, names = tmp_path / "photos", []

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.config.schema import OptimConfig, TrainConfig
+from pipeline.config.schema_train import OptimConfig, TrainConfig
 from pipeline.loss import SmoothAPLoss
 from pipeline.model import build_model
 from pipeline.train.gradcache import forward_backward

@@ -16,7 +16,9 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from pipeline.config.schema import DataConfig, EvalConfig, ModelConfig, TrackingConfig
+from pipeline.config.schema import DataConfig
+from pipeline.config.schema_services import EvalConfig, TrackingConfig
+from pipeline.config.schema_train import ModelConfig
 from pipeline.data.converters import list_ijbc
 from pipeline.data.transforms import eval_transform
 from pipeline.data.writer import write_split
@@ -268,7 +270,7 @@ def test_two_ranks_gather_the_mirrored_features_and_agree_with_one(ijbc, tmp_pat
 def test_parts_carry_the_mirrored_features_and_merge_to_the_same_figures(ijbc, tmp_path):
     """Evaluation in parts (array jobs): each part file holds its rows' mirrors, a part made
     with another extraction is never reused, and the merge scores as one evaluation."""
-    from pipeline.config.schema import RunConfig
+    from pipeline.config.runconfig import RunConfig
     from pipeline.eval.parts import extract_part, fingerprint, merge_and_score, plan_parts
 
     model = ijbc["model"]

@@ -17,7 +17,8 @@ import yaml
 from launch import cluster as cluster_mod
 from launch import slurm
 from launch.cluster import LaunchError, _gpu_count, cluster_overrides, tasks_per_node
-from pipeline.config.schema import ConfigError, LaunchConfig
+from pipeline.config.schema import ConfigError
+from pipeline.config.schema_services import LaunchConfig
 
 REPO = Path(__file__).resolve().parent.parent
 

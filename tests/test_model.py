@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from pipeline.config.schema import ModelConfig
+from pipeline.config.schema_train import ModelConfig
 from pipeline.model import build_model, load_trained_model
 from pipeline.weights import ModelLoadError, read_state_dict, save_weights
 from tests.tiny import tiny_model_config
@@ -144,7 +144,7 @@ def test_pretrained_path_of_another_backbone_is_refused(tmp_path):
 def test_pretrained_without_network_or_cache_points_to_pretrained_path(tmp_path):
     # A fresh, offline Hugging Face cache: what a cluster node without network sees.
     code = (
-        "from pipeline.config.schema import ModelConfig\n"
+        "from pipeline.config.schema_train import ModelConfig\n"
         "from pipeline.model import build_model\n"
         "build_model(ModelConfig(backbone='test_byobnet', pretrained=True))\n"
     )

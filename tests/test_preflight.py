@@ -7,7 +7,9 @@ import os
 
 import pytest
 
-from pipeline.config.schema import EvalConfig, ModelConfig, RunConfig, TrainConfig
+from pipeline.config.runconfig import RunConfig
+from pipeline.config.schema_services import EvalConfig
+from pipeline.config.schema_train import ModelConfig, TrainConfig
 from pipeline.eval.protocols import preflight  # what entry points run: shards, then protocol
 from pipeline.preflight import PreflightError, _tar_lower_bound, check_global_batch
 from tests.data_helpers import cfgs, tiny_split

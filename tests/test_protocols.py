@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from pipeline.config.rules import load_checked as load_config
-from pipeline.config.schema import ConfigError, DataConfig, EvalConfig, ModelConfig
+from pipeline.config.schema import ConfigError, DataConfig
+from pipeline.config.schema_services import EvalConfig
+from pipeline.config.schema_train import ModelConfig
 from pipeline.eval import protocols
 from pipeline.eval.evaluator import evaluate_model
 from pipeline.eval.protocols import Extraction, Protocol, Result, preflight

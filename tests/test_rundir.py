@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pipeline.config.schema import EvalConfig, RunConfig, TrainConfig
+from pipeline.config.runconfig import RunConfig
+from pipeline.config.schema_services import EvalConfig
+from pipeline.config.schema_train import TrainConfig
 from pipeline.rundir import RunDir, eval_output_dir
 
 

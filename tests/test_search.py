@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from pipeline.cli import main
-from pipeline.config.schema import DataConfig, ModelConfig
+from pipeline.config.schema import DataConfig
+from pipeline.config.schema_train import ModelConfig
 from pipeline.model import build_model, load_trained_model
 from pipeline.weights import save_weights
 from tests.data_helpers import write_image
@@ -173,7 +174,7 @@ def _clustered(n: int, dim: int, seed: int = 0) -> np.ndarray:
 
 @pytest.mark.parametrize("kind", ["hnsw", "ivfpq"])
 def test_compressed_index_recall_against_brute_force(kind):
-    from pipeline.serve.gallery import IndexParams, build_index, measure_recall, search_index
+    from pipeline.serve.gallery_index import IndexParams, build_index, measure_recall, search_index
 
     emb = _clustered(4000, 64)
     index, params = build_index(emb, IndexParams(kind=kind, nprobe=16))
@@ -190,7 +191,7 @@ def test_compressed_index_recall_against_brute_force(kind):
 
 
 def test_small_gallery_refuses_ivfpq():
-    from pipeline.serve.gallery import GalleryError, IndexParams, build_index
+    from pipeline.serve.gallery_index import GalleryError, IndexParams, build_index
 
     with pytest.raises(GalleryError, match="ivfpq needs at least 256 gallery items"):
         build_index(_clustered(100, 16), IndexParams(kind="ivfpq"))

@@ -17,7 +17,7 @@ import pytest
 
 from pipeline import secrets
 from pipeline.config.load import flatten, load_config, save_config
-from pipeline.config.schema import to_dict
+from pipeline.config.runconfig import to_dict
 from tests.mlflow_server import mlflow_server
 
 PASSWORD = "Zq7-secret-pw"

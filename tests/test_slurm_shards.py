@@ -20,7 +20,7 @@ import pytest
 
 from launch import shards
 from pipeline.cli import main as pipeline_main
-from pipeline.data import parts
+from pipeline.data import part_records
 from pipeline.data.catalog import read_index
 from pipeline.data.converters import list_split
 from tests.data_helpers import write_image
@@ -97,8 +97,8 @@ def test_array_of_three_with_a_cancelled_part_rerun_alone_then_merged_equals_one
     # The first image of part 1 becomes a named pipe: reading it blocks until the task is
     # cancelled (a task hung on a stuck file system), so the cancel always finds it running.
     items, _ = list_split("vggface2", root, "train")
-    runs = parts.class_runs(items, seed=0)
-    stuck = Path(runs[parts.plan_parts([len(r) for r in runs], TASKS)[1].start][0].path)
+    runs = part_records.class_runs(items, seed=0)
+    stuck = Path(runs[part_records.plan_parts([len(r) for r in runs], TASKS)[1].start][0].path)
     image = stuck.read_bytes()
     stuck.unlink()
     os.mkfifo(stuck)
@@ -140,4 +140,4 @@ def test_array_of_three_with_a_cancelled_part_rerun_alone_then_merged_equals_one
     assert len(rerun.jobs) == 2 and rerun.parts == [1]  # part 1 alone, then a merge
     assert shards.wait(rerun, poll_s=0.3), rerun.merge.stderr()
     assert_same_split(tmp_path / "out" / "train", reference)
-    assert not parts.parts_dir(tmp_path / "out", "train").exists()
+    assert not part_records.parts_dir(tmp_path / "out", "train").exists()

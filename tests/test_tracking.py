@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from pipeline.config.schema import TrackingConfig
+from pipeline.config.schema_services import TrackingConfig
 from pipeline.tracking.base import NullTracker, metric_key
 from pipeline.tracking.mlflow import MlflowTracker, resolve_uri, run_page, ui_command
 from pipeline.tracking.session import log_curves, make_tracker, tracking_session

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config.schema import TrackingConfig
+from pipeline.config.schema_services import TrackingConfig
 from pipeline.rundir import RunDir
 from pipeline.tracking.base import TrackingUnavailable
 from pipeline.tracking.mlflow import MlflowTracker

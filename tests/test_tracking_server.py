@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.config.schema import TrackingConfig
+from pipeline.config.schema_services import TrackingConfig
 from pipeline.tracking.session import make_tracker
 
 pytestmark = [pytest.mark.mlflow_server, pytest.mark.slow]

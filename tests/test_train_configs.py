@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from pipeline.config.load import load_config
-from pipeline.config.schema import ConfigError, TrainConfig
+from pipeline.config.schema import ConfigError
+from pipeline.config.schema_train import TrainConfig
 from pipeline.train.engine import deepspeed_config
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from pipeline.config.load import load_config
-from pipeline.config.schema import ConfigError, OptimConfig
+from pipeline.config.schema import ConfigError
+from pipeline.config.schema_train import OptimConfig
 from pipeline.model import build_model
 from pipeline.train.optim import build_optimizer, build_scheduler, lr_factor
 from tests.tiny import tiny_model_config

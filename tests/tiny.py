@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config.schema import ModelConfig
+from pipeline.config.schema_train import ModelConfig
 
 TINY_BACKBONE = "test_byobnet"  # timm's smallest BatchNorm network: 256 pooled features
 IMAGE_SIZE = 32

@@ -2,7 +2,7 @@
 
 import yaml
 
-from pipeline.config.schema import RunConfig, to_dict
+from pipeline.config.runconfig import RunConfig, to_dict
 
 if __name__ == "__main__":
     print(

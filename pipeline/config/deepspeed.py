@@ -6,7 +6,8 @@ from __future__ import annotations
 import yaml
 
 from pipeline.config.load import CONF_DIR, UniqueKeyLoader, resolve_conf_path
-from pipeline.config.schema import ConfigError, TrainConfig
+from pipeline.config.schema import ConfigError
+from pipeline.config.schema_train import TrainConfig
 
 DEEPSPEED_DIR = CONF_DIR / "deepspeed"
 

@@ -1,7 +1,8 @@
 """Loading a run config: typed defaults -> YAML file -> dotted ``key=value`` overrides.
 
-The schemas live in :mod:`pipeline.config.schema`; this module turns files and overrides into a
-:class:`~pipeline.config.schema.RunConfig`, saves it, and flattens it for MLflow. Unknown keys and
+The schemas live in :mod:`pipeline.config.schema`, :mod:`pipeline.config.schema_train` and
+:mod:`pipeline.config.schema_services`; this module turns files and overrides into a
+:class:`~pipeline.config.runconfig.RunConfig`, saves it, and flattens it for MLflow. Unknown keys and
 wrong types are errors that name the key and list the valid ones.
 
 Config files shipped with the package (``pipeline/conf/``, also reachable as ``conf/`` in a
@@ -21,7 +22,9 @@ from typing import Any
 
 import yaml
 
-from pipeline.config.schema import ConfigError, ModelConfig, RunConfig, to_dict
+from pipeline.config.runconfig import RunConfig, to_dict
+from pipeline.config.schema import ConfigError
+from pipeline.config.schema_train import ModelConfig
 from pipeline.errors import UserError
 from pipeline.secrets import redact_tree, scrub_config
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from pipeline.config.deepspeed import read_deepspeed_file
 from pipeline.config.load import load_config
-from pipeline.config.schema import ConfigError, RunConfig
+from pipeline.config.runconfig import RunConfig
+from pipeline.config.schema import ConfigError
 from pipeline.data.dealing import streams_per_rank
 from pipeline.eval.protocols import check_config as check_protocols
 from pipeline.train.batchnorm import check_config as check_batchnorm

@@ -25,7 +25,7 @@ from pathlib import Path
 import braceexpand  # webdataset's own dependency
 import pyarrow.parquet as pq
 
-from pipeline.data import storage
+from pipeline.data import storage, storage_ops
 
 INDEX_FILE = "index.parquet"
 SIZES_FILE = "sizes.json"
@@ -84,8 +84,8 @@ def _is_s3_split(spec: str) -> bool:
 
 def _s3_split_urls(spec: str) -> list[str]:
     """The shards of a published split in an object store, in ``sizes.json`` order."""
-    if not storage.exists(storage.join(spec, INDEX_FILE)):
-        storage.check_bucket(spec)
+    if not storage_ops.exists(storage.join(spec, INDEX_FILE)):
+        storage_ops.check_bucket(spec)
         raise storage.StorageNotFound(
             f"{storage.join(spec, INDEX_FILE)} does not exist, so {spec} is not a split (a split "
             "is published by writing its catalog last); write one there with `pipeline "

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from pipeline.data import storage
+from pipeline.data import storage, storage_ops
 from pipeline.data.catalog import (
     INDEX_FILE,
     SHARD_BYTES,
@@ -47,7 +47,7 @@ def check_s3_output(out: str, split: str, *, overwrite: bool) -> None:
     Also proves that the bucket exists and the credentials may list it."""
     final = storage.join(out, split)
     try:
-        names = storage.list_objects(final)
+        names = storage_ops.list_objects(final)
     except storage.StorageError as e:
         raise ShardWriteError(f"--out {out}: {e}") from None
     if not names:
@@ -80,7 +80,7 @@ def check_objects(prefix: str, expected: dict[str, tuple[int, str]]) -> list[str
     for shard, (size, md5) in expected.items():
         url = storage.join(prefix, shard)
         try:
-            got_size, etag = storage.head(url)
+            got_size, etag = storage_ops.head(url)
         except storage.StorageNotFound:
             problems.append(f"{url}: missing")
             continue
@@ -101,25 +101,25 @@ def publish_split(local: str | Path, out: str, split: str, *, overwrite: bool) -
     names = sorted(n for n in os.listdir(local) if n != INDEX_FILE)
     try:
         for name in names:
-            storage.put_file(local / name, storage.join(staging, name))
+            storage_ops.put_file(local / name, storage.join(staging, name))
         _refuse(check_objects(staging, expected), staging, "uploaded")
-        old = storage.list_objects(final) if overwrite else {}
+        old = storage_ops.list_objects(final) if overwrite else {}
         if INDEX_FILE in old:
-            storage.delete_object(storage.join(final, INDEX_FILE))
+            storage_ops.delete_object(storage.join(final, INDEX_FILE))
         for name in names:
-            storage.copy_object(storage.join(staging, name), storage.join(final, name))
+            storage_ops.copy_object(storage.join(staging, name), storage.join(final, name))
         _refuse(check_objects(final, expected), staging, "copied")
         for name in sorted(set(old) - set(names) - {INDEX_FILE}):
             if _owned(name, split):
-                storage.delete_object(storage.join(final, name))
-        storage.put_file(local / INDEX_FILE, storage.join(final, INDEX_FILE))
+                storage_ops.delete_object(storage.join(final, name))
+        storage_ops.put_file(local / INDEX_FILE, storage.join(final, INDEX_FILE))
     except storage.StorageError as e:
         raise ShardWriteError(
             f"publishing {final} failed: {e} (no catalog was written, so no split is there; "
             f"objects may be left under {staging}/)"
         ) from None
     for name in names:
-        storage.delete_object(storage.join(staging, name))
+        storage_ops.delete_object(storage.join(staging, name))
     return final
 
 

@@ -1,7 +1,9 @@
 """Where splits live: a local (or cluster) folder, or a prefix in an S3-compatible object store.
 
-Every read and write of a split goes through here, so ``s3://bucket/prefix/split`` works wherever
-a folder does. The client is boto3 (botocore), AWS's own maintained SDK:
+Every read and write of a split goes through here (paths, the client, its settings and retries,
+the streamed read) and ``pipeline.data.storage_ops`` (exists, head, list, upload, copy, delete,
+built on this module's client and retries), so ``s3://bucket/prefix/split`` works wherever a
+folder does. The client is boto3 (botocore), AWS's own maintained SDK:
 
 - Credentials come only from AWS's standard chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY,
   AWS_PROFILE, ~/.aws/credentials, instance roles); nothing here takes a secret.
@@ -22,16 +24,14 @@ a folder does. The client is boto3 (botocore), AWS's own maintained SDK:
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import hashlib
 import http.client
 import io
 import logging
 import multiprocessing as mp
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -175,7 +175,8 @@ def settings() -> _Settings:
     )
 
 
-def _client() -> Any:
+def client() -> Any:
+    """This process's S3 client for the current settings and credentials."""
     import boto3
     from botocore.config import Config
 
@@ -200,7 +201,8 @@ def _client() -> Any:
     return _clients[key]
 
 
-def _where() -> str:
+def where() -> str:
+    """The store the settings point at, for messages."""
     s = settings()
     return s.endpoint_url or f"AWS S3 ({s.region or 'default region'})"
 
@@ -271,22 +273,22 @@ def _user_error(error: BaseException, url: str) -> StorageError:
         )
     if code in _CREDENTIAL_CODES:
         return StorageError(
-            f"{url}: {_where()} refused the credentials ({code}); check AWS_ACCESS_KEY_ID / "
+            f"{url}: {where()} refused the credentials ({code}); check AWS_ACCESS_KEY_ID / "
             "AWS_SECRET_ACCESS_KEY or AWS_PROFILE, and that they may read this bucket"
         )
     if code == "NoSuchBucket":
         return StorageNotFound(
-            f"{url}: bucket {split_url(url)[0]!r} does not exist at {_where()}; check the URL "
+            f"{url}: bucket {split_url(url)[0]!r} does not exist at {where()}; check the URL "
             "and data.storage.endpoint_url / AWS_ENDPOINT_URL, or create the bucket"
         )
     if code in ("NoSuchKey", "404"):
-        return StorageNotFound(f"{url} does not exist at {_where()}")
+        return StorageNotFound(f"{url} does not exist at {where()}")
     if code in ("PreconditionFailed", "412"):
         return StorageError(
             f"{url} changed while it was read (its ETag moved); a split must not be rewritten "
             "while it is read: wait for the writer, then start again"
         )
-    return StorageError(f"{url}: {_where()} answered {code or type(error).__name__}: {error}")
+    return StorageError(f"{url}: {where()} answered {code or type(error).__name__}: {error}")
 
 
 def share_retry_count() -> None:
@@ -313,7 +315,7 @@ def _count_retry() -> None:
         _local_retries += 1
 
 
-def _with_retries(what: str, url: str, call: Callable[[], Any]) -> Any:
+def with_retries(what: str, url: str, call: Callable[[], Any]) -> Any:
     """``call()`` with counted, backed-off retries of transient failures."""
     s = settings()
     attempt = 0
@@ -333,7 +335,7 @@ def _after_failure(error: Exception, what: str, url: str, attempt: int, s: _Sett
     attempt += 1
     if attempt >= s.read_attempts:
         raise StorageError(
-            f"{url}: {what} failed {attempt} times at {_where()} (last: {type(error).__name__}: "
+            f"{url}: {what} failed {attempt} times at {where()} (last: {type(error).__name__}: "
             f"{error}); a shard is never skipped (every rank must run the same steps): check "
             "the store, raise data.storage.read_attempts if it is only slow, and resume from "
             "the latest checkpoint"
@@ -374,9 +376,9 @@ class _S3Reader(io.RawIOBase):
             extra: dict[str, str] = {}
             if self.etag is not None:
                 extra = {"IfMatch": self.etag, "Range": f"bytes={self.pos}-"}
-            return _client().get_object(Bucket=self.bucket, Key=self.key, **extra)
+            return client().get_object(Bucket=self.bucket, Key=self.key, **extra)
 
-        response = _with_retries("GET", self.url, get)
+        response = with_retries("GET", self.url, get)
         if self.etag is None:
             self.etag, self.size = response["ETag"], int(response["ContentLength"])
         self.body = response["Body"]
@@ -421,115 +423,3 @@ def open_read(url: str | os.PathLike) -> io.BufferedReader:
 def read_bytes(url: str | os.PathLike) -> bytes:
     with open_read(url) as f:
         return f.read()
-
-
-def exists(url: str | os.PathLike) -> bool:
-    """Whether the file or object exists (False for a missing bucket too)."""
-    if not is_s3(url):
-        return os.path.isfile(url)
-    try:
-        head(str(url))
-    except StorageNotFound:
-        return False
-    return True
-
-
-def head(url: str) -> tuple[int, str]:
-    """(size in bytes, ETag without quotes) of an object."""
-    bucket, key = split_url(url)
-    r = _with_retries("HEAD", url, lambda: _client().head_object(Bucket=bucket, Key=key))
-    return int(r["ContentLength"]), r["ETag"].strip('"')
-
-
-def check_bucket(url: str) -> None:
-    """Raise StorageNotFound naming the bucket of ``url`` when it does not exist (a HEAD of a
-    missing object and of an object in a missing bucket both answer 404)."""
-    bucket, _ = split_url(url)
-    try:
-        _with_retries("HEAD", f"{S3}{bucket}", lambda: _client().head_bucket(Bucket=bucket))
-    except StorageNotFound:
-        raise StorageNotFound(
-            f"{url}: bucket {bucket!r} does not exist at {_where()}; check the URL and "
-            "data.storage.endpoint_url / AWS_ENDPOINT_URL, or create the bucket"
-        ) from None
-
-
-def list_objects(prefix: str) -> dict[str, int]:
-    """Name -> size of the objects directly under ``prefix`` (not in sub-prefixes)."""
-    bucket, key = split_url(prefix)
-    key = key.rstrip("/") + "/" if key else ""
-    out: dict[str, int] = {}
-    for page in _pages(prefix, bucket, key):
-        for obj in page.get("Contents", []):
-            name = obj["Key"][len(key) :]
-            if name:  # not the folder marker some stores list for the prefix itself
-                out[name] = int(obj["Size"])
-    return out
-
-
-def list_prefixes(prefix: str) -> list[str]:
-    """The sub-prefixes directly under ``prefix``, as full ``s3://`` URLs (sorted)."""
-    bucket, key = split_url(prefix)
-    key = key.rstrip("/") + "/" if key else ""
-    found = [
-        f"{S3}{bucket}/{p['Prefix'].rstrip('/')}"
-        for page in _pages(prefix, bucket, key)
-        for p in page.get("CommonPrefixes", [])
-    ]
-    return sorted(found)
-
-
-def _pages(url: str, bucket: str, key: str) -> Iterator[dict]:
-    token: str | None = None
-    while True:
-        args = {"Bucket": bucket, "Prefix": key, "Delimiter": "/"}
-        if token:
-            args["ContinuationToken"] = token
-        page = _with_retries("LIST", url, lambda args=args: _client().list_objects_v2(**args))
-        yield page
-        if not page.get("IsTruncated"):
-            return
-        token = page["NextContinuationToken"]
-
-
-# ---------------------------------------------------------------------------- writing
-
-
-def md5_file(path: str | os.PathLike) -> str:
-    """Hex MD5 of a local file: the ETag S3 gives an object uploaded in one part."""
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def put_file(path: str | os.PathLike, url: str) -> str:
-    """Upload a local file as one object (one part, so its ETag is its MD5; the store checks the
-    body against Content-MD5) and return that MD5."""
-    bucket, key = split_url(url)
-    md5 = md5_file(path)
-    content_md5 = base64.b64encode(bytes.fromhex(md5)).decode()
-
-    def put() -> Any:
-        with open(path, "rb") as f:
-            return _client().put_object(Bucket=bucket, Key=key, Body=f, ContentMD5=content_md5)
-
-    _with_retries("PUT", url, put)
-    return md5
-
-
-def copy_object(src: str, dst: str) -> None:
-    """Server-side copy (no bytes through this process)."""
-    sb, sk = split_url(src)
-    db, dk = split_url(dst)
-    _with_retries(
-        "COPY",
-        dst,
-        lambda: _client().copy_object(Bucket=db, Key=dk, CopySource={"Bucket": sb, "Key": sk}),
-    )
-
-
-def delete_object(url: str) -> None:
-    bucket, key = split_url(url)
-    _with_retries("DELETE", url, lambda: _client().delete_object(Bucket=bucket, Key=key))

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipeline.data import storage
+from pipeline.data import storage, storage_ops
 from pipeline.data.catalog import (
     INDEX_FILE,
     SHARD_BYTES,
@@ -185,7 +185,7 @@ def _check_shard_star(args: tuple[str, dict]) -> tuple[list[str], list[str]]:
 def _listed_shards(directory: str | Path) -> set[str]:
     """The shard names found in a split folder, or listed under an ``s3://`` prefix."""
     if storage.is_s3(directory):
-        return {n for n in storage.list_objects(str(directory)) if n.endswith(SHARD_SUFFIX)}
+        return {n for n in storage_ops.list_objects(str(directory)) if n.endswith(SHARD_SUFFIX)}
     return {p.name for p in Path(directory).glob(f"*{SHARD_SUFFIX}")}
 
 
@@ -285,12 +285,12 @@ def split_dirs(path: str | Path) -> list[Path] | list[str]:
     """The split directories at ``path``: itself if it holds sizes.json, else its children.
     For an ``s3://`` prefix: itself if it holds a catalog, else its sub-prefixes that do."""
     if storage.is_s3(path):
-        if storage.exists(storage.join(path, INDEX_FILE)):
+        if storage_ops.exists(storage.join(path, INDEX_FILE)):
             return [str(path).rstrip("/")]
         return [
             p
-            for p in storage.list_prefixes(str(path))
-            if storage.exists(storage.join(p, INDEX_FILE))
+            for p in storage_ops.list_prefixes(str(path))
+            if storage_ops.exists(storage.join(p, INDEX_FILE))
         ]
     path = Path(path)
     if (path / SIZES_FILE).is_file() or any(path.glob(f"*{SHARD_SUFFIX}")):

@@ -28,7 +28,9 @@ import torch
 
 from pipeline import logs
 from pipeline.config.load import add_config_arguments, load_config, named_model, split_weights
-from pipeline.config.schema import DataConfig, EvalConfig, RunConfig, to_dict
+from pipeline.config.runconfig import RunConfig, to_dict
+from pipeline.config.schema import DataConfig
+from pipeline.config.schema_services import EvalConfig
 from pipeline.data.transforms import crop_for_weights
 from pipeline.distributed import collectives, group
 from pipeline.eval import protocols

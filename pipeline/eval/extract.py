@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.config.schema import DataConfig
-from pipeline.data.stream import eval_loader
+from pipeline.data.eval_stream import eval_loader
 from pipeline.distributed import collectives, group
 from pipeline.eval.protocols import PLAIN, Embeddings, Extraction
 

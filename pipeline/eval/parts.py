@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config.schema import RunConfig, to_dict
+from pipeline.config.runconfig import RunConfig, to_dict
 from pipeline.data.catalog import expand_urls, read_index
 from pipeline.data.transforms import crop_for_weights
 from pipeline.distributed import collectives, group

@@ -30,7 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config.schema import ConfigError, DataConfig, EvalConfig, RunConfig
+from pipeline.config.runconfig import RunConfig
+from pipeline.config.schema import ConfigError, DataConfig
+from pipeline.config.schema_services import EvalConfig
 from pipeline.data.catalog import INDEX_FILE, _is_remote, read_index, split_dir
 from pipeline.errors import UserError
 from pipeline.eval.grid import retrieval_grid

@@ -36,7 +36,8 @@ from PIL import Image
 
 import pipeline
 from pipeline.config.load import add_config_arguments, load_config, named_model, split_weights
-from pipeline.config.schema import DataConfig, RunConfig
+from pipeline.config.runconfig import RunConfig
+from pipeline.config.schema import DataConfig
 from pipeline.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,

@@ -3,13 +3,9 @@
     pipeline build-gallery --config CFG --weights PATH --shards data/sop/test --out gallery/
     pipeline build-gallery --config CFG --weights PATH --images my_photos/ --out gallery/ --kind hnsw
 
-An index directory holds:
-
-    index.faiss      the FAISS index; row i is gallery item i
-    items.parquet    one row per item: row, key, source (shard file or image path), label,
-                     class_name (label -1 / class_name null where unknown)
-    manifest.json    kind and search parameters, size, dimension, the checkpoint and its
-                     architecture, the preprocessing sizes, recall@10 of a compressed index
+The index directory it writes (``index.faiss``, ``items.parquet``, ``manifest.json``) is
+``pipeline.serve.gallery_files``; the FAISS index kinds, their building, search and measured
+recall are ``pipeline.serve.gallery_index``. This module embeds the gallery and runs the command.
 
 Shards are embedded with the evaluation's distributed extraction
 (``pipeline.eval.extract.extract_embeddings``: all ranks take part, every sample once); an image
@@ -17,11 +13,8 @@ folder (ImageFolder layout: a sub-folder per class, or loose files) with the sam
 transform, its files dealt to the ranks. An unreadable image is skipped, listed in
 ``skipped.txt`` and counted, never silently dropped.
 
-Kinds: ``exact`` (``IndexFlatIP``, the default: the evaluation's exact inner product), ``hnsw``
-(``IndexHNSWFlat``, inner product; ~1.1x the raw vectors' memory, fast queries) and ``ivfpq``
-(``IndexIVFPQ``: ``pq_m`` bytes per item, for galleries of many millions). A compressed index
-is checked at build time: recall@10 against the exact search for up to 1000 gallery items used
-as queries, printed and stored in the manifest.
+Kinds: ``exact`` (the default), ``hnsw`` and ``ivfpq``; a compressed index's recall@10
+against the exact search is printed and stored in the manifest.
 
 Shape legend: N gallery items, Q queries, D embedding dims, k neighbours.
 """
@@ -29,16 +22,13 @@ Shape legend: N gallery items, Q queries, D embedding dims, k neighbours.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from pipeline.config.load import add_config_arguments
@@ -49,123 +39,21 @@ from pipeline.data.faces import CropError
 from pipeline.data.image import model_input
 from pipeline.data.writer import DEFAULT_MAX_SKIPPED_FRACTION
 from pipeline.distributed import collectives, group
-from pipeline.errors import UserError
 from pipeline.eval.extract import extract_embeddings, sort_by_index
-from pipeline.eval.knn import ExactIPIndex, as_float32_matrix, import_faiss, merge_topk
 from pipeline.serve.export import load_weights_model, preprocessing_spec
+from pipeline.serve.gallery_files import MANIFEST_FORMAT, write_gallery
+from pipeline.serve.gallery_index import (
+    KINDS,
+    RECALL_K,
+    RECALL_QUERIES,
+    GalleryError,
+    IndexParams,
+    build_index,
+    measure_recall,
+)
 
-INDEX_FILE = "index.faiss"
-ITEMS_FILE = "items.parquet"
-MANIFEST_FILE = "manifest.json"
 SKIPPED_FILE = "skipped.txt"
-MANIFEST_FORMAT = "smoothap-gallery-v1"
-KINDS = ("exact", "hnsw", "ivfpq")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
-RECALL_K = 10
-RECALL_QUERIES = 1000
-
-
-class GalleryError(UserError, ValueError):
-    """Bad gallery input (folder, index directory, query image); names the file and the fix."""
-
-
-@dataclass
-class IndexParams:
-    """How the FAISS index is built and searched (stored in the manifest)."""
-
-    kind: str = "exact"
-    hnsw_m: int = 32
-    """HNSW: neighbours per node (memory ~ N x (4D + 8M) bytes)."""
-    ef_construction: int = 80
-    ef_search: int = 128
-    """HNSW: candidate list size at query time (recall vs latency)."""
-    nlist: int = 0
-    """IVF-PQ: inverted lists; 0 = round(sqrt(N)) clipped to [1, N // 39] (FAISS wants >= 39
-    training points per list)."""
-    pq_m: int = 0
-    """IVF-PQ: sub-quantizers = bytes per item; 0 = D // 8 (8 dims each), must divide D."""
-    nprobe: int = 32
-    """IVF-PQ: lists visited per query."""
-    train_size: int = 100_000
-    """IVF-PQ: items (a seeded sample) the coarse quantizer and PQ codebooks are trained on."""
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise GalleryError(f"--kind {self.kind!r} is not one of {', '.join(KINDS)}")
-        for name in ("hnsw_m", "ef_construction", "ef_search", "nprobe", "train_size"):
-            if getattr(self, name) < 1:
-                raise GalleryError(
-                    f"--{name.replace('_', '-')}={getattr(self, name)}: must be >= 1"
-                )
-
-
-def build_index(emb_ND: np.ndarray, params: IndexParams) -> tuple[Any, IndexParams]:
-    """A FAISS index over ``emb_ND`` (inner product) and the parameters actually used."""
-    faiss = import_faiss()
-    emb = as_float32_matrix(emb_ND, "gallery embeddings")
-    n, dim = emb.shape
-    if params.kind == "exact":
-        index = faiss.IndexFlatIP(dim)
-    elif params.kind == "hnsw":
-        index = faiss.IndexHNSWFlat(dim, params.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = params.ef_construction
-    else:
-        pq_m = params.pq_m or max(1, dim // 8)
-        if dim % pq_m:
-            raise GalleryError(f"--pq-m {pq_m} does not divide the embedding dimension {dim}")
-        # 8-bit PQ codebooks have 256 centroids: FAISS needs at least that many points.
-        if n < 256:
-            raise GalleryError(
-                f"--kind ivfpq needs at least 256 gallery items to train its codebooks, got "
-                f"{n}; use --kind exact (or hnsw) for a gallery this small"
-            )
-        nlist = params.nlist or min(max(1, round(math.sqrt(n))), max(1, n // 39))
-        params = IndexParams(**{**asdict(params), "pq_m": pq_m, "nlist": nlist})
-        quantizer = faiss.IndexFlatIP(dim)
-        index = faiss.IndexIVFPQ(quantizer, dim, nlist, pq_m, 8, faiss.METRIC_INNER_PRODUCT)
-        sample = np.random.default_rng(0).permutation(n)[: max(params.train_size, 256)]
-        index.train(emb[np.sort(sample)])
-    index.add(emb)
-    set_search_params(index, params)
-    return index, params
-
-
-def set_search_params(index: Any, params: IndexParams) -> None:
-    """Apply the query-time parameters (HNSW efSearch, IVF nprobe) to a loaded index."""
-    faiss = import_faiss()
-    if params.kind == "hnsw":
-        faiss.downcast_index(index).hnsw.efSearch = params.ef_search
-    elif params.kind == "ivfpq":
-        faiss.extract_index_ivf(index).nprobe = params.nprobe
-
-
-def search_index(index: Any, queries_QD: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k (scores, gallery rows), score-descending, ties by ascending row, padded -inf / -1:
-    the order of ``pipeline.eval.knn`` (so an exact index gives exactly the evaluation's kNN)."""
-    q = as_float32_matrix(queries_QD, "queries")
-    k_eff = min(k, index.ntotal)
-    scores, ids = index.search(q, k_eff)
-    return merge_topk([scores], [ids], k)
-
-
-def recall_at_k(approx_ids_Qk: np.ndarray, exact_ids_Qk: np.ndarray) -> float:
-    """Mean fraction of each query's exact top-k that the approximate top-k found."""
-    hits = [
-        len(set(a[a >= 0]) & set(e[e >= 0])) / max(1, (e >= 0).sum())
-        for a, e in zip(approx_ids_Qk, exact_ids_Qk)
-    ]
-    return float(np.mean(hits)) if hits else 1.0
-
-
-def measure_recall(
-    index: Any, emb_ND: np.ndarray, k: int = RECALL_K, queries: int = RECALL_QUERIES
-) -> float:
-    """recall@k of ``index`` against exact inner-product search, with up to ``queries`` gallery
-    items (a seeded sample) as queries."""
-    rows = np.sort(np.random.default_rng(0).permutation(len(emb_ND))[:queries])
-    _, exact = ExactIPIndex(emb_ND).search(emb_ND[rows], k)
-    _, approx = search_index(index, emb_ND[rows], k)
-    return recall_at_k(approx, exact)
 
 
 # ---------------------------------------------------------------------------- embedding
@@ -303,60 +191,6 @@ def _shard_gallery(
         "class_name": [table["class_name"][i] for i in rows],
     }
     return e.emb_ND, items
-
-
-# ---------------------------------------------------------------------------- files
-
-
-def write_gallery(out: Path, index: Any, items: dict[str, list], manifest: dict[str, Any]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    import_faiss().write_index(index, str(out / INDEX_FILE))
-    table = pa.table(
-        {
-            "row": pa.array(range(len(items["key"])), pa.int64()),
-            "key": pa.array(items["key"], pa.string()),
-            "source": pa.array(items["source"], pa.string()),
-            "label": pa.array(items["label"], pa.int64()),
-            "class_name": pa.array(items["class_name"], pa.string()),
-        }
-    )
-    pq.write_table(table, out / ITEMS_FILE)
-    (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-
-
-@dataclass
-class Gallery:
-    """An index directory, read back."""
-
-    directory: Path
-    index: Any
-    items: dict[str, list]
-    manifest: dict[str, Any]
-
-    @property
-    def params(self) -> IndexParams:
-        return IndexParams(**self.manifest["index"])
-
-
-def read_gallery(directory: str | Path) -> Gallery:
-    """Read an index directory written by ``pipeline build-gallery`` (GalleryError if it is not one)."""
-    directory = Path(directory)
-    missing = [f for f in (INDEX_FILE, ITEMS_FILE, MANIFEST_FILE) if not (directory / f).is_file()]
-    if missing:
-        raise GalleryError(
-            f"{str(directory)!r} is not an index directory (no {', '.join(missing)}); build one "
-            "with `pipeline build-gallery ... --out DIR`"
-        )
-    manifest = json.loads((directory / MANIFEST_FILE).read_text())
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise GalleryError(
-            f"{directory / MANIFEST_FILE}: format {manifest.get('format')!r} is not "
-            f"{MANIFEST_FORMAT!r}; rebuild the index with this version's `pipeline build-gallery`"
-        )
-    index = import_faiss().read_index(str(directory / INDEX_FILE))
-    gallery = Gallery(directory, index, pq.read_table(directory / ITEMS_FILE).to_pydict(), manifest)
-    set_search_params(index, gallery.params)
-    return gallery
 
 
 # ---------------------------------------------------------------------------- CLI

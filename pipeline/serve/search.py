@@ -28,7 +28,9 @@ from pipeline.data.image import decode
 from pipeline.data.stream import read_shard
 from pipeline.model import load_trained_model
 from pipeline.plots import framed_image_grid, save_png
-from pipeline.serve.gallery import Gallery, GalleryError, embed_files, read_gallery, search_index
+from pipeline.serve.gallery import embed_files
+from pipeline.serve.gallery_files import Gallery, read_gallery
+from pipeline.serve.gallery_index import GalleryError, search_index
 
 THUMB = 96
 

@@ -28,7 +28,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from pipeline.config.schema import TrackingConfig
+from pipeline.config.schema_services import TrackingConfig
 from pipeline.secrets import keep, redact
 from pipeline.tracking.base import TrackingUnavailable, metric_key
 from pipeline.tracking.outbox import (

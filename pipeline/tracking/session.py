@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config.load import flatten
-from pipeline.config.schema import TrackingConfig
+from pipeline.config.schema_services import TrackingConfig
 from pipeline.plots import pyplot, save_png
 from pipeline.rundir import RunDir
 from pipeline.tracking.base import NullTracker, Tracker

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pipeline.config.schema import ConfigError, ModelConfig
+from pipeline.config.schema import ConfigError
+from pipeline.config.schema_train import ModelConfig
 from pipeline.distributed import collectives
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.config.schema import LossConfig, RunConfig
+from pipeline.config.runconfig import RunConfig
+from pipeline.config.schema_train import LossConfig
 from pipeline.loss import SmoothAPLoss
 from pipeline.model import EmbeddingModel, build_model
 from pipeline.train import checkpoint

@@ -26,7 +26,8 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline.config.deepspeed import read_deepspeed_file
-from pipeline.config.schema import ConfigError, TrainConfig
+from pipeline.config.schema import ConfigError
+from pipeline.config.schema_train import TrainConfig
 from pipeline.distributed import group
 
 

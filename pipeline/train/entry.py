@@ -20,7 +20,7 @@ import torch
 
 from pipeline import logs
 from pipeline.config.load import load_config
-from pipeline.config.schema import RunConfig
+from pipeline.config.runconfig import RunConfig
 from pipeline.data.transforms import resolve_crop
 from pipeline.distributed import env, group
 from pipeline.rundir import RunDir

@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.config.load import save_config
-from pipeline.config.schema import RunConfig, to_dict
+from pipeline.config.runconfig import RunConfig, to_dict
 from pipeline.data import storage
 from pipeline.data.transforms import SCHEME_KEY, weights_scheme
 from pipeline.distributed import collectives, group

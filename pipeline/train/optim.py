@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from pipeline.config.schema import OptimConfig
+from pipeline.config.schema_train import OptimConfig
 
 
 def lr_factor(step: int, optim_cfg: OptimConfig, total_steps: int) -> float:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, replace
 
-from pipeline.config.schema import RunConfig
+from pipeline.config.runconfig import RunConfig
 from pipeline.distributed import collectives
 from pipeline.eval.protocols import preflight  # the shard checks, then the protocol's
 from pipeline.rundir import RunDir

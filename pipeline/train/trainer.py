@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.config.schema import RunConfig
+from pipeline.config.runconfig import RunConfig
 from pipeline.data import stream
 from pipeline.data.transforms import normalise_batch
 from pipeline.distributed import collectives, group

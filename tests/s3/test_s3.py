@@ -15,10 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config.schema import RunConfig, StorageConfig
-from pipeline.data import storage
+from pipeline.config.runconfig import RunConfig
+from pipeline.config.schema import StorageConfig
+from pipeline.data import storage, storage_ops
 from pipeline.data.catalog import expand_urls
-from pipeline.data.stream import eval_loader, train_loader
+from pipeline.data.eval_stream import eval_loader
+from pipeline.data.stream import train_loader
 from pipeline.data.validate import validate_split
 from pipeline.data.writer import ShardWriteError
 from pipeline.preflight import PreflightError, preflight
@@ -38,47 +40,49 @@ def test_make_shards_publishes_the_split_validate_shards_checks_it(s3_env, s3_da
 
     url, local = s3_dataset
     for split in ("train", "test"):
-        objects = storage.list_objects(f"{url}/{split}")
+        objects = storage_ops.list_objects(f"{url}/{split}")
         files = sorted(p.name for p in (local / split).iterdir())
         assert sorted(objects) == files
         for name in files:  # byte for byte what the same command wrote on disk
             assert (
                 storage.read_bytes(f"{url}/{split}/{name}") == (local / split / name).read_bytes()
             )
-    for prefix in storage.list_prefixes(url):  # the staging prefixes were emptied
-        assert ".partial-" not in prefix or not storage.list_objects(prefix)
+    for prefix in storage_ops.list_prefixes(url):  # the staging prefixes were emptied
+        assert ".partial-" not in prefix or not storage_ops.list_objects(prefix)
     assert main(["validate-shards", url]) == 0
     out = capsys.readouterr().out
     assert f"{url}/train: 64 samples read, 0 problems" in out
     assert f"{url}/test: 24 samples read, 0 problems" in out
     with pytest.raises(ShardWriteError, match=rf"^{url}/train already holds \d+ object\(s\); pass"):
         make_shards(url)
-    before = {n: storage.head(f"{url}/train/{n}") for n in storage.list_objects(f"{url}/train")}
+    before = {
+        n: storage_ops.head(f"{url}/train/{n}") for n in storage_ops.list_objects(f"{url}/train")
+    }
     make_shards(url, "--overwrite")  # the same split again: the same objects
     assert {
-        n: storage.head(f"{url}/train/{n}") for n in storage.list_objects(f"{url}/train")
+        n: storage_ops.head(f"{url}/train/{n}") for n in storage_ops.list_objects(f"{url}/train")
     } == before
 
 
 def test_validate_shards_trusts_the_catalog_not_the_listing(s3_env, s3_dataset):
     url, local = s3_dataset
     copy = f"s3://{url.split('/')[2]}/changed/train"
-    for name in storage.list_objects(f"{url}/train"):
-        storage.copy_object(f"{url}/train/{name}", f"{copy}/{name}")
+    for name in storage_ops.list_objects(f"{url}/train"):
+        storage_ops.copy_object(f"{url}/train/{name}", f"{copy}/{name}")
     shard = sorted(p for p in (local / "train").glob("*.tar"))[1]
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size, so a listing cannot tell
     changed = Path(os.environ.get("TMPDIR", "/tmp")) / f"changed-{os.getpid()}.tar"
     changed.write_bytes(bytes(data))
     try:
-        storage.put_file(changed, f"{copy}/{shard.name}")
+        storage_ops.put_file(changed, f"{copy}/{shard.name}")
     finally:
         changed.unlink()
     _, problems = validate_split(copy)
     assert any(
         p.startswith(f"{shard.name}: MD5 ") and "index.parquet says" in p for p in problems
     ), problems
-    storage.delete_object(f"{copy}/index.parquet")  # unpublished: no longer a split
+    storage_ops.delete_object(f"{copy}/index.parquet")  # unpublished: no longer a split
     with pytest.raises(
         storage.StorageNotFound, match=r"index\.parquet does not exist, so .* is not a split"
     ):
@@ -154,7 +158,7 @@ def test_a_read_cut_mid_object_resumes_at_its_offset(s3_env):
     source = Path(os.environ.get("TMPDIR", "/tmp")) / f"blob-{os.getpid()}.bin"
     source.write_bytes(data)
     try:
-        storage.put_file(source, url)
+        storage_ops.put_file(source, url)
     finally:
         source.unlink()
     storage.configure(StorageConfig(read_attempts=24, retry_wait_s=0.1, retry_max_wait_s=2.0))
@@ -223,7 +227,7 @@ def test_refused_credentials_or_a_missing_bucket_stop_the_run_at_preflight(
 
 def test_build_gallery_embeds_a_split_from_the_store_as_from_disk(s3_env, s3_dataset, tmp_path):
     from pipeline.cli import main
-    from pipeline.config.schema import ModelConfig
+    from pipeline.config.schema_train import ModelConfig
     from pipeline.model import build_model
     from pipeline.weights import save_weights
 
