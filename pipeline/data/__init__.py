@@ -10,7 +10,8 @@ Modules (importing this package imports none of them):
                   ``read_index`` / ``read_sizes``
 - ``outdir``      what make-shards may write where; replacing a split safely
 - ``dealing``     which shards each rank and data worker reads
-- ``imagemode``   any decoded image to the RGB picture it shows
+- ``image``       the one image path (bytes -> RGB picture -> face crop -> model input)
+- ``faces``       aligned (5-point) and loose (VGGFace2) face crops
 - ``storage``     local folders and ``s3://`` prefixes: reads (retried, counted), listings, uploads
 - ``publish``     ``make-shards --out s3://...``: upload under a temporary prefix, catalog last
 - ``validate``    ``pipeline validate-shards``
