@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.data.catalog import IJBC_TABLES, read_index
-from pipeline.data.converters import IJBC_1N, LayoutError, list_split
+from pipeline.data.converters import IJB_GALLERIES, LayoutError, ijb_1n_files, list_split
 from tests.data_helpers import write_image
 from tests.data_helpers.layouts import face_landmarks
 
@@ -209,7 +209,8 @@ def test_ijbc(tmp_path):
     assert not (split / "gallery_G2.parquet").exists()  # optional files stay optional
     assert {"template_id", "media_id", "subject_id"} <= set(_first_json(split))
     # every table IJB-C can write is one that a later --overwrite may remove
-    assert {"pairs.parquet", *(f"{n}.parquet" for n in IJBC_1N)} == set(IJBC_TABLES)
+    tables = {f"{n}.parquet" for bench in IJB_GALLERIES for n in ijb_1n_files(bench)}
+    assert {"pairs.parquet", *tables} == set(IJBC_TABLES)
 
 
 def test_ijbc_errors(tmp_path):

@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
+from pipeline.cli import main as cli_main
 from pipeline.config.schema import DataConfig
 from pipeline.config.schema_services import EvalConfig, TrackingConfig
 from pipeline.config.schema_train import ModelConfig
@@ -342,6 +343,34 @@ def test_ijbb_lists_read_like_ijbc_and_name_their_metrics(ijbc, tmp_path):
     }
     assert renamed == ijbc["metrics"]
     assert result.tags["eval.ijbc.benchmark"] == "ijbb"
+
+
+def test_make_shards_ijbb_writes_a_split_that_evaluates_like_ijbc(ijbc, tmp_path):
+    """`pipeline make-shards ijbb` reads IJB-B's release (IJBB/, ijbb_ files, galleries S1 and
+    S2, its five landmarks and detector scores) into a split whose own lists are IJB-B's: the
+    same synthetic release evaluates to the same figures as the IJB-C split, under ijbb_ names."""
+    ijb_release(tmp_path / "raw", bench="IJBB", size=SIZE)
+    out = tmp_path / "shards"
+    argv = ["make-shards", "ijbb", "--root", str(tmp_path / "raw"), "--out", str(out)]
+    argv += ["--crop", "none", "--samples-per-shard", "25", "--name", "ijbc", "--no-progress"]
+    assert cli_main(argv) == 0
+    split = out / "test"
+    assert {p.name for p in split.glob("*.parquet")} == {
+        "index.parquet",
+        "pairs.parquet",
+        "gallery_S1.parquet",
+        "gallery_S2.parquet",
+        "probe_mixed.parquet",
+    }
+    lists = load_protocol(split)
+    assert lists.benchmark == "ijbb" and set(lists.galleries) == {"S1", "S2"}
+    e = _embeddings(ijbc["out"])  # the same images in the same rows as the IJB-C split
+    result = protocols.get("ijbc").compute(e, _data_cfg(split), EvalConfig(protocol="ijbc"), "cpu")
+    renamed = {
+        k.replace("ijbb_", "ijbc_").replace("_S1_", "_G1_").replace("_S2_", "_G2_"): v
+        for k, v in result.metrics.items()
+    }
+    assert renamed == pytest.approx(ijbc["metrics"], abs=1e-12)
 
 
 def test_insightface_1n_rule_is_strict_at_the_threshold_and_the_top():

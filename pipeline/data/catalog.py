@@ -31,7 +31,14 @@ INDEX_FILE = "index.parquet"
 SIZES_FILE = "sizes.json"
 SKIPPED_FILE = "skipped.txt"
 SHARD_SUFFIX = ".tar"
-IJBC_TABLES = ("pairs.parquet", "gallery_G1.parquet", "gallery_G2.parquet", "probe_mixed.parquet")
+IJBC_TABLES = (
+    "pairs.parquet",
+    "gallery_G1.parquet",
+    "gallery_G2.parquet",
+    "gallery_S1.parquet",  # IJB-B's galleries
+    "gallery_S2.parquet",
+    "probe_mixed.parquet",
+)
 """IJB-C's protocol tables, written beside its shards by ``converters.list_ijbc``."""
 WRITTEN_FILES = (INDEX_FILE, SIZES_FILE, SKIPPED_FILE, *IJBC_TABLES)
 """Every file a split folder holds besides its shards: all that ``make-shards --overwrite`` may

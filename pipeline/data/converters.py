@@ -244,11 +244,15 @@ def list_sop(root: Path, split: str) -> list[SourceItem]:
     return items
 
 
-IJBC_1N = {
-    "gallery_G1": "ijbc_1N_gallery_G1.csv",
-    "gallery_G2": "ijbc_1N_gallery_G2.csv",
-    "probe_mixed": "ijbc_1N_probe_mixed.csv",
-}
+IJB_GALLERIES = {"IJBC": ("G1", "G2"), "IJBB": ("S1", "S2")}
+"""The 1:N galleries of insightface's IJB-C and IJB-B releases (the same layout otherwise)."""
+
+
+def ijb_1n_files(bench: str) -> dict[str, str]:
+    """Table name -> the release's 1:N CSV in ``meta/`` (``ijbc_1N_gallery_G1.csv``, ...)."""
+    low = bench.lower()
+    files = {f"gallery_{g}": f"{low}_1N_gallery_{g}.csv" for g in IJB_GALLERIES[bench]}
+    return {**files, "probe_mixed": f"{low}_1N_probe_mixed.csv"}
 
 
 def _ints(path: Path, n: int, line: str, count: int, what: str) -> list[int]:
@@ -310,8 +314,11 @@ def read_ijbc_5pts(path: Path) -> dict[str, dict]:
     return out
 
 
-def list_ijbc(root: Path, split: str, crop: str = "none") -> tuple[list[SourceItem], dict]:
-    """IJB-C: ``IJBC/meta/ijbc_face_tid_mid.txt`` (``image_name template_id media_id``),
+def list_ijbc(
+    root: Path, split: str, crop: str = "none", bench: str = "IJBC"
+) -> tuple[list[SourceItem], dict]:
+    """IJB-C (``bench`` IJBC) or IJB-B (IJBB: the same layout, ``IJBB/`` and ``ijbb_`` names,
+    galleries S1 and S2): ``IJBC/meta/ijbc_face_tid_mid.txt`` (``image_name template_id media_id``),
     ``IJBC/meta/ijbc_template_pair_label.txt`` (``template1 template2 label``), optionally the
     1:N CSVs ``IJBC/meta/ijbc_1N_{gallery_G1,gallery_G2,probe_mixed}.csv``, images in
     ``IJBC/loose_crop/``. ``root`` is the directory holding ``IJBC/`` (or ``IJBC`` itself).
@@ -319,20 +326,22 @@ def list_ijbc(root: Path, split: str, crop: str = "none") -> tuple[list[SourceIt
     Each image's template and media ids (and subject id, -1 where no 1:N file names its
     template) go into its metadata; the class is the subject (``unknown`` when not known).
     Beside the shards: ``pairs.parquet`` (template1, template2, label) and, per 1:N file,
-    ``<gallery_G1|gallery_G2|probe_mixed>.parquet`` (template_id, subject_id).
+    ``<gallery_G1|gallery_G2|probe_mixed>.parquet`` (template_id, subject_id; IJB-B:
+    ``gallery_S1``, ``gallery_S2``).
 
     ``IJBC/meta/ijbc_name_5pts_score.txt`` gives each image's five landmarks and detector score
     (catalog columns ``landmarks_5pt``, ``det_score``; required for ``crop`` aligned). The
     release's images are loose crops already: ``crop`` loose resizes them as they are.
     """
-    base = root / "IJBC" if (root / "IJBC").is_dir() else root
-    meta_dir = _require_dir(base / "meta", "IJBC/meta/ with the IJB-C protocol files")
-    image_dir = _require_dir(base / "loose_crop", "IJBC/loose_crop/ with the face crops")
+    low = bench.lower()
+    base = root / bench if (root / bench).is_dir() else root
+    meta_dir = _require_dir(base / "meta", f"{bench}/meta/ with the {bench} protocol files")
+    image_dir = _require_dir(base / "loose_crop", f"{bench}/loose_crop/ with the face crops")
     tid_mid = _require_file(
-        meta_dir / "ijbc_face_tid_mid.txt", "one `image_name template_id media_id` a line"
+        meta_dir / f"{low}_face_tid_mid.txt", "one `image_name template_id media_id` a line"
     )
     pairs_file = _require_file(
-        meta_dir / "ijbc_template_pair_label.txt", "one `template1 template2 label` a line"
+        meta_dir / f"{low}_template_pair_label.txt", "one `template1 template2 label` a line"
     )
     pairs = [
         _ints(pairs_file, n, line, 3, "three integers: template1 template2 label")
@@ -348,7 +357,7 @@ def list_ijbc(root: Path, split: str, crop: str = "none") -> tuple[list[SourceIt
         )
     }
     subject_of: dict[int, int] = {}
-    for name, fname in IJBC_1N.items():
+    for name, fname in ijb_1n_files(bench).items():
         path = meta_dir / fname
         if not path.is_file():
             continue  # 1:N identification is optional; make-shards reports which were found
@@ -375,7 +384,7 @@ def list_ijbc(root: Path, split: str, crop: str = "none") -> tuple[list[SourceIt
                 meta={"template_id": template, "media_id": media, "subject_id": subject},
             )
         )
-    five = meta_dir / "ijbc_name_5pts_score.txt"
+    five = meta_dir / f"{low}_name_5pts_score.txt"
     if crop == "aligned" or five.is_file():
         what = "insightface's five landmarks and detector score per image (--crop aligned)"
         _attach_geometry(items, read_ijbc_5pts(_require_file(five, what)), "loose_crop/")
@@ -449,8 +458,8 @@ def list_split(
         items, extra = list_split(fmt, root, split)
         _attach_geometry(items, face_csv_geometry(landmarks, boxes))
         return items, extra
-    if fmt == "ijbc":
-        return list_ijbc(root, split, crop)
+    if fmt in ("ijbc", "ijbb"):
+        return list_ijbc(root, split, crop, bench=fmt.upper())
     if fmt == "vggface2":
         return list_vggface2(root, split, crop), {}
     if crop != "none":
@@ -465,5 +474,5 @@ def list_split(
         "imagefolder": list_imagefolder,
     }
     if fmt not in listers:
-        raise LayoutError(f"unknown format {fmt!r}; use one of {', '.join(listers)}, ijbc")
+        raise LayoutError(f"unknown format {fmt!r}; use one of {', '.join(listers)}, ijbc, ijbb")
     return listers[fmt](root, split), {}

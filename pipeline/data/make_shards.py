@@ -30,18 +30,19 @@ from pipeline.data.synthetic import synthetic_items
 from pipeline.data.writer import DEFAULT_MAX_SKIPPED_FRACTION, ShardWriteError, write_split
 from pipeline.errors import UserError
 
-FORMATS = ("vggface2", "inaturalist", "sop", "ijbc", "imagefolder", "synthetic")
+FORMATS = ("vggface2", "inaturalist", "sop", "ijbc", "ijbb", "imagefolder", "synthetic")
 DEFAULT_SPLITS = {
     "vggface2": "train,test",
     "inaturalist": "train,test",
     "sop": "train,test",
     "ijbc": "test",
+    "ijbb": "test",
     "imagefolder": "train",
     "synthetic": "train,test",
 }
 DEFAULT_NAMES = {"inaturalist": "inat"}
-DEFAULT_CROPS = {"ijbc": "aligned"}
-"""insightface's IJB-C release is meant to be aligned by its five landmarks."""
+DEFAULT_CROPS = {"ijbc": "aligned", "ijbb": "aligned"}
+"""insightface's IJB-C and IJB-B releases are meant to be aligned by their five landmarks."""
 
 
 class ShardArgumentError(UserError, ValueError):
@@ -94,7 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--crop",
         choices=CROP_MODES,
         help="aligned: 5-point ArcFace alignment; loose: the VGGFace2 loose crop (box + 30%%, "
-        "shorter side --crop-size); none: the images as they are (default; ijbc: aligned)",
+        "shorter side --crop-size); none: the images as they are (default; ijbc, ijbb: aligned)",
     )
     face.add_argument(
         "--crop-size",
@@ -108,7 +109,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--landmarks",
         metavar="CSV",
         help="any dataset: NAME_ID,P1X,P1Y,...,P5X,P5Y[,SCORE] (NAME_ID relative to --root, "
-        "without extension); vggface2 and ijbc read their own files",
+        "without extension); vggface2, ijbc and ijbb read their own files",
     )
     face.add_argument(
         "--boxes", metavar="CSV", help="any dataset: NAME_ID,X,Y,W,H face boxes (--crop loose)"
