@@ -276,9 +276,7 @@ def test_shards_listed_twice_are_refused(assets, tmp_path):
     listing.write_text("\n".join([*shards, shards[0]]) + "\n")
     model = load_trained_model(assets["weights"])
     first = json.loads((assets["split"] / "sizes.json").read_text())[Path(shards[0]).name]
-    with pytest.raises(
-        ValueError, match=rf"sample index 0 \(and {first - 1} more\) was read twice"
-    ):
+    with pytest.raises(ValueError, match=rf"catalog row 0 \(and {first - 1} more\) was read twice"):
         extract_embeddings(
             model, str(listing), _data_cfg(listing), device="cpu", batch_size=8, progress=False
         )

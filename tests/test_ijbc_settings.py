@@ -153,7 +153,7 @@ def reference(release: dict, feats: dict, flips: dict, flip: bool, norm: bool, d
 
 def _features_by_name(ijbc: dict) -> tuple[Embeddings, dict, dict]:
     e = _embeddings(ijbc["out"])
-    names = _names_of_rows(ijbc["split"], e.index_N)
+    names = _names_of_rows(ijbc["split"], e.row_N)
     return e, dict(zip(names, e.emb_ND)), dict(zip(names, e.flip_ND))
 
 
@@ -190,7 +190,7 @@ def test_the_evaluation_writes_what_it_pooled_and_names_its_settings(ijbc):
     want = reference(ijbc["release"], feats, flips, True, True, True)
     for k, v in want.items():
         assert metrics[f"ijbc_N1D1F2_{k}"] == pytest.approx(v, abs=1e-12), k
-    names = _names_of_rows(ijbc["split"], e.index_N)
+    names = _names_of_rows(ijbc["split"], e.row_N)
     det = np.load(out / "det_score.npy")
     np.testing.assert_allclose(det, [ijbc["release"]["images"][n][2] for n in names], rtol=1e-6)
     record = json.loads((out / "metrics.json").read_text())
@@ -216,7 +216,7 @@ def test_flip_features_are_the_model_on_the_mirrored_image(ijbc):
     normalisation (one batch each; BatchNorm in eval mode treats images independently)."""
     model, split = ijbc["model"], ijbc["split"]
     e = _embeddings(ijbc["out"])
-    row_of = {int(i): r for r, i in enumerate(e.index_N)}
+    row_of = {int(i): r for r, i in enumerate(e.row_N)}
     transform = eval_transform(_data_cfg(split))
     rows, own, mirrored = [], [], []
     for shard in sorted(split.glob("*.tar")):
@@ -228,7 +228,7 @@ def test_flip_features_are_the_model_on_the_mirrored_image(ijbc):
                 image = Image.open(io.BytesIO(data)).convert("RGB")
                 own.append(transform(image))
                 mirrored.append(transform(ImageOps.mirror(image)))
-    assert sorted(rows) == list(range(len(e.index_N)))
+    assert sorted(rows) == list(range(len(e.row_N)))
     assert len(rows) == len(ijbc["release"]["images"])
     with torch.no_grad():
         want = model.embed_unnormalized(torch.stack(own)).numpy()
@@ -263,7 +263,7 @@ def test_two_ranks_gather_the_mirrored_features_and_agree_with_one(ijbc, tmp_pat
         got = json.loads((tmp_path / f"metrics{rank}.json").read_text())
         assert got == pytest.approx(ijbc["metrics"], abs=1e-9)
     one, two = _embeddings(ijbc["out"]), _embeddings(tmp_path)
-    np.testing.assert_array_equal(two.index_N, one.index_N)
+    np.testing.assert_array_equal(two.row_N, one.row_N)
     np.testing.assert_allclose(two.emb_ND, one.emb_ND, atol=1e-5)
     np.testing.assert_allclose(two.flip_ND, one.flip_ND, atol=1e-5)
 

@@ -277,7 +277,7 @@ def test_merge_parts_orders_by_global_index(tmp_path):
     _write_part(tmp_path, 0, [4, 0, 2], "a")
     _write_part(tmp_path, 1, [1, 5, 3], "b")
     e = merge_parts(tmp_path, 2, expected_rows=6, stamps=["a", "b"])
-    assert e.index_N.tolist() == [0, 1, 2, 3, 4, 5]
+    assert e.row_N.tolist() == [0, 1, 2, 3, 4, 5]
     assert e.emb_ND[:, 0].tolist() == [0, 1, 2, 3, 4, 5]  # rows travel with their index
     assert e.labels_N.tolist() == [0, 1, 2, 0, 1, 2]
 
@@ -291,7 +291,7 @@ def test_merge_parts_refuses_missing_stale_duplicate_and_short(tmp_path):
     _write_part(tmp_path, 1, [1, 2], "b")
     with pytest.raises(ValueError, match=r"part_00001\.npz was computed from other weights"):
         merge_parts(tmp_path, 2, None, stamps=["a", "new"])
-    with pytest.raises(ValueError, match=r"sample index 1 appears in two parts"):
+    with pytest.raises(ValueError, match=r"catalog row 1 appears in two parts"):
         merge_parts(tmp_path, 2, None, stamps=["a", "b"])
     _write_part(tmp_path, 1, [2], "b")
     with pytest.raises(ValueError, match=r"hold 3 samples, the eval split's index.parquet lists 4"):

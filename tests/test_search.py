@@ -49,7 +49,7 @@ def assets(tmp_path_factory, synthetic_split) -> dict:
 
 
 def _samples(split: Path) -> dict[int, tuple[bytes, str]]:
-    """Every sample's JPEG bytes and class name by global index, read with tarfile."""
+    """Every sample's JPEG bytes and class name by catalog row, read with tarfile."""
     out = {}
     for shard in sorted(split.glob("*.tar")):
         with tarfile.open(shard) as tar:
@@ -80,7 +80,7 @@ def test_search_returns_the_evaluations_knn(assets, tmp_path, capsys):
     samples = _samples(assets["split"])
     files = []
     for r in query_rows:
-        data, cls = samples[int(e.index_N[r])]
+        data, cls = samples[int(e.row_N[r])]
         f = tmp_path / "queries" / cls / f"q{r}.jpg"  # folder named by class: marked in the grid
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_bytes(data)
@@ -99,7 +99,7 @@ def test_search_returns_the_evaluations_knn(assets, tmp_path, capsys):
         np.testing.assert_array_equal(got_rows, want_i[q])
         np.testing.assert_allclose([h["score"] for h in r["neighbours"]], want_s[q], atol=1e-5)
         for h in r["neighbours"]:
-            g = int(e.index_N[h["row"]])
+            g = int(e.row_N[h["row"]])
             assert h["key"] == index_table["key"][g] == items["key"][h["row"]]
             assert h["class_name"] == index_table["class_name"][g]
         assert r["neighbours"][0]["class_name"] == r["class_name"]  # itself, in its class

@@ -251,7 +251,7 @@ def test_array_evaluation_matches_one_process(slurm_cluster, shards, tmp_path):
     part_index = [set(p["index"].tolist()) for p in parts]
     assert part_index[0] and part_index[1] and not part_index[0] & part_index[1]
     assert part_index[0] | part_index[1] == set(range(48))  # 8 test classes x 6 images
-    np.testing.assert_array_equal(np.load(out / "index.npy"), whole.index_N)
+    np.testing.assert_array_equal(np.load(out / "index.npy"), whole.row_N)
     np.testing.assert_array_equal(np.load(out / "labels.npy"), whole.labels_N)
     np.testing.assert_allclose(np.load(out / "embeddings.npy"), whole.emb_ND, atol=1e-5)
     expected = compute_metrics(whole, cfg.data, cfg.eval).metrics

@@ -9,9 +9,9 @@ A written split lives in one directory, or under one ``s3://bucket/prefix`` of a
     <out>/<split>/skipped.txt                     unreadable source images (path, reason)
     <out>/<split>/pairs.parquet ...               IJB-C only: its protocol tables
 
-The *global index* of a sample is its row position in ``index.parquet`` (also stored as the
-``index`` column and in each sample's ``json``); the eval loader yields it so that evaluators can
-join metadata such as IJB-C template / media ids.
+The *catalog row* of a sample (once called its global index) is its row position in
+``index.parquet`` (also stored as the ``index`` column and in each sample's ``json``); the eval
+loader yields it so that evaluators can join metadata such as IJB-C template / media ids.
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ def eval_reader_part(
 
 
 class EvalStream(IterableDataset):
-    """Batches (images, labels, global index) of one rank's part of an eval set."""
+    """Batches (images, labels, catalog row) of one rank's part of an eval set."""
 
     def __init__(
         self,
@@ -136,7 +136,7 @@ def eval_loader(
     """One rank's part of an eval set: batches ``(images, labels int64, index int64)``.
 
     Images as in ``eval_transform`` (float32 (B, 3, S, S)); labels are the shards' ``cls``
-    (not namespaced); ``index`` is each sample's global index (its row in the split's
+    (not namespaced); ``index`` is each sample's catalog row (its row in the split's
     ``index.parquet``, see ``pipeline.data.catalog.read_index``). Across all ranks and workers
     every sample of ``urls`` appears exactly once; a rank may get fewer (or no) samples than
     another. Batches hold ``batch_size`` samples, the last of each worker fewer.

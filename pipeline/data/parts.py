@@ -12,7 +12,7 @@ last (a part without a record is not finished).
 listing, its shards the recorded sizes) and refuses with one line per part that is missing,
 damaged or made otherwise; else it writes the split exactly as one task would. It has to
 rewrite the images rather than adopt the parts' tars: every sample's key and ``json`` carry its
-global index (its row in ``index.parquet``, which the eval loader reports), and a part cannot
+catalog row (its row in ``index.parquet``, which the eval loader reports), and a part cannot
 know its first row before the earlier parts have counted their unreadable images. So the merge
 streams the parts' images (no decode) through the writer in the split's class order, which also
 gives the single-task shards, names and catalog byte for byte; the images are read back and

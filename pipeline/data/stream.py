@@ -35,7 +35,7 @@ Evaluation (``eval_loader``)
 ----------------------------
 Shards are dealt to ranks, then to workers, round-robin; where there are fewer shards than
 ranks (or than a rank's workers), every reader reads them all and keeps every n-th sample. Each
-sample appears once across all ranks and workers, tagged by its global index (its row in the
+sample appears once across all ranks and workers, tagged by its catalog row (its row in the
 split's ``index.parquet``).
 """
 

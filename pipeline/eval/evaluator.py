@@ -3,7 +3,7 @@
     pipeline evaluate --config conf/demo.yaml checkpoint=runs/demo/model.safetensors [key=value ...]
 
 All ranks take part (one process, torchrun or srun): each embeds its part of the eval shards
-(every sample exactly once, tagged with its global index), the embeddings are gathered, and
+(every sample exactly once, tagged with its catalog row), the embeddings are gathered, and
 the protocol that ``eval.protocol`` names (``pipeline.eval.protocols``: retrieval with sharded
 FAISS kNN, VGGFace2, IJB-C) computes the metrics. Rank 0 writes ``embeddings.npy`` /
 ``labels.npy`` / ``index.npy`` (rows in global-index order), ``metrics.json`` and the protocol's
@@ -127,7 +127,7 @@ def write_outputs(
     names = EvalDir(out)
     np.save(names.embeddings, e.emb_ND)
     np.save(names.labels, e.labels_N)
-    np.save(names.rows, e.index_N)
+    np.save(names.rows, e.row_N)
     metrics_file = names.metrics
     record = {**result.metrics, **result.record}
     metrics_file.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")

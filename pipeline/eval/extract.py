@@ -1,7 +1,7 @@
 """Distributed extraction: every rank embeds its part of a split, every rank gets all rows.
 
-Each sample is tagged with its global index (its row in the split's ``index.parquet``), so the
-gathered rows are put back in index order and a sample read twice is detected.
+Each sample is tagged with its catalog row (its row in the split's ``index.parquet``), so the
+gathered embeddings are put back in catalog-row order and a sample read twice is detected.
 
 Shape legend: N samples, D embedding dims.
 """
@@ -45,7 +45,7 @@ def extract_embeddings(
 ) -> Embeddings:
     """Embed every sample of ``urls`` once, split over the ranks; every rank gets all rows.
 
-    All ranks participate. Raises ValueError if a sample index arrives twice (shards listed
+    All ranks participate. Raises ValueError if a catalog row arrives twice (shards listed
     twice in ``urls``) or the set is empty. ``extraction``: mirrored images too, and the
     embedding before the model's L2 normalisation (see :class:`Extraction`).
     """
@@ -84,20 +84,20 @@ def extract_embeddings(
         flip = collectives.all_gather_rows(flip)  # all ranks participate
     if len(idx) == 0:
         raise ValueError(f"eval shards {urls!r} hold no samples; check data.eval_urls")
-    e, repeated = sort_by_index(emb, lab, idx, flip)
+    e, repeated = sort_by_row(emb, lab, idx, flip)
     if len(repeated):
         raise ValueError(
-            f"data.eval_urls={urls!r}: sample index {int(repeated[0])} (and "
+            f"data.eval_urls={urls!r}: catalog row {int(repeated[0])} (and "
             f"{len(repeated) - 1} more) was read twice; list every shard once"
         )
     return e
 
 
-def sort_by_index(
-    emb: np.ndarray, labels: np.ndarray, index: np.ndarray, flip: np.ndarray | None = None
+def sort_by_row(
+    emb: np.ndarray, labels: np.ndarray, row: np.ndarray, flip: np.ndarray | None = None
 ) -> tuple[Embeddings, np.ndarray]:
-    """Rows in global-index order, and the index values that occur more than once."""
-    order = np.argsort(index, kind="stable")
-    emb, labels, index = emb[order], labels[order], index[order]
+    """The embeddings in catalog-row order, and the catalog rows that occur more than once."""
+    order = np.argsort(row, kind="stable")
+    emb, labels, row = emb[order], labels[order], row[order]
     flip = None if flip is None else flip[order]
-    return Embeddings(emb, labels, index, flip), index[1:][index[1:] == index[:-1]]
+    return Embeddings(emb, labels, row, flip), row[1:][row[1:] == row[:-1]]

@@ -52,18 +52,18 @@ def _read_images(data_cfg: DataConfig, index: set[int], side: int = 96) -> dict[
 
 
 def retrieval_grid(
-    emb_ND: np.ndarray, labels_N: np.ndarray, index_N: np.ndarray, data_cfg: DataConfig, path: Path
+    emb_ND: np.ndarray, labels_N: np.ndarray, row_N: np.ndarray, data_cfg: DataConfig, path: Path
 ) -> Path | None:
     """Queries with their top-5 neighbours (green: same label, red: not), or None (and a
     printed reason) when the images cannot be read back (remote shards). Row r is the sample
-    with catalog row ``index_N[r]``."""
+    with catalog row ``row_N[r]``."""
     q_rows = _grid_queries(labels_N, GRID_QUERIES)
     emb = l2_normalize(emb_ND)
     sims = emb[q_rows] @ emb.T  # a few rows of the similarity matrix
     sims[np.arange(len(q_rows)), q_rows] = -np.inf  # the query itself, by index
     order = np.lexsort((np.broadcast_to(np.arange(emb.shape[0]), sims.shape), -sims), axis=1)
     nb_rows = order[:, :GRID_NEIGHBOURS]
-    wanted = {int(index_N[r]) for r in np.concatenate([q_rows, nb_rows.ravel()])}
+    wanted = {int(row_N[r]) for r in np.concatenate([q_rows, nb_rows.ravel()])}
     try:
         images = _read_images(data_cfg, wanted)
     except (FileNotFoundError, ValueError, OSError) as err:
@@ -74,9 +74,9 @@ def retrieval_grid(
         log.warning("no retrieval grid: %d images not found in their shards", len(missing))
         return None
     return retrieval_grid_png(
-        [images[int(index_N[q])] for q in q_rows],
-        [[images[int(index_N[r])] for r in row] for row in nb_rows],
+        [images[int(row_N[q])] for q in q_rows],
+        [[images[int(row_N[r])] for r in row] for row in nb_rows],
         [[bool(labels_N[r] == labels_N[q]) for r in row] for q, row in zip(q_rows, nb_rows)],
         path,
-        titles=[f"index {int(index_N[q])}" for q in q_rows],
+        titles=[f"row {int(row_N[q])}" for q in q_rows],
     )

@@ -30,7 +30,7 @@ from pipeline.data.transforms import crop_for_weights
 from pipeline.distributed import collectives, group
 from pipeline.eval import protocols
 from pipeline.eval.evaluator import compute_metrics, log_result, write_outputs
-from pipeline.eval.extract import extract_embeddings, sort_by_index
+from pipeline.eval.extract import extract_embeddings, sort_by_row
 from pipeline.eval.protocols import PLAIN, Embeddings, Extraction
 from pipeline.model import load_trained_model
 from pipeline.rundir import EvalDir, eval_output_dir
@@ -97,20 +97,20 @@ def extract_part(cfg: RunConfig, checkpoint: str, part: int, urls: list[str]) ->
         if group.is_main_process():
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp.npz")
-            arrays = {"emb": e.emb_ND, "labels": e.labels_N, "index": e.index_N}
+            arrays = {"emb": e.emb_ND, "labels": e.labels_N, "index": e.row_N}
             if e.flip_ND is not None:
                 arrays["flip"] = e.flip_ND
             np.savez(tmp, **arrays, fingerprint=stamp)
             os.replace(tmp, path)  # a part file is complete or absent
         collectives.barrier()  # all ranks participate
-    log.info("part %d: %d samples from %d shards", part, len(e.index_N), len(urls))
-    return {"part": part, "rows": len(e.index_N), "path": str(path)}
+    log.info("part %d: %d samples from %d shards", part, len(e.row_N), len(urls))
+    return {"part": part, "rows": len(e.row_N), "path": str(path)}
 
 
 def merge_parts(
     out: Path, parts: int, expected_rows: int | None, stamps: list[str] | None = None
 ) -> Embeddings:
-    """All parts as one :class:`Embeddings` sorted by global index.
+    """All parts as one :class:`Embeddings` sorted by catalog row.
 
     ``stamps``: the fingerprint each part must carry. Raises ValueError naming a missing or
     stale part, a sample seen twice, or a wrong total.
@@ -144,7 +144,7 @@ def merge_parts(
             "features: they were extracted with different eval settings; delete the parts "
             "folder and resubmit"
         )
-    e, repeated = sort_by_index(
+    e, repeated = sort_by_row(
         np.concatenate(embs),
         np.concatenate(labels),
         np.concatenate(indices),
@@ -152,13 +152,13 @@ def merge_parts(
     )
     if len(repeated):
         raise ValueError(
-            f"sample index {int(repeated[0])} appears in two parts under {EvalDir(out).parts}: "
+            f"catalog row {int(repeated[0])} appears in two parts under {EvalDir(out).parts}: "
             "data.eval_urls lists a shard twice, or the parts come from different runs; "
             "delete the parts folder and resubmit"
         )
-    if expected_rows is not None and len(e.index_N) != expected_rows:
+    if expected_rows is not None and len(e.row_N) != expected_rows:
         raise ValueError(
-            f"the parts under {EvalDir(out).parts} hold {len(e.index_N)} samples, the eval split's "
+            f"the parts under {EvalDir(out).parts} hold {len(e.row_N)} samples, the eval split's "
             f"index.parquet lists {expected_rows}: delete the parts folder and resubmit"
         )
     return e
@@ -197,6 +197,6 @@ def merge_and_score(cfg: RunConfig, checkpoint: str, plan: list[list[str]]) -> d
             files = write_outputs(out, e, result, cfg.data, cfg.eval) if is_main else []
             log_result(tracker, result, files, 0)
             run_id = tracker.run_id
-        log.info("merged %d parts (%d samples): %s", len(plan), len(e.index_N), metrics)
+        log.info("merged %d parts (%d samples): %s", len(plan), len(e.row_N), metrics)
         collectives.barrier()  # all ranks participate: the files exist when any rank returns
     return {"metrics": metrics, "run_id": run_id, "output_dir": str(out)}

@@ -53,11 +53,11 @@ class ProtocolDataError(UserError, ValueError):
 
 @dataclass
 class Embeddings:
-    """The whole eval set, rows sorted by global index (the row in the split's index.parquet)."""
+    """The whole eval set, sorted by catalog row (the row in the split's index.parquet)."""
 
     emb_ND: np.ndarray
     labels_N: np.ndarray
-    index_N: np.ndarray
+    row_N: np.ndarray
     flip_ND: np.ndarray | None = None
     """The model on each image's horizontal mirror (extracted with ``flip=True``), else None."""
 
@@ -199,7 +199,7 @@ def _retrieval_compute(e: Embeddings, data_cfg: DataConfig, ev: EvalConfig, devi
 def _retrieval_write(
     out: Path, e: Embeddings, result: Result, data_cfg: DataConfig, ev: EvalConfig
 ) -> list[Path]:
-    grid = retrieval_grid(e.emb_ND, e.labels_N, e.index_N, data_cfg, EvalDir(out).retrieval_grid)
+    grid = retrieval_grid(e.emb_ND, e.labels_N, e.row_N, data_cfg, EvalDir(out).retrieval_grid)
     return [] if grid is None else [grid]
 
 
@@ -295,7 +295,7 @@ def _ijbc_extraction(ev: EvalConfig) -> Extraction:
     return Extraction(flip=ev.ijbc_flip, unnormalized=True)
 
 
-def _catalog_columns(data_cfg: DataConfig, index_N: np.ndarray) -> dict[str, np.ndarray | None]:
+def _catalog_columns(data_cfg: DataConfig, row_N: np.ndarray) -> dict[str, np.ndarray | None]:
     """Template id, media id and detector score (None: no such column, or all null) of each
     extracted sample, from the split's index.parquet."""
     table = read_index(data_cfg.eval_urls)
@@ -305,13 +305,13 @@ def _catalog_columns(data_cfg: DataConfig, index_N: np.ndarray) -> dict[str, np.
             f"data.eval_urls={data_cfg.eval_urls!r}: {INDEX_FILE} has no {missing} column; "
             "eval.protocol=ijbc needs shards written by `pipeline make-shards ijbc`"
         )
-    if index_N.max() >= table.num_rows:
+    if row_N.max() >= table.num_rows:
         raise ProtocolDataError(
-            f"sample index {int(index_N.max())} is beyond {INDEX_FILE} ({table.num_rows} rows): "
+            f"catalog row {int(row_N.max())} is beyond {INDEX_FILE} ({table.num_rows} rows): "
             "the shards and their index.parquet come from different make-shards runs"
         )
     out: dict[str, np.ndarray | None] = {
-        c: np.asarray(table.column(c).to_numpy(zero_copy_only=False)[index_N], np.int64)
+        c: np.asarray(table.column(c).to_numpy(zero_copy_only=False)[row_N], np.int64)
         for c in ("template_id", "media_id")
     }
     out[DET_SCORE] = None
@@ -324,13 +324,13 @@ def _catalog_columns(data_cfg: DataConfig, index_N: np.ndarray) -> dict[str, np.
                 "one per face: set eval.ijbc_det_score=false or rewrite the split"
             )
         scores = column.to_numpy(zero_copy_only=False).astype(np.float32)
-        out[DET_SCORE] = scores[index_N]
+        out[DET_SCORE] = scores[row_N]
     return out
 
 
 def _ijbc_compute(e: Embeddings, data_cfg: DataConfig, ev: EvalConfig, device: Any) -> Result:
     # Plain NumPy on one process (main_only): pooling + 15.6M pairs take ~30 s on 2 cores.
-    ids = _catalog_columns(data_cfg, e.index_N)
+    ids = _catalog_columns(data_cfg, e.row_N)
     det = ids[DET_SCORE]
     asked = ijbc_settings(ev)
     used = IJBSettings(asked.flip, asked.norm_score, asked.det_score and det is not None)

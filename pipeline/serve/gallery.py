@@ -39,7 +39,7 @@ from pipeline.data.faces import CropError
 from pipeline.data.image import model_input
 from pipeline.data.writer import DEFAULT_MAX_SKIPPED_FRACTION
 from pipeline.distributed import collectives, group
-from pipeline.eval.extract import extract_embeddings, sort_by_index
+from pipeline.eval.extract import extract_embeddings, sort_by_row
 from pipeline.serve.export import load_weights_model, preprocessing_spec
 from pipeline.serve.gallery_files import MANIFEST_FORMAT, write_gallery
 from pipeline.serve.gallery_index import (
@@ -163,8 +163,8 @@ def _folder_gallery(
     )  # all ranks participate
     every = collectives.all_gather_objects(skipped)  # all ranks participate
     skipped = sorted(s for part in every for s in part)
-    e, _ = sort_by_index(emb, np.zeros(len(index), np.int64), index)
-    kept_files = [files[int(i)] for i in e.index_N]
+    e, _ = sort_by_row(emb, np.zeros(len(index), np.int64), index)
+    kept_files = [files[int(i)] for i in e.row_N]
     classes = sorted({str(f.parent.relative_to(folder)) for f in kept_files} - {"."})
     label_of = {c: i for i, c in enumerate(classes)}
     names = [str(f.parent.relative_to(folder)) for f in kept_files]
@@ -183,7 +183,7 @@ def _shard_gallery(
     """Embed a split of shards with the evaluation's extraction (all ranks participate)."""
     e = extract_embeddings(model, shards, data_cfg, device=device, batch_size=batch_size)
     table = read_index(shards).select(["key", "shard", "label", "class_name"]).to_pydict()
-    rows = e.index_N.tolist()
+    rows = e.row_N.tolist()
     items = {
         "key": [table["key"][i] for i in rows],
         "source": [table["shard"][i] for i in rows],

@@ -5,7 +5,7 @@
 Every rank (one process, or every task of ``srun``) embeds its share of ``data.eval_urls`` with
 ``pipeline.eval.extract.extract_embeddings`` and searches every query against its gallery slice
 with the rank-sharded ``pipeline.eval.knn.knn_search`` (all ranks participate in both). Rank 0
-writes OUT_DIR/knn.npz (embeddings, global index, scores, ids); every rank writes
+writes OUT_DIR/knn.npz (embeddings, catalog rows, scores, ids); every rank writes
 OUT_DIR/rank<R>.json (host, gallery slice). With TRACKING_URI and RUN_ID, each host's local
 rank 0 samples its system metrics into that run meanwhile (pipeline.tracking.sysmetrics).
 """
@@ -45,11 +45,11 @@ def main(config: str, weights: str, out_dir: str, k: int, uri: str = "", run_id:
         monitor.stop()
     out = Path(out_dir)
     rank, world = group.get_rank(), group.get_world_size()
-    lo, hi = gallery_slice(len(e.index_N), rank, world)
+    lo, hi = gallery_slice(len(e.row_N), rank, world)
     facts = {"host": socket.gethostname(), "world": world, "slice": [lo, hi]}
     (out / f"rank{rank}.json").write_text(json.dumps(facts))
     if rank == 0:
-        np.savez(out / "knn.npz", emb=e.emb_ND, index=e.index_N, scores=scores, ids=ids)
+        np.savez(out / "knn.npz", emb=e.emb_ND, index=e.row_N, scores=scores, ids=ids)
     collectives.barrier()  # all ranks participate: the files exist when the step ends
     group.destroy()
 
