@@ -158,9 +158,11 @@ def test_session_ends_the_run_finished_killed_or_failed(cfg, tmp_path):
     assert got["tags"]["kind"] == "t"
     assert RunDir(run_dir).read_run_id() == tracker.run_id
 
-    # Continued by id, then stopped as Ctrl-C (or a requeue's SystemExit) stops it.
+    # Continued (the run directory records the run), then stopped as Ctrl-C (or a
+    # requeue's SystemExit) stops it.
     for error, status in ((KeyboardInterrupt, "KILLED"), (SystemExit, "KILLED")):
-        with pytest.raises(error), tracking_session(cfg, is_main=True, run_id=tracker.run_id):
+        with pytest.raises(error), tracking_session(cfg, is_main=True, run_dir=run_dir) as again:
+            assert again.run_id == tracker.run_id
             raise error()
         assert read_back(cfg.uri, tracker.run_id)["status"] == status
     with pytest.raises(ValueError, match="boom"), tracking_session(cfg, is_main=True) as failed:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -118,6 +120,16 @@ def test_trainer_trains_checkpoints_and_records_the_run(
     with open_trainer(cfg) as again:
         assert again.done and again.step == STEPS
         assert again.train() == result
+
+    # A run folder from before mlflow_run.txt recorded its MLflow run in its checkpoints
+    # only: resumed, it continues that run, recorded now where the tracking session looks.
+    old = RunDir(tmp_path / "old")
+    shutil.copytree(run.checkpoints, old.checkpoints)
+    assert old.read_run_id() is None
+    resumed = train(replace(cfg, train=replace(cfg.train, output_dir=str(old.root))))
+    assert resumed["resumed_from"] == STEPS and resumed["run_id"] == result["run_id"]
+    assert old.read_run_id() == result["run_id"]
+    assert len(client.search_runs([client.get_run(result["run_id"]).info.experiment_id])) == 1
 
 
 def test_train_step_returns_the_local_loss(shards, tmp_path, tiny_config, single_process):

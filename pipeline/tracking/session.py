@@ -35,23 +35,24 @@ def tracking_session(
     *,
     is_main: bool,
     run_dir: str | Path | None = None,
-    run_id: str | None = None,
     params: dict[str, Any] | None = None,
     tags: dict[str, str] | None = None,
 ) -> Iterator[Tracker]:
     """A run for the duration of a ``with`` block; yields its tracker.
 
-    On the main process with tracking enabled: creates the run, or continues ``run_id``;
+    On the main process with tracking enabled: continues the run that ``run_dir`` records
+    (its ``mlflow_run.txt``, pipeline.rundir: the one source of a training run's MLflow id,
+    so that every later job of the run continues it), or creates one and records it there;
     logs ``params`` (nested mappings are flattened: ``{'optim': {'lr': 1}}`` -> ``optim.lr``)
-    and ``tags``; writes the run id into ``run_dir`` (pipeline.rundir) so that a later job
-    continues the run. Elsewhere the tracker does nothing. The run ends FINISHED when the
-    block ends normally, KILLED on KeyboardInterrupt or SystemExit, FAILED on any other
-    exception (which propagates).
+    and ``tags``. Elsewhere the tracker does nothing. The run ends FINISHED when the block
+    ends normally, KILLED on KeyboardInterrupt or SystemExit, FAILED on any other exception
+    (which propagates).
     """
+    run_id = RunDir(run_dir).read_run_id() if run_dir is not None and is_main else None
     tracker = make_tracker(tracking_cfg, is_main=is_main, run_id=run_id)
     status = "FAILED"
     try:
-        if run_dir is not None and tracker.run_id:
+        if run_dir is not None and tracker.run_id and tracker.run_id != run_id:
             RunDir(run_dir).write_run_id(tracker.run_id)
         if params:
             tracker.log_params(flatten(params))

@@ -55,9 +55,10 @@ CURVES = {
 }
 
 
-def tracking(cfg: RunConfig, engine: Any, *, run_id: str | None, world: int, done: bool) -> Any:
+def tracking(cfg: RunConfig, engine: Any, *, world: int, done: bool) -> Any:
     """The run's tracking session (a context manager giving the tracker): a real MLflow run
-    on rank 0, continuing ``run_id``; a null tracker when there is nothing to train."""
+    on rank 0, continuing the one the run directory records; a null tracker when there is
+    nothing to train."""
     if done:  # nothing to train: no run to start or continue
         return nullcontext(NullTracker())
     tags = {"world_size": str(world), "engine": describe(engine)}
@@ -65,7 +66,6 @@ def tracking(cfg: RunConfig, engine: Any, *, run_id: str | None, world: int, don
         cfg.tracking,
         is_main=group.is_main_process(),
         run_dir=RunDir.of(cfg).root,
-        run_id=run_id,
         params=to_dict(cfg),
         tags=tags,
     )
@@ -281,7 +281,6 @@ class FinalExport:
         self.cfg, self.engine, self.tracker, self.evaluator = cfg, engine, tracker, evaluator
         self.run_dir = RunDir.of(cfg)
         self.total = evaluator.total
-        self.run_id: str | None = None  # the run's recorded MLflow id (set by the trainer)
         self.resumed_from: int | None = None
         self.result: dict[str, Any] | None = None
 
@@ -298,7 +297,7 @@ class FinalExport:
         state = fp32_state_dict(self.engine)
         result = {
             "step": step,
-            "run_id": self.tracker.run_id or self.run_id,
+            "run_id": self.tracker.run_id,
             "tracking_uri": self.tracker.uri,
             "metrics": final,
             "weights": str(self.run_dir.weights),

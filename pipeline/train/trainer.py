@@ -88,9 +88,7 @@ class Trainer:
         self._resume(plan.resume_tag)
         self.done = self.step >= self.total_steps and plan.finished
         with ExitStack() as stack:
-            session = hooks.tracking(
-                cfg, self.engine, run_id=self.run_id, world=self.world, done=self.done
-            )
+            session = hooks.tracking(cfg, self.engine, world=self.world, done=self.done)
             self.tracker = stack.enter_context(session)
             self._make_hooks(stack)
             # Closed by close() (or the with block), with the status the run ended with.
@@ -104,7 +102,10 @@ class Trainer:
         self.parts.batchnorm.after_resume(module)
         self.step = state.step if state else 0
         self.resumed_from = self.step if state else None
-        self.run_id = (state.mlflow_run_id if state else "") or self.run_dir.read_run_id()
+        if self.is_main and state and state.mlflow_run_id and not self.run_dir.read_run_id():
+            # A run directory from before mlflow_run.txt recorded the MLflow run in its
+            # checkpoints only: recorded where the tracking session looks, it is continued.
+            self.run_dir.write_run_id(state.mlflow_run_id)
 
     def _make_hooks(self, stack: ExitStack) -> None:
         cfg, engine, tracker, total = self.cfg, self.engine, self.tracker, self.total_steps
@@ -127,7 +128,7 @@ class Trainer:
             loss_state=self.loss_state,
         )
         self.final = hooks.FinalExport(cfg, engine, tracker, self.evaluator)
-        self.final.run_id, self.final.resumed_from = self.run_id, self.resumed_from
+        self.final.resumed_from = self.resumed_from
         self.hooks: list[hooks.Hook] = [self.metrics, self.evaluator, self.checkpointer]
 
     def train_state(self, step: int) -> TrainState:
@@ -140,7 +141,7 @@ class Trainer:
             train_seed=self.cfg.train.seed,  # the RNG state: reseeded from (seed, rank, step)
             world_size=self.world,
             architecture=self.engine.module.architecture,
-            mlflow_run_id=self.tracker.run_id or self.run_id or "",
+            mlflow_run_id=self.tracker.run_id or "",  # the run these steps were logged to
         )
 
     def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
