@@ -122,29 +122,61 @@ def test_evaluation_split_of_one_class_is_refused(tmp_path, tiny_config, synthet
         preflight(cfg, 1, train=False)
 
 
+@pytest.mark.parametrize("name", ["retrieval", "vggface2"])
+def test_evaluation_of_one_class_is_refused_where_preflight_could_not_count(name):
+    """A split on an object store or without a catalog reaches the protocol's compute
+    uncounted: the gathered labels are counted there."""
+    import numpy as np
+
+    from pipeline.config.schema import DataConfig
+    from pipeline.config.schema_services import EvalConfig
+    from pipeline.eval import protocols
+    from pipeline.eval.extract import Embeddings
+
+    emb = np.random.default_rng(0).normal(size=(6, 4)).astype(np.float32)
+    one = Embeddings(emb, np.zeros(6, np.int64), np.arange(6))
+    data = DataConfig(eval_urls="s3://bucket/test")
+    ev = EvalConfig(protocol=name, ks=[1], full_map=True)
+    with pytest.raises(protocols.ProtocolDataError, match=r"6 samples of 1 class, so every other"):
+        protocols.get(name).compute(one, data, ev, "cpu")
+    two = Embeddings(emb, np.array([0, 0, 0, 1, 1, 1]), np.arange(6))
+    assert 0 <= protocols.get(name).compute(two, data, ev, "cpu").metrics["recall@1"] <= 1
+
+
 # ---------------------------------------------------------------------------- list files
 
 
-@pytest.mark.parametrize("path", ["../outside/0.JPG", "/etc/passwd", "bicycle_final/../../x.JPG"])
-def test_sop_list_path_that_leaves_root_is_refused_with_its_line(tmp_path, path):
-    layouts.sop(tmp_path)
-    with (tmp_path / "Ebay_train.txt").open("a") as f:
-        f.write(f"9 1 1 {path}\n")
-    with pytest.raises(
-        converters.LayoutError, match=rf"Ebay_train.txt:4: path '{path}' leaves --root"
-    ):
-        converters.list_sop(tmp_path, "train")
+# A list file, the line a case appends (``{}``: the path), the line number it lands on.
+LIST_FILES = {
+    "sop": ("Ebay_train.txt", "9 1 1 {}", 4, "train"),
+    "inaturalist": ("Inaturalist_test_set1.txt", "{}", 3, "test"),
+    "vggface2": ("train_list.txt", "{}", 5, "train"),
+}
 
 
-@pytest.mark.parametrize("path", ["../train_val2018/Aves/3/0.jpg", "/train_val2018/Aves/3/0.jpg"])
-def test_inaturalist_list_path_that_leaves_root_is_refused_with_its_line(tmp_path, path):
-    layouts.inaturalist(tmp_path)
-    with (tmp_path / "Inaturalist_test_set1.txt").open("a") as f:
-        f.write(f"{path}\n")
+@pytest.mark.parametrize(
+    ("dataset", "path"),
+    [
+        ("sop", "../outside/0.JPG"),
+        ("sop", "/etc/passwd"),
+        ("sop", "bicycle_final/../../x.JPG"),
+        ("inaturalist", "../train_val2018/Aves/3/0.jpg"),
+        ("inaturalist", "/train_val2018/Aves/3/0.jpg"),
+        ("vggface2", "../0000_01.jpg"),
+        ("vggface2", "../n000001/0000_01.jpg"),
+        ("vggface2", "/n000002/0000_01.jpg"),
+    ],
+)
+def test_list_path_that_leaves_root_is_refused_with_its_line(tmp_path, dataset, path):
+    name, line, number, split = LIST_FILES[dataset]
+    getattr(layouts, dataset)(tmp_path)
+    with (tmp_path / name).open("a") as f:
+        f.write(line.format(path) + "\n")
+    lister = getattr(converters, f"list_{dataset}")
     with pytest.raises(
-        converters.LayoutError, match=rf"Inaturalist_test_set1.txt:3: path '{path}' leaves --root"
+        converters.LayoutError, match=rf"{name}:{number}: path '{path}' leaves --root"
     ):
-        converters.list_inaturalist(tmp_path, "test")
+        lister(tmp_path, split)
 
 
 # ---------------------------------------------------------------------------- config

@@ -18,7 +18,7 @@ from pipeline.config.load import load_config
 from pipeline.config.schema import DataConfig
 from pipeline.distributed import group
 from pipeline.rundir import RunDir
-from pipeline.train import checkpoint
+from pipeline.train import checkpoint, manifest
 
 STEPS = 2
 
@@ -130,6 +130,19 @@ def test_trainer_trains_checkpoints_and_records_the_run(
     assert resumed["resumed_from"] == STEPS and resumed["run_id"] == result["run_id"]
     assert old.read_run_id() == result["run_id"]
     assert len(client.search_runs([client.get_run(result["run_id"]).info.experiment_id])) == 1
+
+    # A checkpoint whose weights went NaN (a diverged run can checkpoint between two logged
+    # losses) is refused when resumed, in one line, before any step.
+    nan = RunDir(tmp_path / "nan")
+    shutil.copytree(run.checkpoints, nan.checkpoints)
+    tag = nan.checkpoints / checkpoint.tag_for(STEPS)
+    states = torch.load(tag / weights.MODEL_STATES, map_location="cpu", weights_only=True)
+    first = next(k for k, v in states["module"].items() if v.is_floating_point())
+    states["module"][first].view(-1)[0] = float("nan")
+    torch.save(states, tag / weights.MODEL_STATES)
+    manifest.write(tag)  # the file is whole: only its values are wrong
+    with pytest.raises(weights.ModelLoadError, match=rf"checkpoint {tag} holds NaN or infinite"):
+        train(replace(cfg, train=replace(cfg.train, output_dir=str(nan.root))))
 
 
 def test_train_step_returns_the_local_loss(shards, tmp_path, tiny_config, single_process):

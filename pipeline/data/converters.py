@@ -74,7 +74,7 @@ def list_vggface2(root: Path, split: str, crop: str = "none") -> list[SourceItem
     image_dir = _require_dir(root / split, f"VGGFace2's {split}/<identity>/<image>.jpg tree")
     items = []
     for n, line in _lines(list_file):
-        parts = line.split("/")
+        parts = _inside_root(line, list_file, n).split("/")
         if len(parts) != 2 or not all(parts):
             raise LayoutError(f"{list_file}:{n}: {line!r} is not of the form identity/image.jpg")
         items.append(

@@ -184,6 +184,17 @@ def _retrieval_preflight(cfg: RunConfig, split: EvalSplit) -> list[str]:
 
 
 def _retrieval_compute(e: Embeddings, data_cfg: DataConfig, ev: EvalConfig, device: Any) -> Result:
+    # Preflight counts the classes of a split with a local catalog; a split read from an
+    # object store or without a catalog is counted here, on the gathered labels (the same on
+    # every rank, so every rank raises).
+    classes = np.unique(e.labels_N)
+    if len(classes) < 2:
+        raise ProtocolDataError(
+            f"data.eval_urls={data_cfg.eval_urls!r}: {len(e.labels_N)} samples of "
+            f"{len(classes)} class, so every other item is a positive and recall and mAP are "
+            f"1.0 whatever the model (eval.protocol={ev.protocol!r}); point data.eval_urls at a "
+            "split with several classes (e.g. data/synthetic/test)"
+        )
     # All ranks participate (sharded kNN, see pipeline.eval.metrics).
     metrics = retrieval_metrics(
         e.emb_ND,

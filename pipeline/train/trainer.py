@@ -38,6 +38,7 @@ from pipeline.train.engine import grad_norm, reported_grad_norm
 from pipeline.train.gradcache import forward_backward
 from pipeline.train.plan import RunPlan
 from pipeline.train.signals import StopRequest
+from pipeline.weights import check_finite
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,8 @@ class Trainer:
         # All ranks participate: DeepSpeed loads every rank's partitions.
         root, module = self.run_dir.checkpoints, self.engine.module
         state = checkpoint.resume(self.engine, root, module.architecture, tag, self.loss_state)
+        if state is not None:  # a diverged run can checkpoint between two logged losses
+            check_finite(module.state_dict(), f"checkpoint {root / checkpoint.tag_for(state.step)}")
         # All ranks participate: a checkpoint holds rank 0's BatchNorm statistics only.
         self.parts.batchnorm.after_resume(module)
         self.step = state.step if state else 0
