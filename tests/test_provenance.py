@@ -7,7 +7,7 @@ tensor's float32 values in name order; the config digest from the run's saved co
 (YAML read back, canonical JSON); the catalog digest from the bytes of index.parquet.
 
 One real training run (2 steps of the tiny model, DeepSpeed on CPU in one gloo process,
-tracking off, a checkpoint at each step) is shared by the module.
+tracking off, a checkpoint at each step) is shared by the module's slow tests.
 """
 
 from __future__ import annotations
@@ -122,6 +122,7 @@ def test_identity_is_a_hash_of_the_float32_tensors_whatever_holds_them(tmp_path)
     assert weights_sha256(changed) != want
 
 
+@pytest.mark.slow  # the module's training run (about 8 s, once)
 def test_trained_weights_record_their_origin_and_match_the_checkpoint(run):
     weights = run["dir"] / "model.safetensors"
     meta = read_metadata(weights)
@@ -151,6 +152,7 @@ def test_trained_weights_record_their_origin_and_match_the_checkpoint(run):
 # ---------------------------------------------------------------------------- the command
 
 
+@pytest.mark.slow  # the module's training run (about 8 s, once)
 def test_provenance_command_prints_what_is_known_and_what_is_missing(run, tmp_path, capsys):
     weights = run["dir"] / "model.safetensors"
     assert main(["provenance", str(weights)]) == 0
@@ -188,6 +190,7 @@ def test_provenance_command_prints_what_is_known_and_what_is_missing(run, tmp_pa
 # ---------------------------------------------------------------------------- artefacts
 
 
+@pytest.mark.slow  # the module's training run (about 8 s, once)
 def test_export_and_evaluate_of_a_checkpoint_root_record_the_step_read(run, tmp_path, capsys):
     root = _copy_checkpoints(run, tmp_path / "ckpt", "step_00000001")
     tag = root / "step_00000001"
@@ -228,6 +231,7 @@ def _photos(folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow  # the module's training run (about 8 s, once)
 def test_search_refuses_other_weights_than_the_gallerys(run, tmp_path, capsys):
     # The gallery is built while 'latest' names step 1; the run then goes on to step 2.
     root = _copy_checkpoints(run, tmp_path / "ckpt", "step_00000001")
