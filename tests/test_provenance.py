@@ -280,3 +280,17 @@ def test_search_refuses_other_weights_than_the_gallerys(run, tmp_path, capsys):
     assert main(search) == 0
     assert "records no weights identity" in capsys.readouterr().err
     assert json.loads(res.read_text())[0]["weights_match"] is None
+
+
+def test_a_path_without_weights_is_a_one_line_error(tmp_path, capsys):
+    from pipeline.serve.show_provenance import ProvenanceError, provenance_of
+
+    with pytest.raises(ProvenanceError, match=r"'.*nope' does not exist; pass a weights file"):
+        provenance_of(tmp_path / "nope")
+    (tmp_path / "m.onnx").write_bytes(b"\x08\x07")
+    with pytest.raises(ProvenanceError, match=r"m.onnx: an ONNX file keeps no provenance .* "):
+        provenance_of(tmp_path / "m.onnx")
+    (tmp_path / "notes.txt").write_text("not weights")
+    assert main(["provenance", str(tmp_path / "notes.txt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "notes.txt" in err and "state dict" in err
