@@ -215,9 +215,8 @@ def test_export_and_evaluate_of_a_checkpoint_root_record_the_step_read(run, tmp_
     shown = json.loads(capsys.readouterr().out)
     assert shown["tensors_match_record"] is True and shown["weights_sha256"] == identity
 
-    (root / "latest").write_text("step_00000002")  # the run went on
     out = tmp_path / "eval"
-    argv = ["evaluate", "--weights", str(tag), *SIZE, "tracking.enabled=false"]
+    argv = ["evaluate", "--weights", str(root), *SIZE, "tracking.enabled=false"]
     argv += [f"data.eval_urls={run['shards'] / 'test'}", f"eval.output_dir={out}", "eval.ks=[1]"]
     assert main(argv) == 0
     recorded = json.loads((out / "metrics.json").read_text())["weights"]
