@@ -250,8 +250,9 @@ def test_search_refuses_other_weights_than_the_gallerys(run, tmp_path, capsys):
     res = tmp_path / "res.json"
     search = ["search", str(gallery), str(query), "--k", "2", "--json", str(res), "--force"]
     assert main([*search, "--checkpoint", str(root)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "--allow-other-weights" in err
+    said, err = capsys.readouterr().err.strip().splitlines()
+    assert said.startswith(f"weights: {root} -> step_00000002 (weights sha256 {other[:12]}")
+    assert "--allow-other-weights" in err
     assert f"{tag} (sha256 {identity[:12]})" in err
     assert f"{root / 'step_00000002'} (sha256 {other[:12]})" in err
 

@@ -110,6 +110,8 @@ def load_query_model(gallery: Gallery, checkpoint: str | None = None):
             "exist; pass the model's weights with --checkpoint PATH"
         )
     model = load_trained_model(path)
+    if model.weights_origin.resolved_from:  # a checkpoint root: the step read, said once
+        print(model.weights_origin.describe(), file=sys.stderr)
     if model.architecture != gallery.manifest["architecture"]:
         raise GalleryError(
             f"--checkpoint {path!r} is a {model.architecture} model but the gallery was embedded "
