@@ -38,6 +38,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "embed a gallery (shards or image folder) into a searchable FAISS index",
     ),
     "search": ("pipeline.serve.search", "the nearest gallery items of query images"),
+    "provenance": (
+        "pipeline.serve.show_provenance",
+        "where weights, a checkpoint, an export or a gallery come from (identity, run, step)",
+    ),
 }
 
 

@@ -20,6 +20,7 @@ from torch import nn
 from pipeline.config.schema_train import ModelConfig
 from pipeline.weights import (
     ModelLoadError,
+    WeightsOrigin,
     check_finite,
     read_state_dict,
     read_trained_weights,
@@ -34,6 +35,9 @@ class EmbeddingModel(nn.Module):
     gradient cache identical to one forward): the layers stay in eval mode whatever
     ``train()`` is called with, and their parameters do not require gradients.
     """
+
+    weights_origin: WeightsOrigin | None = None
+    """The trained weights loaded into it (:func:`load_trained_model`), else None."""
 
     def __init__(
         self,
@@ -173,7 +177,7 @@ def load_trained_model(path: str | Path, model_cfg: ModelConfig | None = None) -
     architecture comes from ``model_cfg`` if given (and must match the file's, else a
     :class:`ModelLoadError` names both), otherwise from the file's metadata.
     """
-    state, arch, file = read_trained_weights(path)
+    state, arch, file, origin = read_trained_weights(path)
     if model_cfg is None:
         if arch is None:
             raise ModelLoadError(
@@ -215,4 +219,7 @@ def load_trained_model(path: str | Path, model_cfg: ModelConfig | None = None) -
             f"unexpected (e.g. {unexpected[:3]}); {fix}"
         )
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+    # Which weights these are (identity, file or checkpoint tag, run, step): what every
+    # artefact made from this model records (pipeline.weights.model_weights_record).
+    model.weights_origin = origin
     return model.eval()

@@ -2,16 +2,25 @@
 metadata), plain torch state dicts, and the model states file of a DeepSpeed checkpoint (its
 weights and client state), which needs no DeepSpeed to read.
 
+Identity: :func:`weights_sha256` hashes the tensors themselves (names, shapes, float32 bytes),
+not a file, so the same weights carry the same identity in a checkpoint folder, a
+``.safetensors`` file with any metadata, or an export; :class:`WeightsOrigin` is what every
+artefact made from weights records about them (the identity, the file or checkpoint tag read,
+and the run id and step where known).
+
 Below the model: :mod:`pipeline.model` builds the network and fills it from here, and the
 training checkpoints (:mod:`pipeline.train.checkpoint`) name their files through here.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -19,9 +28,102 @@ from safetensors.torch import save_file
 from pipeline.errors import UserError
 
 WEIGHTS_FORMAT = "smoothap-embedding-v1"
-
-
 """The ``format`` entry of a weights file's metadata."""
+
+IDENTITY_KEY = "weights_sha256"
+"""The metadata key (and record key) of the weights' identity (:func:`weights_sha256`)."""
+PROVENANCE_KEYS = (
+    IDENTITY_KEY,
+    "run_id",
+    "step",
+    "config_sha256",
+    "catalog_sha256",
+    "code_version",
+    "preprocessing",
+)
+"""What a trained weights file records about its origin, in its safetensors metadata (all
+strings): the identity, the MLflow run id ('' when tracking was off), the optimizer step, the
+SHA-256 of the run's resolved config, of its training catalogs, the code version and the
+preprocessing scheme (``pipeline.data.transforms.weights_scheme``)."""
+SHORT = 12
+"""Hex digits of an identity shown in messages (the full one is stored)."""
+
+
+def short(sha256: str | None) -> str:
+    """The first :data:`SHORT` hex digits of an identity, or 'unknown'."""
+    return sha256[:SHORT] if sha256 else "unknown"
+
+
+def weights_sha256(state: dict[str, torch.Tensor]) -> str:
+    """The identity of a model's weights: SHA-256 over its tensors, whatever holds them.
+
+    The tensors are taken as :func:`save_weights` writes them: a ``module.`` prefix removed,
+    every tensor converted to float32 on the CPU (so a checkpoint's bf16 or int64 entries and
+    the fp32 file written from it agree). In order of name (Python's string order), each
+    tensor adds the line ``json.dumps([name, "float32", shape, byte count])`` and a newline,
+    then its bytes (C order, little-endian). File format, metadata and tensor order in the
+    file change nothing; one changed element changes it.
+    """
+    named = {k.removeprefix("module."): v for k, v in state.items()}
+    if len(named) != len(state):
+        raise ModelLoadError(
+            "a state dict holds a tensor both with and without the 'module.' prefix; save "
+            "the model's own state_dict() (one name per tensor)"
+        )
+    digest = hashlib.sha256()
+    for name in sorted(named):
+        t = named[name].detach().to(device="cpu", dtype=torch.float32).contiguous()
+        data = np.ascontiguousarray(t.numpy(), dtype="<f4").reshape(-1).view(np.uint8)
+        header = json.dumps([name, "float32", list(t.shape), int(data.size)])
+        digest.update(header.encode() + b"\n")
+        digest.update(data)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class WeightsOrigin:
+    """Which weights a model holds: what every artefact made from them records."""
+
+    path: str
+    """The file read, or the checkpoint tag folder (a checkpoint root is resolved to one tag)."""
+    weights_sha256: str
+    run_id: str | None = None
+    """The training run's MLflow id ('' when tracking was off; None when not recorded)."""
+    step: int | None = None
+    """The optimizer step of the weights (None when not recorded)."""
+    resolved_from: str | None = None
+    """The checkpoint root given, when ``path`` is the tag its ``latest`` named then."""
+
+    def record(self) -> dict[str, Any]:
+        """The JSON-able record artefacts carry (path, identity, run id, step)."""
+        return {
+            "path": self.path,
+            IDENTITY_KEY: self.weights_sha256,
+            "run_id": self.run_id,
+            "step": self.step,
+        }
+
+    def describe(self) -> str:
+        """One line: ``weights: <root> -> step_... (weights sha256 ab12...)`` or the file."""
+        given = (
+            f"{self.resolved_from} -> {Path(self.path).name}" if self.resolved_from else self.path
+        )
+        step = "" if self.step is None else f", step {self.step}"
+        return f"weights: {given} (weights sha256 {short(self.weights_sha256)}{step})"
+
+
+def model_weights_record(model: torch.nn.Module, known: dict[str, Any] | None = None) -> dict:
+    """The record of the weights ``model`` holds: the origin it was loaded from
+    (``model.weights_origin``, set by ``pipeline.model.load_trained_model``) or, for a model
+    in memory (training), its identity computed now; ``known`` adds what the caller knows
+    (run id, step)."""
+    origin = getattr(model, "weights_origin", None)
+    if origin is not None:
+        record = origin.record()
+    else:
+        record = {"path": None, IDENTITY_KEY: weights_sha256(model.state_dict())}
+        record |= {"run_id": None, "step": None}
+    return {**record, **{k: v for k, v in (known or {}).items() if v is not None}}
 
 
 class ModelLoadError(UserError, ValueError):
@@ -90,28 +192,22 @@ def save_weights(
     metadata: dict[str, str] | None = None,
 ) -> Path:
     """Write a model's state dict as fp32 ``.safetensors``, with ``architecture``
-    (``EmbeddingModel.architecture``) and ``metadata`` (e.g. the preprocessing scheme of
-    ``pipeline.data.transforms.weights_scheme``) as metadata."""
+    (``EmbeddingModel.architecture``), the weights' identity (:func:`weights_sha256`, always)
+    and ``metadata`` (strings: the provenance of :data:`PROVENANCE_KEYS` the caller knows)
+    as metadata."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
-    meta = {**(metadata or {}), "format": WEIGHTS_FORMAT, "architecture": json.dumps(architecture)}
+    meta = {
+        **(metadata or {}),
+        IDENTITY_KEY: weights_sha256(state),
+        "format": WEIGHTS_FORMAT,
+        "architecture": json.dumps(architecture),
+    }
     tmp = path.with_suffix(".tmp")
     save_file(state, str(tmp), metadata=meta)
     tmp.replace(path)  # a reader never sees half a file
     return path
-
-
-def _checkpoint_model_file(path: Path) -> Path:
-    """The model states file of a DeepSpeed checkpoint directory (root or tag)."""
-    file = model_states_file(path)
-    if file is None:
-        raise ModelLoadError(
-            f"{str(path)!r} is a directory but neither a DeepSpeed checkpoint tag (no "
-            f"{MODEL_STATES}) nor a checkpoint root (no 'latest' file); pass the run's "
-            "model.safetensors or its checkpoints/ directory"
-        )
-    return file
 
 
 LATEST = "latest"
@@ -158,17 +254,81 @@ def read_client_state(file: str | Path) -> dict[str, Any]:
     return {k: v for k, v in states.items() if k != "module"}
 
 
-def read_trained_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None, Path]:
-    """The state dict, recorded architecture (None when the file records none) and file of
-    trained weights: a ``.safetensors`` file written by :func:`save_weights` (a run's
-    ``model.safetensors``), or a DeepSpeed checkpoint directory (root or tag) of a run."""
+def resolve_checkpoint(path: str | Path) -> tuple[Path, str | None]:
+    """A DeepSpeed checkpoint directory as one tag folder, read once: a tag folder is itself
+    (and None), a root is the tag its ``latest`` names now (and the root). A run that goes
+    on moves ``latest``; whoever reads the tag folder returned here reads one fixed step."""
+    path = Path(path)
+    if (path / MODEL_STATES).is_file():
+        return path, None
+    tag = latest_tag(path)
+    if tag is None:
+        raise ModelLoadError(
+            f"{str(path)!r} is a directory but neither a DeepSpeed checkpoint tag (no "
+            f"{MODEL_STATES}) nor a checkpoint root (no 'latest' file); pass the run's "
+            "model.safetensors or its checkpoints/ directory"
+        )
+    if not (path / tag / MODEL_STATES).is_file():
+        raise ModelLoadError(
+            f"{path / tag} (named by {path / LATEST}) holds no {MODEL_STATES}; pass another "
+            "checkpoint tag folder of the run, or its model.safetensors"
+        )
+    return path / tag, str(path)
+
+
+def resolve_weights_path(path: str | Path) -> tuple[str, str | None]:
+    """The weights to read for ``path`` and the checkpoint root it was resolved from (None
+    for a file or a tag folder): a job whose ranks each read the weights resolves once, on
+    one rank, and gives every rank the tag, so that all of them embed with one step."""
+    if not Path(path).is_dir():
+        return str(path), None
+    tag, root = resolve_checkpoint(path)
+    return str(tag), root
+
+
+def _recorded_step(value: Any) -> int | None:
+    try:
+        return None if value in (None, "") else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def read_trained_weights(
+    path: str | Path,
+) -> tuple[dict[str, torch.Tensor], dict | None, Path, WeightsOrigin]:
+    """The state dict, recorded architecture (None when the file records none), file and
+    origin of trained weights: a ``.safetensors`` file written by :func:`save_weights` (a
+    run's ``model.safetensors``), or a DeepSpeed checkpoint directory (a root is resolved
+    once to the tag its ``latest`` names, :func:`resolve_checkpoint`). The origin's identity
+    is computed from the tensors read, whatever the file says."""
     path = Path(path)
     if path.is_dir():
-        file = _checkpoint_model_file(path)
+        tag, root = resolve_checkpoint(path)
+        file = tag / MODEL_STATES
         states = torch.load(file, map_location="cpu", weights_only=True)
         state = {k.removeprefix("module."): v for k, v in states["module"].items()}
+        run_id = states.get("mlflow_run_id")
+        origin = WeightsOrigin(
+            str(tag), weights_sha256(state), run_id, _recorded_step(states.get("step")), root
+        )
         # The training loop's client state records the architecture beside the module.
-        return state, states.get("architecture"), file
+        return state, states.get("architecture"), file, origin
     state, meta = read_state_dict(path)
     arch = json.loads(meta["architecture"]) if "architecture" in meta else None
-    return state, arch, path
+    origin = WeightsOrigin(
+        str(path), weights_sha256(state), meta.get("run_id"), _recorded_step(meta.get("step"))
+    )
+    return state, arch, path, origin
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """A ``.safetensors`` file's metadata, without reading its tensors ({} for a file that
+    has none); ModelLoadError for a file that is not one."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:  # SafetensorError (a Rust exception) on a broken file
+        raise ModelLoadError(
+            f"cannot read {str(path)!r} as a .safetensors file ({type(e).__name__}); the "
+            "file is damaged or not a safetensors file"
+        ) from e

@@ -235,6 +235,15 @@ def test_mlflow_model_loads_in_another_process_from_the_registry(assets, tmp_pat
     assert "registered models:/faces/2" in out and "mlflow ui --backend-store-uri" in out
     client = MlflowClient(tracking_uri=uri)
     assert sorted(int(v.version) for v in client.search_model_versions("name='faces'")) == [1, 2]
+    # The model names the weights it was made from (its MLmodel metadata, the run's tags).
+    import mlflow.models
+
+    identity = load_trained_model(assets["weights"]).weights_origin.weights_sha256
+    with _tracking_uri(uri):
+        info = mlflow.models.get_model_info("models:/faces/2")
+    assert info.metadata["weights_sha256"] == identity
+    assert info.metadata["path"] == str(assets["weights"])
+    assert client.get_run(info.run_id).data.tags["weights_sha256"] == identity
 
     # Another process, no pipeline on its path, every proxy pointing at a closed port: loading
     # from the registry must not resolve packages or reach the network.

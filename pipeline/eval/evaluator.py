@@ -9,7 +9,9 @@ FAISS kNN, VGGFace2, IJB-C) computes the metrics. Rank 0 writes ``embeddings.npy
 ``labels.npy`` / ``index.npy`` (rows in global-index order), ``metrics.json`` and the protocol's
 files (a retrieval example grid, or the IJB-C ROC curve and the mirrored faces' features), and
 logs metrics, the protocol's tags and figures to MLflow. :func:`evaluate_model` is the same evaluation for the training
-loop.
+loop. ``metrics.json`` names the weights measured under ``weights`` (their identity, the file
+or checkpoint tag read, run id and step where known; ``pipeline.weights``), and so do the
+MLflow run's tags.
 
 Shape legend: N samples, D embedding dims, B batch.
 """
@@ -40,6 +42,7 @@ from pipeline.model import load_trained_model
 from pipeline.rundir import EvalDir, eval_output_dir
 from pipeline.tracking.mlflow import MlflowTracker, run_page
 from pipeline.tracking.session import tracking_session
+from pipeline.weights import IDENTITY_KEY, model_weights_record, resolve_weights_path
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +84,10 @@ def evaluate_model(
 ) -> dict[str, float]:
     """Embed ``data_cfg.eval_urls`` with ``model`` and return the metrics (same on all ranks).
 
-    All ranks participate. With ``output_dir``, rank 0 writes the embeddings, metrics.json and
-    the figure there; with ``tracker`` (pipeline.tracking), metrics (as
-    :func:`tracked_metrics`) and files go to MLflow at ``step``.
+    All ranks participate. With ``output_dir``, rank 0 writes the embeddings, metrics.json
+    (naming the weights: those ``model`` was loaded from, else the identity of the weights it
+    holds at training step ``step``) and the figure there; with ``tracker``
+    (pipeline.tracking), metrics (as :func:`tracked_metrics`) and files go to MLflow at ``step``.
     """
     protocol = protocols.get(eval_cfg.protocol)
     e = extract_embeddings(
@@ -98,7 +102,11 @@ def evaluate_model(
     result = compute_metrics(e, data_cfg, eval_cfg, device=device)
     files: list[Path] = []
     if output_dir is not None and group.is_main_process():
-        files = write_outputs(Path(output_dir), e, result, data_cfg, eval_cfg)
+        in_memory = getattr(model, "weights_origin", None) is None
+        run_id = getattr(tracker, "run_id", None) if in_memory else None
+        known = {"step": step, "run_id": run_id} if in_memory else None
+        weights = model_weights_record(model, known)
+        files = write_outputs(Path(output_dir), e, result, data_cfg, eval_cfg, weights=weights)
     if tracker is not None:
         log_result(tracker, result, files, step)
     collectives.barrier()  # all ranks participate: files exist when evaluate_model returns
@@ -118,11 +126,18 @@ def log_result(tracker: Any, result: Result, files: list[Path], step: int) -> No
 
 
 def write_outputs(
-    out: Path, e: Embeddings, result: Result, data_cfg: DataConfig, eval_cfg: EvalConfig
+    out: Path,
+    e: Embeddings,
+    result: Result,
+    data_cfg: DataConfig,
+    eval_cfg: EvalConfig,
+    *,
+    weights: dict[str, Any] | None = None,
 ) -> list[Path]:
     """Write embeddings (.npy, rows in catalog order with their rows in index.npy),
-    metrics.json (the metrics and the protocol's record) and the protocol's files; return the
-    small files worth logging (metrics and figure, not the embeddings)."""
+    metrics.json (the metrics, the protocol's record and ``weights``, the record of the
+    weights measured) and the protocol's files; return the small files worth logging
+    (metrics and figure, not the embeddings)."""
     out.mkdir(parents=True, exist_ok=True)
     names = EvalDir(out)
     np.save(names.embeddings, e.emb_ND)
@@ -130,6 +145,8 @@ def write_outputs(
     np.save(names.rows, e.row_N)
     metrics_file = names.metrics
     record = {**result.metrics, **result.record}
+    if weights is not None:
+        record["weights"] = weights
     metrics_file.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     own = protocols.get(eval_cfg.protocol).write(out, e, result, data_cfg, eval_cfg)
     return [metrics_file, *own]
@@ -160,15 +177,22 @@ def run(args: argparse.Namespace) -> int:
     logs.setup_logging(EvalDir(out).log_file(rank), rank=rank)
     # Joins the job's group (none for one process) and always leaves it.
     with group.process_group():
-        model = load_trained_model(checkpoint, named_model(args.config, overrides, cfg))
+        # All ranks participate: a checkpoint root is resolved to one tag, on rank 0, so that
+        # every rank embeds with the same step even while a run moves its 'latest'.
+        path, root = collectives.on_main(lambda: resolve_weights_path(checkpoint))
+        model = load_trained_model(path, named_model(args.config, overrides, cfg))
+        origin = model.weights_origin = replace(model.weights_origin, resolved_from=root)
+        if root:
+            log.info(origin.describe())
         # All ranks participate: the eval shards and the tracking store are checked in
         # seconds, before anything is embedded.
         collectives.on_main(lambda: _preflight(cfg))
         device = group.device()
         model.to(device)
         is_main = group.is_main_process()
-        params = {**to_dict(cfg), "checkpoint": checkpoint}
+        params = {**to_dict(cfg), "checkpoint": origin.path}
         tags = {"kind": "evaluate", "world_size": str(group.get_world_size())}
+        tags |= {IDENTITY_KEY: origin.weights_sha256, "weights_step": str(origin.step)}
         with tracking_session(cfg.tracking, is_main=is_main, params=params, tags=tags) as tracker:
             # All ranks participate.
             metrics = evaluate_model(

@@ -8,7 +8,9 @@ The exported graph is the whole :class:`pipeline.model.EmbeddingModel` (backbone
 L2 normalisation): float32 NCHW images of ``data.image_size`` in, unit-norm embeddings out, any
 batch size. Beside it goes ``<stem>.preprocessing.json`` (:func:`preprocessing_spec`): what a
 caller must do to an image first (the eval transform of ``pipeline.data.transforms``);
-``pipeline.serve.runtime`` implements it without torch.
+``pipeline.serve.runtime`` implements it without torch. The spec's ``weights`` entry names the
+weights exported (``pipeline.weights.model_weights_record``: identity, file or checkpoint tag,
+run id and step); the MLflow model carries the same record in its metadata.
 
 The MLflow model (:func:`log_mlflow_model`) holds the ONNX graph, the spec and
 ``pipeline/serve/runtime.py`` as its code: encoded image bytes in, embeddings out, preprocessing
@@ -24,6 +26,7 @@ import copy
 import io
 import json
 import os
+import sys
 import tempfile
 from dataclasses import dataclass, replace
 from importlib.metadata import version
@@ -48,6 +51,7 @@ from pipeline.data.transforms import (
 from pipeline.errors import UserError
 from pipeline.model import load_trained_model
 from pipeline.tracking.mlflow import MlflowTracker, ui_command
+from pipeline.weights import IDENTITY_KEY, model_weights_record
 
 FORMATS = ("onnx", "torchscript")
 SPEC_FORMAT = "smoothap-preprocessing-v1"
@@ -178,9 +182,16 @@ def spec_path(out: str | Path) -> Path:
 
 
 def export_model(
-    model: Any, data_cfg: DataConfig, fmt: str, out: str | Path, *, force: bool = False
+    model: Any,
+    data_cfg: DataConfig,
+    fmt: str,
+    out: str | Path,
+    *,
+    force: bool = False,
+    weights: dict[str, Any] | None = None,
 ) -> tuple[Path, Path]:
-    """Write the model in ``fmt`` to ``out`` and its preprocessing spec beside it.
+    """Write the model in ``fmt`` to ``out`` and its preprocessing spec beside it, the spec
+    naming the weights (``weights``, else :func:`pipeline.weights.model_weights_record`).
 
     Refuses (:class:`ExportError`) an unknown format and existing files unless ``force``.
     """
@@ -198,6 +209,7 @@ def export_model(
                 )
     (export_onnx if fmt == "onnx" else export_torchscript)(model, data_cfg, out)
     spec = preprocessing_spec(data_cfg, model.head.out_features)
+    spec["weights"] = weights or model_weights_record(model)
     spec_file.write_text(json.dumps(spec, indent=2) + "\n")
     return out, spec_file
 
@@ -287,13 +299,17 @@ def log_mlflow_model(
     run_id: str,
     registered_model_name: str | None = None,
     name: str = "embedding_model",
+    provenance: dict[str, str] | None = None,
 ) -> LoggedModel:
     """Log ``model`` into MLflow run ``run_id`` as a pyfunc model and register it.
 
     Input: a DataFrame with a column ``image`` of encoded image bytes (signature and input
     example included); output: float32 (N, D) L2-normalised embeddings, preprocessing inside.
     With ``registered_model_name`` each call adds a new version of that registered model.
-    Only rank 0 calls this (the training loop: at the end, with the run's tracking URI).
+    The model's metadata (``MLmodel``) and its spec name the weights; ``provenance``: what
+    the caller knows beyond them (the training run's weights metadata: run id, step, config
+    and catalog digests, code version). Only rank 0 calls this (the training loop: at the
+    end, with the run's tracking URI).
     """
     import mlflow
     import pandas as pd
@@ -301,9 +317,16 @@ def log_mlflow_model(
     from mlflow.types import ColSpec, Schema, TensorSpec
 
     dim = int(model.head.out_features)
+    known = dict(provenance or {})
+    if "step" in known:
+        known["step"] = int(known["step"])
+    record = model_weights_record(model, {k: known.get(k) for k in ("run_id", "step")})
+    metadata = {**known, **record}  # MLflow keeps it in the model's MLmodel file
     with tempfile.TemporaryDirectory(prefix="smoothap-mlflow-") as tmp:
         tmp = Path(tmp)
-        onnx_file, spec_file = export_model(model, data_cfg, "onnx", tmp / "model.onnx")
+        onnx_file, spec_file = export_model(
+            model, data_cfg, "onnx", tmp / "model.onnx", weights=record
+        )
         # Models from code: the model is runtime.py plus the line that names its model
         # object; no pickled class, so loading needs neither this project nor torch.
         code = tmp / "embedding_model.py"
@@ -326,6 +349,7 @@ def log_mlflow_model(
                 pip_requirements=_requirements(),
                 code_paths=[str(decode_package)],
                 registered_model_name=registered_model_name,
+                metadata=metadata,
             )
     version = info.registered_model_version
     return LoggedModel(
@@ -368,7 +392,8 @@ def load_weights_model(
     config: str | None, weights: str | None, tokens: list[str], eval_urls: str = ""
 ) -> tuple[Any, RunConfig, str]:
     """The trained model of ``--weights`` (``weights``), the config (its face crop from the
-    weights, checked against the split ``eval_urls`` if given) and the weights' path.
+    weights, checked against the split ``eval_urls`` if given) and the weights' path (a
+    checkpoint root resolved to the tag read, said on stderr).
 
     As in ``pipeline evaluate``: the file's recorded architecture is used unless the config
     names a model, in which case the two must agree (``ModelLoadError`` otherwise).
@@ -376,9 +401,12 @@ def load_weights_model(
     path, overrides = split_weights(weights, tokens)
     cfg = load_config(config, overrides)
     model = load_trained_model(path, named_model(config, overrides, cfg))
+    origin = model.weights_origin
+    if origin.resolved_from:  # a checkpoint root: this is the step read, whatever comes next
+        print(origin.describe(), file=sys.stderr)
     # The face crop (and the input size it fixes) recorded with the weights.
-    cfg = replace(cfg, data=crop_for_weights(cfg.data, path, eval_urls))
-    return model, cfg, path
+    cfg = replace(cfg, data=crop_for_weights(cfg.data, origin.path, eval_urls))
+    return model, cfg, origin.path
 
 
 def run(args: argparse.Namespace) -> int:
@@ -402,7 +430,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {out} ({args.format}, batch dynamic, {cfg.data.image_size} px) and {spec}")
     if args.mlflow:
         tracker = MlflowTracker(cfg.tracking)
-        tracker.set_tags({"kind": "export", "checkpoint": checkpoint})
+        record = model_weights_record(model)
+        tags = {"kind": "export", "checkpoint": checkpoint, IDENTITY_KEY: record[IDENTITY_KEY]}
+        tracker.set_tags(tags | {f"weights_{k}": str(record[k]) for k in ("run_id", "step")})
         try:
             logged = log_mlflow_model(
                 model,

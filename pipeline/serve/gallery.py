@@ -23,15 +23,16 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from pipeline.config.load import add_config_arguments
+from pipeline.config.load import add_config_arguments, split_weights
 from pipeline.config.schema import DataConfig
 from pipeline.data.catalog import read_index, split_dir
 from pipeline.data.converters import LANDMARK_COLUMNS, read_geometry_csv
@@ -51,6 +52,7 @@ from pipeline.serve.gallery_index import (
     build_index,
     measure_recall,
 )
+from pipeline.weights import model_weights_record, resolve_weights_path
 
 SKIPPED_FILE = "skipped.txt"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -275,12 +277,10 @@ def run(args: argparse.Namespace) -> int:
             f"--out {str(out)!r} exists and is not empty; pipeline build-gallery does not overwrite: "
             "pick a new directory"
         )
-    model, cfg, checkpoint = load_weights_model(
-        args.config, args.weights, args.overrides, args.shards or ""
-    )
-    batch_size = args.batch_size or cfg.eval.batch_size
     # Joins the job's group (none for one process) and always leaves it.
     with group.process_group():
+        model, cfg, checkpoint = _load_model(args)
+        batch_size = args.batch_size or cfg.eval.batch_size
         device = group.device()
         model.to(device)
         start = time.perf_counter()
@@ -306,6 +306,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_model(args: argparse.Namespace) -> tuple[Any, Any, str]:
+    """``load_weights_model`` of ``--weights``, a checkpoint root resolved to one tag on rank 0
+    so that every rank embeds with the same step (all ranks participate)."""
+    given, overrides = split_weights(args.weights, args.overrides)
+    path, root = collectives.on_main(lambda: resolve_weights_path(given))
+    model, cfg, checkpoint = load_weights_model(args.config, path, overrides, args.shards or "")
+    model.weights_origin = replace(model.weights_origin, resolved_from=root)
+    if root and group.is_main_process():
+        print(model.weights_origin.describe(), file=sys.stderr)
+    return model, cfg, checkpoint
+
+
 def _build_and_write(
     out, emb, items, skipped, params, model, cfg, checkpoint, args, embed_s
 ) -> None:
@@ -325,6 +337,7 @@ def _build_and_write(
         "count": len(emb),
         "dim": int(emb.shape[1]),
         "checkpoint": checkpoint,
+        "weights": model_weights_record(model),
         "architecture": model.architecture,
         "preprocessing": preprocessing_spec(cfg.data, model.head.out_features),
         "source": {"shards": str(split_dir(args.shards).resolve())}

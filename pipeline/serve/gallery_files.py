@@ -3,8 +3,11 @@
     index.faiss      the FAISS index; row i is gallery item i
     items.parquet    one row per item: row, key, source (shard file or image path), label,
                      class_name (label -1 / class_name null where unknown)
-    manifest.json    kind and search parameters, size, dimension, the checkpoint and its
-                     architecture, the preprocessing sizes, recall@10 of a compressed index
+    manifest.json    kind and search parameters, size, dimension, the checkpoint (a checkpoint
+                     root resolved to the tag read) and its architecture, the weights'
+                     record (``weights``: identity, path, run id, step;
+                     ``pipeline.weights.WeightsOrigin``), the preprocessing sizes, recall@10
+                     of a compressed index
 
 Built by ``pipeline build-gallery`` (``pipeline.serve.gallery``), read by ``pipeline search``.
 """
@@ -58,6 +61,18 @@ class Gallery:
         return IndexParams(**self.manifest["index"])
 
 
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    """An index directory's manifest (GalleryError if its format is not this version's)."""
+    file = Path(directory) / MANIFEST_FILE
+    manifest = json.loads(file.read_text())
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise GalleryError(
+            f"{file}: format {manifest.get('format')!r} is not {MANIFEST_FORMAT!r}; rebuild "
+            "the index with this version's `pipeline build-gallery`"
+        )
+    return manifest
+
+
 def read_gallery(directory: str | Path) -> Gallery:
     """Read an index directory written by ``pipeline build-gallery`` (GalleryError if it is not one)."""
     directory = Path(directory)
@@ -67,12 +82,7 @@ def read_gallery(directory: str | Path) -> Gallery:
             f"{str(directory)!r} is not an index directory (no {', '.join(missing)}); build one "
             "with `pipeline build-gallery ... --out DIR`"
         )
-    manifest = json.loads((directory / MANIFEST_FILE).read_text())
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise GalleryError(
-            f"{directory / MANIFEST_FILE}: format {manifest.get('format')!r} is not "
-            f"{MANIFEST_FORMAT!r}; rebuild the index with this version's `pipeline build-gallery`"
-        )
+    manifest = read_manifest(directory)
     index = import_faiss().read_index(str(directory / INDEX_FILE))
     gallery = Gallery(directory, index, pq.read_table(directory / ITEMS_FILE).to_pydict(), manifest)
     set_search_params(index, gallery.params)

@@ -3,7 +3,12 @@
     pipeline search gallery/ query1.jpg query2.png --k 10 [--grid neighbours.png] [--json out.json]
 
 Queries are embedded with the checkpoint recorded in the index's manifest (or ``--checkpoint``)
-and the same decode and eval transform as the gallery; an exact index returns exactly the
+and the same decode and eval transform as the gallery. Scores mean something only when the
+queries are embedded with the gallery's own weights: the query weights' identity
+(``pipeline.weights.weights_sha256``) must equal the one the manifest records, else the search
+is refused, naming both, unless ``--allow-other-weights`` (then every result says
+``"weights_match": false``). A gallery built before galleries recorded an identity is searched
+with a warning that the match cannot be checked (``"weights_match": null``); an exact index returns exactly the
 evaluation's kNN (``pipeline.eval.knn``: score-descending, ties by gallery row). The grid shows
 each query and its neighbours, framed green where the neighbour's class is the query's, red
 where not, grey where the query's class is unknown (a query's class is known when its parent
@@ -16,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +36,68 @@ from pipeline.data.stream import read_shard
 from pipeline.model import load_trained_model
 from pipeline.plots import framed_image_grid, save_png
 from pipeline.serve.gallery import embed_files
-from pipeline.serve.gallery_files import Gallery, read_gallery
+from pipeline.serve.gallery_files import MANIFEST_FILE, Gallery, read_gallery
 from pipeline.serve.gallery_index import GalleryError, search_index
+from pipeline.weights import IDENTITY_KEY, model_weights_record, short
 
 THUMB = 96
+
+
+class OtherWeightsError(GalleryError):
+    """Queries would be embedded with weights other than the gallery's."""
+
+
+@dataclass(frozen=True)
+class WeightsCheck:
+    """The gallery's and the query model's weights, and whether they are the same."""
+
+    gallery: dict[str, Any]
+    query: dict[str, Any]
+
+    @property
+    def match(self) -> bool | None:
+        """True or False; None when the gallery records no identity (built before it did)."""
+        known = self.gallery.get(IDENTITY_KEY)
+        return None if not known else known == self.query[IDENTITY_KEY]
+
+    def fields(self) -> dict[str, Any]:
+        """What each result records about the weights."""
+        return {
+            "weights_match": self.match,
+            "gallery_weights_sha256": self.gallery.get(IDENTITY_KEY),
+            "query_weights_sha256": self.query[IDENTITY_KEY],
+        }
+
+    def describe(self) -> str:
+        g, q = self.gallery, self.query
+        return (
+            f"gallery weights {g.get('path')} (sha256 {short(g.get(IDENTITY_KEY))}), query "
+            f"weights {q.get('path')} (sha256 {short(q[IDENTITY_KEY])})"
+        )
+
+
+def check_weights(gallery: Gallery, model: Any, *, allow_other: bool = False) -> WeightsCheck:
+    """Compare the query model's weights with the gallery's: refuse (:class:`OtherWeightsError`,
+    one line naming both) other weights unless ``allow_other``; warn on stderr when they differ
+    (allowed) or when the gallery records no identity."""
+    recorded = gallery.manifest.get("weights") or {"path": gallery.manifest.get("checkpoint")}
+    check = WeightsCheck(recorded, model_weights_record(model))
+    if check.match is False and not allow_other:
+        raise OtherWeightsError(
+            f"{gallery.directory}: {check.describe()}: other weights give other scores (an "
+            "image no longer finds itself at 1.0); search with the gallery's weights, rebuild "
+            "the gallery with these, or pass --allow-other-weights to search anyway"
+        )
+    if check.match is False:
+        print(f"warning: --allow-other-weights: {check.describe()} differ", file=sys.stderr)
+    elif check.match is None:
+        print(
+            f"warning: {gallery.directory / MANIFEST_FILE} records no weights identity (built "
+            f"before galleries did): the query weights (sha256 {short(check.query[IDENTITY_KEY])}) "
+            "cannot be checked against the gallery's; rebuild it to have them checked",
+            file=sys.stderr,
+        )
+    return check
 
 
 def load_query_model(gallery: Gallery, checkpoint: str | None = None):
@@ -45,6 +110,8 @@ def load_query_model(gallery: Gallery, checkpoint: str | None = None):
             "exist; pass the model's weights with --checkpoint PATH"
         )
     model = load_trained_model(path)
+    if model.weights_origin.resolved_from:  # a checkpoint root: the step read, said once
+        print(model.weights_origin.describe(), file=sys.stderr)
     if model.architecture != gallery.manifest["architecture"]:
         raise GalleryError(
             f"--checkpoint {path!r} is a {model.architecture} model but the gallery was embedded "
@@ -60,13 +127,17 @@ def search_images(
     *,
     checkpoint: str | None = None,
     landmarks: list | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
+    allow_other_weights: bool = False,
+) -> tuple[np.ndarray, np.ndarray, WeightsCheck]:
     """Top-k (scores Q x k, gallery rows Q x k) of each query file (``landmarks``: per file,
-    its five landmarks or None, for a gallery of aligned faces)."""
+    its five landmarks or None, for a gallery of aligned faces) and the weights check
+    (:func:`check_weights`: other weights than the gallery's are refused unless
+    ``allow_other_weights``)."""
     for f in files:
         if not f.is_file():
             raise GalleryError(f"query {str(f)!r} does not exist; pass image files")
     model = load_query_model(gallery, checkpoint)
+    check = check_weights(gallery, model, allow_other=allow_other_weights)
     spec = gallery.manifest["preprocessing"]
     crop = spec.get("face_crop") or {"mode": "none", "size": 0}
     data_cfg = DataConfig(
@@ -76,7 +147,8 @@ def search_images(
         crop_size=int(crop["size"]),
     )
     emb_QD, _, _ = embed_files(model, files, data_cfg, landmarks=landmarks)
-    return search_index(gallery.index, emb_QD, k)
+    scores, rows = search_index(gallery.index, emb_QD, k)
+    return scores, rows, check
 
 
 def query_classes(gallery: Gallery, files: list[Path]) -> list[str | None]:
@@ -141,6 +213,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "path or file name, without extension); queries without a row must be aligned crops",
     )
     parser.add_argument("--force", action="store_true", help="overwrite --json and --grid")
+    parser.add_argument(
+        "--allow-other-weights",
+        action="store_true",
+        help="embed the queries even with weights other than the gallery's (the results then "
+        'say "weights_match": false)',
+    )
 
 
 def query_landmarks(csv_path: str | None, files: list[Path]) -> list | None:
@@ -163,9 +241,16 @@ def run(args: argparse.Namespace) -> int:
     gallery = read_gallery(args.index_dir)
     files = [Path(f) for f in args.images]
     marks = query_landmarks(args.landmarks, files)
-    scores, rows = search_images(
-        gallery, files, args.k, checkpoint=args.checkpoint, landmarks=marks
+    scores, rows, check = search_images(
+        gallery,
+        files,
+        args.k,
+        checkpoint=args.checkpoint,
+        landmarks=marks,
+        allow_other_weights=args.allow_other_weights,
     )
+    if check.match is False:
+        print(f"weights_match: false ({check.describe()})")
     items = gallery.items
     classes = query_classes(gallery, files)
     results: list[dict[str, Any]] = []
@@ -187,7 +272,7 @@ def run(args: argparse.Namespace) -> int:
             hits.append(hit)
             mark = "" if cls is None else ("  +" if hit["class_name"] == cls else "  -")
             print(f"  {rank:>3}  {s:.4f}  {hit['class_name'] or '-'}  {hit['key']}{mark}")
-        results.append({"query": str(f), "class_name": cls, "neighbours": hits})
+        results.append({"query": str(f), "class_name": cls, **check.fields(), "neighbours": hits})
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     if args.grid:

@@ -36,6 +36,7 @@ from pipeline.data.transforms import SCHEME_KEY, weights_scheme
 from pipeline.distributed import collectives, group
 from pipeline.eval.evaluator import evaluate_model
 from pipeline.loss import LossState
+from pipeline.provenance import training_provenance
 from pipeline.rundir import RunDir, eval_output_dir
 from pipeline.tracking import sysmetrics
 from pipeline.tracking.base import NullTracker
@@ -305,15 +306,17 @@ class FinalExport:
             "output_dir": str(self.run_dir.root),
         }
         if group.is_main_process():  # files only; no collective in here
-            scheme = {SCHEME_KEY: json.dumps(weights_scheme(self.cfg.data))}
-            save_weights(state, self.engine.module.architecture, self.run_dir.weights, scheme)
+            # The weights carry their origin (run, step, config, catalogs, code, crop).
+            meta = training_provenance(self.cfg, run_id=result["run_id"], step=step)
+            meta[SCHEME_KEY] = json.dumps(weights_scheme(self.cfg.data))
+            save_weights(state, self.engine.module.architecture, self.run_dir.weights, meta)
             self.tracker.log_artifact(self.run_dir.weights)
             log_curves(self.tracker, CURVES, self.run_dir.curves)
-            self._log_model()
+            self._log_model(meta)
             self.run_dir.write_result(result)
         return result
 
-    def _log_model(self) -> None:
+    def _log_model(self, provenance: dict[str, str]) -> None:
         """Rank 0: the model as an MLflow model, registered under tracking.register_model.
         Tracking never stops training: a failure is reported with the command to redo it."""
         name = self.cfg.tracking.register_model
@@ -331,6 +334,7 @@ class FinalExport:
                 tracking_uri=self.tracker.uri,
                 run_id=self.tracker.run_id,
                 registered_model_name=name,
+                provenance=provenance,
             )
             log.info("MLflow model %s version %s: %s", name, logged.version, logged.model_uri)
         except Exception as e:
