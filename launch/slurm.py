@@ -44,6 +44,7 @@ from pipeline.eval.parts import plan_parts
 from pipeline.rundir import EvalDir, eval_output_dir
 from pipeline.secrets import strip_uri
 from pipeline.tracking.mlflow import resolve_uri, ui_command
+from pipeline.weights import resolve_weights_path
 
 # flag -> LaunchConfig field
 FLAG_FIELDS = {
@@ -262,6 +263,11 @@ def submit(
 def _submit_parts(sub: Submission, checkpoint: str, parts: int) -> None:
     """The extraction array job, then the merge job that Slurm starts after it succeeded."""
     cfg = sub.cfg
+    # A checkpoint root is read at the tag its 'latest' names now: every part and the merge
+    # embed and record that one step, even while the run goes on saving.
+    checkpoint, root = resolve_weights_path(checkpoint)
+    if root:
+        sub.notes.append(f"weights: {root} -> {Path(checkpoint).name} (read by every part)")
     try:
         plan = plan_parts(cfg.data.eval_urls, parts)
     except ValueError as e:

@@ -18,7 +18,7 @@ from pipeline.config.schema_services import EvalConfig
 from pipeline.config.schema_train import ModelConfig
 from pipeline.eval.evaluator import evaluate_model
 from pipeline.model import build_model, load_trained_model
-from pipeline.weights import save_weights
+from pipeline.weights import read_state_dict, save_weights, weights_sha256
 from tests.data_helpers import jpeg_bytes
 from tests.dist_helpers import run_distributed
 
@@ -90,6 +90,9 @@ def test_cli_writes_embeddings_metrics_figure_and_mlflow_run(assets, tmp_path):
 
     np.testing.assert_array_equal(labels, pq.read_table(assets["split"] / "index.parquet")["label"])
     metrics = json.loads((out / "metrics.json").read_text())
+    measured = metrics.pop("weights")  # the weights these numbers are of
+    assert measured["path"] == str(assets["weights"])
+    assert measured["weights_sha256"] == weights_sha256(read_state_dict(assets["weights"])[0])
     assert metrics == retrieval_metrics(emb, labels, [1, 2, 4])
     assert Image.open(out / "retrieval_grid.png").size[0] > 100
 

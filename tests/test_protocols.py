@@ -19,6 +19,7 @@ from pipeline.eval.evaluator import evaluate_model
 from pipeline.eval.protocols import Extraction, Protocol, Result, preflight
 from pipeline.model import build_model
 from pipeline.preflight import EvalSplit, PreflightError
+from pipeline.weights import weights_sha256
 from tests.test_preflight import run_cfg
 
 SIZE = 16
@@ -130,6 +131,8 @@ def test_the_evaluator_extracts_computes_and_writes_through_the_registry(dummy, 
     assert dummy.written == [tmp_path]
     assert (tmp_path / "dummy.txt").is_file()
     record = json.loads((tmp_path / "metrics.json").read_text())
+    measured = record.pop("weights")  # a model in memory: the identity of what it holds
+    assert measured["weights_sha256"] == weights_sha256(model.state_dict())
     assert record == {"dummy_mean_norm": pytest.approx(float(want)), "dummy_record": {"n": 12}}
 
 

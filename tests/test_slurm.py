@@ -216,11 +216,13 @@ def test_array_evaluation_matches_one_process(slurm_cluster, shards, tmp_path):
     import numpy as np
     import submitit
     import torch
+    from safetensors.torch import load_file
 
     from pipeline.config.load import load_config
     from pipeline.eval.evaluator import compute_metrics
     from pipeline.eval.extract import extract_embeddings
     from pipeline.model import load_trained_model
+    from pipeline.weights import weights_sha256
 
     config = tiny_config(tmp_path / "run.yaml", shards, tmp_path, steps=2, ckpt_every=2)
     weights = random_weights(config, tmp_path / "w.safetensors")
@@ -257,6 +259,9 @@ def test_array_evaluation_matches_one_process(slurm_cluster, shards, tmp_path):
     expected = compute_metrics(whole, cfg.data, cfg.eval).metrics
     assert merged["metrics"] == pytest.approx(expected, abs=1e-6)
     on_disk = json.loads((out / "metrics.json").read_text())
+    measured = on_disk.pop("weights")  # the weights every part embedded with
+    identity = weights_sha256(load_file(weights))
+    assert (measured["path"], measured["weights_sha256"]) == (str(weights), identity)
     assert on_disk == pytest.approx(expected, abs=1e-6)
 
     from mlflow import MlflowClient
@@ -264,4 +269,5 @@ def test_array_evaluation_matches_one_process(slurm_cluster, shards, tmp_path):
     run = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(merged["run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.tags["kind"] == "evaluate"
+    assert run.data.tags["weights_sha256"] == identity
     assert run.data.metrics["eval/recall_at_1"] == pytest.approx(expected["recall@1"])

@@ -35,6 +35,7 @@ from pipeline.eval.protocols import PLAIN, Embeddings, Extraction
 from pipeline.model import load_trained_model
 from pipeline.rundir import EvalDir, eval_output_dir
 from pipeline.tracking.session import tracking_session
+from pipeline.weights import IDENTITY_KEY, read_trained_weights
 
 log = logging.getLogger(__name__)
 
@@ -184,17 +185,21 @@ def merge_and_score(cfg: RunConfig, checkpoint: str, plan: list[list[str]]) -> d
     extraction = protocols.get(cfg.eval.protocol).extraction(cfg.eval)
     stamps = [fingerprint(checkpoint, urls, extraction) for urls in plan]
     e = merge_parts(out, len(plan), expected_rows(cfg.data.eval_urls), stamps)
+    origin = read_trained_weights(checkpoint)[3]  # what the parts embedded with
     # Joins the job's group (none for one process) and always leaves it.
     with group.process_group():
         is_main = group.is_main_process()
         params = {**to_dict(cfg), "checkpoint": checkpoint, "parts": len(plan)}
-        tags = {"kind": "evaluate", "parts": str(len(plan))}
+        tags = {"kind": "evaluate", "parts": str(len(plan)), IDENTITY_KEY: origin.weights_sha256}
+        tags["weights_step"] = str(origin.step)
         with tracking_session(cfg.tracking, is_main=is_main, params=params, tags=tags) as tracker:
             # All ranks participate (sharded kNN when the merge job has several).
             result = compute_metrics(e, cfg.data, cfg.eval, device=group.device())
             metrics = result.metrics
             # Files on rank 0 only; no collective in here.
-            files = write_outputs(out, e, result, cfg.data, cfg.eval) if is_main else []
+            files = []
+            if is_main:
+                files = write_outputs(out, e, result, cfg.data, cfg.eval, weights=origin.record())
             log_result(tracker, result, files, 0)
             run_id = tracker.run_id
         log.info("merged %d parts (%d samples): %s", len(plan), len(e.row_N), metrics)
