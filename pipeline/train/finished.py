@@ -110,7 +110,9 @@ class Change:
 
 
 def _show(value: Any) -> str:
-    return "(none)" if value is None else str(value)
+    if value is None:
+        return "(none)"
+    return repr(value) if value == "" else str(value)
 
 
 def catalog_digest(spec: str) -> str | None:
