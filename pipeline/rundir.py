@@ -51,7 +51,7 @@ class RunDir:
         """The training run whose weights ``weights`` names (its model.safetensors, its
         checkpoints/ or one checkpoint in it), or None for weights outside a run folder."""
         path = Path(weights).resolve()
-        for root in (path.parent, path.parent.parent, path):
+        for root in (path.parent, path.parent.parent):
             run = cls(root)
             inside = path in (run.weights, run.checkpoints) or path.parent == run.checkpoints
             if inside and run.config.is_file():

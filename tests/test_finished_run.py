@@ -257,3 +257,27 @@ def test_evaluate_writes_its_own_folder_never_the_runs_evaluation(finished, caps
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "is the evaluation folder of the training run" in err
     assert "--force" in err and _snapshot(run) == before
+
+
+def test_evaluate_folder_is_the_weights_runs_and_force_allows_its_own(finished, tmp_path):
+    from datetime import datetime, timezone
+
+    from pipeline.eval.destination import EvalOutputError, evaluation_folder
+
+    path, run, _ = finished
+    tag = run.checkpoints / checkpoint.tag_for(STEPS)
+    for weights in (run.weights, run.checkpoints, tag):
+        assert RunDir.holding(weights).root == run.root.resolve()
+    assert RunDir.holding(tmp_path / "w.safetensors") is None
+    # Another config's train.output_dir does not decide where the run's weights are evaluated.
+    cfg = load_config(path, [f"train.output_dir={tmp_path / 'other'}"])
+    now = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    got = evaluation_folder(cfg, str(tag), now=now)
+    assert got == run.root.resolve() / "evaluations" / "20260102-030405"
+    # The run's own evaluation folder, as --out or as eval.output_dir: refused, unless forced.
+    with pytest.raises(EvalOutputError, match=r"^--out .* is the evaluation folder of"):
+        evaluation_folder(cfg, str(run.weights), str(run.eval))
+    own = load_config(path, [f"eval.output_dir={run.eval}"])
+    with pytest.raises(EvalOutputError, match=r"^eval.output_dir=.* pass --out DIR elsewhere"):
+        evaluation_folder(own, str(run.weights))
+    assert evaluation_folder(cfg, str(run.weights), str(run.eval), force=True) == run.eval
