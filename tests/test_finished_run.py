@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 import shutil
 from pathlib import Path
@@ -24,7 +25,6 @@ from pipeline.rundir import RunDir
 from pipeline.train import checkpoint, manifest
 from pipeline.train.finished import FinishedRunError, training_changes
 from pipeline.weights import MODEL_STATES, ModelLoadError, latest_tag, read_state_dict
-from tests.test_trainer import single_process  # noqa: F401  (a module fixture)
 from tests.tiny import tiny_run_config, write_config
 
 STEPS = 2
@@ -36,8 +36,42 @@ def shards(synthetic_shards) -> Path:
     return synthetic_shards(classes=8, test_classes=4, images_per_class=8, samples_per_shard=64)
 
 
+def _forget_deepspeeds_world_group() -> None:
+    """DeepSpeed keeps the clone of the world group it made (deepspeed.utils.groups) for the
+    life of the process; once that group is destroyed, the next module's engine would use the
+    stale clone ("Group ... is not registered"), so it is dropped whenever no group exists."""
+    import deepspeed.utils.groups
+
+    if not torch.distributed.is_initialized():
+        deepspeed.utils.groups._WORLD_GROUP = None
+
+
 @pytest.fixture(scope="module")
-def finished(shards, tmp_path_factory, single_process) -> tuple[Path, RunDir, dict]:  # noqa: F811
+def single_process():
+    """One process for the module, as tests/test_trainer.py makes it; afterwards, no process
+    group, no stale DeepSpeed group, and the default logging again."""
+    from pipeline.distributed import group
+
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_STEP_ID")
+    saved = {k: os.environ.pop(k) for k in names if k in os.environ}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    _forget_deepspeeds_world_group()
+    yield
+    group.destroy()  # the one-process group DeepSpeed needs (pipeline.train.engine)
+    _forget_deepspeeds_world_group()
+    os.environ.pop("LOCAL_RANK", None)
+    os.environ.update(saved)
+    torch.set_num_threads(threads)
+    root = logging.getLogger(logs.LOGGER)
+    for h in list(root.handlers):
+        root.removeHandler(h)
+        h.close()
+    root.propagate = True
+
+
+@pytest.fixture(scope="module")
+def finished(shards, tmp_path_factory, single_process) -> tuple[Path, RunDir, dict]:
     """The run config's file, the run folder trained to its end, and its result."""
     from pipeline.train.entry import train
 

@@ -116,16 +116,19 @@ def _show(value: Any) -> str:
 
 
 def catalog_digest(spec: str) -> str | None:
-    """SHA-256 of a split's catalog (``index.parquet`` then ``sizes.json``), local or
-    ``s3://``; None when ``spec`` names no readable catalog (a brace pattern of remote shards,
-    a folder not written by make-shards, a location that is gone)."""
+    """SHA-256 of a split's catalog (``index.parquet`` then ``sizes.json``) and of the names of
+    the shards ``spec`` selects from it (a pattern may take some of a split's shards), local or
+    ``s3://``; None when ``spec`` names no readable catalog (remote shards outside a split, a
+    folder not written by make-shards, a location that is gone)."""
     try:
         folder = catalog.split_dir(spec)
         digest = hashlib.sha256()
         for name in (catalog.INDEX_FILE, catalog.SIZES_FILE):
             digest.update(storage.read_bytes(storage.join(folder, name)))
+        shards = [storage.basename(url) for url in catalog.expand_urls(spec)]
     except (OSError, ValueError, UserError):
         return None
+    digest.update("\n".join(shards).encode())
     return digest.hexdigest()
 
 
