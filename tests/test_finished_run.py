@@ -234,15 +234,23 @@ def test_init_weights_starts_a_new_run_from_the_finished_model(finished, tmp_pat
         open_trainer(load_config(path, [*new, "model.embedding_dim=8"])).__enter__()
 
 
-def test_an_unfinished_run_resumes_with_a_warning_naming_changed_keys(finished, tmp_path, caplog):
+def test_an_unfinished_run_resumes_with_a_warning_naming_changed_keys(
+    finished, shards, tmp_path, caplog
+):
     from pipeline.train.entry import open_trainer
 
     path, reference, _ = finished
     run = _copy(reference, tmp_path / "run")
     run.result.unlink()  # interrupted before its result was written
+    # Its shards moved meanwhile: the same data, so not named.
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(shards, moved)
+    config = write_config(
+        tmp_path / "moved.yaml", tiny_run_config(moved, run.root, **_sections(path))
+    )
     logging.getLogger(logs.LOGGER).addHandler(caplog.handler)
     try:
-        cfg = load_config(path, [f"train.output_dir={run.root}", "optim.lr=0.001"])
+        cfg = load_config(config, [f"train.output_dir={run.root}", "optim.lr=0.001"])
         with open_trainer(cfg) as trainer:
             assert trainer.step == STEPS and not trainer.done
     finally:
@@ -250,7 +258,8 @@ def test_an_unfinished_run_resumes_with_a_warning_naming_changed_keys(finished, 
     (warning,) = [
         r.getMessage() for r in caplog.records if "differs from the one" in r.getMessage()
     ]
-    assert "optim.lr: 1e-05 -> 0.001" in warning and "train.init_weights=" in warning
+    assert "from the one it was trained with: optim.lr: 1e-05 -> 0.001. The run" in warning
+    assert "train.init_weights=" in warning
 
 
 def test_the_global_batch_is_compared_across_world_sizes(finished):
