@@ -21,7 +21,8 @@ config its checkpoint was trained with.
 group with its reason). Training data is compared by content: each split's catalog
 (``index.parquet`` and ``sizes.json``) has a SHA-256 recorded in the run folder
 (``RunDir.data_catalogs``) when it trains, so the same catalog at another location is the same
-data, and a catalog rewritten in place is not.
+data, and a catalog rewritten in place is not. The per-rank ``sampler.classes_per_batch`` is
+compared as the global batch (P x ranks), which a resume on another number of ranks keeps.
 """
 
 from __future__ import annotations
