@@ -40,6 +40,7 @@ from pipeline.config.rules import load_checked
 from pipeline.config.runconfig import RunConfig
 from pipeline.config.schema import ConfigError
 from pipeline.config.schema_services import LaunchConfig
+from pipeline.eval.destination import evaluation_folder
 from pipeline.eval.parts import plan_parts
 from pipeline.rundir import EvalDir, eval_output_dir
 from pipeline.secrets import strip_uri
@@ -226,6 +227,9 @@ def submit(
         weights_and_overrides(weights, overrides) if command == "evaluate" else ("", overrides)
     )
     cfg = prepare(command, config, overrides, cluster=cluster, flags=flags, local=local)
+    if command == "evaluate":  # its own folder, never the training run's evaluation
+        out = str(evaluation_folder(cfg, checkpoint).resolve())
+        cfg = replace(cfg, eval=replace(cfg.eval, output_dir=out))
     sub = Submission(command, cfg, [], local)
     if command == "train":
         executor = make_executor(cfg.launch, local=local, name="smoothap-train")

@@ -13,6 +13,9 @@ Layout::
     checkpoints/         DeepSpeed checkpoints and ``latest`` (pipeline.train.checkpoint)
     eval/                the final evaluation (unless ``eval.output_dir`` says otherwise): an
                          :class:`EvalDir`
+    evaluations/<time>/  each later ``pipeline evaluate`` of the run's weights: an EvalDir
+    data_catalogs.json   the content digest of each training split's catalog, by location
+                         (pipeline.train.finished)
     launch/rank<R>.json  where each rank of a Slurm job ran (launch.jobs.record_rank_env)
     logs/rank<R>.log     one log per rank (pipeline.logs.setup_logging)
     .lock                held by the job training here (pipeline.train.runlock)
@@ -42,6 +45,18 @@ class RunDir:
     def of(cls, cfg: RunConfig) -> RunDir:
         """The run directory of a run config (``train.output_dir``)."""
         return cls(cfg.train.output_dir)
+
+    @classmethod
+    def holding(cls, weights: str | Path) -> RunDir | None:
+        """The training run whose weights ``weights`` names (its model.safetensors, its
+        checkpoints/ or one checkpoint in it), or None for weights outside a run folder."""
+        path = Path(weights).resolve()
+        for root in (path.parent, path.parent.parent):
+            run = cls(root)
+            inside = path in (run.weights, run.checkpoints) or path.parent == run.checkpoints
+            if inside and run.config.is_file():
+                return run
+        return None
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.root)!r})"
@@ -78,6 +93,14 @@ class RunDir:
     @property
     def eval(self) -> Path:
         return self.root / "eval"
+
+    @property
+    def evaluations(self) -> Path:
+        return self.root / "evaluations"
+
+    @property
+    def data_catalogs(self) -> Path:
+        return self.root / "data_catalogs.json"
 
     @property
     def logs(self) -> Path:

@@ -77,9 +77,9 @@ def _train(config: Path, states: Path, ranks: int, epochs: int) -> str:
     if ranks > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
     command = [*launcher, "-m", "tests.test_elastic_trainer", str(config), str(states)]
-    proc = subprocess.run(
-        [*command, f"train.epochs={epochs}"], env=env, capture_output=True, text=True, timeout=400
-    )
+    # Each launch after the first trains the finished run on to more epochs: on purpose.
+    more = [f"train.epochs={epochs}", "train.continue_finished=true"]
+    proc = subprocess.run([*command, *more], env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     return proc.stderr
 

@@ -235,7 +235,8 @@ def test_local_evaluate_runs_pipeline_evaluate_in_two_tasks(tmp_path, synthetic_
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert re.search(r"submitted evaluate job \d+ locally: 1 node\(s\) x 2 task\(s\)", proc.stdout)
     assert "evaluate job" in proc.stdout and "completed" in proc.stdout
-    out = tmp_path / "train" / "eval"  # pipeline evaluate's default: <train.output_dir>/eval
+    # pipeline evaluate's default for weights outside a run: <train.output_dir>/evaluations/<time>
+    (out,) = (tmp_path / "train" / "evaluations").iterdir()
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_queries"] == 48  # 8 test classes x 6 images, each embedded once
     assert np.array_equal(np.load(out / "index.npy"), np.arange(48))

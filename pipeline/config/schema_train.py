@@ -139,6 +139,14 @@ class TrainConfig:
     stop_grace_s: float = 300.0
     """After SIGTERM/SIGUSR1 the run finishes its step, checkpoints and exits; if that has not
     happened after this many seconds (e.g. a collective with a lost rank), it exits at once."""
+    init_weights: str = ""
+    """Start from these trained weights (a run's model.safetensors or its checkpoints/
+    directory) instead of train.seed's random ones: every tensor of the model, with a new
+    optimizer and schedule at step 0. How a finished run trains on in a new output_dir."""
+    continue_finished: bool = False
+    """Let a finished run (its output_dir holds result.json) train on in place to a larger
+    train.epochs or sampler.steps_per_epoch, from its final checkpoint (which is kept); any
+    other change to what trains is refused even so (use init_weights in a new output_dir)."""
 
     def __post_init__(self) -> None:
         check(self.epochs >= 1, "train.epochs", self.epochs, "must be >= 1")

@@ -1,6 +1,9 @@
 """``pipeline evaluate``: embed the eval shards with a trained model and measure retrieval.
 
-    pipeline evaluate --config conf/demo.yaml checkpoint=runs/demo/model.safetensors [key=value ...]
+    pipeline evaluate --config conf/demo.yaml --weights runs/demo/model.safetensors [--out DIR]
+
+It writes a folder of its own (pipeline.eval.destination): by default
+``runs/demo/evaluations/<UTC time>/``, never the training run's own ``eval/``.
 
 All ranks take part (one process, torchrun or srun): each embeds its part of the eval shards
 (every sample exactly once, tagged with its catalog row), the embeddings are gathered, and
@@ -36,10 +39,11 @@ from pipeline.config.schema_services import EvalConfig
 from pipeline.data.transforms import crop_for_weights
 from pipeline.distributed import collectives, group
 from pipeline.eval import protocols
+from pipeline.eval.destination import evaluation_folder
 from pipeline.eval.extract import Embeddings, extract_embeddings
 from pipeline.eval.protocols import Result, preflight
 from pipeline.model import load_trained_model
-from pipeline.rundir import EvalDir, eval_output_dir
+from pipeline.rundir import EvalDir
 from pipeline.tracking.mlflow import MlflowTracker, run_page
 from pipeline.tracking.session import tracking_session
 from pipeline.weights import IDENTITY_KEY, model_weights_record, resolve_weights_path
@@ -160,6 +164,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser,
         "config overrides such as eval.protocol=ijbc data.eval_urls=DIR",
     )
+    parser.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="where to write (default: eval.output_dir, else <run>/evaluations/<UTC time>/ "
+        "of the run whose weights are evaluated)",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="allow writing into a training run's own evaluation folder (its eval/)",
+    )
 
 
 def _preflight(cfg: RunConfig) -> None:
@@ -172,11 +188,14 @@ def run(args: argparse.Namespace) -> int:
     checkpoint, overrides = split_weights(args.weights, args.overrides)
     cfg: RunConfig = load_config(args.config, overrides)
     cfg = replace(cfg, data=crop_for_weights(cfg.data, checkpoint))
-    out = eval_output_dir(cfg)
-    rank = group.process_rank()
-    logs.setup_logging(EvalDir(out).log_file(rank), rank=rank)
+    out_arg, force = getattr(args, "out", None), getattr(args, "force", False)  # old job pickles
     # Joins the job's group (none for one process) and always leaves it.
     with group.process_group():
+        # All ranks participate: rank 0 names the folder (it reads the clock), never a
+        # training run's own evaluation unless forced.
+        out = collectives.on_main(lambda: evaluation_folder(cfg, checkpoint, out_arg, force=force))
+        rank = group.process_rank()
+        logs.setup_logging(EvalDir(out).log_file(rank), rank=rank)
         # All ranks participate: a checkpoint root is resolved to one tag, on rank 0, so that
         # every rank embeds with the same step even while a run moves its 'latest'.
         path, root = collectives.on_main(lambda: resolve_weights_path(checkpoint))

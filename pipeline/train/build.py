@@ -24,6 +24,7 @@ from pipeline.train.batchnorm import BatchNormPolicy, policy_for
 from pipeline.train.engine import build_engine
 from pipeline.train.optim import build_optimizer, build_scheduler
 from pipeline.train.plan import RunPlan
+from pipeline.train.warmstart import load_init_weights
 
 
 @dataclass
@@ -70,6 +71,7 @@ def build_components(cfg: RunConfig, plan: RunPlan) -> TrainParts:
     # Initial weights from train.seed, the same on every rank (DeepSpeed also broadcasts them).
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model)
+    load_init_weights(model, cfg.train.init_weights)  # a new run from trained weights
     batchnorm = policy_for(
         model,
         cfg.model,

@@ -5,6 +5,7 @@ Layout under ``<train.output_dir>/checkpoints``::
     step_00000012/         one DeepSpeed tag per save (model states + ZeRO optimizer partitions)
     step_00000018/
     latest                 the tag to resume from, replaced atomically once every rank has saved
+    final                  the tags at which the run finished, one a line: never pruned
 
 DeepSpeed's own ``latest`` file is written by rank 0 while other ranks may still be writing
 their optimizer partitions; a kill at that moment would point ``latest`` at a half-written
@@ -17,6 +18,11 @@ the newest checkpoint whose manifest verifies, ``latest``'s when it is intact, a
 damaged or unfinished one it passes over. Before a save, rank 0 compares the free space with
 the size of the previous checkpoint; a full disk is reported as such, naming the folder and
 the space needed, and ``latest`` keeps naming the previous checkpoint.
+
+Finished models: the checkpoint of each step at which the run finished (its result.json was
+written from it) is listed in ``final`` and never pruned, whatever ``train.keep_checkpoints``
+says: a run continued on purpose (``train.continue_finished``) keeps the model it had finished
+with, resumable and loadable as ``--weights RUN/checkpoints/<tag>``.
 
 World size: a checkpoint resumes on another number of ranks (pipeline.train.elastic).
 
@@ -167,12 +173,41 @@ def _write_latest(root: Path, tag: str) -> None:
     os.replace(tmp, root / LATEST)
 
 
+FINAL = "final"
+
+
+def final_tags(root: str | Path) -> list[str]:
+    """The tags at which the run under ``root`` finished (oldest first; [] when none)."""
+    path = Path(root) / FINAL
+    return path.read_text().split() if path.is_file() else []
+
+
+def mark_final(root: str | Path, step: int) -> None:
+    """Record the checkpoint of ``step`` as a finished model's, so that :func:`prune` keeps
+    it. Rank 0 writes (a file; no collective); the other ranks return."""
+    root, tag = Path(root), tag_for(step)
+    if not group.is_main_process() or tag in final_tags(root):
+        return
+    if not (root / tag).is_dir():
+        # A warning, not an error: rank 0 alone raising would leave the other ranks waiting
+        # in the final evaluation's collectives.
+        log.warning("%s does not exist: the run finished at step %d without it", root / tag, step)
+        return
+    tmp = root / f".{FINAL}.tmp"
+    tmp.write_text("".join(f"{t}\n" for t in [*final_tags(root), tag]))
+    os.replace(tmp, root / FINAL)
+
+
 def prune(root: str | Path, keep: int) -> list[str]:
-    """Delete all but the ``keep`` newest step tags (never the one ``latest`` names)."""
+    """Delete all but the ``keep`` newest step tags (never the one ``latest`` names, nor a
+    finished model's: :func:`mark_final`)."""
     root = Path(root)
-    keep_tag = latest_tag(root)
-    tags = sorted(p.name for p in root.iterdir() if p.is_dir() and _TAG.match(p.name))
-    doomed = [t for t in tags[: max(len(tags) - keep, 0)] if t != keep_tag]
+    # A finished model's checkpoint is outside the rotation: neither pruned nor counted.
+    latest, final = latest_tag(root), set(final_tags(root))
+    tags = sorted(
+        p.name for p in root.iterdir() if p.is_dir() and _TAG.match(p.name) and p.name not in final
+    )
+    doomed = [t for t in tags[: max(len(tags) - keep, 0)] if t != latest]
     for t in doomed:
         shutil.rmtree(root / t, ignore_errors=True)
     return doomed

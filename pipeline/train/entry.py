@@ -4,7 +4,9 @@
 (``pipeline.distributed.group.process_group``): it holds the run lock (pipeline.train.runlock) around the
 whole run, plans it on rank 0 (pipeline.train.plan), builds its parts (pipeline.train.build)
 and trains them with a :class:`pipeline.train.trainer.Trainer`. The same call resumes from the
-run directory's newest complete checkpoint, and on a finished run returns the recorded result.
+run directory's newest complete checkpoint, and on a finished run returns the recorded result
+(refused in one line when the config would train it more or differently:
+pipeline.train.finished).
 """
 
 from __future__ import annotations

@@ -4,21 +4,24 @@ Rank 0 decides (the run directory, the shards, the checkpoints and the tracking 
 reveal most mistakes in seconds) and every rank receives the same frozen :class:`RunPlan`:
 which checkpoint to resume from, how many classes each rank's batch holds (a resume on another
 number of ranks keeps the checkpoint's global batch, pipeline.train.elastic), and whether the
-run has already finished. The run lock (pipeline.train.runlock) is held around it by the entry
-point.
+run has already finished. A finished run rerun with a config that would train it more or
+differently is refused here, before any engine starts (pipeline.train.finished). The run lock
+(pipeline.train.runlock) is held around it by the entry point.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from pipeline.config.runconfig import RunConfig
 from pipeline.distributed import collectives
 from pipeline.eval.protocols import preflight  # the shard checks, then the protocol's
 from pipeline.rundir import RunDir
 from pipeline.tracking.mlflow import MlflowTracker
-from pipeline.train import checkpoint, elastic
+from pipeline.train import checkpoint, elastic, finished
+from pipeline.weights import ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +40,9 @@ class RunPlan:
     global_batch: int
     """Images per optimizer step over all ranks."""
     finished: bool
-    """The run directory holds a result: nothing to train."""
+    """The run directory holds a result of this config: nothing to train."""
+    continued_from: int | None = None
+    """The step at which the run had finished, when ``train.continue_finished`` trains it on."""
 
     def apply(self, cfg: RunConfig) -> RunConfig:
         """``cfg`` with this plan's P per rank (logged when it differs from the config's)."""
@@ -65,19 +70,29 @@ def _decide(cfg: RunConfig, world: int) -> RunPlan:
     tag = checkpoint.resumable_tag(root)
     per_rank = cfg.sampler.classes_per_batch
     k = cfg.sampler.samples_per_class
-    saved_batch = None
+    saved_batch, saved_world = None, world
     if tag is not None:
         layout = elastic.saved_layout(root / tag)
         saved_batch = layout.world_size * layout.batch_size_per_gpu
+        saved_world = layout.world_size
         if layout.world_size != world:
             per_rank = elastic.classes_per_batch_for(
                 layout.world_size, layout.classes_per_batch(k), world
             )
-    finished = run_dir.result.is_file()
     planned = replace(cfg, sampler=replace(cfg.sampler, classes_per_batch=per_rank))
-    if not finished:  # a finished run needs no data
+    changes = finished.training_changes(run_dir, planned, world=world, saved_world=saved_world)
+    done = run_dir.result.is_file()
+    continued_from = None
+    if done:
+        continued_from = finished.check_finished(run_dir, planned, changes, tag)
+        done = continued_from is None
+    elif tag is not None:
+        finished.warn_resumed(run_dir, tag, changes)
+    if not done:  # a finished run needs no data
+        _check_init_weights(cfg)
         report = preflight(planned, world, global_batch=saved_batch)
         log.info("preflight passed in %.2f s", report.seconds)
+        finished.record_catalogs(run_dir, planned)
     if cfg.tracking.enabled:
         MlflowTracker.check(cfg.tracking)
     return RunPlan(
@@ -85,5 +100,15 @@ def _decide(cfg: RunConfig, world: int) -> RunPlan:
         resume_tag=tag,
         classes_per_batch=per_rank,
         global_batch=per_rank * k * world,
-        finished=finished,
+        finished=done,
+        continued_from=continued_from,
     )
+
+
+def _check_init_weights(cfg: RunConfig) -> None:
+    path = cfg.train.init_weights
+    if path and not Path(path).exists():
+        raise ModelLoadError(
+            f"train.init_weights={path!r} does not exist; name a run's model.safetensors or "
+            "its checkpoints/ directory, or set train.init_weights='' to start from train.seed"
+        )

@@ -87,7 +87,9 @@ class Trainer:
         self.on_gpu = torch.device(self.device).type == "cuda"
         self.chunked = 0 < cfg.train.chunk_size < self.batch_size
         self._resume(plan.resume_tag)
-        self.done = self.step >= self.total_steps and plan.finished
+        # The plan says finished only when the config trains nothing new (pipeline.train.finished):
+        # then the recorded result stands, whatever step the checkpoints reached.
+        self.done = plan.finished
         with ExitStack() as stack:
             session = hooks.tracking(cfg, self.engine, world=self.world, done=self.done)
             self.tracker = stack.enter_context(session)
@@ -235,7 +237,10 @@ class Trainer:
             host_metrics = hooks.HostMetrics(self.cfg, self.tracker)
             try:
                 hooks.announce(self.cfg, self.tracker, self.engine, self.step, self.resumed_from)
+                if self.plan.continued_from is not None:  # trained on after it had finished
+                    self.tracker.set_tags({"continued_from_step": str(self.plan.continued_from)})
                 self._loop()
+                checkpoint.mark_final(self.run_dir.checkpoints, self.step)  # never pruned
                 self.metrics.close()
                 result = self.final.maybe(self.step)
             finally:
