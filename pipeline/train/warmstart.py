@@ -8,10 +8,14 @@ job continues where it was, not from these weights again).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from pipeline.model import EmbeddingModel
 from pipeline.weights import ModelLoadError, check_finite, read_trained_weights
+
+log = logging.getLogger(__name__)
 
 
 def load_init_weights(model: EmbeddingModel, path: str) -> None:
@@ -21,7 +25,8 @@ def load_init_weights(model: EmbeddingModel, path: str) -> None:
     if not path:
         return
     where = f"train.init_weights={path!r}"
-    state, arch, _ = read_trained_weights(path)
+    state, arch, _, origin = read_trained_weights(path)
+    log.info("initialising from %s", origin.describe())
     own = model.state_dict()
     mine = model.architecture
     if arch is not None and any(arch.get(k, v) != v for k, v in mine.items()):
