@@ -73,7 +73,14 @@ def _config(shards: Path, run: Path, epochs: int) -> str:
         shards,
         run,
         sampler={"classes_per_batch": 2, "samples_per_class": 2, "steps_per_epoch": STEPS},
-        train={"epochs": epochs, "checkpoint_every": 2, "keep_checkpoints": 3, "log_every": 2},
+        # The second epoch trains the finished first one on, in place, on purpose.
+        train={
+            "epochs": epochs,
+            "checkpoint_every": 2,
+            "keep_checkpoints": 3,
+            "log_every": 2,
+            "continue_finished": epochs > 1,
+        },
         eval={"ks": [1], "batch_size": 64},
         tracking={"enabled": False},
     )
