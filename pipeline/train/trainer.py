@@ -287,6 +287,9 @@ class Trainer:
         group.set_timeout(None if warm_up else self.cfg.train.step_timeout_s)
 
     def _stop(self, stop: StopRequest) -> None:
+        # The run's end (its MLflow status, the run lock) follows the loop: the launcher's
+        # last death signal must not cut it short.
+        stop.until_exit()
         if self.checkpointer.saved_step != self.step:
             self.checkpointer.save(self.step)  # all ranks participate (collective save)
         log.warning(
