@@ -11,9 +11,10 @@ Module cost, measured on the shared 2-core machine at load 12-14 (other engineer
 rank environment 20 s; training on three layouts 318 s (the launcher's job 136 s with the
 server's start, torchrun 80 s, one process 55 s); evaluation 31 s; losing a host and resuming
 163 s (60 s to the first checkpoint, 30 s to the survivors' exit, srun gone 7 s after the host
-rejoined, 63 s resumed run), since then 178 s at load 3-4 with the default step timeout (100 s
-to the survivors' exit). A first start initialises MariaDB (about 45 s more). Run it alone
-with `pytest -m multinode tests/test_multinode.py` (as root)."""
+rejoined, 63 s resumed run), since then 150-178 s at load 0.1-4 with the default step timeout
+(100 s to the survivors' exit); the whole module at load 0.1-1: 284 s. A first start
+initialises MariaDB (about 45 s more). Run it alone with `pytest -m multinode
+tests/test_multinode.py` (as root)."""
 
 from __future__ import annotations
 
@@ -450,8 +451,8 @@ def test_lost_host_fails_in_bounded_time_then_the_same_command_resumes_exactly(
     (same 4 ranks, same gloo sums: bitwise, asserted within TOL_SAME_WORLD; measured: 0 and 0).
     Slurm's own requeue is not used: the lost node is marked DOWN only after SlurmdTimeout
     (60 s), after the survivors have already failed; the rerun is the resubmission of the same
-    command. Measured: 178 s (load 3-4): 41 s to the gate, 100 s to the survivors' exit, srun
-    already gone when the host rejoined, 33 s resumed run."""
+    command. Measured: 150-178 s (load 0.1-4, two runs): 27-41 s to the gate, 100 s to the
+    survivors' exit, srun already gone when the host rejoined, 21-33 s resumed run."""
     from pipeline.train import checkpoint
 
     cfg = _config(tmp_path, shards, "lost_host", mlflow_server)
