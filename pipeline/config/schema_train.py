@@ -132,10 +132,19 @@ class TrainConfig:
     """Extra DeepSpeed settings (YAML/JSON file, e.g. conf/deepspeed/zero2.yaml) merged into the
     generated config; may not contradict the train.* keys it is derived from."""
     collective_timeout_s: float = 600.0
-    """How long a collective (gloo/nccl) may wait for the other ranks before the job fails.
-    Bounded so that a lost host ends the job (to be requeued and resumed) instead of hanging
-    it for gloo's default 30 minutes; long enough for the slowest step, evaluation or
-    checkpoint of a run."""
+    """How long a collective (gloo/nccl) may wait for the other ranks before the job fails,
+    outside the steady training steps: start-up, the first steps, evaluation, checkpoint
+    writes, the final export. Bounded so that a lost host ends the job (to be requeued and
+    resumed) instead of hanging it for gloo's default 30 minutes; long enough for the slowest
+    evaluation or checkpoint of a run, which the other ranks wait for."""
+    step_timeout_s: float = 100.0
+    """The collective timeout of the steady training steps (torchtitan's default), so that a
+    host lost while the job trains ends it within about this long; at most
+    train.collective_timeout_s. The slowest steady step, data loading included, must fit."""
+    step_timeout_after: int = 2
+    """Steps that still wait up to train.collective_timeout_s at the start of each process
+    (a resumed one too) and of each epoch: the first steps allocate memory and start the
+    data loader's workers, which fill their shuffle buffers before the first batch."""
     stop_grace_s: float = 300.0
     """After SIGTERM/SIGUSR1 the run finishes its step, checkpoints and exits; if that has not
     happened after this many seconds (e.g. a collective with a lost rank), it exits at once."""
@@ -155,6 +164,20 @@ class TrainConfig:
             "train.collective_timeout_s",
             self.collective_timeout_s,
             "must be > 0 seconds",
+        )
+        check(
+            0 < self.step_timeout_s <= self.collective_timeout_s,
+            "train.step_timeout_s",
+            self.step_timeout_s,
+            f"must be > 0 seconds and at most train.collective_timeout_s="
+            f"{self.collective_timeout_s:g} (the long timeout of start-up, evaluation and "
+            "checkpoints); lower the one or raise the other",
+        )
+        check(
+            self.step_timeout_after >= 0,
+            "train.step_timeout_after",
+            self.step_timeout_after,
+            "must be >= 0 steps",
         )
         check(self.stop_grace_s > 0, "train.stop_grace_s", self.stop_grace_s, "must be > 0")
         check(self.zero_stage in (0, 1, 2), "train.zero_stage", self.zero_stage, "use 0, 1 or 2")

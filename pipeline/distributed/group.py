@@ -1,6 +1,13 @@
 """The process group's lifecycle: joining (:func:`process_group`, the one way an entry point
 joins), the group of one DeepSpeed needs, bounded collective timeouts, leaving and exiting, and
 this process's place in the group. Every helper works unchanged with one process (no group).
+
+Two collective timeouts, as torchtitan has them: the group's own (long) one, given when it is
+joined, bounds start-up and whatever waits on one rank's slow work (evaluation, checkpoint
+writes, the final export); a short one, switched on with :func:`set_timeout` for the steady
+training steps, makes a lost host end the job in minutes. :func:`long_timeout` brings the long
+one back around slow work. Switching is local to the process (no collective), so every rank
+switches at the same points of the program on its own.
 """
 
 from __future__ import annotations
@@ -30,6 +37,9 @@ writes) while the others wait. A job that must notice a lost host sooner passes 
 
 # Whether ensure_process_group exported LOCAL_RANK (destroy() takes it back).
 _exported_local_rank = False
+# The group's own timeout (what init was given) and the one in force now (set_timeout).
+_long_timeout_s = DEFAULT_TIMEOUT_S
+_timeout_s = DEFAULT_TIMEOUT_S
 
 
 def _timedelta(timeout_s: float) -> datetime.timedelta:
@@ -62,10 +72,13 @@ def init(timeout_s: float = DEFAULT_TIMEOUT_S) -> DistEnv:
     collective of the group: a rank that waits longer for a peer (a lost host) fails
     instead of hanging.
     """
+    global _long_timeout_s, _timeout_s
     timeout = _timedelta(timeout_s)
     env = _launch_env()
     if env.world_size > 1:
         export_env(env)
+    if not dist.is_initialized():
+        _long_timeout_s = _timeout_s = float(timeout_s)
     if env.world_size == 1 or dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
@@ -127,6 +140,66 @@ def is_collective_error(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and any(
         s in text for s in ("gloo/transport", "pair closure", "closed by peer", "reset by peer")
     )
+
+
+def set_timeout(timeout_s: float | None = None) -> None:
+    """Bound every later collective of every group this process is in by ``timeout_s``
+    seconds; None: the group's own timeout again (the one it was joined with).
+
+    Local: no collective and no message to the other ranks, so each rank calls it at the same
+    point of the program. Every group counts, not only the job's: DeepSpeed reduces gradients
+    over a group of its own (``deepspeed.utils.groups._clone_world_group``), and a lost host
+    is noticed by whichever collective waits for it. Collectives already waiting keep the
+    timeout they started with.
+    """
+    global _timeout_s
+    seconds = _long_timeout_s if timeout_s is None else float(timeout_s)
+    timeout = _timedelta(seconds)
+    if dist.is_available() and dist.is_initialized():
+        c10d = dist.distributed_c10d
+        # torch lists the groups of this process only in its private registry.
+        for pg in list(c10d._world.pg_map):
+            if not c10d._rank_not_in_group(pg):
+                dist.set_timeout(timeout, pg)
+    _timeout_s = seconds
+
+
+def timeout_s() -> float:
+    """The collective timeout in force, in seconds. After a collective failed inside
+    :func:`long_timeout`, still the long one: the timeout that ran out."""
+    return _timeout_s
+
+
+def long_timeout_s() -> float:
+    """The group's own (long) timeout, in seconds: the one it was joined with."""
+    return _long_timeout_s
+
+
+@contextlib.contextmanager
+def long_timeout() -> Iterator[None]:
+    """Collectives inside the block wait up to the group's own (long) timeout; the timeout in
+    force before comes back after it.
+
+    For slow work on one rank while the others wait in a collective: evaluation, checkpoint
+    writes, the final export. The waiting ranks are the ones that time out, so every rank
+    enters the block at the same point. A collective that fails inside the block leaves the
+    long timeout in force (the group is broken; no later collective can succeed), so that
+    whoever reports the failure reads in :func:`timeout_s` which timeout ran out.
+    """
+    before = _timeout_s
+    if before == _long_timeout_s:
+        yield
+        return
+    set_timeout(None)
+    failed = False
+    try:
+        yield
+    except Exception as e:
+        failed = is_collective_error(e)
+        raise
+    finally:
+        if not failed:
+            set_timeout(before)
 
 
 def destroy() -> None:

@@ -194,16 +194,18 @@ class EvalHook:
         was_training = model.training
         model.eval()
         try:
-            metrics = evaluate_model(
-                model,
-                self.cfg.data,
-                self.cfg.eval,
-                device=self.engine.device,
-                output_dir=output_dir,
-                tracker=self.tracker,
-                step=step,
-                progress=group.is_main_process(),
-            )
+            # The long timeout: the others wait while rank 0 computes the metrics and writes.
+            with group.long_timeout():
+                metrics = evaluate_model(
+                    model,
+                    self.cfg.data,
+                    self.cfg.eval,
+                    device=self.engine.device,
+                    output_dir=output_dir,
+                    tracker=self.tracker,
+                    step=step,
+                    progress=group.is_main_process(),
+                )
         finally:
             model.train(was_training)
         return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
@@ -237,10 +239,12 @@ class Checkpointer:
         return True
 
     def save(self, step: int) -> None:
-        # All ranks participate (collective save; 'latest' moves once all have written).
-        checkpoint.save_state(
-            self.engine, self.root, self.state_at(step), self.keep, loss_state=self.loss_state
-        )
+        # All ranks participate (collective save; 'latest' moves once all have written), under
+        # the long timeout: the others wait while rank 0 hashes the files and prunes.
+        with group.long_timeout():
+            checkpoint.save_state(
+                self.engine, self.root, self.state_at(step), self.keep, loss_state=self.loss_state
+            )
         self.saved_step = step
 
     def close(self) -> None:

@@ -7,6 +7,9 @@ its launcher.
   and exit. The handler only records the request; the trainer polls it between steps and all
   ranks agree on it with one all-reduce (ranks receive the signal at different moments). A
   second signal, or ``grace_s`` without an exit, ends the process at once: a stop never hangs.
+  Once the trainer acts on the stop, the handler stays until the process has exited
+  (:meth:`StopRequest.until_exit`): the run's end (the MLflow status, the run lock) comes
+  after the training loop, and the launcher's last death signal may arrive only then.
 * :func:`exit_with_parent`: torchrun starts each rank in its own session, so killing only
   torchrun's process group left the ranks training on their own. On Linux the rank asks the
   kernel for SIGTERM when its parent dies (``PR_SET_PDEATHSIG``), which goes through the same
@@ -37,7 +40,8 @@ class StopRequest:
     exit. ``grace_s``: after the first signal, the process exits by itself (code 128+signal)
     if it is still running this many seconds later, e.g. blocked in a collective with a lost
     rank. A second signal ends the process at once, except a repeat of the first once the
-    parent has died (the parent-death signal of :func:`exit_with_parent`, which Linux repeats).
+    parent has died or within ``_BURST_S`` of the previous one (the parent-death signal of
+    :func:`exit_with_parent`, which Linux repeats).
     """
 
     def __init__(self, signals: tuple[int, ...] = STOP_SIGNALS, grace_s: float = 300.0) -> None:
@@ -47,6 +51,8 @@ class StopRequest:
         self._previous: dict[int, object] = {}
         self._timer: threading.Timer | None = None
         self._parent = os.getppid()
+        self._last = 0.0  # when the latest signal came (time.monotonic)
+        self._until_exit = False
 
     @property
     def requested(self) -> bool:
@@ -57,20 +63,22 @@ class StopRequest:
         return signal.Signals(self.signum).name if self.signum else ""
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        now, last = time.monotonic(), self._last
+        self._last = now
         if self.signum is not None:
             repeated = signum == self.signum and (
-                os.getppid() != self._parent or time.monotonic() - self._since < _BURST_S
+                os.getppid() != self._parent or now - last < _BURST_S
             )
             if repeated:
                 # The launcher died: Linux sends the parent-death signal again each time this
                 # process is handed to another of the dying launcher's threads, in a burst
-                # and often before the process is reparented (seen when torchrun was SIGKILLed:
-                # the ranks exited without their checkpoint). One stop; grace_s bounds it.
+                # and often before the process is reparented, and once more when it is
+                # handed to init (seen when torchrun was SIGKILLed: the ranks exited without
+                # their checkpoint). One stop; grace_s bounds it.
                 return
             # A second signal: the user or the scheduler insists.
             os._exit(128 + signum)
         self.signum = signum
-        self._since = time.monotonic()
         self._timer = threading.Timer(self.grace_s, os._exit, args=(128 + signum,))
         self._timer.daemon = True
         self._timer.start()
@@ -82,7 +90,21 @@ class StopRequest:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
+    def until_exit(self) -> None:
+        """The stop ends the process: keep the handler and the ``grace_s`` bound past the
+        block, until the process has exited.
+
+        The launcher's death reaches a rank as a burst of signals that ends when the last of
+        the launcher's threads is gone, which on a loaded machine can be after the rank has
+        checkpointed and left the training loop: with the previous handler back (the
+        default: terminate), that last signal killed the rank while it was ending its MLflow
+        run, which stayed RUNNING (about one run in three of the SIGKILLed torchrun test).
+        """
+        self._until_exit = True
+
     def __exit__(self, *exc: object) -> None:
+        if self._until_exit and self.requested:
+            return
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)  # type: ignore[arg-type]
         self._previous.clear()

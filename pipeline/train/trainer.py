@@ -251,29 +251,54 @@ class Trainer:
 
     def _loop(self) -> None:
         """Steps to the last one; a SIGTERM/SIGUSR1 on any rank ends it after a checkpoint
-        (pipeline.train.signals), a lost rank with an error naming the hosts."""
+        (pipeline.train.signals), a lost rank with an error naming the hosts.
+
+        The steady steps run under train.step_timeout_s, so that a lost host ends the job
+        within about that long; the hooks' slow work (evaluation, checkpoints) switches to
+        the long timeout itself (pipeline.train.hooks), and so does what follows the loop."""
         self.engine.train()
         batches = self._batches()
+        first_step = self.step
         with StopRequest(grace_s=self.cfg.train.stop_grace_s) as stop:
-            while self.step < self.total_steps:
-                t0 = time.perf_counter()
-                images, labels = next(batches)
-                data_s = time.perf_counter() - t0
-                try:
-                    self.train_step(images, labels)
-                    self.metrics.add_time(data_s, time.perf_counter() - t0)
-                    for hook in self.hooks:
-                        hook.maybe(self.step)
-                    # All ranks participate: the ranks receive a signal at different moments.
-                    stopping = collectives.any_rank(stop.requested)
-                except Exception as e:  # gloo's timeouts are plain RuntimeErrors
-                    if not group.is_collective_error(e):
-                        raise
-                    raise self._lost_rank(e) from e
-                if stopping:
-                    self._stop(stop)
+            try:
+                while self.step < self.total_steps:
+                    self._step_timeout(first_step)
+                    if self._step_and_hooks(batches, stop):
+                        self._stop(stop)
+            finally:
+                # The final export and the end of the MLflow run are rank 0's slow work.
+                group.set_timeout(None)
+
+    def _step_and_hooks(self, batches: Iterator, stop: StopRequest) -> bool:
+        """One step and the hooks after it; whether any rank has been asked to stop."""
+        t0 = time.perf_counter()
+        images, labels = next(batches)
+        data_s = time.perf_counter() - t0
+        try:
+            self.train_step(images, labels)
+            self.metrics.add_time(data_s, time.perf_counter() - t0)
+            for hook in self.hooks:
+                hook.maybe(self.step)
+            # All ranks participate: the ranks receive a signal at different moments.
+            return collectives.any_rank(stop.requested)
+        except Exception as e:  # gloo's timeouts are plain RuntimeErrors
+            if not group.is_collective_error(e):
+                raise
+            raise self._lost_rank(e) from e
+
+    def _step_timeout(self, first_step: int) -> None:
+        """The timeout of the step about to run, the same on every rank (no collective):
+        the long one for the first train.step_timeout_after steps of this process and of
+        each epoch (memory allocated, a new data loader's workers filling their buffers),
+        train.step_timeout_s after them."""
+        after = self.cfg.train.step_timeout_after
+        warm_up = self.step - first_step < after or self.step % self.steps_per_epoch < after
+        group.set_timeout(None if warm_up else self.cfg.train.step_timeout_s)
 
     def _stop(self, stop: StopRequest) -> None:
+        # The run's end (its MLflow status, the run lock) follows the loop: the launcher's
+        # last death signal must not cut it short.
+        stop.until_exit()
         if self.checkpointer.saved_step != self.step:
             self.checkpointer.save(self.step)  # all ranks participate (collective save)
         log.warning(
@@ -286,9 +311,12 @@ class Trainer:
     def _lost_rank(self, error: Exception) -> RuntimeError:
         hosts = ", ".join(f"{h}: ranks {r}" for h, r in self.hosts.items())
         tag = checkpoint.latest_tag(self.run_dir.checkpoints)
+        # The timeout that ran out: the step's, or the long one of start-up and slow hooks.
+        timeout = group.timeout_s()
+        key = "collective_timeout_s" if timeout == group.long_timeout_s() else "step_timeout_s"
         return RuntimeError(
             f"a collective failed at step {self.step} (rank {self.rank}; "
-            f"train.collective_timeout_s={self.cfg.train.collective_timeout_s:g}): "
+            f"train.{key}={timeout:g}): "
             f"{str(error).strip().splitlines()[-1]}; the job's hosts were {hosts}: a rank "
             f"or host was lost. Requeue or rerun the same command: it resumes from "
             f"{tag or 'the start'} in the same MLflow run"
