@@ -469,6 +469,10 @@ def test_reported_metrics_are_those_of_the_saved_model(reference, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     evaluated = json.loads((out / "metrics.json").read_text())
+    # Both name the same weights: the training's final evaluation measured what it saved.
+    measured = evaluated.pop("weights")
+    final_eval = json.loads((reference / "eval" / "metrics.json").read_text())["weights"]
+    assert measured["weights_sha256"] == final_eval["weights_sha256"]
     assert evaluated.keys() == result["metrics"].keys()
     for k, v in result["metrics"].items():
         assert v == pytest.approx(evaluated[k], abs=1e-6), k

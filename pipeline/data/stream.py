@@ -379,3 +379,41 @@ def train_loader(
         stream.pin_memory = torch.cuda.is_available()
         return ThreadedTrainLoader(stream, data_cfg.num_workers, prefetch=2 * data_cfg.num_workers)
     return loader_of(stream, data_cfg.num_workers)
+
+
+def train_batches(
+    data_cfg: DataConfig,
+    sampler_cfg: SamplerConfig,
+    *,
+    rank: int,
+    world_size: int,
+    step: int,
+    total_steps: int,
+    normalise: bool = True,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One rank's batches from global step ``step`` to ``total_steps``, epoch by epoch: the
+    :func:`train_loader` of each epoch, from the step within it. Raises RuntimeError if an
+    epoch's stream ends early (every rank must yield the same number of batches)."""
+    spe = sampler_cfg.steps_per_epoch
+    while step < total_steps:
+        epoch, start = divmod(step, spe)
+        loader = train_loader(
+            data_cfg,
+            sampler_cfg,
+            rank=rank,
+            world_size=world_size,
+            epoch=epoch,
+            start_step=start,
+            normalise=normalise,
+        )
+        batches = iter(loader)
+        for _ in range(start, spe):
+            item = next(batches, None)
+            if item is None:
+                raise RuntimeError(
+                    f"the training stream of rank {rank} ended at step {step} of epoch "
+                    f"{epoch}, before sampler.steps_per_epoch={spe}: every rank must yield the "
+                    "same number of batches (pipeline.data.stream.train_loader)"
+                )
+            yield item
+            step += 1

@@ -31,7 +31,7 @@ from pipeline.data.transforms import normalise_batch
 from pipeline.distributed import collectives, group
 from pipeline.loss import loss_state
 from pipeline.rundir import RunDir
-from pipeline.train import checkpoint, hooks
+from pipeline.train import checkpoint, faults, hooks
 from pipeline.train.build import TrainParts
 from pipeline.train.checkpoint import TrainState
 from pipeline.train.engine import grad_norm, reported_grad_norm
@@ -151,30 +151,17 @@ class Trainer:
 
     def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's batches from the current step to the last, epoch by epoch."""
-        spe = self.steps_per_epoch
-        while self.step < self.total_steps:
-            epoch, start = divmod(self.step, spe)
-            loader = stream.train_loader(
-                self.cfg.data,
-                self.cfg.sampler,
-                rank=self.rank,
-                world_size=self.world,
-                epoch=epoch,
-                start_step=start,
-                # On a GPU the workers ship uint8 and the device normalises: a 4x smaller
-                # batch through shared memory and over PCIe.
-                normalise=not self.on_gpu,
-            )
-            batches = iter(loader)
-            for _ in range(start, spe):
-                item = next(batches, None)
-                if item is None:
-                    raise RuntimeError(
-                        f"the training stream of rank {self.rank} ended at step {self.step} of "
-                        f"epoch {epoch}, before sampler.steps_per_epoch={spe}: every rank must "
-                        "yield the same number of batches (pipeline.data.stream.train_loader)"
-                    )
-                yield item
+        # On a GPU the workers ship uint8 and the device normalises: a 4x smaller batch
+        # through shared memory and over PCIe.
+        return stream.train_batches(
+            self.cfg.data,
+            self.cfg.sampler,
+            rank=self.rank,
+            world_size=self.world,
+            step=self.step,
+            total_steps=self.total_steps,
+            normalise=not self.on_gpu,
+        )
 
     def train_step(
         self,
@@ -262,7 +249,9 @@ class Trainer:
         with StopRequest(grace_s=self.cfg.train.stop_grace_s) as stop:
             try:
                 while self.step < self.total_steps:
-                    self._step_timeout(first_step)
+                    faults.set_step_timeout(
+                        self.cfg.train, self.step, first_step, self.steps_per_epoch
+                    )
                     if self._step_and_hooks(batches, stop):
                         self._stop(stop)
             finally:
@@ -284,16 +273,8 @@ class Trainer:
         except Exception as e:  # gloo's timeouts are plain RuntimeErrors
             if not group.is_collective_error(e):
                 raise
-            raise self._lost_rank(e) from e
-
-    def _step_timeout(self, first_step: int) -> None:
-        """The timeout of the step about to run, the same on every rank (no collective):
-        the long one for the first train.step_timeout_after steps of this process and of
-        each epoch (memory allocated, a new data loader's workers filling their buffers),
-        train.step_timeout_s after them."""
-        after = self.cfg.train.step_timeout_after
-        warm_up = self.step - first_step < after or self.step % self.steps_per_epoch < after
-        group.set_timeout(None if warm_up else self.cfg.train.step_timeout_s)
+            root = self.run_dir.checkpoints
+            raise faults.lost_rank_error(e, self.step, self.rank, self.hosts, root) from e
 
     def _stop(self, stop: StopRequest) -> None:
         # The run's end (its MLflow status, the run lock) follows the loop: the launcher's
@@ -307,20 +288,6 @@ class Trainer:
             stop.name or "a signal to another rank",
         )
         raise SystemExit(128 + (stop.signum or 15))
-
-    def _lost_rank(self, error: Exception) -> RuntimeError:
-        hosts = ", ".join(f"{h}: ranks {r}" for h, r in self.hosts.items())
-        tag = checkpoint.latest_tag(self.run_dir.checkpoints)
-        # The timeout that ran out: the step's, or the long one of start-up and slow hooks.
-        timeout = group.timeout_s()
-        key = "collective_timeout_s" if timeout == group.long_timeout_s() else "step_timeout_s"
-        return RuntimeError(
-            f"a collective failed at step {self.step} (rank {self.rank}; "
-            f"train.{key}={timeout:g}): "
-            f"{str(error).strip().splitlines()[-1]}; the job's hosts were {hosts}: a rank "
-            f"or host was lost. Requeue or rerun the same command: it resumes from "
-            f"{tag or 'the start'} in the same MLflow run"
-        )
 
     def close(self) -> None:
         """End the MLflow run (FINISHED) without training, e.g. after benchmarking steps."""
