@@ -71,6 +71,7 @@ def test_a_server_that_does_not_answer_fails_the_start_in_seconds(http_env):
     MlflowTracker.check(TrackingConfig(uri="sqlite:////nonexistent/dir/m.db"))  # no server
 
 
+@pytest.mark.slow  # waits out the 10 s HTTP timeout by design
 def test_a_hung_server_fails_the_start_within_the_http_timeout(http_env):
     # Accepts connections (the kernel's backlog) and never answers: a frozen server.
     with socket.socket() as hung:
