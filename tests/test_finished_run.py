@@ -147,6 +147,7 @@ def test_a_finished_run_rerun_with_its_config_returns_the_result_and_writes_noth
     # Keys that do not change what trains: cadences, retention, evaluation, threads, MLflow.
     same = ["train.log_every=5", "train.keep_checkpoints=3", "train.checkpoint_every=7"]
     same += ["eval.ks=[1]", "data.num_workers=1", "train.collective_timeout_s=900"]
+    same += ["train.step_timeout_s=50", "train.step_timeout_after=3"]
     assert train(load_config(path, same)) == result
     assert _snapshot(run) == before
 

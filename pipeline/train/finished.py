@@ -59,6 +59,7 @@ NOT_TRAINING = (
     # Time bounds of a job (collective timeouts, the grace after a stop signal): they end a
     # stuck job and never change a step.
     "train.*timeout_s",
+    "train.step_timeout_after",
     "train.stop_grace_s",
     # Memory and speed only, the same update by construction: ZeRO partitions the same
     # optimizer step, the gradient cache and the loss's query chunks compute the same sums,
