@@ -190,6 +190,7 @@ def test_a_global_loss_state_is_saved_once_and_resumes_on_another_world_size(sha
     )
 
 
+@pytest.mark.slow  # three DeepSpeed runs; the global state's test keeps the fast tier's check
 def test_a_per_rank_loss_state_resumes_on_its_world_size_only(shards, tmp_path):
     run, out = tmp_path / "per_rank", tmp_path / "out"
     out.mkdir()

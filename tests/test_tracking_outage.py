@@ -258,6 +258,7 @@ def upload_cli(spool: Path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # two upload commands, each a new process importing MLflow
 def test_upload_delivers_a_spool_file_once_and_is_idempotent(tmp_path):
     uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
     tracker = MlflowTracker(TrackingConfig(uri=uri, experiment="upload"))
