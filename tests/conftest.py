@@ -104,3 +104,45 @@ def namespace_cluster() -> NamespaceCluster:
         yield cluster
     finally:
         cluster.close()
+
+
+def _forget_deepspeeds_world_group() -> None:
+    """DeepSpeed keeps the clone of the world group it made (deepspeed.utils.groups) for the
+    life of the process; once that group is destroyed, the next module's engine would use the
+    stale clone ("Group ... is not registered"), so it is dropped whenever no group exists."""
+    import deepspeed.utils.groups
+    import torch
+
+    if not torch.distributed.is_initialized():
+        deepspeed.utils.groups._WORLD_GROUP = None
+
+
+@pytest.fixture(scope="module")
+def single_process():
+    """One training process for the module, in the test process (no torchrun; DeepSpeed keeps
+    its group until the process ends, so the group is made once); afterwards, no process
+    group, no stale DeepSpeed group, the caller's environment and the default logging again."""
+    import logging
+    import os
+
+    import torch
+
+    from pipeline import logs
+    from pipeline.distributed import group
+
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_STEP_ID")
+    saved = {k: os.environ.pop(k) for k in names if k in os.environ}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    _forget_deepspeeds_world_group()
+    yield
+    group.destroy()  # the one-process group DeepSpeed needs (pipeline.train.engine)
+    _forget_deepspeeds_world_group()
+    os.environ.pop("LOCAL_RANK", None)  # set for DeepSpeed by pipeline.train.engine
+    os.environ.update(saved)
+    torch.set_num_threads(threads)
+    root = logging.getLogger(logs.LOGGER)
+    for h in list(root.handlers):
+        root.removeHandler(h)
+        h.close()
+    root.propagate = True

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
 import shutil
 from pathlib import Path
@@ -34,40 +33,6 @@ STEPS = 2
 def shards(synthetic_shards) -> Path:
     # The shards tests/test_trainer.py reads: written once per session.
     return synthetic_shards(classes=8, test_classes=4, images_per_class=8, samples_per_shard=64)
-
-
-def _forget_deepspeeds_world_group() -> None:
-    """DeepSpeed keeps the clone of the world group it made (deepspeed.utils.groups) for the
-    life of the process; once that group is destroyed, the next module's engine would use the
-    stale clone ("Group ... is not registered"), so it is dropped whenever no group exists."""
-    import deepspeed.utils.groups
-
-    if not torch.distributed.is_initialized():
-        deepspeed.utils.groups._WORLD_GROUP = None
-
-
-@pytest.fixture(scope="module")
-def single_process():
-    """One process for the module, as tests/test_trainer.py makes it; afterwards, no process
-    group, no stale DeepSpeed group, and the default logging again."""
-    from pipeline.distributed import group
-
-    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_STEP_ID")
-    saved = {k: os.environ.pop(k) for k in names if k in os.environ}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    _forget_deepspeeds_world_group()
-    yield
-    group.destroy()  # the one-process group DeepSpeed needs (pipeline.train.engine)
-    _forget_deepspeeds_world_group()
-    os.environ.pop("LOCAL_RANK", None)
-    os.environ.update(saved)
-    torch.set_num_threads(threads)
-    root = logging.getLogger(logs.LOGGER)
-    for h in list(root.handlers):
-        root.removeHandler(h)
-        h.close()
-    root.propagate = True
 
 
 @pytest.fixture(scope="module")

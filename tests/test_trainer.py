@@ -3,9 +3,7 @@ steps; the run directory it leaves (checkpoint with its TrainState, result, weig
 
 from __future__ import annotations
 
-import logging
 import math
-import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -13,10 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import logs, weights
+from pipeline import weights
 from pipeline.config.load import load_config
 from pipeline.config.schema import DataConfig
-from pipeline.distributed import group
 from pipeline.rundir import RunDir
 from pipeline.train import checkpoint, manifest
 
@@ -26,26 +23,6 @@ STEPS = 2
 @pytest.fixture(scope="module")
 def shards(synthetic_shards) -> Path:
     return synthetic_shards(classes=8, test_classes=4, images_per_class=8, samples_per_shard=64)
-
-
-@pytest.fixture(scope="module")
-def single_process():
-    """One process for the module (DeepSpeed keeps its group until the process ends, so the
-    group is made once); afterwards, no process group and the default logging again."""
-    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_STEP_ID")
-    saved = {k: os.environ.pop(k) for k in names if k in os.environ}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    group.destroy()  # the one-process group DeepSpeed needs (pipeline.train.engine)
-    os.environ.pop("LOCAL_RANK", None)  # set for DeepSpeed by pipeline.train.engine
-    os.environ.update(saved)
-    torch.set_num_threads(threads)
-    root = logging.getLogger(logs.LOGGER)
-    for h in list(root.handlers):
-        root.removeHandler(h)
-        h.close()
-    root.propagate = True
 
 
 def _config(tiny_config, shards: Path, *extra: str):
