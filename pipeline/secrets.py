@@ -1,6 +1,6 @@
 """Credentials given in URIs stay inside the process.
 
-A URI such as ``http://user:password@host`` (or ``...?token=...``) is accepted: the process
+A URI with ``user:password@`` before its host (or ``...?token=...``) is accepted: the process
 keeps the credentials where the client libraries look for them (MLflow's
 ``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD``; for any other URI the environment
 variable ``PIPELINE_URI_CREDENTIALS``, read back by :func:`with_credentials`), and the value the
