@@ -134,12 +134,25 @@ def catalog_digest(spec: str) -> str | None:
     return digest.hexdigest()
 
 
-def record_catalogs(run_dir: RunDir, cfg: RunConfig) -> None:
+def _digest(spec: str, digests: dict[str, str | None] | None) -> str | None:
+    """:func:`catalog_digest` of ``spec``, read once per ``digests`` (one decision's reads: a
+    catalog may be large and remote)."""
+    if digests is None:
+        return catalog_digest(spec)
+    if spec not in digests:
+        digests[spec] = catalog_digest(spec)
+    return digests[spec]
+
+
+def record_catalogs(
+    run_dir: RunDir, cfg: RunConfig, digests: dict[str, str | None] | None = None
+) -> None:
     """Add the digest of each training split's catalog to the run folder's record (rank 0,
-    when a job is about to train: the data it trains on)."""
+    when a job is about to train: the data it trains on); ``digests``: those already read
+    for this decision (:func:`training_changes`)."""
     known = _recorded(run_dir)
     for source in cfg.data.train:
-        digest = catalog_digest(source.urls)
+        digest = _digest(source.urls, digests)
         if digest is not None:
             known[source.urls] = digest
     run_dir.data_catalogs.parent.mkdir(parents=True, exist_ok=True)
@@ -155,12 +168,14 @@ def _excluded(key: str) -> bool:
     return any(fnmatch.fnmatchcase(key, pattern) for pattern in NOT_TRAINING)
 
 
-def _data_change(key: str, old: Any, new: Any, recorded: dict[str, str]) -> Change | None:
+def _data_change(
+    key: str, old: Any, new: Any, recorded: dict[str, str], digests: dict[str, str | None] | None
+) -> Change | None:
     """A training split compared by its catalog's content (by location when it has none)."""
     if old is None or new is None:
         return Change(key, old, new)
-    before = recorded.get(old) or catalog_digest(old)
-    after = catalog_digest(new)
+    before = recorded.get(old) or _digest(old, digests)
+    after = _digest(new, digests)
     if before is None or after is None:
         return None if old == new else Change(key, old, new)
     if before == after:
@@ -169,11 +184,17 @@ def _data_change(key: str, old: Any, new: Any, recorded: dict[str, str]) -> Chan
 
 
 def training_changes(
-    run_dir: RunDir, cfg: RunConfig, *, world: int, saved_world: int
+    run_dir: RunDir,
+    cfg: RunConfig,
+    *,
+    world: int,
+    saved_world: int,
+    digests: dict[str, str | None] | None = None,
 ) -> list[Change]:
     """The training keys of ``cfg`` (adapted to ``world`` ranks: ``RunPlan.apply``) whose
     values differ from the config the run folder last trained with (on ``saved_world``
-    ranks); [] when it records none."""
+    ranks); [] when it records none. ``digests`` keeps the catalog digests read, for
+    :func:`record_catalogs` to reuse."""
     if not run_dir.config.is_file():
         return []
     saved = yaml.safe_load(run_dir.config.read_text()) or {}
@@ -185,7 +206,7 @@ def training_changes(
     for key in sorted(set(old) | set(new)):
         before, after = old.get(key), new.get(key)
         if fnmatch.fnmatchcase(key, _URLS):
-            change = _data_change(key, before, after, recorded)
+            change = _data_change(key, before, after, recorded, digests)
         elif key == _P:
             before, after = before * saved_world, after * world
             change = Change(f"{_P} x ranks", before, after) if before != after else None

@@ -80,7 +80,10 @@ def _decide(cfg: RunConfig, world: int) -> RunPlan:
                 layout.world_size, layout.classes_per_batch(k), world
             )
     planned = replace(cfg, sampler=replace(cfg.sampler, classes_per_batch=per_rank))
-    changes = finished.training_changes(run_dir, planned, world=world, saved_world=saved_world)
+    digests: dict[str, str | None] = {}  # each training catalog read once for this plan
+    changes = finished.training_changes(
+        run_dir, planned, world=world, saved_world=saved_world, digests=digests
+    )
     done = run_dir.result.is_file()
     continued_from = None
     if done:
@@ -92,7 +95,7 @@ def _decide(cfg: RunConfig, world: int) -> RunPlan:
         _check_init_weights(cfg)
         report = preflight(planned, world, global_batch=saved_batch)
         log.info("preflight passed in %.2f s", report.seconds)
-        finished.record_catalogs(run_dir, planned)
+        finished.record_catalogs(run_dir, planned, digests)
     if cfg.tracking.enabled:
         MlflowTracker.check(cfg.tracking)
     return RunPlan(
